@@ -1,0 +1,142 @@
+"""Command-line plumbing shared by every `gsd` command.
+
+One definition of each flag (SPEC §3.7: the same flag means the same thing in every
+command) and one way to fail: a `UsageError` becomes a one-line message on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+class UsageError(Exception):
+    """Bad input from the user (flags, paths, files). Reported in one line, exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
+    return value
+
+
+def irl_scale(text: str):
+    """`optimal` or a positive float (SPEC §2.1)."""
+    if text == "optimal":
+        return "optimal"
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'optimal' or a positive number, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with code 2 and one line (argparse already uses 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return _Parser(prog=prog, description=description,
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+# Each adder defines one group of flags; commands take the groups they need.
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=["digits", "gmm", "cifar10", "folder"], default="digits",
+                   help="training data (digits and gmm are embedded; cifar10 and folder need --data-root)")
+    p.add_argument("--data-root", default=None, metavar="PATH",
+                   help="root folder of cifar10 / folder data")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="image size for --dataset folder (square, centre-cropped)")
+    p.add_argument("--download", action="store_true",
+                   help="allow torchvision to download cifar10 into --data-root")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run; auto picks cuda when available")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory")
+
+
+def add_distill_args(p: argparse.ArgumentParser) -> None:
+    fused = p.add_mutually_exclusive_group()
+    fused.add_argument("--fused", dest="fused", action="store_true", default=False,
+                       help="use the fused gsd_kernels ops (backend=auto)")
+    fused.add_argument("--no-fused", dest="fused", action="store_false",
+                       help="use the reference (eager PyTorch) ops")
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="teacher checkpoint (.safetensors); default: train and cache one")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--batch", type=positive_int, default=64, help="generator batch size")
+    p.add_argument("--iters", type=positive_int, default=None,
+                   help="distillation iterations (default depends on the dataset)")
+    p.add_argument("--alpha", type=float, default=1.2, help="SiD alpha")
+    p.add_argument("--sigma-init", type=positive_float, default=2.5,
+                   help="noise level of the generator's input")
+    p.add_argument("--tmax", type=positive_int, default=800,
+                   help="largest diffusion time (of 1000) in the generator step")
+    p.add_argument("--lambda-sid", type=nonnegative_float, default=1.0,
+                   help="weight of the SiD loss (0 turns it off)")
+    p.add_argument("--lambda-irl", type=nonnegative_float, default=0.0,
+                   help="weight of the isometric loss (0 turns it off)")
+    p.add_argument("--irl-weighting", choices=["global", "local"], default="global",
+                   help="pair weighting of the isometric loss")
+    p.add_argument("--irl-scale", type=irl_scale, default="optimal",
+                   help="'optimal' (scale-invariant) or a fixed positive scale")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="Adam learning rate of generator and fake score (default per dataset)")
+    p.add_argument("--ema-halflife", type=nonnegative_float, default=None,
+                   help="EMA half-life of the generator, in images (default per dataset; 0 = no EMA)")
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a command's main; turn UsageError into one line and exit code 2."""
+    try:
+        code = main(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0 if code is None else int(code)

@@ -1,0 +1,115 @@
+"""Plain-PyTorch definitions of the three ops (SPEC §2.1-2.3).
+
+These are the oracle every fused backend is tested against (run them in float64) and the
+eager baseline every speed claim is measured against. Autograd supplies the gradients.
+The isometry loss here builds N x N matrices on purpose: that is what an eager
+implementation does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (fp16/bf16 accumulate in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def flatten_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).to(dtype)
+
+
+def local_bandwidth_sq(z: torch.Tensor) -> torch.Tensor:
+    """Mean of ||z_i - z_j||^2 over i != j, in closed form (SPEC §2.1), without gradient."""
+    # Centre first: for z = 50 + randn the uncentred form cancels away fp32's digits.
+    z = z.detach()
+    z = z - z.mean(0)
+    n = z.shape[0]
+    mean_sq_norm = (z * z).sum(1).mean()
+    mean = z.mean(0)
+    return (2.0 * n / (n - 1)) * (mean_sq_norm - (mean * mean).sum())
+
+
+def _pair_distances(a: torch.Tensor) -> torch.Tensor:
+    """||a_i - a_j|| for all pairs via the Gram matrix of the centred batch.
+
+    Centring first keeps `||a||^2 + ||b||^2 - 2 a.b` accurate for data with a large
+    common offset. The square root has derivative 0 where the distance is 0.
+    """
+    centred = a - a.mean(0, keepdim=True)
+    gram = centred @ centred.T
+    sq_norms = torch.diagonal(gram)
+    d2 = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_min(0.0)
+    positive = d2 > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+
+
+def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal"):
+    dtype = compute_dtype(x, z)
+    x2 = flatten_rows(x, dtype)
+    z2 = flatten_rows(z, dtype)
+    n = x2.shape[0]
+    delta = _pair_distances(x2)
+    dz = _pair_distances(z2)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x2.device)
+
+    if weighting == "local":
+        h2 = torch.as_tensor(float(bandwidth) ** 2, dtype=dtype, device=x2.device) if bandwidth is not None \
+            else local_bandwidth_sq(z2)
+        # h2 == 0 only when every latent is the same point; all dz are 0 then and the weight is moot.
+        inv_two_h2 = torch.where(h2 > 0, 0.5 / torch.where(h2 > 0, h2, torch.ones_like(h2)), torch.zeros_like(h2))
+        w = torch.exp(-dz.detach() ** 2 * inv_two_h2)
+    else:
+        w = torch.ones_like(delta)
+    w = torch.where(off_diagonal, w, torch.zeros_like(w))
+
+    if isinstance(scale, str):  # "optimal"
+        s_xz = (w * delta * dz).sum()
+        s_xx = (w * delta * delta).sum()
+        s_zz = (w * dz * dz).sum()
+        denom = s_xx * s_zz
+        safe = denom > 0
+        ratio = s_xz * s_xz / torch.where(safe, denom, torch.ones_like(denom))
+        return torch.where(safe, 1.0 - ratio, torch.ones_like(ratio))
+    c = float(scale)
+    return (w * (delta - c * dz) ** 2).sum() / w.sum()
+
+
+def _valid_rows(*rows: torch.Tensor) -> torch.Tensor:
+    valid = torch.ones(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
+    for r in rows:
+        valid &= torch.isfinite(r).all(dim=1)
+    return valid
+
+
+def _zero_invalid(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # torch.where (not multiplication) so that NaN/inf neither leak into values nor gradients.
+    return torch.where(valid[:, None], t, torch.zeros_like(t))
+
+
+def sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2):
+    dtype = compute_dtype(x_g, y_real, y_fake)
+    xg, yr, yf = (flatten_rows(t, dtype) for t in (x_g, y_real, y_fake))
+    n = xg.shape[0]
+    valid = _valid_rows(xg, yr, yf)
+    xg, yr, yf = (_zero_invalid(t, valid) for t in (xg, yr, yf))
+    w = (xg - yr).abs().mean(dim=1).clamp_min(1e-5).detach()
+    a = yr - yf
+    per_sample = (a * ((yr - xg) - alpha * a)).sum(dim=1) / w
+    return torch.where(valid, per_sample, torch.zeros_like(per_sample)).sum() / n
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def fake_score_loss(y_fake, x, sigma, *, sigma_data=0.5):
+    dtype = compute_dtype(y_fake, x)
+    yf, x2 = flatten_rows(y_fake, dtype), flatten_rows(x, dtype)
+    n = x2.shape[0]
+    valid = _valid_rows(yf, x2)
+    yf, x2 = _zero_invalid(yf, valid), _zero_invalid(x2, valid)
+    lam = edm_loss_weight(sigma.reshape(n).to(dtype), sigma_data)
+    per_sample = lam * ((yf - x2) ** 2).sum(dim=1)
+    return torch.where(valid, per_sample, torch.zeros_like(per_sample)).sum() / n

@@ -1,0 +1,99 @@
+"""Input checks for the public ops (SPEC §2.4).
+
+Everything here runs before any kernel and only looks at metadata (shape, dtype,
+device), so it also works on the fake tensors of `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+WEIGHTINGS = ("global", "local")
+
+
+def check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have shape (N, ...), got a 0-dim tensor")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {listing}")
+    return first
+
+
+def check_features(name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0 or t[0].numel() == 0:
+        raise ValueError(f"{name} has no elements per sample (shape {tuple(t.shape)})")
+
+
+def check_finite_number(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_isometry_args(x, z, weighting, bandwidth, scale) -> None:
+    check_tensor("x", x)
+    check_tensor("z", z)
+    check_same_device(x=x, z=z)
+    if x.shape[0] != z.shape[0]:
+        raise ValueError(f"x and z must have the same first dimension N, got {x.shape[0]} and {z.shape[0]}")
+    if x.shape[0] < 2:
+        raise ValueError(f"isometry_loss needs at least 2 samples (pairs i != j), got N = {x.shape[0]}")
+    check_features("x", x)
+    check_features("z", z)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if bandwidth is not None:
+        if weighting != "local":
+            raise ValueError("bandwidth only applies to weighting='local'")
+        check_finite_number("bandwidth", bandwidth, positive=True)
+    if not (isinstance(scale, str) and scale == "optimal"):
+        if isinstance(scale, str):
+            raise ValueError(f"scale must be 'optimal' or a positive float, got {scale!r}")
+        check_finite_number("scale", scale, positive=True)
+
+
+def check_sid_args(x_g, y_real, y_fake, alpha) -> None:
+    for name, t in (("x_g", x_g), ("y_real", y_real), ("y_fake", y_fake)):
+        check_tensor(name, t)
+    check_same_device(x_g=x_g, y_real=y_real, y_fake=y_fake)
+    if not (x_g.shape == y_real.shape == y_fake.shape):
+        raise ValueError("x_g, y_real and y_fake must have the same shape, got "
+                         f"{tuple(x_g.shape)}, {tuple(y_real.shape)} and {tuple(y_fake.shape)}")
+    check_features("x_g", x_g)
+    check_finite_number("alpha", alpha)
+
+
+def check_fake_score_args(y_fake, x, sigma, sigma_data) -> None:
+    check_tensor("y_fake", y_fake)
+    check_tensor("x", x)
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"sigma must be a torch.Tensor, got {type(sigma).__name__}")
+    if not sigma.is_floating_point():
+        raise TypeError(f"sigma must have a floating dtype, got {sigma.dtype}")
+    check_same_device(y_fake=y_fake, x=x, sigma=sigma)
+    if y_fake.shape != x.shape:
+        raise ValueError(f"y_fake and x must have the same shape, got {tuple(y_fake.shape)} and {tuple(x.shape)}")
+    check_features("x", x)
+    n = x.shape[0]
+    shape_ok = sigma.dim() >= 1 and sigma.shape[0] == n and all(s == 1 for s in sigma.shape[1:])
+    if not shape_ok:
+        raise ValueError(f"sigma must have shape (N,) or (N, 1, ..., 1) with N = {n}, got {tuple(sigma.shape)}")
+    check_finite_number("sigma_data", sigma_data, positive=True)
