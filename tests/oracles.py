@@ -1,0 +1,65 @@
+"""Float64 brute-force definitions of the ops, written independently of gsd_kernels.
+
+They follow SPEC §2 literally (explicit pairwise differences, explicit loops over the
+definition) so that they can check the reference implementation as well as the kernels.
+Only for small N: they build N x N x D tensors.
+"""
+
+import torch
+
+
+def _safe_norm(diff):
+    sq = (diff * diff).sum(-1)
+    pos = sq > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
+def isometry(x, z, weighting="global", bandwidth=None, scale="optimal"):
+    n = x.shape[0]
+    x = x.reshape(n, -1).double()
+    z = z.reshape(n, -1).double()
+    delta = _safe_norm(x[:, None, :] - x[None, :, :])
+    dz = _safe_norm(z[:, None, :] - z[None, :, :])
+    off = ~torch.eye(n, dtype=torch.bool)
+    if weighting == "local":
+        if bandwidth is None:
+            h2 = (dz.detach() ** 2)[off].mean()
+        else:
+            h2 = torch.tensor(float(bandwidth) ** 2, dtype=torch.float64)
+        w = torch.exp(-dz.detach() ** 2 / (2 * h2))
+    else:
+        w = torch.ones_like(delta)
+    w = w * off
+    if scale == "optimal":
+        s_xz = (w * delta * dz).sum()
+        s_xx = (w * delta ** 2).sum()
+        s_zz = (w * dz ** 2).sum()
+        if float((s_xx * s_zz).detach()) == 0.0:
+            return torch.ones((), dtype=torch.float64) + 0 * (delta.sum() + dz.sum())
+        return 1 - s_xz ** 2 / (s_xx * s_zz)
+    return (w * (delta - scale * dz) ** 2).sum() / w.sum()
+
+
+def sid_generator(x_g, y_real, y_fake, alpha=1.2):
+    n = x_g.shape[0]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        xg, yr, yf = (t[i].reshape(-1).double() for t in (x_g, y_real, y_fake))
+        if not (torch.isfinite(xg).all() and torch.isfinite(yr).all() and torch.isfinite(yf).all()):
+            continue
+        w = max(float((xg - yr).abs().mean()), 1e-5)
+        total = total + ((yr - yf) * ((yr - xg) - alpha * (yr - yf))).sum() / w
+    return total / n
+
+
+def fake_score(y_fake, x, sigma, sigma_data=0.5):
+    n = x.shape[0]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        yf, xi = y_fake[i].reshape(-1).double(), x[i].reshape(-1).double()
+        if not (torch.isfinite(yf).all() and torch.isfinite(xi).all()):
+            continue
+        s = sigma.reshape(-1)[i].double()
+        lam = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
+        total = total + lam * ((yf - xi) ** 2).sum()
+    return total / n
