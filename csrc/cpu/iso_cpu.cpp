@@ -1,0 +1,566 @@
+// Isometry-loss primitives on the CPU (C++ / OpenMP), see docs/design.md.
+//
+// Never builds an N x N matrix. Rows are packed into blocks of BW rows stored k-major
+// (P[block][k][row-in-block]), so that one packed buffer serves as the vector operand
+// (BW consecutive rows at one k) and as the broadcast operand (one row at kNB
+// consecutive k) of the two register-blocked GEMM micro-kernels:
+//   gram:  C[j][i]  = sum_k x_i[k] x_j[k]            (tile of dot products)
+//   apply: G_i[k]  += sum_j M[j][i] x_j[k]           (the (A @ X) part of the backward)
+// The gradient accumulators G use the same packed layout and are unpacked at the end.
+//
+// Full square (r0 == c0, r1 == c1): only the tile pairs I <= J are visited. In the
+// backward a pair (I, J) updates both G_I and G_J; tasks run in rounds of a round-robin
+// ("circle method") schedule in which every tile appears at most once per round, so the
+// threads never write the same rows and the accumulation order does not depend on the
+// number of threads. Rectangular ranges: every (row tile, column tile) pair, parallel
+// over row tiles.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "gsd/iso_math.h"
+#include "gsd/kernels.h"
+#include "simd.h"
+
+namespace gsd {
+namespace cpu {
+namespace {
+
+#ifndef GSD_KC
+#define GSD_KC 256
+#endif
+constexpr int64_t kKC = GSD_KC;  // k-chunk of the gram kernel (panels stay in L1/L2)
+constexpr size_t kAlign = 64;
+
+inline size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------ packing
+// Pack rows [base, base + M) of X (row-major, K columns) into Mpad = ntiles * kTile rows.
+template <class T>
+void pack_rows(const T* X, int64_t K, int64_t base, int64_t M, int64_t Mpad, T* P) {
+  constexpr int BW = block_width<T>();
+  const int64_t nblk = Mpad / BW;
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b < nblk; ++b) {
+    T* Pb = P + b * K * BW;
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      const int64_t k1 = std::min<int64_t>(K, k0 + 64);
+      for (int l = 0; l < BW; ++l) {
+        const int64_t row = b * BW + l;
+        if (row < M) {
+          const T* src = X + (base + row) * K;
+          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = src[k];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = T(0);
+        }
+      }
+    }
+  }
+}
+
+// out[row][k] = X[base + row][k] * rs[row] - G[row][k] for row < M (G packed).
+template <class T>
+void unpack_grad(const T* X, int64_t K, int64_t base, int64_t M, const T* G, const double* rs,
+                 T* out) {
+  constexpr int BW = block_width<T>();
+  const int64_t nblk = cdiv(M, BW);
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b < nblk; ++b) {
+    const T* Gb = G + b * K * BW;
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      const int64_t k1 = std::min<int64_t>(K, k0 + 64);
+      for (int l = 0; l < BW; ++l) {
+        const int64_t row = b * BW + l;
+        if (row >= M) break;
+        const T* src = X + (base + row) * K;
+        T* dst = out + row * K;
+        const T r = T(rs[row]);
+        for (int64_t k = k0; k < k1; ++k) dst[k] = src[k] * r - Gb[k * BW + l];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ micro-kernels
+// C[c * kTile + v*L ..] (+)= sum_k A[k*BW + v*L ..] * B[k*BW + c],  c < kNB, v < kNV
+template <class T>
+inline void micro_gram(const T* __restrict A, const T* __restrict B, int64_t kn, T* __restrict C,
+                       bool first) {
+  using W = Vec<T>;
+  using V = typename W::V;
+  constexpr int BW = block_width<T>();
+  constexpr int L = W::L;
+  V acc[kNB][kNV];
+#pragma GCC unroll 8
+  for (int c = 0; c < kNB; ++c)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) acc[c][v] = first ? W::zero() : W::load(C + c * kTile + v * L);
+  for (int64_t k = 0; k < kn; ++k) {
+    V a[kNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) a[v] = W::load(A + k * BW + v * L);
+#pragma GCC unroll 8
+    for (int c = 0; c < kNB; ++c) {
+      const V b = W::set1(B[k * BW + c]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) acc[c][v] = W::fma(a[v], b, acc[c][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < kNB; ++c)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) W::store(C + c * kTile + v * L, acc[c][v]);
+}
+
+// Tile of dot products: Ct[j][i] = x_i . x_j for the kTile rows packed at PI and PJ.
+template <class T>
+void gram_tile(const T* PI, const T* PJ, int64_t K, T* Ct) {
+  constexpr int BW = block_width<T>();
+  if (K == 0) {
+    std::fill(Ct, Ct + kTile * kTile, T(0));
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kn = std::min(kKC, K - k0);
+    for (int ib = 0; ib < kTile / BW; ++ib) {
+      const T* A = PI + (ib * K + k0) * BW;
+      for (int j0 = 0; j0 < kTile; j0 += kNB) {
+        const T* B = PJ + ((j0 / BW) * K + k0) * BW + (j0 % BW);
+        micro_gram<T>(A, B, kn, Ct + j0 * kTile + ib * BW, k0 == 0);
+      }
+    }
+  }
+}
+
+// G_dst[i][k] += sum_s M[s][i] * X_src[s][k] over the kTile x kTile tile M (dst contiguous);
+// Psrc and Gdst are the packed tiles (K columns).
+template <class T>
+void apply_tile(const T* __restrict M, const T* __restrict Psrc, int64_t K, T* __restrict Gdst) {
+  using W = Vec<T>;
+  using V = typename W::V;
+  constexpr int BW = block_width<T>();
+  constexpr int L = W::L;
+  const int64_t Kmain = K / kNB * kNB;
+  for (int64_t k0 = 0; k0 < Kmain; k0 += kNB) {
+    for (int ib = 0; ib < kTile / BW; ++ib) {
+      T* G = Gdst + (ib * K + k0) * BW;
+      V acc[kNB][kNV];
+#pragma GCC unroll 8
+      for (int c = 0; c < kNB; ++c)
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) acc[c][v] = W::load(G + c * BW + v * L);
+      const T* Mcol = M + ib * BW;
+      for (int sb = 0; sb < kTile / BW; ++sb) {
+        const T* xs = Psrc + (sb * K + k0) * BW;
+        const T* Ms = Mcol + sb * BW * kTile;
+        for (int sl = 0; sl < BW; ++sl) {
+          V a[kNV];
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) a[v] = W::load(Ms + sl * kTile + v * L);
+#pragma GCC unroll 8
+          for (int c = 0; c < kNB; ++c) {
+            const V b = W::set1(xs[c * BW + sl]);
+#pragma GCC unroll 4
+            for (int v = 0; v < kNV; ++v) acc[c][v] = W::fma(a[v], b, acc[c][v]);
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int c = 0; c < kNB; ++c)
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) W::store(G + c * BW + v * L, acc[c][v]);
+    }
+  }
+  // Remainder columns k in [Kmain, K).
+  for (int64_t k = Kmain; k < K; ++k) {
+    for (int ib = 0; ib < kTile / BW; ++ib) {
+      T* G = Gdst + (ib * K + k) * BW;
+      const T* Mcol = M + ib * BW;
+      for (int s = 0; s < kTile; ++s) {
+        const T xv = Psrc[((s / BW) * K + k) * BW + (s % BW)];
+        const T* Ms = Mcol + s * kTile;
+#pragma omp simd
+        for (int l = 0; l < BW; ++l) G[l] += Ms[l] * xv;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ workspace
+template <class T> struct Layout {
+  int64_t R, C, nTR, nTC, Rpad, Cpad;
+  bool sym;
+  size_t PRx, PRz, PCx, PCz, Gx, Gz, rsa, rsb, pairs, scratch, per_thread, total;
+};
+
+template <class T> Layout<T> make_layout(const IsoArgs& a, bool backward, int nthreads) {
+  Layout<T> L{};
+  L.R = a.r1 - a.r0;
+  L.C = a.c1 - a.c0;
+  L.sym = (a.r0 == a.c0 && a.r1 == a.c1);
+  L.nTR = cdiv(L.R, kTile);
+  L.nTC = cdiv(L.C, kTile);
+  L.Rpad = L.nTR * kTile;
+  L.Cpad = L.nTC * kTile;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    size_t o = off;
+    off += align_up(bytes);
+    return o;
+  };
+  const size_t ts = sizeof(T);
+  L.PRx = take(L.Rpad * a.D * ts);
+  L.PRz = take(L.Rpad * a.d * ts);
+  if (L.sym) {
+    L.PCx = L.PRx;
+    L.PCz = L.PRz;
+  } else {
+    L.PCx = take(L.Cpad * a.D * ts);
+    L.PCz = take(L.Cpad * a.d * ts);
+  }
+  if (backward) {
+    L.Gx = take(L.Rpad * a.D * ts);
+    L.Gz = take(L.Rpad * a.d * ts);
+    L.rsa = take(L.Rpad * sizeof(double));
+    L.rsb = take(L.Rpad * sizeof(double));
+  } else {
+    L.pairs = take(size_t(L.nTR) * L.nTC * 4 * sizeof(double));
+  }
+  // Per thread: Cx, Cz, At, Bt, A^T, B^T tiles + 8 vectors of kTile (norms, row/col sums).
+  L.per_thread = align_up((6 * kTile * kTile + 8 * kTile) * ts);
+  L.scratch = take(L.per_thread * size_t(std::max(nthreads, 1)));
+  L.total = off;
+  return L;
+}
+
+struct Scratch {
+  template <class T> static T* at(void* ws, size_t off) {
+    return reinterpret_cast<T*>(static_cast<char*>(ws) + off);
+  }
+};
+
+template <class T> struct ThreadBufs {
+  T *Cx, *Cz, *At, *Bt, *Atr, *Btr, *xnI, *xnJ, *znI, *znJ, *rsa, *rsb, *csa, *csb;
+  ThreadBufs(void* ws, const Layout<T>& L, int tid) {
+    T* p = Scratch::at<T>(ws, L.scratch + L.per_thread * size_t(tid));
+    const int64_t t2 = int64_t(kTile) * kTile;
+    Cx = p; Cz = p + t2; At = p + 2 * t2; Bt = p + 3 * t2; Atr = p + 4 * t2; Btr = p + 5 * t2;
+    T* v = p + 6 * t2;
+    xnI = v; xnJ = v + kTile; znI = v + 2 * kTile; znJ = v + 3 * kTile;
+    rsa = v + 4 * kTile; rsb = v + 5 * kTile; csa = v + 6 * kTile; csb = v + 7 * kTile;
+  }
+};
+
+// Norms of a tile, zero-padded past the range end.
+template <class T>
+inline void load_norms(const T* n2, int64_t g0, int64_t gend, T* out) {
+  for (int t = 0; t < kTile; ++t) out[t] = (g0 + t < gend) ? n2[g0 + t] : T(0);
+}
+
+// ------------------------------------------------------------------ epilogues
+// Dot-product tile -> squared-distance tile (clamped), with the pairs where the Gram trick
+// cancels recomputed exactly from the rows of X (row-major, K columns).
+template <class T>
+void dots_to_sq(T* Ct, const T* nI, const T* nJ, const T* X, int64_t K, int64_t gi0, int64_t ni,
+                int64_t gj0, int64_t nj) {
+  for (int64_t j = 0; j < kTile; ++j) {
+    T* c = Ct + j * kTile;
+    const T nj_ = nJ[j];
+    int cnt = 0;
+#pragma omp simd reduction(+ : cnt)
+    for (int i = 0; i < kTile; ++i) {
+      const T d2 = sq_dist(nI[i], nj_, c[i]);
+      c[i] = d2;
+      cnt += sq_dist_unreliable(d2, nI[i], nj_) ? 1 : 0;
+    }
+    if (cnt == 0 || j >= nj) continue;
+    const T* xj = X + (gj0 + j) * K;
+    for (int64_t i = 0; i < ni; ++i)
+      if (sq_dist_unreliable(c[i], nI[i], nj_)) c[i] = sq_dist_exact(X + (gi0 + i) * K, xj, K);
+  }
+}
+
+// Forward sums of one tile pair (tiles hold squared distances), accumulated in T per column j and in double across j.
+template <class T>
+void tile_sums(const ThreadBufs<T>& tb, int64_t gi0, int64_t ni, int64_t gj0, int64_t nj,
+               T inv_two_h2, double* out4) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (int64_t j = 0; j < nj; ++j) {
+    const T* cx = tb.Cx + j * kTile;
+    const T* cz = tb.Cz + j * kTile;
+    const int64_t gj = gj0 + j;
+    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t i = 0; i < ni; ++i) {
+      const IsoPair<T> p = iso_pair_sq(cx[i], cz[i], inv_two_h2);
+      const bool valid = (gi0 + i) != gj;
+      a0 += valid ? p.w : T(0);
+      a1 += valid ? p.w * p.delta2 : T(0);
+      a2 += valid ? p.w * p.delta * p.dz : T(0);
+      a3 += valid ? p.w * p.dz2 : T(0);
+    }
+    s0 += a0; s1 += a1; s2 += a2; s3 += a3;
+  }
+  out4[0] = s0; out4[1] = s1; out4[2] = s2; out4[3] = s3;
+}
+
+// Backward coefficients of one tile pair: At[j][i] = a_ij, Bt[j][i] = b_ij (0 outside the
+// ranges and on i == j), row sums (over j) into tb.rsa/rsb, column sums into tb.csa/csb.
+template <class T>
+void tile_coefs(const ThreadBufs<T>& tb, int64_t gi0, int64_t ni, int64_t gj0, int64_t nj,
+                T inv_two_h2, T p, T q, T r, T s) {
+  for (int i = 0; i < kTile; ++i) tb.rsa[i] = tb.rsb[i] = T(0);
+  for (int64_t j = 0; j < kTile; ++j) {
+    T* at = tb.At + j * kTile;
+    T* bt = tb.Bt + j * kTile;
+    if (j >= nj) {
+      for (int i = 0; i < kTile; ++i) at[i] = bt[i] = T(0);
+      tb.csa[j] = tb.csb[j] = T(0);
+      continue;
+    }
+    const T* cx = tb.Cx + j * kTile;
+    const T* cz = tb.Cz + j * kTile;
+    const int64_t gj = gj0 + j;
+    T ca = 0, cb = 0;
+#pragma omp simd reduction(+ : ca, cb)
+    for (int64_t i = 0; i < kTile; ++i) {
+      const IsoPair<T> pr = iso_pair_sq(cx[i], cz[i], inv_two_h2);
+      T av, bv;
+      iso_coefs(pr, p, q, r, s, &av, &bv);
+      const bool valid = (i < ni) & ((gi0 + i) != gj);
+      av = valid ? av : T(0);
+      bv = valid ? bv : T(0);
+      at[i] = av;
+      bt[i] = bv;
+      tb.rsa[i] += av;
+      tb.rsb[i] += bv;
+      ca += av;
+      cb += bv;
+    }
+    tb.csa[j] = ca;
+    tb.csb[j] = cb;
+  }
+}
+
+template <class T> void transpose_tile(const T* in, T* out) {
+  constexpr int B = 16;
+  for (int i0 = 0; i0 < kTile; i0 += B)
+    for (int j0 = 0; j0 < kTile; j0 += B)
+      for (int i = i0; i < i0 + B; ++i)
+        for (int j = j0; j < j0 + B; ++j) out[i * kTile + j] = in[j * kTile + i];
+}
+
+// ------------------------------------------------------------------ drivers
+template <class T>
+void iso_forward_impl(const IsoArgs& a, double* out4, void* ws, int nthreads) {
+  const Layout<T> L = make_layout<T>(a, false, nthreads);
+  const T* x = static_cast<const T*>(a.x);
+  const T* z = static_cast<const T*>(a.z);
+  const T* xn2 = static_cast<const T*>(a.xn2);
+  const T* zn2 = static_cast<const T*>(a.zn2);
+  T* PRx = Scratch::at<T>(ws, L.PRx);
+  T* PRz = Scratch::at<T>(ws, L.PRz);
+  T* PCx = Scratch::at<T>(ws, L.PCx);
+  T* PCz = Scratch::at<T>(ws, L.PCz);
+  double* pairs = Scratch::at<double>(ws, L.pairs);
+  const T h = T(a.inv_two_h2);
+  const int64_t D = a.D, d = a.d;
+  const int64_t npairs = L.nTR * L.nTC;
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    pack_rows(x, D, a.r0, L.R, L.Rpad, PRx);
+    pack_rows(z, d, a.r0, L.R, L.Rpad, PRz);
+    if (!L.sym) {
+      pack_rows(x, D, a.c0, L.C, L.Cpad, PCx);
+      pack_rows(z, d, a.c0, L.C, L.Cpad, PCz);
+    }
+    // (implicit barrier after each omp for)
+    ThreadBufs<T> tb(ws, L, omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < npairs; ++t) {
+      const int64_t I = t / L.nTC, J = t % L.nTC;
+      if (L.sym && J < I) continue;
+      const int64_t gi0 = a.r0 + I * kTile, gj0 = a.c0 + J * kTile;
+      const int64_t ni = std::min<int64_t>(kTile, a.r1 - gi0);
+      const int64_t nj = std::min<int64_t>(kTile, a.c1 - gj0);
+      gram_tile(PRx + I * kTile * D, PCx + J * kTile * D, D, tb.Cx);
+      gram_tile(PRz + I * kTile * d, PCz + J * kTile * d, d, tb.Cz);
+      load_norms(xn2, gi0, a.r1, tb.xnI);
+      load_norms(zn2, gi0, a.r1, tb.znI);
+      load_norms(xn2, gj0, a.c1, tb.xnJ);
+      load_norms(zn2, gj0, a.c1, tb.znJ);
+      dots_to_sq(tb.Cx, tb.xnI, tb.xnJ, x, D, gi0, ni, gj0, nj);
+      dots_to_sq(tb.Cz, tb.znI, tb.znJ, z, d, gi0, ni, gj0, nj);
+      tile_sums(tb, gi0, ni, gj0, nj, h, pairs + 4 * t);
+    }
+  }
+  // Deterministic reduction across tiles, in double.
+  double s[4] = {0, 0, 0, 0};
+  for (int64_t t = 0; t < npairs; ++t) {
+    const int64_t I = t / L.nTC, J = t % L.nTC;
+    if (L.sym && J < I) continue;
+    const double f = (L.sym && J > I) ? 2.0 : 1.0;  // (i,j) and (j,i) have the same terms
+    for (int c = 0; c < 4; ++c) s[c] += f * pairs[4 * t + c];
+  }
+  for (int c = 0; c < 4; ++c) out4[c] = s[c];
+}
+
+template <class T>
+void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double s_, T* gx,
+                       T* gz, void* ws, int nthreads) {
+  const Layout<T> L = make_layout<T>(a, true, nthreads);
+  const T* x = static_cast<const T*>(a.x);
+  const T* z = static_cast<const T*>(a.z);
+  const T* xn2 = static_cast<const T*>(a.xn2);
+  const T* zn2 = static_cast<const T*>(a.zn2);
+  T* PRx = Scratch::at<T>(ws, L.PRx);
+  T* PRz = Scratch::at<T>(ws, L.PRz);
+  T* PCx = Scratch::at<T>(ws, L.PCx);
+  T* PCz = Scratch::at<T>(ws, L.PCz);
+  T* Gx = Scratch::at<T>(ws, L.Gx);
+  T* Gz = Scratch::at<T>(ws, L.Gz);
+  double* rsa = Scratch::at<double>(ws, L.rsa);
+  double* rsb = Scratch::at<double>(ws, L.rsb);
+  const T h = T(a.inv_two_h2), p = T(p_), q = T(q_), r = T(r_), s = T(s_);
+  const int64_t D = a.D, d = a.d;
+
+  // One tile pair: dots, coefficients, then the (A @ X) updates of the row tile (and,
+  // for an off-diagonal symmetric pair, of the column tile).
+  auto do_pair = [&](const ThreadBufs<T>& tb, int64_t I, int64_t J, bool both) {
+    const int64_t gi0 = a.r0 + I * kTile, gj0 = a.c0 + J * kTile;
+    const int64_t ni = std::min<int64_t>(kTile, a.r1 - gi0);
+    const int64_t nj = std::min<int64_t>(kTile, a.c1 - gj0);
+    gram_tile(PRx + I * kTile * D, PCx + J * kTile * D, D, tb.Cx);
+    gram_tile(PRz + I * kTile * d, PCz + J * kTile * d, d, tb.Cz);
+    load_norms(xn2, gi0, a.r1, tb.xnI);
+    load_norms(zn2, gi0, a.r1, tb.znI);
+    load_norms(xn2, gj0, a.c1, tb.xnJ);
+    load_norms(zn2, gj0, a.c1, tb.znJ);
+    dots_to_sq(tb.Cx, tb.xnI, tb.xnJ, x, D, gi0, ni, gj0, nj);
+    dots_to_sq(tb.Cz, tb.znI, tb.znJ, z, d, gi0, ni, gj0, nj);
+    tile_coefs(tb, gi0, ni, gj0, nj, h, p, q, r, s);
+    apply_tile(tb.At, PCx + J * kTile * D, D, Gx + I * kTile * D);
+    apply_tile(tb.Bt, PCz + J * kTile * d, d, Gz + I * kTile * d);
+    for (int i = 0; i < kTile; ++i) {
+      rsa[I * kTile + i] += tb.rsa[i];
+      rsb[I * kTile + i] += tb.rsb[i];
+    }
+    if (both) {  // symmetric, I != J: the same tile feeds the rows of J through A^T
+      transpose_tile(tb.At, tb.Atr);
+      transpose_tile(tb.Bt, tb.Btr);
+      apply_tile(tb.Atr, PRx + I * kTile * D, D, Gx + J * kTile * D);
+      apply_tile(tb.Btr, PRz + I * kTile * d, d, Gz + J * kTile * d);
+      for (int j = 0; j < kTile; ++j) {
+        rsa[J * kTile + j] += tb.csa[j];
+        rsb[J * kTile + j] += tb.csb[j];
+      }
+    }
+  };
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    pack_rows(x, D, a.r0, L.R, L.Rpad, PRx);
+    pack_rows(z, d, a.r0, L.R, L.Rpad, PRz);
+    if (!L.sym) {
+      pack_rows(x, D, a.c0, L.C, L.Cpad, PCx);
+      pack_rows(z, d, a.c0, L.C, L.Cpad, PCz);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < L.nTR; ++t) {
+      std::memset(Gx + t * kTile * D, 0, sizeof(T) * kTile * D);
+      std::memset(Gz + t * kTile * d, 0, sizeof(T) * kTile * d);
+      for (int i = 0; i < kTile; ++i) rsa[t * kTile + i] = rsb[t * kTile + i] = 0.0;
+    }
+    ThreadBufs<T> tb(ws, L, omp_get_thread_num());
+    if (L.sym) {
+      // Circle method on n (odd) slots; slot nT (when nT is even) is a dummy. In round
+      // rr, slot rr does its diagonal tile and slots rr-k, rr+k (mod n) meet.
+      const int64_t nT = L.nTR;
+      const int64_t n = (nT % 2 == 1) ? nT : nT + 1;
+      const int64_t per_round = (n - 1) / 2 + 1;
+      for (int64_t rr = 0; rr < n; ++rr) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < per_round; ++k) {
+          int64_t I, J;
+          if (k == 0) {
+            I = J = rr;
+          } else {
+            I = (rr - k + n) % n;
+            J = (rr + k) % n;
+            if (I > J) std::swap(I, J);
+          }
+          if (J >= nT) continue;  // dummy slot
+          do_pair(tb, I, J, I != J);
+        }
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t I = 0; I < L.nTR; ++I)
+        for (int64_t J = 0; J < L.nTC; ++J) do_pair(tb, I, J, false);
+    }
+    unpack_grad(x, D, a.r0, L.R, Gx, rsa, gx);
+    unpack_grad(z, d, a.r0, L.R, Gz, rsb, gz);
+  }
+}
+
+void check_args(const IsoArgs& a) {
+  if (a.N < 0 || a.D < 0 || a.d < 0) throw std::invalid_argument("negative size");
+  if (!(0 <= a.r0 && a.r0 <= a.r1 && a.r1 <= a.N && 0 <= a.c0 && a.c0 <= a.c1 && a.c1 <= a.N))
+    throw std::invalid_argument("pair ranges must satisfy 0 <= r0 <= r1 <= N, 0 <= c0 <= c1 <= N");
+  if (a.dtype != kFloat32 && a.dtype != kFloat64) throw std::invalid_argument("bad dtype code");
+}
+
+}  // namespace
+}  // namespace cpu
+
+const char* cpu_isa() { return GSD_CPU_ISA; }
+int cpu_default_threads() { return omp_get_max_threads(); }
+
+size_t cpu_iso_workspace_size(const IsoArgs& a, bool backward, int nthreads) {
+  cpu::check_args(a);
+  return a.dtype == kFloat32 ? cpu::make_layout<float>(a, backward, nthreads).total
+                             : cpu::make_layout<double>(a, backward, nthreads).total;
+}
+
+void cpu_iso_forward_sums(const IsoArgs& a, double* out4, void* ws, size_t ws_bytes,
+                          int nthreads) {
+  if (nthreads < 1) nthreads = 1;
+  if (ws_bytes < cpu_iso_workspace_size(a, false, nthreads))
+    throw std::invalid_argument("iso_forward_sums: workspace too small");
+  if (a.r1 <= a.r0 || a.c1 <= a.c0) {
+    for (int c = 0; c < 4; ++c) out4[c] = 0.0;
+    return;
+  }
+  if (a.dtype == kFloat32)
+    cpu::iso_forward_impl<float>(a, out4, ws, nthreads);
+  else
+    cpu::iso_forward_impl<double>(a, out4, ws, nthreads);
+}
+
+void cpu_iso_backward_rows(const IsoArgs& a, double p, double q, double r, double s, void* gx,
+                           void* gz, void* ws, size_t ws_bytes, int nthreads) {
+  if (nthreads < 1) nthreads = 1;
+  if (ws_bytes < cpu_iso_workspace_size(a, true, nthreads))
+    throw std::invalid_argument("iso_backward_rows: workspace too small");
+  if (a.r1 <= a.r0) return;
+  if (a.c1 <= a.c0) {  // no pairs: zero gradient
+    const size_t ts = a.dtype == kFloat32 ? 4 : 8;
+    std::memset(gx, 0, ts * size_t(a.r1 - a.r0) * a.D);
+    std::memset(gz, 0, ts * size_t(a.r1 - a.r0) * a.d);
+    return;
+  }
+  if (a.dtype == kFloat32)
+    cpu::iso_backward_impl<float>(a, p, q, r, s, static_cast<float*>(gx), static_cast<float*>(gz),
+                                  ws, nthreads);
+  else
+    cpu::iso_backward_impl<double>(a, p, q, r, s, static_cast<double*>(gx),
+                                   static_cast<double*>(gz), ws, nthreads);
+}
+
+}  // namespace gsd

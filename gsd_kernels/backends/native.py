@@ -1,0 +1,192 @@
+"""The six primitives of docs/design.md on the compiled core `gsd_kernels._C`.
+
+`CPU` runs C++/OpenMP kernels on CPU tensors, `CUDA` runs CUDA kernels on CUDA tensors.
+The compiled code sees raw pointers, sizes, scalars, a dtype code and (CUDA) the current
+stream; this module allocates every output and workspace with torch. Inputs are assumed
+validated by the caller (contiguous, 2-D, one floating dtype fp32/fp64, one device); only
+cheap invariants are asserted here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:
+    from .. import _C
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "gsd_kernels._C (the compiled C++/CUDA core) is not available: build it with "
+        "`pip install .` or, for development, `python setup.py build_ext --inplace` "
+        f"in the repository root ({exc})"
+    ) from exc
+
+__all__ = ["CPU", "CUDA", "is_available", "NativePrimitives"]
+
+_DTYPE_CODE = {torch.float32: _C.FLOAT32, torch.float64: _C.FLOAT64}
+
+
+def _code(t: torch.Tensor) -> int:
+    code = _DTYPE_CODE.get(t.dtype)
+    assert code is not None, f"native kernels take float32/float64, got {t.dtype}"
+    return code
+
+
+def _check(device_type: str, *ts: torch.Tensor) -> None:
+    first = ts[0]
+    for t in ts:
+        assert t.device.type == device_type, f"expected {device_type} tensors, got {t.device}"
+        assert t.device == first.device, "all tensors must be on one device"
+        assert t.dtype == first.dtype, "all tensors must share one dtype"
+        assert t.is_contiguous(), "native kernels need contiguous tensors"
+
+
+def is_available(device_type: str) -> tuple[bool, str]:
+    """(available, reason-if-not) of the native kernels for a device type."""
+    if device_type == "cpu":
+        return True, ""
+    if device_type == "cuda":
+        if not _C.has_cuda():
+            return False, "_C was built without CUDA (no nvcc at build time, or GSD_CUDA=off)"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is available to torch"
+        return True, ""
+    return False, f"no native kernels for device type {device_type!r}"
+
+
+class NativePrimitives:
+    """The six primitives for one device type ('cpu' or 'cuda')."""
+
+    def __init__(self, device_type: str):
+        assert device_type in ("cpu", "cuda")
+        self.device_type = device_type
+        self.name = device_type
+
+    # ---------------------------------------------------------------- plumbing
+    def _fn(self, name: str):
+        fn = getattr(_C, f"{self.device_type}_{name}", None)
+        if fn is None:
+            raise RuntimeError(is_available(self.device_type)[1] or f"_C has no {name}")
+        return fn
+
+    def _guard(self, t: torch.Tensor):
+        """Make the tensor's GPU the current device while a CUDA kernel is launched."""
+        if self.device_type == "cuda":
+            return torch.cuda.device(t.device)
+        return contextlib.nullcontext()
+
+    def _last(self, t: torch.Tensor):
+        """Trailing argument: OpenMP thread count (CPU) or the current stream (CUDA)."""
+        if self.device_type == "cpu":
+            return max(1, torch.get_num_threads())
+        return torch.cuda.current_stream(t.device).cuda_stream
+
+    def _iso_prep(self, x, z, xn2, zn2, r0, r1, c0, c1):
+        _check(self.device_type, x, z, xn2, zn2)
+        assert x.dim() == 2 and z.dim() == 2 and x.shape[0] == z.shape[0]
+        N = x.shape[0]
+        assert xn2.numel() == N and zn2.numel() == N
+        r0, r1, c0, c1 = int(r0), int(r1), int(c0), int(c1)
+        assert 0 <= r0 <= r1 <= N and 0 <= c0 <= c1 <= N, "bad pair ranges"
+        return N, x.shape[1], z.shape[1], r0, r1, c0, c1
+
+    def _workspace(self, x, N, D, d, r0, r1, c0, c1, backward, last):
+        code = _code(x)
+        if self.device_type == "cpu":
+            nbytes = _C.cpu_iso_workspace_size(N, D, d, r0, r1, c0, c1, code, backward, last)
+        else:
+            nbytes = _C.cuda_iso_workspace_size(N, D, d, r0, r1, c0, c1, code, backward)
+        return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=x.device), int(nbytes)
+
+    # ---------------------------------------------------------------- isometry
+    def iso_forward_sums(self, x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2):
+        N, D, d, r0, r1, c0, c1 = self._iso_prep(x, z, xn2, zn2, r0, r1, c0, c1)
+        out = torch.zeros(4, dtype=torch.float64, device=x.device)
+        last = self._last(x)
+        ws, nbytes = self._workspace(x, N, D, d, r0, r1, c0, c1, False, last)
+        with self._guard(x):
+            self._fn("iso_forward_sums")(
+                x.data_ptr(), z.data_ptr(), xn2.data_ptr(), zn2.data_ptr(), N, D, d,
+                r0, r1, c0, c1, float(inv_two_h2), out.data_ptr(), ws.data_ptr(), nbytes,
+                _code(x), last)
+        return out
+
+    def iso_backward_rows(self, x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, p, q, r, s):
+        N, D, d, r0, r1, c0, c1 = self._iso_prep(x, z, xn2, zn2, r0, r1, c0, c1)
+        gx = torch.empty((r1 - r0, D), dtype=x.dtype, device=x.device)
+        gz = torch.empty((r1 - r0, d), dtype=x.dtype, device=x.device)
+        last = self._last(x)
+        ws, nbytes = self._workspace(x, N, D, d, r0, r1, c0, c1, True, last)
+        with self._guard(x):
+            self._fn("iso_backward_rows")(
+                x.data_ptr(), z.data_ptr(), xn2.data_ptr(), zn2.data_ptr(), N, D, d,
+                r0, r1, c0, c1, float(inv_two_h2), float(p), float(q), float(r), float(s),
+                gx.data_ptr(), gz.data_ptr(), ws.data_ptr(), nbytes, _code(x), last)
+        return gx, gz
+
+    # ---------------------------------------------------------------- SiD
+    def sid_forward(self, x_g, y_real, y_fake, alpha):
+        _check(self.device_type, x_g, y_real, y_fake)
+        assert x_g.dim() == 2 and x_g.shape == y_real.shape == y_fake.shape
+        N, K = x_g.shape
+        dev = x_g.device
+        loss = torch.empty(N, dtype=torch.float64, device=dev)
+        w = torch.empty(N, dtype=torch.float64, device=dev)
+        valid = torch.empty(N, dtype=torch.bool, device=dev)
+        with self._guard(x_g):
+            self._fn("sid_forward")(
+                x_g.data_ptr(), y_real.data_ptr(), y_fake.data_ptr(), N, K, float(alpha),
+                loss.data_ptr(), w.data_ptr(), valid.data_ptr(), _code(x_g), self._last(x_g))
+        return loss, w, valid
+
+    def sid_backward(self, x_g, y_real, y_fake, alpha, w_n, valid_n, scale):
+        _check(self.device_type, x_g, y_real, y_fake)
+        assert x_g.dim() == 2 and x_g.shape == y_real.shape == y_fake.shape
+        N, K = x_g.shape
+        w_n = w_n.to(device=x_g.device, dtype=torch.float64).contiguous()
+        valid_n = valid_n.to(device=x_g.device, dtype=torch.bool).contiguous()
+        assert w_n.numel() == N and valid_n.numel() == N
+        g_xg = torch.empty_like(x_g)
+        g_real = torch.empty_like(x_g)
+        g_fake = torch.empty_like(x_g)
+        with self._guard(x_g):
+            self._fn("sid_backward")(
+                x_g.data_ptr(), y_real.data_ptr(), y_fake.data_ptr(), N, K, float(alpha),
+                w_n.data_ptr(), valid_n.data_ptr(), float(scale), g_xg.data_ptr(),
+                g_real.data_ptr(), g_fake.data_ptr(), _code(x_g), self._last(x_g))
+        return g_xg, g_real, g_fake
+
+    # ---------------------------------------------------------------- fake score
+    def fake_forward(self, y_fake, x):
+        _check(self.device_type, y_fake, x)
+        assert y_fake.dim() == 2 and y_fake.shape == x.shape
+        N, K = y_fake.shape
+        sq = torch.empty(N, dtype=torch.float64, device=x.device)
+        valid = torch.empty(N, dtype=torch.bool, device=x.device)
+        with self._guard(x):
+            self._fn("fake_forward")(
+                y_fake.data_ptr(), x.data_ptr(), N, K, sq.data_ptr(), valid.data_ptr(),
+                _code(x), self._last(x))
+        return sq, valid
+
+    def fake_backward(self, y_fake, x, coef_n):
+        _check(self.device_type, y_fake, x)
+        assert y_fake.dim() == 2 and y_fake.shape == x.shape
+        N, K = y_fake.shape
+        coef_n = coef_n.to(device=x.device, dtype=torch.float64).contiguous()
+        assert coef_n.numel() == N
+        g_fake = torch.empty_like(y_fake)
+        g_x = torch.empty_like(x)
+        with self._guard(x):
+            self._fn("fake_backward")(
+                y_fake.data_ptr(), x.data_ptr(), N, K, coef_n.data_ptr(), g_fake.data_ptr(),
+                g_x.data_ptr(), _code(x), self._last(x))
+        return g_fake, g_x
+
+    def __repr__(self) -> str:
+        return f"NativePrimitives({self.device_type!r})"
+
+
+CPU = NativePrimitives("cpu")
+CUDA = NativePrimitives("cuda")
