@@ -17,14 +17,17 @@ namespace {
 
 template <class P> P* ptr(uintptr_t v) { return reinterpret_cast<P*>(v); }
 
-IsoArgs iso_args(uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, int64_t N, int64_t D,
-                 int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double inv_two_h2,
-                 int dtype) {
+// A pointer argument of 0 is a null pointer (xn2, zn2, mean_x, mean_z are optional).
+IsoArgs iso_args(uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
+                 uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1,
+                 int64_t c0, int64_t c1, double inv_two_h2, int dtype) {
   IsoArgs a;
   a.x = ptr<const void>(x);
   a.z = ptr<const void>(z);
   a.xn2 = ptr<const void>(xn2);
   a.zn2 = ptr<const void>(zn2);
+  a.mean_x = ptr<const void>(mean_x);
+  a.mean_z = ptr<const void>(mean_z);
   a.N = N; a.D = D; a.d = d;
   a.r0 = r0; a.r1 = r1; a.c0 = c0; a.c1 = c1;
   a.inv_two_h2 = inv_two_h2;
@@ -55,25 +58,29 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_iso_workspace_size",
         [](int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
            int dtype, bool backward, int nthreads) {
-          IsoArgs a = iso_args(0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0.0, dtype);
+          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0.0, dtype);
           return gsd::cpu_iso_workspace_size(a, backward, nthreads);
         },
         py::arg("N"), py::arg("D"), py::arg("d"), py::arg("r0"), py::arg("r1"), py::arg("c0"),
         py::arg("c1"), py::arg("dtype"), py::arg("backward"), py::arg("nthreads"));
   m.def("cpu_iso_forward_sums",
-        [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, int64_t N, int64_t D,
-           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double inv_two_h2,
+        [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
+           uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0,
+           int64_t c1, double inv_two_h2,
            uintptr_t out4, uintptr_t ws, size_t ws_bytes, int dtype, int nthreads) {
-          IsoArgs a = iso_args(x, z, xn2, zn2, N, D, d, r0, r1, c0, c1, inv_two_h2, dtype);
+          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, N, D, d, r0, r1, c0, c1,
+                               inv_two_h2, dtype);
           gsd::cpu_iso_forward_sums(a, ptr<double>(out4), ptr<void>(ws), ws_bytes, nthreads);
         },
         nogil);
   m.def("cpu_iso_backward_rows",
-        [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, int64_t N, int64_t D,
-           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double inv_two_h2,
+        [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
+           uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0,
+           int64_t c1, double inv_two_h2,
            double p, double q, double r, double s, uintptr_t gx, uintptr_t gz, uintptr_t ws,
            size_t ws_bytes, int dtype, int nthreads) {
-          IsoArgs a = iso_args(x, z, xn2, zn2, N, D, d, r0, r1, c0, c1, inv_two_h2, dtype);
+          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, N, D, d, r0, r1, c0, c1,
+                               inv_two_h2, dtype);
           gsd::cpu_iso_backward_rows(a, p, q, r, s, ptr<void>(gx), ptr<void>(gz), ptr<void>(ws),
                                      ws_bytes, nthreads);
         },
@@ -117,25 +124,29 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_iso_workspace_size",
         [](int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
            int dtype, bool backward) {
-          IsoArgs a = iso_args(0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0.0, dtype);
+          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0.0, dtype);
           return gsd::cuda_iso_workspace_size(a, backward);
         },
         py::arg("N"), py::arg("D"), py::arg("d"), py::arg("r0"), py::arg("r1"), py::arg("c0"),
         py::arg("c1"), py::arg("dtype"), py::arg("backward"));
   m.def("cuda_iso_forward_sums",
-        [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, int64_t N, int64_t D,
-           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double inv_two_h2,
+        [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
+           uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0,
+           int64_t c1, double inv_two_h2,
            uintptr_t out4, uintptr_t ws, size_t ws_bytes, int dtype, uintptr_t stream) {
-          IsoArgs a = iso_args(x, z, xn2, zn2, N, D, d, r0, r1, c0, c1, inv_two_h2, dtype);
+          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, N, D, d, r0, r1, c0, c1,
+                               inv_two_h2, dtype);
           gsd::cuda_iso_forward_sums(a, ptr<double>(out4), ptr<void>(ws), ws_bytes, stream);
         },
         nogil);
   m.def("cuda_iso_backward_rows",
-        [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, int64_t N, int64_t D,
-           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double inv_two_h2,
+        [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
+           uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0,
+           int64_t c1, double inv_two_h2,
            double p, double q, double r, double s, uintptr_t gx, uintptr_t gz, uintptr_t ws,
            size_t ws_bytes, int dtype, uintptr_t stream) {
-          IsoArgs a = iso_args(x, z, xn2, zn2, N, D, d, r0, r1, c0, c1, inv_two_h2, dtype);
+          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, N, D, d, r0, r1, c0, c1,
+                               inv_two_h2, dtype);
           gsd::cuda_iso_backward_rows(a, p, q, r, s, ptr<void>(gx), ptr<void>(gz), ptr<void>(ws),
                                       ws_bytes, stream);
         },

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops, validation
-from .ops import _centred, _loss_from_sums, _resolve, _sq_norms
-from .reference import compute_dtype, flatten_rows, local_bandwidth_sq
+from .ops import _iso_operands, _loss_from_sums, _resolve
+from .reference import compute_dtype, flatten_rows
 
 
 def _distributed(group) -> bool:
@@ -64,9 +64,9 @@ def _all_reduce_constant_grad(local_sums: Tensor, group) -> Tensor:
 @torch.library.custom_op("gsd::isometry_rows_fwd", mutates_args=())
 def _rows_fwd(x: Tensor, z: Tensor, r0: int, r1: int, inv_two_h2: float, backend: str) -> Tensor:
     prims = ops.backends.primitives(backend, x.device.type)
-    xc, zc = _centred(x), _centred(z)
+    operands, means = _iso_operands(prims, x, z)
     n = x.shape[0]
-    return prims.iso_forward_sums(xc, zc, _sq_norms(xc), _sq_norms(zc), r0, r1, 0, n, inv_two_h2)
+    return prims.iso_forward_sums(*operands, r0, r1, 0, n, inv_two_h2, **means)
 
 
 @_rows_fwd.register_fake
@@ -82,12 +82,11 @@ def _rows_bwd(grad_sums: Tensor, x: Tensor, z: Tensor, r0: int, r1: int, inv_two
     _, g_xx, g_xz, g_zz = grad_sums.tolist()
     coefficients = (2.0 * g_xx, g_xz, 2.0 * g_zz, g_xz)
     prims = ops.backends.primitives(backend, x.device.type)
-    xc, zc = _centred(x), _centred(z)
-    xn2, zn2 = _sq_norms(xc), _sq_norms(zc)
+    operands, means = _iso_operands(prims, x, z)
     n = x.shape[0]
     # pairs (i in rows, j anywhere): d/dx_i from the row side, d/dx_j from the column side
-    gx_rows, gz_rows = prims.iso_backward_rows(xc, zc, xn2, zn2, r0, r1, 0, n, inv_two_h2, *coefficients)
-    gx, gz = prims.iso_backward_rows(xc, zc, xn2, zn2, 0, n, r0, r1, inv_two_h2, *coefficients)
+    gx_rows, gz_rows = prims.iso_backward_rows(*operands, r0, r1, 0, n, inv_two_h2, *coefficients, **means)
+    gx, gz = prims.iso_backward_rows(*operands, 0, n, r0, r1, inv_two_h2, *coefficients, **means)
     gx[r0:r1] += gx_rows
     gz[r0:r1] += gz_rows
     return gx, gz
@@ -158,7 +157,7 @@ def isometry_loss(x_local, z_local, *, weighting="global", bandwidth=None, scale
     rows = x_local.shape[0]
     r0, r1 = rank * rows, (rank + 1) * rows
     if weighting == "local":
-        h2 = float(bandwidth) ** 2 if bandwidth is not None else float(local_bandwidth_sq(z.double()))
+        h2 = float(bandwidth) ** 2 if bandwidth is not None else ops._local_h2(z)
         inv_two_h2 = 0.5 / h2 if h2 > 0 else 0.0
     else:
         inv_two_h2 = 0.0

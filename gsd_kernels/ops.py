@@ -26,10 +26,45 @@ def _sq_norms(t: Tensor) -> Tensor:
     return (t * t).sum(1)
 
 
-def _inv_two_h2(zc: Tensor, local: bool, bandwidth: float) -> float:
+def _iso_operands(prims, x: Tensor, z: Tensor):
+    """(x, z, xn2, zn2) and keyword arguments for the isometry primitives of `prims`.
+
+    Backends whose kernels centre while packing (`centres_in_kernel`, the CPU kernels) get
+    the uncentred rows and the column means, and compute the norms themselves: no centred
+    (N, D) copies. The others (Triton, CUDA) get centred copies and their squared norms.
+    """
+    if getattr(prims, "centres_in_kernel", False):
+        x, z = x.contiguous(), z.contiguous()
+        return (x, z, None, None), {"mean_x": x.mean(0), "mean_z": z.mean(0)}
+    xc, zc = _centred(x), _centred(z)
+    return (xc, zc, _sq_norms(xc), _sq_norms(zc)), {}
+
+
+_H2_CHUNK_ROWS = 1024
+
+
+def _local_h2(z: Tensor) -> float:
+    """The closed form of SPEC §2.1 for h^2 (as reference.local_bandwidth_sq), in float64,
+    over chunks of rows so that no float64 (or centred) copy of the whole z is made."""
+    z = z.detach()
+    n = z.shape[0]
+    chunks = [z[i:i + _H2_CHUNK_ROWS] for i in range(0, n, _H2_CHUNK_ROWS)]
+    mean = sum(c.double().sum(0) for c in chunks) / n
+    sq = z.new_zeros((), dtype=torch.float64)
+    col = torch.zeros_like(mean)
+    for chunk in chunks:
+        c = chunk.double() - mean
+        sq += (c * c).sum()
+        col += c.sum(0)
+    col /= n  # the mean of the centred rows: ~0, kept as the reference keeps it
+    return float((2.0 * n / (n - 1)) * (sq / n - (col * col).sum()))
+
+
+def _inv_two_h2(z: Tensor, local: bool, bandwidth: float) -> float:
+    """1 / (2 h^2) for local weighting (0.0: global). z may be uncentred."""
     if not local:
         return 0.0
-    h2 = bandwidth * bandwidth if bandwidth > 0 else float(reference.local_bandwidth_sq(zc.double()))
+    h2 = bandwidth * bandwidth if bandwidth > 0 else _local_h2(z)
     return 0.5 / h2 if h2 > 0 else 0.0
 
 
@@ -65,10 +100,9 @@ def _pair_coefficients(sums: Tensor, scale: float, grad: float):
 def _isometry_fwd(x: Tensor, z: Tensor, local: bool, bandwidth: float, scale: float,
                   backend: str) -> tuple[Tensor, Tensor]:
     prims = backends.primitives(backend, x.device.type)
-    xc, zc = _centred(x), _centred(z)
+    operands, means = _iso_operands(prims, x, z)
     n = x.shape[0]
-    sums = prims.iso_forward_sums(xc, zc, _sq_norms(xc), _sq_norms(zc), 0, n, 0, n,
-                                  _inv_two_h2(zc, local, bandwidth))
+    sums = prims.iso_forward_sums(*operands, 0, n, 0, n, _inv_two_h2(z, local, bandwidth), **means)
     return _loss_from_sums(sums, scale).to(x.dtype), sums
 
 
@@ -84,10 +118,10 @@ def _isometry_bwd(grad: Tensor, x: Tensor, z: Tensor, sums: Tensor, local: bool,
     if coefficients is None:
         return torch.zeros_like(x), torch.zeros_like(z)
     prims = backends.primitives(backend, x.device.type)
-    xc, zc = _centred(x), _centred(z)
+    inv_two_h2 = _inv_two_h2(z, local, bandwidth)
+    operands, means = _iso_operands(prims, x, z)
     n = x.shape[0]
-    return prims.iso_backward_rows(xc, zc, _sq_norms(xc), _sq_norms(zc), 0, n, 0, n,
-                                   _inv_two_h2(zc, local, bandwidth), *coefficients)
+    return prims.iso_backward_rows(*operands, 0, n, 0, n, inv_two_h2, *coefficients, **means)
 
 
 @_isometry_bwd.register_fake

@@ -334,3 +334,93 @@ def test_cpu_thread_count_does_not_change_results():
     # Deterministic schedule: bitwise equal whatever the thread count.
     assert torch.equal(s1, s2) and torch.equal(gx1, gx2) and torch.equal(gz1, gz2)
     assert not math.isnan(s1.sum().item())
+
+
+# ---------------------------------------------------------------- in-kernel centring (CPU)
+def run_iso_means(P, x, z, ranges, inv_two_h2, pqrs=(0.7, -1.3, 0.4, -0.9)):
+    """The primitives on uncentred rows plus column means; the norms are left to the kernel."""
+    mx, mz = x.mean(0), z.mean(0)
+    r0, r1, c0, c1 = ranges
+    sums = P.iso_forward_sums(x, z, None, None, r0, r1, c0, c1, inv_two_h2, mean_x=mx, mean_z=mz)
+    gx, gz = P.iso_backward_rows(x, z, None, None, r0, r1, c0, c1, inv_two_h2, *pqrs,
+                                 mean_x=mx, mean_z=mz)
+    return sums, gx, gz
+
+
+def test_cpu_centres_in_kernel_flag():
+    assert native.CPU.centres_in_kernel is True
+    assert native.CUDA.centres_in_kernel is False
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N,D,d,ranges,h", ISO_CASES)
+def test_iso_primitives_with_means(device, dtype, N, D, d, ranges, h):
+    # Uncentred rows (a large common offset) with their column means: the same results as the
+    # oracle on the rows themselves (distances are translation invariant).
+    P = prims(device)
+    x = (torch.randn(N, D, dtype=torch.float64) + 50.0).to(dtype).to(device)
+    z = (torch.randn(N, d, dtype=torch.float64) - 30.0).to(dtype).to(device)
+    ranges = ranges or (0, N, 0, N)
+    if h > 0:
+        h = h * 2.0 / d
+    pqrs = (0.7, -1.3, 0.4, -0.9)
+    sums, gx, gz = run_iso_means(P, x, z, ranges, h, pqrs)
+    ref_s, ref_gx, ref_gz = iso_oracle(x, z, *ranges, h, *pqrs)
+    assert gx.dtype == dtype and gx.shape == (ranges[1] - ranges[0], D)
+    assert gz.dtype == dtype and gz.shape == (ranges[1] - ranges[0], d)
+    for c in range(4):
+        assert abs(sums[c].item() - ref_s[c].item()) <= tol(dtype) * abs(ref_s[c].item()) + 1e-12
+    assert rel(gx, ref_gx) < tol(dtype)
+    assert rel(gz, ref_gz) < tol(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_iso_means_duplicates_and_empty_ranges(device):
+    P = prims(device)
+    N, D, d = 41, 13, 5
+    x = torch.randn(N, D, dtype=torch.float64) + 7.0
+    z = torch.randn(N, d, dtype=torch.float64)
+    x[7] = x[3]
+    z[11] = z[30]
+    x, z = x.float().to(device), z.float().to(device)
+    pqrs = (1.1, 0.6, -0.3, 0.8)
+    sums, gx, gz = run_iso_means(P, x, z, (0, N, 0, N), 0.0, pqrs)
+    ref_s, ref_gx, ref_gz = iso_oracle(x, z, 0, N, 0, N, 0.0, *pqrs)
+    assert torch.isfinite(gx).all() and torch.isfinite(gz).all()
+    assert rel(sums, ref_s) < 1e-4 and rel(gx, ref_gx) < 1e-4 and rel(gz, ref_gz) < 1e-4
+    sums, gx, gz = run_iso_means(P, x, z, (2, 6, 4, 4), 0.0)
+    assert torch.all(sums == 0) and torch.all(gx == 0) and torch.all(gz == 0)
+    sums, gx, gz = run_iso_means(P, x, z, (3, 3, 0, N), 0.0)
+    assert torch.all(sums == 0) and gx.shape == (0, D)
+
+
+@pytest.mark.parametrize("ranges", [(0, 421, 0, 421), (30, 421, 0, 400), (0, 421, 200, 230)])
+def test_cpu_thread_count_does_not_change_results_with_means(ranges):
+    # In-kernel centring and norms, gradients accumulated in the output buffers (full tiles)
+    # and in the tail accumulator (421 rows: a partial last tile): still bitwise deterministic.
+    x = torch.randn(421, 70) + 3.0
+    z = torch.randn(421, 20) - 1.0
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        s1, gx1, gz1 = run_iso_means(native.CPU, x, z, ranges, 0.01)
+        torch.set_num_threads(2)
+        s2, gx2, gz2 = run_iso_means(native.CPU, x, z, ranges, 0.01)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(s1, s2) and torch.equal(gx1, gx2) and torch.equal(gz1, gz2)
+    ref_s, ref_gx, ref_gz = iso_oracle(x, z, *ranges, 0.01, 0.7, -1.3, 0.4, -0.9)
+    assert rel(s1, ref_s) < 1e-4 and rel(gx1, ref_gx) < 1e-4 and rel(gz1, ref_gz) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_iso_means_match_centred_call(device):
+    # Given the same centring, the kernels' own norms agree with the caller's to rounding.
+    P = prims(device)
+    x = torch.randn(300, 40, dtype=torch.float64, device=device) + 5.0
+    z = torch.randn(300, 10, dtype=torch.float64, device=device)
+    a = run_iso_means(P, x, z, (0, 300, 0, 300), 0.02)
+    b = run_iso(P, x - x.mean(0), z - z.mean(0), (0, 300, 0, 300), 0.02)
+    for u, v in zip(a, b):
+        assert rel(u, v) < 1e-12

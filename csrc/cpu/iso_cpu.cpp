@@ -6,7 +6,15 @@
 // consecutive k) of the two register-blocked GEMM micro-kernels:
 //   gram:  C[j][i]  = sum_k x_i[k] x_j[k]            (tile of dot products)
 //   apply: G_i[k]  += sum_j M[j][i] x_j[k]           (the (A @ X) part of the backward)
-// The gradient accumulators G use the same packed layout and are unpacked at the end.
+// The gradient accumulators G use the same packed layout. They live in the caller's output
+// buffers gx, gz themselves: a full tile of kTile rows takes exactly the bytes of its own
+// rows there (only the last, partial row tile has a small separate accumulator), and at
+// the end every block of BW rows is turned into the row-major gradient in place.
+//
+// Centring: with column means given (IsoArgs::mean_x / mean_z) the uncentred rows are
+// centred while they are packed and the squared norms of the centred rows are computed
+// there too (in double), so the Python layer makes no centred copies. The exact recompute
+// of close pairs reads the rows as given: a difference x_i - x_j needs no centring.
 //
 // Full square (r0 == c0, r1 == c1): only the tile pairs I <= J are visited. In the
 // backward a pair (I, J) updates both G_I and G_J; tasks run in rounds of a round-robin
@@ -40,47 +48,87 @@ inline size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------ packing
-// Pack rows [base, base + M) of X (row-major, K columns) into Mpad = ntiles * kTile rows.
+// Pack rows [base, base + M) of X (row-major, K columns), centred by `mean` when given,
+// into Mpad = ntiles * kTile rows (zero rows past M). n2out[row] gets the squared norm of
+// the packed (centred) row: n2in[base + row] when given, else summed here in double in a
+// fixed order; 0 for the padding rows.
 template <class T>
-void pack_rows(const T* X, int64_t K, int64_t base, int64_t M, int64_t Mpad, T* P) {
+void pack_rows(const T* X, const T* mean, const T* n2in, int64_t K, int64_t base, int64_t M,
+               int64_t Mpad, T* P, T* n2out) {
   constexpr int BW = block_width<T>();
   const int64_t nblk = Mpad / BW;
+  const bool want_norms = (n2in == nullptr);
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < nblk; ++b) {
     T* Pb = P + b * K * BW;
+    double acc[BW];
+    for (int l = 0; l < BW; ++l) acc[l] = 0.0;
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
       const int64_t k1 = std::min<int64_t>(K, k0 + 64);
       for (int l = 0; l < BW; ++l) {
         const int64_t row = b * BW + l;
-        if (row < M) {
-          const T* src = X + (base + row) * K;
-          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = src[k];
-        } else {
+        if (row >= M) {
           for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = T(0);
+          continue;
+        }
+        const T* src = X + (base + row) * K;
+        if (mean != nullptr) {
+          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = src[k] - mean[k];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = src[k];
+        }
+        if (want_norms) {  // 4 partial sums (k mod 4), then in order: deterministic
+          double s4[4] = {0.0, 0.0, 0.0, 0.0};
+          for (int64_t k = k0; k < k1; ++k) {
+            const double v = double(Pb[k * BW + l]);
+            s4[(k - k0) & 3] += v * v;
+          }
+          acc[l] += (s4[0] + s4[1]) + (s4[2] + s4[3]);
         }
       }
+    }
+    for (int l = 0; l < BW; ++l) {
+      const int64_t row = b * BW + l;
+      n2out[row] = row >= M ? T(0) : (want_norms ? T(acc[l]) : n2in[base + row]);
     }
   }
 }
 
-// out[row][k] = X[base + row][k] * rs[row] - G[row][k] for row < M (G packed).
+// Gradient rows [0, M) of the output (row-major, K columns), in place:
+//   out[row][k] = (X[base + row][k] - mean[k]) * rs[row] - G[row][k]   (mean 0 when null)
+// where G is the packed accumulator: rows of the full tiles (row < Mfull = M / kTile *
+// kTile) are packed in the bytes of out itself (each block of BW rows in its own rows'
+// bytes: copied to the thread's `scratch` of BW * K before being overwritten), the rows of
+// the last partial tile in Gtail.
 template <class T>
-void unpack_grad(const T* X, int64_t K, int64_t base, int64_t M, const T* G, const double* rs,
-                 T* out) {
+void unpack_grad(const T* X, const T* mean, int64_t K, int64_t base, int64_t M, const T* Gtail,
+                 const double* rs, T* out, T* scratch) {
   constexpr int BW = block_width<T>();
   const int64_t nblk = cdiv(M, BW);
+  const int64_t Mfull = M / kTile * kTile;
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < nblk; ++b) {
-    const T* Gb = G + b * K * BW;
+    const int64_t row0 = b * BW;
+    const T* Gb;
+    if (row0 < Mfull) {  // a whole block inside a full tile (kTile is a multiple of BW)
+      std::memcpy(scratch, out + row0 * K, sizeof(T) * size_t(BW) * K);
+      Gb = scratch;
+    } else {
+      Gb = Gtail + (row0 - Mfull) * K;
+    }
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
       const int64_t k1 = std::min<int64_t>(K, k0 + 64);
       for (int l = 0; l < BW; ++l) {
-        const int64_t row = b * BW + l;
+        const int64_t row = row0 + l;
         if (row >= M) break;
         const T* src = X + (base + row) * K;
         T* dst = out + row * K;
         const T r = T(rs[row]);
-        for (int64_t k = k0; k < k1; ++k) dst[k] = src[k] * r - Gb[k * BW + l];
+        if (mean != nullptr) {
+          for (int64_t k = k0; k < k1; ++k) dst[k] = (src[k] - mean[k]) * r - Gb[k * BW + l];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) dst[k] = src[k] * r - Gb[k * BW + l];
+        }
       }
     }
   }
@@ -195,7 +243,9 @@ void apply_tile(const T* __restrict M, const T* __restrict Psrc, int64_t K, T* _
 template <class T> struct Layout {
   int64_t R, C, nTR, nTC, Rpad, Cpad;
   bool sym;
-  size_t PRx, PRz, PCx, PCz, Gx, Gz, rsa, rsb, pairs, scratch, per_thread, total;
+  int64_t nFullR;  // row tiles with kTile rows (their accumulators live in gx, gz)
+  size_t PRx, PRz, PCx, PCz, nRx, nRz, nCx, nCz, Gtx, Gtz, rsa, rsb, pairs, scratch,
+      per_thread, unpack, unpack_per_thread, total;
 };
 
 template <class T> Layout<T> make_layout(const IsoArgs& a, bool backward, int nthreads) {
@@ -207,6 +257,7 @@ template <class T> Layout<T> make_layout(const IsoArgs& a, bool backward, int nt
   L.nTC = cdiv(L.C, kTile);
   L.Rpad = L.nTR * kTile;
   L.Cpad = L.nTC * kTile;
+  L.nFullR = L.R / kTile;
   size_t off = 0;
   auto take = [&](size_t bytes) {
     size_t o = off;
@@ -216,24 +267,36 @@ template <class T> Layout<T> make_layout(const IsoArgs& a, bool backward, int nt
   const size_t ts = sizeof(T);
   L.PRx = take(L.Rpad * a.D * ts);
   L.PRz = take(L.Rpad * a.d * ts);
+  L.nRx = take(L.Rpad * ts);
+  L.nRz = take(L.Rpad * ts);
   if (L.sym) {
     L.PCx = L.PRx;
     L.PCz = L.PRz;
+    L.nCx = L.nRx;
+    L.nCz = L.nRz;
   } else {
     L.PCx = take(L.Cpad * a.D * ts);
     L.PCz = take(L.Cpad * a.d * ts);
+    L.nCx = take(L.Cpad * ts);
+    L.nCz = take(L.Cpad * ts);
   }
   if (backward) {
-    L.Gx = take(L.Rpad * a.D * ts);
-    L.Gz = take(L.Rpad * a.d * ts);
+    // Accumulators of the last row tile when it is partial (the others live in gx, gz).
+    const bool tail = L.nTR > L.nFullR;
+    L.Gtx = take(tail ? size_t(kTile) * a.D * ts : 0);
+    L.Gtz = take(tail ? size_t(kTile) * a.d * ts : 0);
     L.rsa = take(L.Rpad * sizeof(double));
     L.rsb = take(L.Rpad * sizeof(double));
   } else {
     L.pairs = take(size_t(L.nTR) * L.nTC * 4 * sizeof(double));
   }
-  // Per thread: Cx, Cz, At, Bt, A^T, B^T tiles + 8 vectors of kTile (norms, row/col sums).
-  L.per_thread = align_up((6 * kTile * kTile + 8 * kTile) * ts);
+  // Per thread: Cx, Cz, At, Bt, A^T, B^T tiles + 4 vectors of kTile (row/col sums).
+  L.per_thread = align_up((6 * kTile * kTile + 4 * kTile) * ts);
   L.scratch = take(L.per_thread * size_t(std::max(nthreads, 1)));
+  // Per thread, backward: one block of BW packed gradient rows while it is unpacked.
+  L.unpack_per_thread =
+      backward ? align_up(size_t(block_width<T>()) * std::max(a.D, a.d) * ts) : 0;
+  L.unpack = take(L.unpack_per_thread * size_t(std::max(nthreads, 1)));
   L.total = off;
   return L;
 }
@@ -245,26 +308,20 @@ struct Scratch {
 };
 
 template <class T> struct ThreadBufs {
-  T *Cx, *Cz, *At, *Bt, *Atr, *Btr, *xnI, *xnJ, *znI, *znJ, *rsa, *rsb, *csa, *csb;
+  T *Cx, *Cz, *At, *Bt, *Atr, *Btr, *rsa, *rsb, *csa, *csb;
   ThreadBufs(void* ws, const Layout<T>& L, int tid) {
     T* p = Scratch::at<T>(ws, L.scratch + L.per_thread * size_t(tid));
     const int64_t t2 = int64_t(kTile) * kTile;
     Cx = p; Cz = p + t2; At = p + 2 * t2; Bt = p + 3 * t2; Atr = p + 4 * t2; Btr = p + 5 * t2;
     T* v = p + 6 * t2;
-    xnI = v; xnJ = v + kTile; znI = v + 2 * kTile; znJ = v + 3 * kTile;
-    rsa = v + 4 * kTile; rsb = v + 5 * kTile; csa = v + 6 * kTile; csb = v + 7 * kTile;
+    rsa = v; rsb = v + kTile; csa = v + 2 * kTile; csb = v + 3 * kTile;
   }
 };
 
-// Norms of a tile, zero-padded past the range end.
-template <class T>
-inline void load_norms(const T* n2, int64_t g0, int64_t gend, T* out) {
-  for (int t = 0; t < kTile; ++t) out[t] = (g0 + t < gend) ? n2[g0 + t] : T(0);
-}
-
 // ------------------------------------------------------------------ epilogues
 // Dot-product tile -> squared-distance tile (clamped), with the pairs where the Gram trick
-// cancels recomputed exactly from the rows of X (row-major, K columns).
+// cancels recomputed exactly from the rows of X (row-major, K columns, centred or not:
+// a difference of two rows does not depend on the centring).
 template <class T>
 void dots_to_sq(T* Ct, const T* nI, const T* nJ, const T* X, int64_t K, int64_t gi0, int64_t ni,
                 int64_t gj0, int64_t nj) {
@@ -363,10 +420,16 @@ void iso_forward_impl(const IsoArgs& a, double* out4, void* ws, int nthreads) {
   const T* z = static_cast<const T*>(a.z);
   const T* xn2 = static_cast<const T*>(a.xn2);
   const T* zn2 = static_cast<const T*>(a.zn2);
+  const T* mx = static_cast<const T*>(a.mean_x);
+  const T* mz = static_cast<const T*>(a.mean_z);
   T* PRx = Scratch::at<T>(ws, L.PRx);
   T* PRz = Scratch::at<T>(ws, L.PRz);
   T* PCx = Scratch::at<T>(ws, L.PCx);
   T* PCz = Scratch::at<T>(ws, L.PCz);
+  T* nRx = Scratch::at<T>(ws, L.nRx);
+  T* nRz = Scratch::at<T>(ws, L.nRz);
+  T* nCx = Scratch::at<T>(ws, L.nCx);
+  T* nCz = Scratch::at<T>(ws, L.nCz);
   double* pairs = Scratch::at<double>(ws, L.pairs);
   const T h = T(a.inv_two_h2);
   const int64_t D = a.D, d = a.d;
@@ -374,11 +437,11 @@ void iso_forward_impl(const IsoArgs& a, double* out4, void* ws, int nthreads) {
 
 #pragma omp parallel num_threads(nthreads)
   {
-    pack_rows(x, D, a.r0, L.R, L.Rpad, PRx);
-    pack_rows(z, d, a.r0, L.R, L.Rpad, PRz);
+    pack_rows(x, mx, xn2, D, a.r0, L.R, L.Rpad, PRx, nRx);
+    pack_rows(z, mz, zn2, d, a.r0, L.R, L.Rpad, PRz, nRz);
     if (!L.sym) {
-      pack_rows(x, D, a.c0, L.C, L.Cpad, PCx);
-      pack_rows(z, d, a.c0, L.C, L.Cpad, PCz);
+      pack_rows(x, mx, xn2, D, a.c0, L.C, L.Cpad, PCx, nCx);
+      pack_rows(z, mz, zn2, d, a.c0, L.C, L.Cpad, PCz, nCz);
     }
     // (implicit barrier after each omp for)
     ThreadBufs<T> tb(ws, L, omp_get_thread_num());
@@ -391,12 +454,8 @@ void iso_forward_impl(const IsoArgs& a, double* out4, void* ws, int nthreads) {
       const int64_t nj = std::min<int64_t>(kTile, a.c1 - gj0);
       gram_tile(PRx + I * kTile * D, PCx + J * kTile * D, D, tb.Cx);
       gram_tile(PRz + I * kTile * d, PCz + J * kTile * d, d, tb.Cz);
-      load_norms(xn2, gi0, a.r1, tb.xnI);
-      load_norms(zn2, gi0, a.r1, tb.znI);
-      load_norms(xn2, gj0, a.c1, tb.xnJ);
-      load_norms(zn2, gj0, a.c1, tb.znJ);
-      dots_to_sq(tb.Cx, tb.xnI, tb.xnJ, x, D, gi0, ni, gj0, nj);
-      dots_to_sq(tb.Cz, tb.znI, tb.znJ, z, d, gi0, ni, gj0, nj);
+      dots_to_sq(tb.Cx, nRx + I * kTile, nCx + J * kTile, x, D, gi0, ni, gj0, nj);
+      dots_to_sq(tb.Cz, nRz + I * kTile, nCz + J * kTile, z, d, gi0, ni, gj0, nj);
       tile_sums(tb, gi0, ni, gj0, nj, h, pairs + 4 * t);
     }
   }
@@ -419,16 +478,25 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
   const T* z = static_cast<const T*>(a.z);
   const T* xn2 = static_cast<const T*>(a.xn2);
   const T* zn2 = static_cast<const T*>(a.zn2);
+  const T* mx = static_cast<const T*>(a.mean_x);
+  const T* mz = static_cast<const T*>(a.mean_z);
   T* PRx = Scratch::at<T>(ws, L.PRx);
   T* PRz = Scratch::at<T>(ws, L.PRz);
   T* PCx = Scratch::at<T>(ws, L.PCx);
   T* PCz = Scratch::at<T>(ws, L.PCz);
-  T* Gx = Scratch::at<T>(ws, L.Gx);
-  T* Gz = Scratch::at<T>(ws, L.Gz);
+  T* nRx = Scratch::at<T>(ws, L.nRx);
+  T* nRz = Scratch::at<T>(ws, L.nRz);
+  T* nCx = Scratch::at<T>(ws, L.nCx);
+  T* nCz = Scratch::at<T>(ws, L.nCz);
+  T* Gtx = Scratch::at<T>(ws, L.Gtx);
+  T* Gtz = Scratch::at<T>(ws, L.Gtz);
   double* rsa = Scratch::at<double>(ws, L.rsa);
   double* rsb = Scratch::at<double>(ws, L.rsb);
   const T h = T(a.inv_two_h2), p = T(p_), q = T(q_), r = T(r_), s = T(s_);
   const int64_t D = a.D, d = a.d;
+  // Packed accumulator of row tile t: in gx / gz itself for a full tile, else the tail one.
+  auto Gx = [&](int64_t t) { return t < L.nFullR ? gx + t * kTile * D : Gtx; };
+  auto Gz = [&](int64_t t) { return t < L.nFullR ? gz + t * kTile * d : Gtz; };
 
   // One tile pair: dots, coefficients, then the (A @ X) updates of the row tile (and,
   // for an off-diagonal symmetric pair, of the column tile).
@@ -438,15 +506,11 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
     const int64_t nj = std::min<int64_t>(kTile, a.c1 - gj0);
     gram_tile(PRx + I * kTile * D, PCx + J * kTile * D, D, tb.Cx);
     gram_tile(PRz + I * kTile * d, PCz + J * kTile * d, d, tb.Cz);
-    load_norms(xn2, gi0, a.r1, tb.xnI);
-    load_norms(zn2, gi0, a.r1, tb.znI);
-    load_norms(xn2, gj0, a.c1, tb.xnJ);
-    load_norms(zn2, gj0, a.c1, tb.znJ);
-    dots_to_sq(tb.Cx, tb.xnI, tb.xnJ, x, D, gi0, ni, gj0, nj);
-    dots_to_sq(tb.Cz, tb.znI, tb.znJ, z, d, gi0, ni, gj0, nj);
+    dots_to_sq(tb.Cx, nRx + I * kTile, nCx + J * kTile, x, D, gi0, ni, gj0, nj);
+    dots_to_sq(tb.Cz, nRz + I * kTile, nCz + J * kTile, z, d, gi0, ni, gj0, nj);
     tile_coefs(tb, gi0, ni, gj0, nj, h, p, q, r, s);
-    apply_tile(tb.At, PCx + J * kTile * D, D, Gx + I * kTile * D);
-    apply_tile(tb.Bt, PCz + J * kTile * d, d, Gz + I * kTile * d);
+    apply_tile(tb.At, PCx + J * kTile * D, D, Gx(I));
+    apply_tile(tb.Bt, PCz + J * kTile * d, d, Gz(I));
     for (int i = 0; i < kTile; ++i) {
       rsa[I * kTile + i] += tb.rsa[i];
       rsb[I * kTile + i] += tb.rsb[i];
@@ -454,8 +518,8 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
     if (both) {  // symmetric, I != J: the same tile feeds the rows of J through A^T
       transpose_tile(tb.At, tb.Atr);
       transpose_tile(tb.Bt, tb.Btr);
-      apply_tile(tb.Atr, PRx + I * kTile * D, D, Gx + J * kTile * D);
-      apply_tile(tb.Btr, PRz + I * kTile * d, d, Gz + J * kTile * d);
+      apply_tile(tb.Atr, PRx + I * kTile * D, D, Gx(J));
+      apply_tile(tb.Btr, PRz + I * kTile * d, d, Gz(J));
       for (int j = 0; j < kTile; ++j) {
         rsa[J * kTile + j] += tb.csa[j];
         rsb[J * kTile + j] += tb.csb[j];
@@ -465,16 +529,16 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
 
 #pragma omp parallel num_threads(nthreads)
   {
-    pack_rows(x, D, a.r0, L.R, L.Rpad, PRx);
-    pack_rows(z, d, a.r0, L.R, L.Rpad, PRz);
+    pack_rows(x, mx, xn2, D, a.r0, L.R, L.Rpad, PRx, nRx);
+    pack_rows(z, mz, zn2, d, a.r0, L.R, L.Rpad, PRz, nRz);
     if (!L.sym) {
-      pack_rows(x, D, a.c0, L.C, L.Cpad, PCx);
-      pack_rows(z, d, a.c0, L.C, L.Cpad, PCz);
+      pack_rows(x, mx, xn2, D, a.c0, L.C, L.Cpad, PCx, nCx);
+      pack_rows(z, mz, zn2, d, a.c0, L.C, L.Cpad, PCz, nCz);
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < L.nTR; ++t) {
-      std::memset(Gx + t * kTile * D, 0, sizeof(T) * kTile * D);
-      std::memset(Gz + t * kTile * d, 0, sizeof(T) * kTile * d);
+      std::memset(Gx(t), 0, sizeof(T) * kTile * D);
+      std::memset(Gz(t), 0, sizeof(T) * kTile * d);
       for (int i = 0; i < kTile; ++i) rsa[t * kTile + i] = rsb[t * kTile + i] = 0.0;
     }
     ThreadBufs<T> tb(ws, L, omp_get_thread_num());
@@ -504,8 +568,9 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
       for (int64_t I = 0; I < L.nTR; ++I)
         for (int64_t J = 0; J < L.nTC; ++J) do_pair(tb, I, J, false);
     }
-    unpack_grad(x, D, a.r0, L.R, Gx, rsa, gx);
-    unpack_grad(z, d, a.r0, L.R, Gz, rsb, gz);
+    T* up = Scratch::at<T>(ws, L.unpack + L.unpack_per_thread * size_t(omp_get_thread_num()));
+    unpack_grad(x, mx, D, a.r0, L.R, Gtx, rsa, gx, up);
+    unpack_grad(z, mz, d, a.r0, L.R, Gtz, rsb, gz, up);
   }
 }
 

@@ -392,12 +392,22 @@ void backward_impl(const IsoArgs& a, const Plan& P, double p, double q, double r
 }  // namespace
 }  // namespace cuda
 
+// The CUDA kernels take centred inputs with their squared norms (the Python layer makes
+// them); in-kernel centring (IsoArgs::mean_x / mean_z) is a CPU-only feature.
+static void require_centred(const IsoArgs& a, const char* what) {
+  if (a.mean_x != nullptr || a.mean_z != nullptr || a.xn2 == nullptr || a.zn2 == nullptr)
+    throw std::invalid_argument(std::string(what) +
+                                ": the CUDA kernels take centred x, z and their squared norms "
+                                "(no column means)");
+}
+
 size_t cuda_iso_workspace_size(const IsoArgs& a, bool backward) {
   return cuda::make_plan(a, backward).total;
 }
 
 void cuda_iso_forward_sums(const IsoArgs& a, double* out4, void* ws, size_t ws_bytes,
                            uintptr_t stream) {
+  require_centred(a, "iso_forward_sums");
   const cuda::Plan P = cuda::make_plan(a, false);
   if (ws_bytes < P.total) throw std::invalid_argument("iso_forward_sums: workspace too small");
   cudaStream_t st = cuda::as_stream(stream);
@@ -413,6 +423,7 @@ void cuda_iso_forward_sums(const IsoArgs& a, double* out4, void* ws, size_t ws_b
 
 void cuda_iso_backward_rows(const IsoArgs& a, double p, double q, double r, double s, void* gx,
                             void* gz, void* ws, size_t ws_bytes, uintptr_t stream) {
+  require_centred(a, "iso_backward_rows");
   const cuda::Plan P = cuda::make_plan(a, true);
   if (ws_bytes < P.total) throw std::invalid_argument("iso_backward_rows: workspace too small");
   if (P.R == 0) return;

@@ -5,6 +5,12 @@ The compiled code sees raw pointers, sizes, scalars, a dtype code and (CUDA) the
 stream; this module allocates every output and workspace with torch. Inputs are assumed
 validated by the caller (contiguous, 2-D, one floating dtype fp32/fp64, one device); only
 cheap invariants are asserted here.
+
+Isometry primitives: besides the common contract (centred x, z and their squared norms),
+these take optional column means `mean_x`, `mean_z` (vectors of x's dtype); then x, z may
+be uncentred and `xn2`, `zn2` may be None. The CPU kernels centre while packing and sum
+the norms there (`centres_in_kernel` is True: no centred copies are made); the CUDA
+kernels take centred data, so for them this module centres in PyTorch first.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class NativePrimitives:
         assert device_type in ("cpu", "cuda")
         self.device_type = device_type
         self.name = device_type
+        # The isometry primitives accept mean_x / mean_z (and xn2 = zn2 = None) and centre
+        # inside the kernels, without a centred copy of x and z.
+        self.centres_in_kernel = device_type == "cpu"
 
     # ---------------------------------------------------------------- plumbing
     def _fn(self, name: str):
@@ -82,14 +91,29 @@ class NativePrimitives:
             return max(1, torch.get_num_threads())
         return torch.cuda.current_stream(t.device).cuda_stream
 
-    def _iso_prep(self, x, z, xn2, zn2, r0, r1, c0, c1):
-        _check(self.device_type, x, z, xn2, zn2)
+    def _iso_prep(self, x, z, xn2, zn2, mean_x, mean_z, r0, r1, c0, c1):
+        """Checks; returns the kernels' pointer arguments, the operand tensors behind them
+        (the caller keeps them alive until the kernel has run) and the sizes."""
+        assert (mean_x is None) == (mean_z is None), "give both column means or neither"
+        if mean_x is not None and not self.centres_in_kernel:
+            x, z = (x - mean_x).contiguous(), (z - mean_z).contiguous()
+            mean_x = mean_z = None
+        if xn2 is None or zn2 is None:
+            assert xn2 is None and zn2 is None, "give both squared norms or neither"
+            if not self.centres_in_kernel:
+                xn2, zn2 = (x * x).sum(1), (z * z).sum(1)
+        _check(self.device_type, *(t for t in (x, z, xn2, zn2, mean_x, mean_z) if t is not None))
         assert x.dim() == 2 and z.dim() == 2 and x.shape[0] == z.shape[0]
         N = x.shape[0]
-        assert xn2.numel() == N and zn2.numel() == N
+        if xn2 is not None:
+            assert xn2.numel() == N and zn2.numel() == N
+        if mean_x is not None:
+            assert mean_x.numel() == x.shape[1] and mean_z.numel() == z.shape[1]
         r0, r1, c0, c1 = int(r0), int(r1), int(c0), int(c1)
         assert 0 <= r0 <= r1 <= N and 0 <= c0 <= c1 <= N, "bad pair ranges"
-        return N, x.shape[1], z.shape[1], r0, r1, c0, c1
+        operands = (x, z, xn2, zn2, mean_x, mean_z)
+        ptrs = tuple(0 if t is None else t.data_ptr() for t in operands)
+        return ptrs, operands, (N, x.shape[1], z.shape[1], r0, r1, c0, c1)
 
     def _workspace(self, x, N, D, d, r0, r1, c0, c1, backward, last):
         code = _code(x)
@@ -100,28 +124,31 @@ class NativePrimitives:
         return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=x.device), int(nbytes)
 
     # ---------------------------------------------------------------- isometry
-    def iso_forward_sums(self, x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2):
-        N, D, d, r0, r1, c0, c1 = self._iso_prep(x, z, xn2, zn2, r0, r1, c0, c1)
+    def iso_forward_sums(self, x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, mean_x=None,
+                         mean_z=None):
+        ptrs, operands, sizes = self._iso_prep(x, z, xn2, zn2, mean_x, mean_z, r0, r1, c0, c1)
+        x = operands[0]
         out = torch.zeros(4, dtype=torch.float64, device=x.device)
         last = self._last(x)
-        ws, nbytes = self._workspace(x, N, D, d, r0, r1, c0, c1, False, last)
+        ws, nbytes = self._workspace(x, *sizes, False, last)
         with self._guard(x):
             self._fn("iso_forward_sums")(
-                x.data_ptr(), z.data_ptr(), xn2.data_ptr(), zn2.data_ptr(), N, D, d,
-                r0, r1, c0, c1, float(inv_two_h2), out.data_ptr(), ws.data_ptr(), nbytes,
+                *ptrs, *sizes, float(inv_two_h2), out.data_ptr(), ws.data_ptr(), nbytes,
                 _code(x), last)
         return out
 
-    def iso_backward_rows(self, x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, p, q, r, s):
-        N, D, d, r0, r1, c0, c1 = self._iso_prep(x, z, xn2, zn2, r0, r1, c0, c1)
+    def iso_backward_rows(self, x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, p, q, r, s,
+                          mean_x=None, mean_z=None):
+        ptrs, operands, sizes = self._iso_prep(x, z, xn2, zn2, mean_x, mean_z, r0, r1, c0, c1)
+        x = operands[0]
+        _, D, d, r0, r1, _, _ = sizes
         gx = torch.empty((r1 - r0, D), dtype=x.dtype, device=x.device)
         gz = torch.empty((r1 - r0, d), dtype=x.dtype, device=x.device)
         last = self._last(x)
-        ws, nbytes = self._workspace(x, N, D, d, r0, r1, c0, c1, True, last)
+        ws, nbytes = self._workspace(x, *sizes, True, last)
         with self._guard(x):
             self._fn("iso_backward_rows")(
-                x.data_ptr(), z.data_ptr(), xn2.data_ptr(), zn2.data_ptr(), N, D, d,
-                r0, r1, c0, c1, float(inv_two_h2), float(p), float(q), float(r), float(s),
+                *ptrs, *sizes, float(inv_two_h2), float(p), float(q), float(r), float(s),
                 gx.data_ptr(), gz.data_ptr(), ws.data_ptr(), nbytes, _code(x), last)
         return gx, gz
 

@@ -11,10 +11,16 @@
 namespace gsd {
 
 struct IsoArgs {
-  const void* x;    // (N, D) centred samples, row-major
-  const void* z;    // (N, d) centred latents
-  const void* xn2;  // (N,)  squared row norms of x
-  const void* zn2;  // (N,)
+  // x, z: (N, D) samples and (N, d) latents, row-major. Without means they must be centred
+  // already; with means (CPU only) the kernels centre them while packing (x - mean_x).
+  const void* x;
+  const void* z;
+  // (N,) squared row norms of the centred x, z; nullptr (CPU only): computed while packing.
+  const void* xn2;
+  const void* zn2;
+  // (D,), (d,) column means in the dtype of x, or nullptr (inputs already centred). CPU only.
+  const void* mean_x = nullptr;
+  const void* mean_z = nullptr;
   int64_t N, D, d;
   int64_t r0, r1, c0, c1;  // pair ranges (global row indices)
   double inv_two_h2;       // 0 => global weighting
