@@ -1,0 +1,330 @@
+"""Data sets (SPEC §3.5): digits, gmm, cifar10, folder.
+
+Images are float32 (N, C, H, W) in [-1, 1]; the Gaussian mixture is float32 (N, dim).
+`GaussianMixture` also gives the exact EDM denoiser of the mixture (posterior mean of
+x0 given x0 + sigma * eps), which makes `gmm` a data set with a perfect teacher.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from gsd.cli import UsageError
+
+DATASETS = ("digits", "gmm", "cifar10", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+GMM_TRAIN_SAMPLES = 20_000
+
+
+class DataError(UsageError):
+    """A data set cannot be loaded (unknown name, missing root, unreadable file...)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Gaussian mixture with its exact denoiser.
+
+class GaussianMixture:
+    """Isotropic Gaussian mixture: sum_k w_k N(mu_k, s_k^2 I).
+
+    means (K, dim), weights (K,) (normalised here), stds (K,) > 0. Stored in float64.
+    """
+
+    def __init__(self, means, weights=None, stds=0.05):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        if means.ndim != 2:
+            raise ValueError("means must be (K, dim)")
+        k = means.shape[0]
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        stds = torch.as_tensor(stds, dtype=torch.float64).reshape(-1)
+        if stds.numel() == 1:
+            stds = stds.expand(k).clone()
+        if weights.shape != (k,) or stds.shape != (k,):
+            raise ValueError("weights and stds need one entry per component")
+        if (weights < 0).any() or weights.sum() <= 0 or (stds <= 0).any():
+            raise ValueError("weights must be >= 0 (not all 0) and stds > 0")
+        self.means = means
+        self.weights = weights / weights.sum()
+        self.stds = stds
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def mean(self) -> torch.Tensor:
+        return (self.weights[:, None] * self.means).sum(0)
+
+    def std(self) -> float:
+        """Per-coordinate standard deviation of the mixture (averaged over coordinates)."""
+        mu = self.mean()
+        second = (self.weights * ((self.means - mu) ** 2).sum(1)).sum() / self.dim + \
+            (self.weights * self.stds ** 2).sum()
+        return float(second.sqrt())
+
+    def to_dict(self) -> dict:
+        return {"means": self.means.tolist(), "weights": self.weights.tolist(), "stds": self.stds.tolist()}
+
+    def sample(self, n: int, generator: torch.Generator | None = None):
+        """(x float32 (n, dim), component ids int64 (n,)) drawn with `generator` (CPU)."""
+        ids = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        x = self.means[ids] + self.stds[ids, None] * noise
+        return x.to(torch.float32), ids
+
+    def _log_resp(self, x64: torch.Tensor, var: torch.Tensor):
+        """Unnormalised log responsibilities (n, K) for noisy points with total variance var (n, K)."""
+        means = self.means.to(x64.device)
+        sq = ((x64[:, None, :] - means[None]) ** 2).sum(2)  # (n, K), no cancellation
+        d = self.dim
+        return (self.weights.to(x64.device).log()[None] - 0.5 * sq / var - 0.5 * d * torch.log(2 * math.pi * var))
+
+    def _var(self, sigma, n: int, device) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(n)
+        if sigma.numel() != n:
+            raise ValueError(f"sigma has {sigma.numel()} elements for {n} points")
+        return self.stds.to(device)[None] ** 2 + sigma[:, None] ** 2, sigma
+
+    def log_prob(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+        """log density (float64, (n,)) of the mixture convolved with N(0, sigma^2 I)."""
+        x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+        var, _ = self._var(sigma, x64.shape[0], x64.device)
+        return torch.logsumexp(self._log_resp(x64, var), dim=1)
+
+    def responsibilities(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+        x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+        var, _ = self._var(sigma, x64.shape[0], x64.device)
+        return torch.softmax(self._log_resp(x64, var), dim=1)
+
+    def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """E[x0 | x0 + sigma eps = x], exact; float64 inside, returned in x's dtype.
+
+        sigma: float, 0-dim or with one element per point. Differentiable w.r.t. x.
+        """
+        shape, dtype = x.shape, x.dtype
+        x64 = x.reshape(shape[0], -1).to(torch.float64)
+        var, _ = self._var(sigma, x64.shape[0], x64.device)
+        resp = torch.softmax(self._log_resp(x64, var), dim=1)  # (n, K)
+        means = self.means.to(x64.device)
+        shrink = self.stds.to(x64.device)[None] ** 2 / var  # (n, K): s_k^2 / (s_k^2 + sigma^2)
+        # sum_k r_k [mu_k + shrink_k (x - mu_k)] = sum_k r_k (1 - shrink_k) mu_k + (sum_k r_k shrink_k) x
+        out = (resp * (1 - shrink)) @ means + (resp * shrink).sum(1, keepdim=True) * x64
+        out_dtype = dtype if dtype.is_floating_point else torch.float32
+        return out.to(out_dtype).reshape(shape)
+
+
+def default_gmm(num_modes: int = 8, radius: float = 0.7, std: float = 0.05) -> GaussianMixture:
+    """8 equal-weight modes on a circle of radius 0.7 in 2-D, std 0.05 each.
+
+    Per-coordinate std of the data: sqrt(0.7^2/2 + 0.05^2) = 0.4975 (sigma_data 0.5 fits);
+    neighbouring modes are 2 * 0.7 * sin(pi/8) = 0.536 apart, i.e. ~10.7 component stds.
+    """
+    angles = torch.arange(num_modes, dtype=torch.float64) * (2 * math.pi / num_modes)
+    means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    return GaussianMixture(means, None, std)
+
+
+class GMMDenoiser(nn.Module):
+    """The exact EDM denoiser of a `GaussianMixture`: forward(x, sigma, class_labels=None)."""
+
+    def __init__(self, mixture: GaussianMixture, sigma_data: float | None = None):
+        super().__init__()
+        self.mixture = mixture
+        self.sigma_data = float(mixture.std() if sigma_data is None else sigma_data)
+        self.label_dim = 0
+        self.sample_shape = (mixture.dim,)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        if torch.is_tensor(sigma):
+            sigma = sigma.reshape(-1)
+        return self.mixture.denoise(x, sigma)
+
+
+# ----------------------------------------------------------------------------------------
+# The data set container and loaders.
+
+@dataclass
+class Dataset:
+    name: str
+    data: torch.Tensor
+    labels: Optional[torch.Tensor]
+    num_classes: int
+    sample_shape: tuple
+    mixture: Optional[GaussianMixture] = None
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+def _check_resolution(name: str, resolution, native: int | None):
+    if resolution is not None and resolution != native:
+        raise DataError(f"--resolution {resolution} is not supported for --dataset {name}"
+                        + (f" (its images are {native}x{native})" if native else ""))
+
+
+def load_digits() -> Dataset:
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32)  # (1797, 8, 8), 0..16
+    data = (images / 8.0 - 1.0).unsqueeze(1).contiguous()
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    return Dataset("digits", data, labels, 10, (1, 8, 8), None, {"source": "sklearn.datasets.load_digits"})
+
+
+def load_gmm(num_samples: int = GMM_TRAIN_SAMPLES, seed: int = 0) -> Dataset:
+    mixture = default_gmm()
+    gen = torch.Generator().manual_seed(seed)
+    x, ids = mixture.sample(num_samples, generator=gen)
+    return Dataset("gmm", x, ids, mixture.num_components, (mixture.dim,), mixture,
+                   {"std": mixture.std()})
+
+
+def _unpickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="latin1")
+    except Exception as exc:
+        raise DataError(f"cannot read CIFAR-10 file {path}: {' '.join(str(exc).split())}") from None
+
+
+def _cifar_folder(root: str) -> str:
+    for cand in (os.path.join(root, CIFAR10_DIR), root):
+        if all(os.path.isfile(os.path.join(cand, f)) for f in CIFAR10_TRAIN_FILES):
+            return cand
+    return os.path.join(root, CIFAR10_DIR)
+
+
+def _resize_images(data: torch.Tensor, resolution: int) -> torch.Tensor:
+    if data.shape[-1] == resolution:
+        return data
+    size = data.shape[-1]
+    out = []
+    for chunk in data.split(2048):
+        if size % resolution == 0:  # integer downscale: box filter (keeps every block's mean)
+            out.append(torch.nn.functional.interpolate(chunk, size=(resolution, resolution), mode="area"))
+        else:
+            out.append(torch.nn.functional.interpolate(chunk, size=(resolution, resolution), mode="bicubic",
+                                                       antialias=True, align_corners=False))
+    return torch.cat(out).clamp_(-1, 1)
+
+
+def load_cifar10(data_root, resolution=None, download: bool = False) -> Dataset:
+    """CIFAR-10 train split from `data_root` (which holds cifar-10-batches-py/, or is it)."""
+    if data_root is None:
+        raise DataError("--dataset cifar10 needs --data-root (the folder holding cifar-10-batches-py)")
+    root = os.path.expanduser(os.fspath(data_root))
+    if download:
+        try:
+            import torchvision
+
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as exc:
+            raise DataError(f"could not download CIFAR-10 into {root}: {' '.join(str(exc).split())}") from None
+    if not os.path.isdir(root):
+        raise DataError(f"CIFAR-10 root {root} does not exist (pass --download to fetch it)")
+    folder = _cifar_folder(root)
+    missing = [f for f in CIFAR10_TRAIN_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise DataError(f"CIFAR-10 not found under {root}: missing {', '.join(missing)} in {folder} "
+                        "(pass --download to fetch it)")
+    arrays, labels = [], []
+    for name in CIFAR10_TRAIN_FILES:
+        entry = _unpickle(os.path.join(folder, name))
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8)
+            lab = entry["labels"] if "labels" in entry else entry["fine_labels"]
+            arrays.append(data.reshape(-1, 3, 32, 32))
+            labels.extend(int(v) for v in lab)
+        except Exception as exc:
+            raise DataError(f"CIFAR-10 file {os.path.join(folder, name)} is malformed "
+                            f"({' '.join(str(exc).split())})") from None
+    data = torch.from_numpy(np.concatenate(arrays)).to(torch.float32) / 127.5 - 1.0
+    if data.shape[0] != len(labels):
+        raise DataError(f"CIFAR-10 under {folder} has {data.shape[0]} images but {len(labels)} labels")
+    label_names = None
+    meta_path = os.path.join(folder, "batches.meta")
+    if os.path.isfile(meta_path):
+        label_names = _unpickle(meta_path).get("label_names")
+    res = 32 if resolution is None else int(resolution)
+    data = _resize_images(data, res)
+    return Dataset("cifar10", data.contiguous(), torch.tensor(labels, dtype=torch.int64), 10, (3, res, res), None,
+                   {"root": folder, "label_names": label_names})
+
+
+def _list_images(root: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for fname in sorted(filenames):
+            if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
+                found.append(os.path.join(dirpath, fname))
+    return found
+
+
+def _load_image(path: str, resolution: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (resolution, resolution))  # cheap JPEG downscale, never below target
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = resolution / min(w, h)
+            new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+            if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+            img = img.crop((left, top, left + resolution, top + resolution))
+            return np.asarray(img, dtype=np.uint8)
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {' '.join(str(exc).split())}") from None
+
+
+def load_folder(data_root, resolution=None) -> Dataset:
+    """Every image under `data_root` (recursive), RGB, shorter side resized, centre-cropped."""
+    if data_root is None:
+        raise DataError("--dataset folder needs --data-root (a folder of images)")
+    root = os.path.expanduser(os.fspath(data_root))
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root} does not exist")
+    res = 32 if resolution is None else int(resolution)
+    if res < 1:
+        raise DataError(f"resolution must be positive, got {res}")
+    files = _list_images(root)
+    if not files:
+        raise DataError(f"image folder {root} holds no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+    arrays = np.stack([_load_image(p, res) for p in files])  # (N, R, R, 3) uint8
+    data = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+    return Dataset("folder", data.contiguous(), None, 0, (3, res, res), None, {"root": root, "files": len(files)})
+
+
+def load_dataset(name: str, data_root=None, resolution=None, download: bool = False) -> Dataset:
+    """Load a data set by name (SPEC §3.5); DataError with a one-line message on failure."""
+    if name == "digits":
+        _check_resolution(name, resolution, 8)
+        return load_digits()
+    if name == "gmm":
+        _check_resolution(name, resolution, None)
+        return load_gmm()
+    if name == "cifar10":
+        return load_cifar10(data_root, resolution, download)
+    if name == "folder":
+        return load_folder(data_root, resolution)
+    raise DataError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
