@@ -523,6 +523,9 @@ def build_denoiser(config: dict) -> EDMPrecond:
         raise ValueError("denoiser config must be a dict")
     arch = config.get("arch")
     if arch not in ARCHITECTURES:
+        # NCSN++ and ADM (imported EDM checkpoints) register themselves in gsd.edm_import.
+        import gsd.edm_import  # noqa: F401
+    if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
     model_kwargs = dict(config.get("model") or {})
     try:

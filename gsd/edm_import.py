@@ -1,0 +1,808 @@
+"""Import NVlabs EDM checkpoints (``network-snapshot-*.pkl``) without running code from them.
+
+An EDM snapshot is a pickled dict whose ``'ema'`` entry is a ``training.networks.EDMPrecond``
+around a ``SongUNet`` (DDPM++ or NCSN++) or a ``DhariwalUNet`` (ADM). Those classes are
+wrapped by EDM's ``torch_utils.persistence``: each instance pickles as a call
+``_reconstruct_persistent_obj(meta)`` where ``meta`` carries the *source code* of the
+defining module, the class name and the instance's ``__dict__`` (which holds the constructor
+arguments as ``_init_args`` / ``_init_kwargs`` and the ``_parameters`` / ``_buffers`` /
+``_modules`` of the torch module). Unpickling it the ordinary way imports and executes
+that source, i.e. arbitrary code.
+
+Here the pickle is read by `_RestrictedUnpickler`, whose ``find_class`` maps a short
+allow-list of globals onto inert stand-ins and refuses everything else, naming the class:
+
+- ``torch_utils.persistence._reconstruct_persistent_obj`` -> `PersistentRecord` (class name
+  and state only; the module source is never looked at beyond its type, never executed);
+- ``torch.nn.modules.container.ModuleDict`` / ``ModuleList`` / ``Sequential``,
+  ``torch.nn.modules.module.Module``, ``dnnlib.util.EasyDict`` -> `ObjectRecord` stand-ins;
+- tensors: ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_tensor`` / ``_rebuild_parameter``
+  / ``_rebuild_parameter_with_state``, storages: ``torch.storage._load_from_bytes`` (its
+  payload is a legacy ``torch.save`` stream, read with ``torch.load(weights_only=True)``);
+- ``collections.OrderedDict``, ``builtins.set`` / ``frozenset``, ``torch.<dtype>``,
+  ``numpy.dtype`` and ``numpy(._)core.multiarray.scalar`` for numeric dtypes (EDM stores
+  ``np.sqrt(0.5)`` and the like among constructor arguments), ``copyreg._reconstructor``
+  for stand-in classes only, ``_codecs.encode(str, 'latin1')`` (bytes in protocol 2).
+  Every one is a function of this module (or an inert type); ``module_src`` is never read.
+
+The records are then mapped onto the project's classes:
+
+- ``SongUNet`` with ``embedding_type='positional'``, ``encoder_type='standard'``,
+  ``decoder_type='standard'`` (DDPM++) -> `gsd.networks.SongUNet` (same parameter names:
+  the key mapping is the identity, checked tensor by tensor);
+- ``SongUNet`` with ``embedding_type='fourier'`` and ``encoder_type`` 'residual' or 'skip'
+  (NCSN++; decoder 'standard') -> `NCSNppUNet` below;
+- ``DhariwalUNet`` (ADM) -> `DhariwalUNet` below;
+- the preconditioner must be ``EDMPrecond`` (VP/VE/iDDPM preconditioners are refused).
+
+Everything is gated: `load_edm_pickle(path)` raises `UsageError` unless
+``trust_pickle=True``, and even then only the allow-listed classes are materialised.
+"""
+
+from __future__ import annotations
+
+import collections
+import copyreg
+import hashlib
+import io
+import math
+import os
+import pickle
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gsd import networks as _networks
+from gsd.cli import UsageError
+from gsd.networks import (Conv2d, EDMPrecond, GroupNorm, Linear, PositionalEmbedding, SongUNet, UNetBlock,
+                          save_denoiser)
+
+__all__ = ["PickleRefused", "PersistentRecord", "ObjectRecord", "restricted_load", "load_edm_pickle",
+           "records_to_denoiser", "export_edm_pickle", "NCSNppUNet", "DhariwalUNet", "FourierEmbedding",
+           "SUPPORTED_ARCHITECTURES"]
+
+SUPPORTED_ARCHITECTURES = ("SongUNet DDPM++ (positional embedding, standard encoder/decoder)",
+                           "SongUNet NCSN++ (Fourier embedding, residual or skip encoder, standard decoder)",
+                           "DhariwalUNet (ADM)")
+
+
+class PickleRefused(UsageError):
+    """The pickle references something outside the allow-list (nothing from it was run)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Inert stand-ins.
+
+class _Frozen(type):
+    """Metaclass of the stand-in classes a pickle can name: their attributes cannot be set
+    (a BUILD opcode with slot state would otherwise setattr on the class)."""
+
+    def __setattr__(cls, name, value):
+        raise PickleRefused(f"the pickle tried to set {name!r} on {cls.__name__}")
+
+
+class PersistentRecord:
+    """What ``_reconstruct_persistent_obj(meta)`` produced: the class name and the state."""
+
+    def __init__(self, class_name: str, state: dict):
+        self.class_name = class_name
+        self.state = state
+
+    def __repr__(self):
+        return f"<PersistentRecord {self.class_name}>"
+
+
+class ObjectRecord(metaclass=_Frozen):
+    """Base of the stand-ins for allow-listed non-persistent classes (e.g. ModuleDict)."""
+
+    class_path = "?"
+
+    def __setstate__(self, state):  # BUILD opcode
+        self.state = state
+
+    def __repr__(self):
+        return f"<ObjectRecord {self.class_path}>"
+
+
+class _EasyDictRecord(dict, metaclass=_Frozen):
+    class_path = "dnnlib.util.EasyDict"
+
+    def __setstate__(self, state):
+        if state:
+            self.update(dict(state))
+
+
+_RECORD_CLASSES: dict[str, type] = {}
+
+
+def _record_class(path: str) -> type:
+    if path not in _RECORD_CLASSES:
+        _RECORD_CLASSES[path] = type(f"Record[{path}]", (ObjectRecord,), {"class_path": path})
+    return _RECORD_CLASSES[path]
+
+
+_MODULE_CONTAINERS = ("torch.nn.modules.container.ModuleDict", "torch.nn.modules.container.ModuleList",
+                      "torch.nn.modules.container.Sequential", "torch.nn.modules.module.Module")
+
+
+# ----------------------------------------------------------------------------------------
+# Safe replacements of the callables a pickle may invoke.
+
+def _reconstruct_persistent_obj(meta):
+    if not isinstance(meta, dict):
+        raise PickleRefused(f"persistent object with a {type(meta).__name__} instead of a meta dict")
+    if meta.get("type") != "class":
+        raise PickleRefused(f"persistent object of type {meta.get('type')!r} (only 'class' is supported)")
+    name = meta.get("class_name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise PickleRefused(f"persistent object with an invalid class name {name!r}")
+    state = meta.get("state")
+    if state is None:
+        state = {}
+    if not isinstance(state, dict):
+        raise PickleRefused(f"persistent {name} has a {type(state).__name__} state, expected a dict")
+    # meta['module_src'] (the defining module's source code) is deliberately ignored.
+    return PersistentRecord(name, dict(state))
+
+
+def _load_from_bytes(data):
+    if not isinstance(data, (bytes, bytearray)):
+        raise PickleRefused("storage payload is not bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            storage = torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - report any failure as one line
+            raise PickleRefused(f"a tensor storage could not be read safely ({_one_line(exc)})") from None
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise PickleRefused(f"storage payload decoded to {type(storage).__name__}, expected a storage")
+    return storage
+
+
+def _check_hooks(hooks):
+    if hooks:
+        raise PickleRefused("a tensor carries backward hooks (not allowed)")
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    _check_hooks(backward_hooks)
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    if isinstance(storage, torch.storage.TypedStorage):
+        dtype, untyped = storage.dtype, storage._untyped_storage
+    elif isinstance(storage, torch.UntypedStorage):
+        dtype, untyped = torch.uint8, storage
+    else:
+        raise PickleRefused(f"tensor built on a {type(storage).__name__}, expected a storage")
+    try:
+        t = torch.empty((0,), dtype=dtype)
+        t.set_(untyped, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    except Exception as exc:  # noqa: BLE001
+        raise PickleRefused(f"malformed tensor in the pickle ({_one_line(exc)})") from None
+    return t
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    _check_hooks(backward_hooks)
+    if not torch.is_tensor(data):
+        raise PickleRefused("parameter without tensor data")
+    return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
+    return _rebuild_parameter(data, requires_grad, backward_hooks)
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    func = getattr(func, "fn", None)
+    if func not in (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter):
+        raise PickleRefused("tensor subclass rebuilt by a non-allow-listed function")
+    return func(*args)
+
+
+class _NumpyDType(metaclass=_Frozen):
+    """Stand-in for ``numpy.dtype(spec, align, copy)`` + BUILD: keeps the spec and byte order only."""
+
+    __slots__ = ("spec", "byteorder")
+
+    def __init__(self, spec: str):
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "byteorder", "=")
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "=", "|"):
+            object.__setattr__(self, "byteorder", state[1])
+
+    def resolve(self):
+        import numpy as np
+
+        try:
+            dt = np.dtype(self.spec)
+        except TypeError:
+            raise PickleRefused(f"numpy dtype {self.spec!r}") from None
+        if dt.kind not in "biufc":
+            raise PickleRefused(f"numpy dtype {dt} (only numeric dtypes are allowed)")
+        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+
+
+def _numpy_dtype(*args):
+    if not args or not isinstance(args[0], str):
+        raise PickleRefused("numpy.dtype with a non-string spec")
+    record = _NumpyDType(args[0])
+    record.resolve()  # refuse non-numeric dtypes at once
+    return record
+
+
+def _numpy_scalar(dtype, data=None):
+    import numpy as np
+
+    if not isinstance(dtype, _NumpyDType):
+        raise PickleRefused(f"numpy scalar of dtype {type(dtype).__name__}")
+    dt = dtype.resolve()
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dt.itemsize:
+        raise PickleRefused("malformed numpy scalar")
+    return np.frombuffer(bytes(data), dtype=dt, count=1)[0].item()
+
+
+class _SafeCallable(metaclass=_Frozen):
+    """An allow-listed function as handed to the unpickler: callable, but BUILD cannot touch it."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        object.__setattr__(self, "fn", fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __setstate__(self, state):
+        raise PickleRefused(f"the pickle tried to modify {self.fn.__name__}")
+
+    def __setattr__(self, name, value):
+        raise PickleRefused(f"the pickle tried to modify {self.fn.__name__}")
+
+
+def _codecs_encode(text, encoding="utf-8"):
+    # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise PickleRefused("_codecs.encode other than (str, 'latin1')")
+    return text.encode("latin1")
+
+
+def _copyreg_reconstructor(cls, base, state):
+    if not (isinstance(cls, type) and issubclass(cls, (ObjectRecord, _EasyDictRecord))) or base is not object:
+        raise PickleRefused(f"copyreg._reconstructor of {getattr(cls, '__name__', cls)!r}")
+    return cls.__new__(cls)
+
+
+_TENSOR_TYPE = ("tensor type",)  # inert, not callable: only an argument of _rebuild_from_type_v2
+
+_SAFE_GLOBALS: dict[str, Any] = {
+    "torch_utils.persistence._reconstruct_persistent_obj": _reconstruct_persistent_obj,
+    "torch.storage._load_from_bytes": _load_from_bytes,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter_with_state,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+    "torch.Tensor": _TENSOR_TYPE,
+    "torch.nn.parameter.Parameter": _TENSOR_TYPE,
+    "collections.OrderedDict": collections.OrderedDict,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.object": object,
+    "copyreg._reconstructor": _copyreg_reconstructor,
+    "_codecs.encode": _codecs_encode,
+    "numpy.dtype": _numpy_dtype,
+    "numpy.core.multiarray.scalar": _numpy_scalar,
+    "numpy._core.multiarray.scalar": _numpy_scalar,
+    "dnnlib.util.EasyDict": _EasyDictRecord,
+}
+
+
+_SAFE_GLOBALS = {key: (_SafeCallable(value) if callable(value) and not isinstance(value, type) else value)
+                 for key, value in _SAFE_GLOBALS.items()}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, fh, source: str):
+        super().__init__(fh)
+        self._source = source
+
+    def find_class(self, module: str, name: str):
+        path = f"{module}.{name}"
+        if path in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[path]
+        if path in _MODULE_CONTAINERS:
+            return _record_class(path)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise PickleRefused(f"{self._source}: refusing to load {path}: it is not one of the allow-listed "
+                            f"classes of an EDM checkpoint (nothing from the pickle was executed)")
+
+    def persistent_load(self, pid):
+        raise PickleRefused(f"{self._source}: the pickle uses persistent ids, which EDM checkpoints do not")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def restricted_load(fh, source: str = "pickle") -> Any:
+    """Unpickle `fh` with the allow-list above; PickleRefused (a UsageError) on anything else."""
+    try:
+        return _RestrictedUnpickler(fh, source).load()
+    except UsageError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            MemoryError) as exc:
+        raise UsageError(f"{source} is not a readable EDM pickle ({type(exc).__name__}: {_one_line(exc)})") \
+            from None
+
+
+# ----------------------------------------------------------------------------------------
+# Network classes for the EDM architectures gsd.networks does not have.
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar: [cos(2 pi x f_i), sin(2 pi x f_i)], f_i ~ N(0, scale^2)."""
+
+    def __init__(self, num_channels: int, scale: float = 16.0):
+        super().__init__()
+        if num_channels % 2:
+            raise ValueError("FourierEmbedding needs an even number of channels")
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class FusedDownConv2d(Conv2d):
+    """Convolution followed by the 2x FIR down-sampling (EDM's ``fused_resample=True``, down).
+
+    The padding differs from `Conv2d` (conv first, padded by w_pad + f_pad; then the filter
+    with stride 2 and no padding), so the result differs near the borders.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
+                 resample_filter: Sequence[int] = (1, 1), **init):
+        if not kernel:
+            raise ValueError("FusedDownConv2d needs a kernel")
+        super().__init__(in_channels, out_channels, kernel, bias=bias, down=True, resample_filter=resample_filter,
+                         **init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        f = self.resample_filter.to(x.dtype)
+        w_pad, f_pad = w.shape[-1] // 2, (f.shape[-1] - 1) // 2
+        x = F.conv2d(x, w, padding=w_pad + f_pad)
+        x = F.conv2d(x, f.expand(self.out_channels, 1, -1, -1), groups=self.out_channels, stride=2)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return x
+
+
+class NCSNppUNet(SongUNet):
+    """EDM's SongUNet in the NCSN++ configuration: Fourier noise embedding and a 'residual'
+    (or 'skip') auxiliary encoder path; decoder 'standard' (as in EDM's ncsnpp setup)."""
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 augment_dim: int = 0, model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
+                 channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
+                 dropout: float = 0.10, label_dropout: float = 0.0, embedding_type: str = "fourier",
+                 channel_mult_noise: int = 2, encoder_type: str = "residual", decoder_type: str = "standard",
+                 resample_filter: Sequence[int] = (1, 3, 3, 1)):
+        if embedding_type not in ("positional", "fourier"):
+            raise ValueError(f"unknown embedding_type {embedding_type!r}")
+        if encoder_type not in ("standard", "skip", "residual"):
+            raise ValueError(f"unknown encoder_type {encoder_type!r}")
+        if decoder_type != "standard":
+            raise ValueError("only decoder_type='standard' is supported (EDM's NCSN++ and DDPM++ use it)")
+        super().__init__(img_resolution, in_channels, out_channels, label_dim=label_dim, augment_dim=augment_dim,
+                         model_channels=model_channels, channel_mult=channel_mult,
+                         channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+                         attn_resolutions=attn_resolutions, dropout=dropout, label_dropout=label_dropout,
+                         embedding_type="positional", channel_mult_noise=channel_mult_noise,
+                         encoder_type="standard", decoder_type="standard", resample_filter=resample_filter)
+        self.config.update(embedding_type=embedding_type, encoder_type=encoder_type)
+        noise_channels = model_channels * channel_mult_noise
+        if embedding_type == "fourier":
+            self.map_noise = FourierEmbedding(noise_channels)
+        init = dict(init_mode="xavier_uniform")
+        # Rebuild the encoder with the auxiliary layers after each level's down block.
+        enc = nn.ModuleDict()
+        caux = in_channels
+        for name, block in self.enc.items():
+            enc[name] = block
+            if not name.endswith("_down"):
+                continue
+            res = name.split("x", 1)[0]
+            cout = block.out_channels
+            if encoder_type == "skip":
+                enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True,
+                                                      resample_filter=resample_filter)
+                enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
+            elif encoder_type == "residual":
+                enc[f"{res}x{res}_aux_residual"] = FusedDownConv2d(caux, cout, kernel=3,
+                                                                   resample_filter=resample_filter, **init)
+                caux = cout
+        self.enc = enc
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(noise_labels, class_labels, augment_labels).to(x.dtype)
+        skips = []
+        aux = x
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+        out = normed = None
+        for name, block in self.dec.items():
+            if name.endswith("_aux_norm"):
+                normed = block(x)
+            elif name.endswith("_aux_conv"):
+                out = block(F.silu(normed))
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return out
+
+
+class DhariwalUNet(nn.Module):
+    """ADM U-Net (Dhariwal & Nichol 2021) in EDM's layout: positional embedding without
+    endpoint, adaptive scale/shift blocks, 64 channels per attention head, label embedding
+    added after the mapping MLP; ``out_norm`` / ``out_conv`` at the end."""
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 augment_dim: int = 0, model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
+                 channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8),
+                 dropout: float = 0.10, label_dropout: float = 0.0):
+        super().__init__()
+        channel_mult = [int(m) for m in channel_mult]
+        attn_resolutions = sorted(int(r) for r in attn_resolutions)
+        if img_resolution % (2 ** (len(channel_mult) - 1)):
+            raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
+        self.config = dict(img_resolution=int(img_resolution), in_channels=int(in_channels),
+                           out_channels=int(out_channels), label_dim=int(label_dim), augment_dim=int(augment_dim),
+                           model_channels=int(model_channels), channel_mult=channel_mult,
+                           channel_mult_emb=int(channel_mult_emb), num_blocks=int(num_blocks),
+                           attn_resolutions=attn_resolutions, dropout=float(dropout),
+                           label_dropout=float(label_dropout))
+        self.img_resolution = img_resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        self.sample_shape = (in_channels, img_resolution, img_resolution)
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode="kaiming_uniform", init_weight=0.0, init_bias=0.0)
+
+        def block(cin, cout, attention=False, **kw):
+            heads = cout // 64 if attention else 0  # EDM: channels_per_head = 64, no minimum of one
+            return UNetBlock(cin, cout, emb_channels, attention=heads > 0, num_heads=heads or None,
+                             dropout=dropout, skip_scale=1.0, eps=1e-5, resample_proj=False, adaptive_scale=True,
+                             init=init, init_zero=init_zero, init_attn=init, **kw)
+
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = (Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None)
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                                 init_weight=math.sqrt(label_dim)) if label_dim else None)
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = block(cin, cout, attention=res in attn_resolutions)
+        skips = [m.out_channels for m in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(cout, cout, attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(cout, cout)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(cout, cout, up=True)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = block(cin, cout, attention=res in attn_resolutions)
+        self.out_norm = GroupNorm(cout)
+        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(emb.dtype))
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            if class_labels is None:
+                class_labels = torch.zeros(emb.shape[0], self.label_dim, device=emb.device, dtype=emb.dtype)
+            labels = class_labels.to(emb.dtype)
+            if self.training and self.label_dropout:
+                keep = torch.rand(labels.shape[0], 1, device=labels.device) >= self.label_dropout
+                labels = labels * keep.to(labels.dtype)
+            emb = emb + self.map_label(labels)
+        emb = F.silu(emb).to(x.dtype)
+        skips = []
+        for blk in self.enc.values():
+            x = blk(x, emb) if isinstance(blk, UNetBlock) else blk(x)
+            skips.append(x)
+        for blk in self.dec.values():
+            if x.shape[1] != blk.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = blk(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+def _register_architectures() -> None:
+    """Let gsd.networks.build_denoiser / save_denoiser / load_denoiser handle these classes."""
+    registry = getattr(_networks, "ARCHITECTURES", None)
+    if isinstance(registry, dict):
+        registry.setdefault("NCSNppUNet", NCSNppUNet)
+        registry.setdefault("DhariwalUNet", DhariwalUNet)
+
+
+_register_architectures()
+
+
+# ----------------------------------------------------------------------------------------
+# Records -> our networks.
+
+_EDM_PRECOND_PARAMS = ["img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max",
+                       "sigma_data", "model_type"]
+_SONG_PARAMS = ["img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim", "model_channels",
+                "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout", "label_dropout",
+                "embedding_type", "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter"]
+_SONG_DEFAULTS = dict(label_dim=0, augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4,
+                      num_blocks=4, attn_resolutions=[16], dropout=0.10, label_dropout=0.0,
+                      embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                      decoder_type="standard", resample_filter=[1, 1])
+_DHARIWAL_PARAMS = ["img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim", "model_channels",
+                    "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout",
+                    "label_dropout"]
+_DHARIWAL_DEFAULTS = dict(label_dim=0, augment_dim=0, model_channels=192, channel_mult=[1, 2, 3, 4],
+                          channel_mult_emb=4, num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.10,
+                          label_dropout=0.0)
+# Classes allowed inside the network tree (persistent classes of training.networks, plus torch containers).
+_TREE_CLASSES = {"EDMPrecond", "SongUNet", "DhariwalUNet", "UNetBlock", "Conv2d", "Linear", "GroupNorm",
+                 "PositionalEmbedding", "FourierEmbedding"}
+
+
+def _class_of(rec) -> str:
+    if isinstance(rec, PersistentRecord):
+        return rec.class_name
+    if isinstance(rec, ObjectRecord):
+        return rec.class_path
+    return type(rec).__name__
+
+
+def _state_of(rec) -> dict:
+    state = getattr(rec, "state", None)
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):  # (dict, slotstate)
+        state = state[0]
+    return state if isinstance(state, dict) else {}
+
+
+def _init_kwargs(rec: PersistentRecord, params: list[str], what: str) -> dict:
+    state = rec.state
+    args = state.get("_init_args") or ()
+    kwargs = state.get("_init_kwargs")
+    if kwargs is None and not args:
+        raise UsageError(f"{what}: the {rec.class_name} record has no constructor arguments (_init_kwargs); "
+                         f"is this a torch_utils.persistence pickle from EDM?")
+    kwargs = dict(kwargs or {})
+    if len(args) > len(params):
+        raise UsageError(f"{what}: {rec.class_name} got {len(args)} positional constructor arguments")
+    for name, value in zip(params, args):
+        if name in kwargs:
+            raise UsageError(f"{what}: {rec.class_name} argument {name} given twice")
+        kwargs[name] = value
+    return kwargs
+
+
+def _walk_tensors(rec, prefix: str, out: dict, classes: dict, what: str) -> None:
+    cls = _class_of(rec)
+    short = cls.rsplit(".", 1)[-1]
+    if not ((isinstance(rec, PersistentRecord) and short in _TREE_CLASSES)
+            or (isinstance(rec, ObjectRecord) and cls in _MODULE_CONTAINERS)):
+        where = prefix.rstrip(".") or "<root>"
+        raise UsageError(f"{what}: unsupported class {cls} at {where} (supported: "
+                         f"{', '.join(sorted(_TREE_CLASSES))}, torch.nn.ModuleDict)")
+    classes[prefix.rstrip(".")] = short
+    state = _state_of(rec)
+    for group in ("_parameters", "_buffers"):
+        items = state.get(group) or {}
+        if not isinstance(items, dict):
+            raise UsageError(f"{what}: {prefix}{group} is not a dict")
+        for name, value in items.items():
+            if value is None:
+                continue
+            if not torch.is_tensor(value):
+                raise UsageError(f"{what}: {prefix}{name} is a {type(value).__name__}, expected a tensor")
+            out[prefix + str(name)] = value
+    modules = state.get("_modules") or {}
+    if not isinstance(modules, dict):
+        raise UsageError(f"{what}: {prefix}_modules is not a dict")
+    for name, child in modules.items():
+        if child is not None:
+            _walk_tensors(child, f"{prefix}{name}.", out, classes, what)
+
+
+def _build_model(model_rec: PersistentRecord, precond_kwargs: dict, what: str) -> tuple[nn.Module, str]:
+    name = model_rec.class_name
+    if name == "SongUNet":
+        params, defaults = _SONG_PARAMS, _SONG_DEFAULTS
+    elif name == "DhariwalUNet":
+        params, defaults = _DHARIWAL_PARAMS, _DHARIWAL_DEFAULTS
+    else:
+        raise UsageError(f"{what}: unsupported network class {name} (supported: SongUNet, DhariwalUNet)")
+    kwargs = _init_kwargs(model_rec, params, what)
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise UsageError(f"{what}: {name} has constructor arguments this importer does not know: "
+                         f"{', '.join(unknown)}")
+    full = {**defaults, **kwargs}
+    for key in ("img_resolution", "in_channels", "out_channels"):
+        if key not in full:
+            raise UsageError(f"{what}: {name} lacks the constructor argument {key}")
+    try:
+        if name == "DhariwalUNet":
+            return DhariwalUNet(**full), "adm"
+        if (full["embedding_type"], full["encoder_type"], full["decoder_type"]) == ("positional", "standard",
+                                                                                     "standard"):
+            return SongUNet(**full), "ddpmpp"
+        return NCSNppUNet(**full), ("ncsnpp" if full["embedding_type"] == "fourier" else "songunet")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{what}: unsupported {name} configuration ({_one_line(exc)})") from None
+
+
+def records_to_denoiser(ema, what: str = "EDM pickle") -> tuple[EDMPrecond, dict]:
+    """Map the record tree of EDM's ``EDMPrecond`` onto a loaded `gsd.networks.EDMPrecond`.
+
+    Returns (network in eval mode, info dict). UsageError (one line) on any mismatch.
+    """
+    if not isinstance(ema, PersistentRecord):
+        raise UsageError(f"{what}: 'ema' is a {type(ema).__name__}, expected a persistent EDM network")
+    if ema.class_name != "EDMPrecond":
+        hint = (" (VP/VE/iDDPM-preconditioned baselines are not supported: only EDMPrecond)"
+                if ema.class_name in ("VPPrecond", "VEPrecond", "iDDPMPrecond") else "")
+        raise UsageError(f"{what}: unsupported preconditioner {ema.class_name}{hint}")
+    pkw = _init_kwargs(ema, _EDM_PRECOND_PARAMS, what)
+    model_rec = (ema.state.get("_modules") or {}).get("model")
+    if not isinstance(model_rec, PersistentRecord):
+        raise UsageError(f"{what}: EDMPrecond has no persistent 'model' sub-network")
+    model, variant = _build_model(model_rec, pkw, what)
+    sigma_data = float(ema.state.get("sigma_data", pkw.get("sigma_data", 0.5)))
+    label_dim = int(ema.state.get("label_dim", pkw.get("label_dim", 0)))
+    if int(getattr(model, "label_dim", label_dim)) != label_dim:
+        raise UsageError(f"{what}: EDMPrecond label_dim {label_dim} differs from its network's "
+                         f"{getattr(model, 'label_dim', None)}")
+    net = EDMPrecond(model, sigma_data=sigma_data, label_dim=label_dim)
+
+    found: dict[str, torch.Tensor] = {}
+    classes: dict[str, str] = {}
+    _walk_tensors(ema, "", found, classes, what)
+    # Key mapping EDM -> gsd: EDM's names are ours (the architectures mirror EDM's module layout),
+    # so the mapping is the identity; it is verified below, key by key and shape by shape.
+    mapped = {key: value for key, value in found.items()}
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(set(mapped) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        raise UsageError(f"{what}: the network's tensors do not match its {model_rec.class_name} "
+                         f"constructor arguments: {'; '.join(parts)}")
+    for key, ref in expected.items():
+        value = mapped[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise UsageError(f"{what}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)} "
+                             f"from the {model_rec.class_name} constructor arguments")
+        if not value.is_floating_point():
+            raise UsageError(f"{what}: tensor {key} has dtype {value.dtype}, expected floating point")
+        if not torch.isfinite(value).all():
+            raise UsageError(f"{what}: tensor {key} has non-finite values")
+    with torch.no_grad():
+        net.load_state_dict({k: v.to(torch.float32).clone() for k, v in mapped.items()}, strict=True)
+    # Per-block attention heads are not in the state dict's shapes: check them against the records.
+    for name, module in net.named_modules():
+        if isinstance(module, UNetBlock):
+            rec_heads = _find_record(ema, name).state.get("num_heads")
+            if rec_heads is not None and int(rec_heads) != module.num_heads:
+                raise UsageError(f"{what}: block {name} has {rec_heads} attention heads in the pickle, "
+                                 f"the rebuilt network {module.num_heads}")
+    info = dict(edm_class=model_rec.class_name, variant=variant, sigma_data=sigma_data, label_dim=label_dim,
+                sigma_min=_float_or_none(ema.state.get("sigma_min", pkw.get("sigma_min"))),
+                sigma_max=_float_or_none(ema.state.get("sigma_max", pkw.get("sigma_max"))),
+                use_fp16=bool(ema.state.get("use_fp16", pkw.get("use_fp16", False))),
+                model_config=dict(model.config))
+    return net.eval(), info
+
+
+def _find_record(root, dotted: str):
+    rec = root
+    for part in dotted.split("."):
+        rec = (_state_of(rec).get("_modules") or {})[part]
+    return rec
+
+
+def _float_or_none(value):
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------
+# Entry points.
+
+TRUST_HINT = ("loading a pickle is gated because pickles can run code: pass --trust-pickle "
+              "(trust_pickle=True) if you trust where the file comes from; even then only EDM's "
+              "allow-listed classes are read and no code from the file is executed")
+
+
+def load_edm_pickle(path, *, trust_pickle: bool = False, key: str = "ema") -> EDMPrecond:
+    """Load the `key` ('ema') network of an EDM ``network-snapshot-*.pkl`` as a gsd `EDMPrecond`.
+
+    Raises UsageError unless ``trust_pickle=True``. The returned network is in eval mode on
+    the CPU and has ``.import_info`` (architecture, sigma range, source sha256).
+    """
+    path = os.fspath(path)
+    if not trust_pickle:
+        raise UsageError(f"{path}: {TRUST_HINT}")
+    if not os.path.isfile(path):
+        raise UsageError(f"EDM pickle {path} does not exist" if not os.path.exists(path)
+                         else f"EDM pickle {path} is not a file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    with open(path, "rb") as fh:
+        data = restricted_load(fh, source=path)
+    if isinstance(data, dict):
+        if key not in data:
+            raise UsageError(f"{path}: no {key!r} entry in the pickled dict (keys: "
+                             f"{', '.join(map(str, data)) or 'none'})")
+        ema = data[key]
+    else:
+        ema = data
+    net, info = records_to_denoiser(ema, what=path)
+    info.update(source_file=os.path.basename(path), source_sha256=digest.hexdigest())
+    net.import_info = info
+    return net
+
+
+def export_edm_pickle(path, out, *, trust_pickle: bool = False) -> tuple[EDMPrecond, dict]:
+    """`load_edm_pickle` then `save_denoiser(out)`; returns (network, metadata written)."""
+    net = load_edm_pickle(path, trust_pickle=trust_pickle)
+    info = dict(net.import_info)
+    meta = {"kind": "teacher", "source": "edm-pickle", "sample_shape": list(net.sample_shape), **info}
+    meta.pop("model_config", None)
+    save_denoiser(out, net, extra_metadata=meta)
+    return net, meta
