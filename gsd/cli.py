@@ -129,6 +129,33 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="EMA half-life of the generator, in images (default per dataset; 0 = no EMA)")
 
 
+def unit_interval_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def add_guidance_args(p: argparse.ArgumentParser) -> None:
+    """Loss guidance of the stochastic (ancestral) sampler: DSG or plain loss guidance (DPS)."""
+    p.add_argument("--guidance", choices=["none", "inpaint", "class"], default="none",
+                   help="what the samples are guided towards: nothing, completing masked held-out "
+                        "images, or a target class (digits)")
+    p.add_argument("--method", choices=["dsg", "dps"], default="dsg",
+                   help="dsg: spherical Gaussian constraint (Yang et al. 2024); dps: plain loss-gradient step")
+    p.add_argument("--guidance-rate", type=unit_interval_float, default=0.2,
+                   help="DSG guidance rate in [0, 1] (0 = unguided)")
+    p.add_argument("--step-size", type=nonnegative_float, default=None,
+                   help="DPS step size on the loss gradient (None: 0.5 for inpaint, 2 for class)")
+    p.add_argument("--target-class", type=int, default=None, metavar="K",
+                   help="class for --guidance class (None: sample i gets class i mod num_classes)")
+    p.add_argument("--mask", choices=["top", "bottom", "left", "right", "center"], default=None,
+                   help="HIDDEN region for --guidance inpaint (None: cycle through all five)")
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command's main; turn UsageError into one line and exit code 2."""
     try:

@@ -1,0 +1,349 @@
+"""Loss guidance for image teachers: inpainting and class guidance, DSG vs DPS (issue 6.3).
+
+The samplers live in `gsd.samplers` (`guided_sample`, `dsg_step`); this module supplies
+the losses on the clean estimate x0_hat = D(x_t; t), an independent guidance classifier
+for digits, and the measurement reported in results.md:
+
+- `inpaint_mask(name, shape)`: 1 = observed pixel, 0 = hidden; `name` is the HIDDEN region
+  (`top`, `bottom`, `left`, `right` halves or the `center` 4x4 / half-size box).
+- `inpainting_loss(reference, mask)`: ||mask * (x0_hat - y)||^2 per sample.
+- `classifier_loss(classifier, targets)`: -log p(target | x0_hat) per sample.
+- `guidance_classifier(...)`: a digits CNN for *guidance*, a different architecture, seed
+  and training recipe (noise-augmented) from `gsd.metrics.digits_classifier`, which is
+  kept for *evaluation* only, so that guidance cannot score by fooling its own judge.
+- `measure_guidance(teacher, dataset, ...)` -> dict, `format_guidance_table(result)` -> markdown.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gsd.cli import UsageError
+from gsd.samplers import guided_sample, latents_for_seeds
+
+__all__ = ["MASK_NAMES", "inpaint_mask", "inpainting_loss", "classifier_loss", "GuidanceClassifier",
+           "train_guidance_classifier", "guidance_classifier", "heldout_indices", "measure_guidance",
+           "format_guidance_table", "DEFAULT_DSG_RATES", "DEFAULT_DPS_STEP_SIZES"]
+
+MASK_NAMES = ("top", "bottom", "left", "right", "center")
+GUIDANCE_CLASSIFIER_VERSION = 1
+
+# Settings compared by `measure_guidance` (the whole grid is reported, not only the best).
+DEFAULT_DSG_RATES = (0.1, 0.2, 0.4)
+DEFAULT_DPS_STEP_SIZES = {"inpaint": (0.1, 0.3, 1.0), "class": (0.5, 2.0, 8.0)}
+
+
+# ----------------------------------------------------------------------------------------
+# Losses.
+
+def inpaint_mask(name: str, sample_shape: Sequence[int]) -> torch.Tensor:
+    """float32 mask of one sample's shape (C, H, W): 1 = observed, 0 = hidden.
+
+    `name` names the hidden region: a half (`top`, `bottom`, `left`, `right`) or the
+    central box of half the height and width (`center`).
+    """
+    if name not in MASK_NAMES:
+        raise UsageError(f"unknown mask {name!r} (known: {', '.join(MASK_NAMES)})")
+    shape = tuple(int(s) for s in sample_shape)
+    if len(shape) != 3:
+        raise UsageError(f"inpainting needs image samples (C, H, W), got shape {shape}")
+    c, h, w = shape
+    m = torch.ones(shape, dtype=torch.float32)
+    if name == "top":
+        m[:, :h // 2] = 0
+    elif name == "bottom":
+        m[:, h - h // 2:] = 0
+    elif name == "left":
+        m[:, :, :w // 2] = 0
+    elif name == "right":
+        m[:, :, w - w // 2:] = 0
+    else:
+        m[:, h // 4:h // 4 + h // 2, w // 4:w // 4 + w // 2] = 0
+    return m
+
+
+def inpainting_loss(reference: torch.Tensor, mask: torch.Tensor):
+    """loss(x0_hat) = sum over pixels of (mask * (x0_hat - reference))^2, one value per sample.
+
+    reference (N, ...) images; mask of one sample's shape or (N, ...), 1 = observed.
+    """
+    reference = reference.detach()
+    mask = mask.detach()
+
+    def loss(x0: torch.Tensor) -> torch.Tensor:
+        y = reference.to(x0.device, x0.dtype)
+        m = mask.to(x0.device, x0.dtype)
+        return (m * (x0 - y)).square().reshape(x0.shape[0], -1).sum(1)
+
+    return loss
+
+
+def classifier_loss(classifier: nn.Module, targets: torch.Tensor):
+    """loss(x0_hat) = -log softmax(classifier(x0_hat))[target], one value per sample."""
+    targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+
+    def loss(x0: torch.Tensor) -> torch.Tensor:
+        logits = classifier(x0)
+        return -F.log_softmax(logits.float(), dim=1).gather(1, targets.to(logits.device)[:, None])[:, 0]
+
+    return loss
+
+
+# ----------------------------------------------------------------------------------------
+# Guidance classifier (independent of the evaluation classifier).
+
+class GuidanceClassifier(nn.Module):
+    """Small all-convolutional digits classifier (8x8 -> 4x4 -> global pool), for guidance.
+
+    Deliberately unlike `gsd.metrics.DigitsClassifier` (different layers, pooling, seed and
+    noise-augmented training) so that its adversarial directions differ from the evaluator's.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 24):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.head = nn.Linear(2 * width * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.conv1(x))
+        h = F.gelu(self.conv2(h))
+        h = F.gelu(self.conv3(h))
+        h = F.adaptive_avg_pool2d(h, 2)
+        return self.head(h.flatten(1))
+
+
+def heldout_indices(n: int, seed: int = 0, test_fraction: float = 0.2) -> torch.Tensor:
+    """The held-out indices of the digits split used by `gsd.metrics` (randperm with `seed`,
+    first 20%): neither classifier trains on them. (The teacher saw all digits.)"""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    return perm[:int(round(n * test_fraction))]
+
+
+def train_guidance_classifier(data: torch.Tensor, labels: torch.Tensor, *, seed: int = 1, epochs: int = 25,
+                              device="cpu", max_noise: float = 0.6):
+    """Train `GuidanceClassifier` on the non-held-out digits with 1-pixel shifts and Gaussian
+    noise of std ~ U(0, max_noise) (x0_hat is noisy / blurry early in sampling).
+    Returns (model, accuracy on the held-out digits)."""
+    test_idx = heldout_indices(len(data))
+    train_mask = torch.ones(len(data), dtype=torch.bool)
+    train_mask[test_idx] = False
+    train_idx = train_mask.nonzero()[:, 0]
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GuidanceClassifier(data.shape[1], int(labels.max()) + 1).to(device)
+    x, y = data.to(device, torch.float32), labels.to(device, torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    for _ in range(epochs):
+        model.train()
+        perm = train_idx[torch.randperm(len(train_idx), generator=g)]
+        for i in range(0, len(perm), 64):
+            idx = perm[i:i + 64]
+            xb = x[idx.to(device)]
+            shift = torch.randint(-1, 2, (2,), generator=g).tolist()
+            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+            std = torch.rand(len(idx), 1, 1, 1, generator=g) * max_noise
+            xb = xb + (std * torch.randn(xb.shape, generator=g)).to(device)
+            loss = F.cross_entropy(model(xb), y[idx.to(device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        acc = float((model(x[test_idx.to(device)]).argmax(1) == y[test_idx.to(device)]).float().mean())
+    return model, acc
+
+
+def guidance_classifier(dataset=None, *, cache_dir=None, device="cpu", seed: int = 1, epochs: int = 25):
+    """The cached guidance classifier for digits: (model, info); trained (~10 s CPU) on a miss."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if cache_dir is None:
+        cache_dir = os.environ.get("GSD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gsd")
+    path = Path(cache_dir) / f"guidance_classifier_v{GUIDANCE_CLASSIFIER_VERSION}_s{seed}_e{epochs}.safetensors"
+    if path.exists():
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            model = GuidanceClassifier(int(meta["in_channels"]), int(meta["num_classes"]))
+            model.load_state_dict(load_file(str(path)))
+            model.to(device).eval().requires_grad_(False)
+            return model, {"test_accuracy": float(meta["test_accuracy"]), "path": str(path)}
+        except Exception:  # damaged cache entry: retrain
+            pass
+    if dataset is None:
+        from gsd.data import load_dataset
+        dataset = load_dataset("digits")
+    if dataset.labels is None or len(dataset.sample_shape) != 3:
+        raise UsageError("the guidance classifier needs labelled image data")
+    model, acc = train_guidance_classifier(dataset.data, dataset.labels, seed=seed, epochs=epochs, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"test_accuracy": repr(acc), "in_channels": str(dataset.data.shape[1]),
+                        "num_classes": str(int(dataset.labels.max()) + 1), "seed": str(seed)})
+    os.replace(tmp, path)
+    return model, {"test_accuracy": acc, "path": str(path)}
+
+
+# ----------------------------------------------------------------------------------------
+# Measurement.
+
+def _configs(task: str, dsg_rates, dps_step_sizes):
+    out = [("none", {})]
+    out += [("dsg", {"guidance_rate": float(r)}) for r in dsg_rates]
+    out += [("dps", {"step_size": float(s)}) for s in dps_step_sizes]
+    return out
+
+
+def _setting(method: str, kw: dict) -> str:
+    if method == "dsg":
+        return f"rate {kw['guidance_rate']:g}"
+    if method == "dps":
+        return f"step {kw['step_size']:g}"
+    return "-"
+
+
+@torch.no_grad()
+def _predict(model, x, batch=256):
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch].to(dev, torch.float32)).cpu() for i in range(0, len(x), batch)])
+
+
+def measure_guidance(teacher, dataset, *, num: int = 200, steps: int = 30, seed: int = 0, device="cpu",
+                     dsg_rates: Sequence[float] = DEFAULT_DSG_RATES, dps_step_sizes: dict | None = None,
+                     cache_dir=None, progress: bool = False) -> dict:
+    """DSG vs DPS vs unguided on the ancestral sampler with `steps` steps (same seeds, same NFE).
+
+    (a) inpainting of `num` held-out real digits (hidden region cycling through MASK_NAMES):
+        MSE on the observed region (what the loss constrains), MSE on the hidden region (vs
+        the original), and agreement of the evaluation classifier's label of the completion
+        with the reference digit's label.
+    (b) class guidance towards target i % 10 for `num` samples, loss from the independent
+        `guidance_classifier`; success = the evaluation classifier (`gsd.metrics.digits_classifier`)
+        labels the sample as the target. Also the guidance classifier's own success rate and a
+        Frechet distance in digits-CNN features to all real digits (small-N, biased: compare rows only).
+    Every method runs a grid of settings (DEFAULT_DSG_RATES / DEFAULT_DPS_STEP_SIZES); all rows are
+    returned. Default cost ~1.5 min on one (shared) CPU core for digits.
+    """
+    from gsd.metrics import DIGITS_FEATURE_NAME, classifier_features, digits_classifier, frechet_distance
+
+    if dataset.labels is None or len(dataset.sample_shape) != 3:
+        raise UsageError("measure_guidance needs a labelled image data set (digits)")
+    if dataset.name != "digits":
+        raise UsageError(f"measure_guidance uses digits classifiers; got dataset {dataset.name!r}")
+    dps_step_sizes = dict(DEFAULT_DPS_STEP_SIZES, **(dps_step_sizes or {}))
+    start = time.perf_counter()
+    teacher = teacher.to(device).eval()
+    evaluator, eval_info = digits_classifier(dataset, device=device, cache_dir=cache_dir)
+    guide_clf, guide_info = guidance_classifier(dataset, device=device, cache_dir=cache_dir)
+    evaluator.requires_grad_(False)
+
+    # (a) inpainting
+    held = heldout_indices(len(dataset))
+    g = torch.Generator().manual_seed(seed)
+    pick = held[torch.randperm(len(held), generator=g)[:num]]
+    if len(pick) < num:
+        raise UsageError(f"only {len(pick)} held-out digits for num={num}")
+    ref = dataset.data[pick].to(device)
+    ref_labels = dataset.labels[pick]
+    masks = torch.stack([inpaint_mask(MASK_NAMES[i % len(MASK_NAMES)], dataset.sample_shape)
+                         for i in range(num)]).to(device)
+    seeds = [seed * 1_000_003 + i for i in range(num)]
+    latents = latents_for_seeds(seeds, dataset.sample_shape, device=device)
+    inpaint_rows = []
+    loss = inpainting_loss(ref, masks)
+    for method, kw in _configs("inpaint", dsg_rates, dps_step_sizes["inpaint"]):
+        t0 = time.perf_counter()
+        x = guided_sample(teacher, latents, loss, method=method, num_steps=steps, seeds=seeds, **kw)
+        secs = time.perf_counter() - t0
+        x = x.clamp(-1, 1)
+        err = (x.cpu() - ref.cpu()).square()
+        m = masks.cpu()
+        obs = ((err * m).flatten(1).sum(1) / m.flatten(1).sum(1)).mean().item()
+        hid = ((err * (1 - m)).flatten(1).sum(1) / (1 - m).flatten(1).sum(1)).mean().item()
+        agree = (_predict(evaluator, x).argmax(1) == ref_labels).float().mean().item()
+        inpaint_rows.append(dict(method=method, setting=_setting(method, kw), **kw, mse_observed=obs,
+                                 mse_hidden=hid, label_agreement=agree, seconds=secs))
+        if progress:
+            print(f"inpaint {method} {_setting(method, kw)}: obs MSE {obs:.4f}, hidden MSE {hid:.4f}, "
+                  f"agreement {agree:.3f} ({secs:.1f} s)", flush=True)
+
+    # (b) class guidance
+    targets = torch.arange(num) % int(dataset.num_classes)
+    cseeds = [seed * 1_000_003 + 500_000 + i for i in range(num)]
+    clat = latents_for_seeds(cseeds, dataset.sample_shape, device=device)
+    closs = classifier_loss(guide_clf, targets)
+    real_feat = classifier_features(evaluator, dataset.data)
+    # small-N floor of the FD: `num` real held-out digits (repeated if needed) against all real digits
+    floor_idx = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(seed + 1))]
+    floor_idx = floor_idx.repeat(math.ceil(num / len(floor_idx)))[:num]
+    fd_real = frechet_distance(classifier_features(evaluator, dataset.data[floor_idx]), real_feat)
+    class_rows = []
+    for method, kw in _configs("class", dsg_rates, dps_step_sizes["class"]):
+        t0 = time.perf_counter()
+        x = guided_sample(teacher, clat, closs, method=method, num_steps=steps, seeds=cseeds, **kw)
+        secs = time.perf_counter() - t0
+        x = x.clamp(-1, 1)
+        success = (_predict(evaluator, x).argmax(1) == targets).float().mean().item()
+        guide_success = (_predict(guide_clf, x).argmax(1) == targets).float().mean().item()
+        fd = frechet_distance(classifier_features(evaluator, x), real_feat)
+        class_rows.append(dict(method=method, setting=_setting(method, kw), **kw, success=success,
+                               guidance_classifier_success=guide_success, frechet_digits_cnn=fd, seconds=secs))
+        if progress:
+            print(f"class {method} {_setting(method, kw)}: success {success:.3f} (guidance clf {guide_success:.3f}), "
+                  f"FD {fd:.2f} ({secs:.1f} s)", flush=True)
+
+    return {
+        "sampler": "ancestral (DDPM posterior, eta=1), EDM time steps", "steps": steps, "nfe": steps,
+        "num": num, "seed": seed, "device": str(device),
+        "masks": list(MASK_NAMES), "inpaint": inpaint_rows, "class": class_rows,
+        "class_fd_real_heldout": fd_real,
+        "evaluator": {"name": "gsd.metrics.digits_classifier", "test_accuracy": eval_info["test_accuracy"]},
+        "guidance_classifier": {"name": "gsd.guidance.guidance_classifier", "test_accuracy": guide_info["test_accuracy"]},
+        "feature": DIGITS_FEATURE_NAME, "seconds": time.perf_counter() - start,
+    }
+
+
+def _best(rows, key, reverse):
+    return sorted(rows, key=lambda r: r[key], reverse=reverse)[0]
+
+
+def format_guidance_table(result: dict) -> str:
+    """Markdown tables of `measure_guidance`'s result (every setting, one row each)."""
+    lines = [f"Loss guidance on digits, {result['sampler']}, {result['steps']} steps "
+             f"({result['nfe']} network evaluations + as many backward passes when guided), "
+             f"{result['num']} samples per row, seed {result['seed']}.", "",
+             f"(a) Inpainting of held-out real digits (hidden region cycles over {', '.join(result['masks'])}); "
+             "label agreement by the evaluation classifier "
+             f"(test acc. {result['evaluator']['test_accuracy']:.3f}).", "",
+             "| method | setting | MSE observed | MSE hidden | label agreement | time (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in result["inpaint"]:
+        lines.append(f"| {r['method']} | {r['setting']} | {r['mse_observed']:.4f} | {r['mse_hidden']:.4f} | "
+                     f"{r['label_agreement']:.3f} | {r['seconds']:.1f} |")
+    lines += ["", "(b) Class guidance (target = i mod 10) with the guidance classifier "
+              f"(test acc. {result['guidance_classifier']['test_accuracy']:.3f}); success judged by the "
+              "independent evaluation classifier. FD: Frechet distance in digits-CNN features "
+              "to all real digits (not FID; small N, compare rows only; "
+              f"{result['num']} real held-out digits score {result['class_fd_real_heldout']:.2f}).", "",
+              "| method | setting | success (evaluator) | success (guidance clf) | FD digits-CNN | time (s) |",
+              "|---|---|---|---|---|---|"]
+    for r in result["class"]:
+        lines.append(f"| {r['method']} | {r['setting']} | {r['success']:.3f} | "
+                     f"{r['guidance_classifier_success']:.3f} | {r['frechet_digits_cnn']:.2f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
