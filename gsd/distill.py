@@ -1,0 +1,388 @@
+"""SiD + IRL distillation of an EDM teacher into a one-step generator (SPEC §3.3-3.4).
+
+    G(eps) = D_theta(sigma_init * eps; sigma_init)                 one-step generator
+    f_phi  = the teacher denoiser (frozen)
+    f_psi  = the fake-score denoiser, trained on G's samples
+
+One iteration (`Distiller.step`):
+
+1. fake-score step: x_g = G(eps) without gradient, ln sigma ~ N(p_mean, p_std^2),
+   minimise fake_score_loss(f_psi(x_g + sigma n; sigma), x_g, sigma);
+2. generator step on fresh eps: t ~ U(0, tmax/1000),
+   sigma(t) = (smax^(1/rho) + (1-t)(smin^(1/rho) - smax^(1/rho)))^rho, x_t = x_g + sigma n,
+   y_real = f_phi(x_t), y_fake = f_psi(x_t) (parameters frozen, differentiable in x_t),
+   L = lambda_sid * sid_generator_loss(x_g, y_real, y_fake, alpha)
+       + lambda_irl * isometry_loss(x_g, z), z = sigma_init * eps,
+   and Adam on `gen_loss_scale * L` (SiD's lsg = 100).
+
+NaN handling: rows of x_g with a non-finite value are dropped from every loss (the ops
+drop invalid rows; the isometry loss gets only the valid rows) and are replaced by 0 before
+they enter a network, so that they cannot poison the backward pass of the other rows.
+Non-finite gradient elements are zeroed before Adam. Both are counted and returned by
+`step()` (and so logged): a run never trains on NaN silently.
+
+All randomness of the iteration comes from one `torch.Generator` owned by the Distiller
+(on the run's device), so `state_dict()` / `load_state_dict()` continue a run bit-exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .cli import UsageError
+
+__all__ = ["DistillConfig", "Distiller", "sigma_schedule", "ema_beta"]
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 1.2
+    sigma_init: float = 2.5
+    tmax: int = 800
+    lambda_sid: float = 1.0
+    lambda_irl: float = 0.0
+    irl_weighting: str = "global"
+    irl_bandwidth: float | None = None
+    irl_scale: str | float = "optimal"
+    batch: int = 64
+    lr: float = 1e-4
+    lr_fake: float | None = None          # default: lr
+    betas: tuple = (0.0, 0.999)
+    adam_eps: float = 1e-8
+    ema_halflife: float = 0.0             # in images; 0 = no EMA (ema_generator is the generator's copy)
+    ema_rampup: float | None = 0.1        # half-life <= ema_rampup * images seen (EDM-style ramp-up); None = off
+    gen_loss_scale: float = 100.0         # SiD's lsg
+    fake_loss_scale: float = 1.0
+    backend: str = "reference"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 0.5
+    seed: int = 0
+
+    def validate(self) -> "DistillConfig":
+        """Raise UsageError (one line) for impossible values."""
+        def finite(v):
+            return isinstance(v, (int, float)) and math.isfinite(v)
+
+        if not (finite(self.lambda_sid) and finite(self.lambda_irl)) or self.lambda_sid < 0 or self.lambda_irl < 0:
+            raise UsageError("--lambda-sid and --lambda-irl must be finite and >= 0")
+        if self.lambda_sid == 0 and self.lambda_irl == 0:
+            raise UsageError("--lambda-sid and --lambda-irl are both 0: nothing to train")
+        if not finite(self.alpha) or self.alpha <= 0:
+            raise UsageError(f"--alpha must be a finite number > 0 (SiD uses 1.0-1.2), got {self.alpha}")
+        if not finite(self.sigma_init) or self.sigma_init <= 0:
+            raise UsageError(f"--sigma-init must be > 0, got {self.sigma_init}")
+        if not (isinstance(self.tmax, int) and 1 <= self.tmax <= 1000):
+            raise UsageError(f"--tmax must be an integer in [1, 1000], got {self.tmax}")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise UsageError(f"--batch must be a positive integer, got {self.batch}")
+        if self.lambda_irl > 0 and self.batch < 2:
+            raise UsageError("--lambda-irl > 0 needs --batch >= 2 (the isometry loss is over pairs)")
+        for name in ("lr", "lr_fake"):
+            v = getattr(self, name)
+            if v is not None and (not finite(v) or v <= 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+        b1, b2 = self.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise UsageError(f"Adam betas must lie in [0, 1), got {self.betas}")
+        if not finite(self.ema_halflife) or self.ema_halflife < 0:
+            raise UsageError(f"--ema-halflife must be >= 0 images, got {self.ema_halflife}")
+        if self.irl_weighting not in ("global", "local"):
+            raise UsageError(f"--irl-weighting must be global or local, got {self.irl_weighting!r}")
+        if self.irl_scale != "optimal" and not (finite(self.irl_scale) and self.irl_scale > 0):
+            raise UsageError(f"--irl-scale must be 'optimal' or a number > 0, got {self.irl_scale!r}")
+        if not (0 < self.sigma_min < self.sigma_max):
+            raise UsageError("need 0 < sigma_min < sigma_max")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and v is not None}
+        if "betas" in kw:
+            kw["betas"] = tuple(kw["betas"])
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def sigma_schedule(t: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """EDM's rho-schedule as a function of t in [0, 1]: sigma(0) = sigma_min, sigma(1) = sigma_max."""
+    a = sigma_max ** (1.0 / rho)
+    b = sigma_min ** (1.0 / rho)
+    return (a + (1.0 - t) * (b - a)) ** rho
+
+
+def ema_beta(batch: int, halflife_images: float) -> float:
+    """Per-iteration EMA decay for a half-life given in images (0 -> no averaging)."""
+    if halflife_images <= 0:
+        return 0.0
+    return 0.5 ** (batch / halflife_images)
+
+
+def _sanitize_grads(params) -> int:
+    """Zero non-finite gradient elements in place; return how many there were."""
+    bad = 0
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        finite = torch.isfinite(g)
+        if not bool(finite.all()):
+            bad += int((~finite).sum())
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    return bad
+
+
+def _row_valid(x: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class Distiller:
+    """SiD + IRL distillation state: generator, fake score, EMA, optimisers, RNG, counters.
+
+    teacher: f_phi, any module `forward(x, sigma, class_labels=None)` (e.g. `EDMPrecond`,
+    or gsd.data.GMMDenoiser for an exact teacher). init: the network whose weights G and
+    f_psi start from (default: the teacher; must be an `EDMPrecond`-like trainable net).
+    sample_shape: the data shape (default `init.sample_shape`). num_classes: > 0 draws a
+    random class label per sample for conditional networks (default `init.label_dim`).
+
+    `nan_hook(phase, x_g) -> x_g` (phase "fake" or "generator") may alter generator
+    samples before they are used: tests use it to inject NaN.
+    """
+
+    def __init__(self, teacher: nn.Module, config: DistillConfig, *, init: nn.Module | None = None,
+                 sample_shape=None, num_classes: int | None = None, device="cpu"):
+        self.config = config.validate()
+        self.device = torch.device(device)
+        init = teacher if init is None else init
+        self.sample_shape = tuple(sample_shape if sample_shape is not None else getattr(init, "sample_shape", ()))
+        if not self.sample_shape:
+            raise ValueError("sample_shape is unknown: pass it explicitly")
+        self.num_classes = int(getattr(init, "label_dim", 0) if num_classes is None else num_classes)
+
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.generator = copy.deepcopy(init).to(self.device).train().requires_grad_(True)
+        self.fake = copy.deepcopy(init).to(self.device).train().requires_grad_(True)
+        self.ema_generator = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        c = self.config
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps)
+        self.opt_f = torch.optim.Adam(self.fake.parameters(), lr=c.lr_fake or c.lr, betas=tuple(c.betas),
+                                      eps=c.adam_eps)
+        self.rng = torch.Generator(device=self.device)
+        self.rng.manual_seed(int(c.seed))
+        self.iteration = 0
+        self.images_seen = 0
+        self.totals = {"nan_samples": 0, "nan_grads": 0, "nan_iterations": 0}
+        self.nan_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ sampling helpers
+
+    def _randn(self, *shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng, device=self.device)
+
+    def _latents(self, n: int):
+        eps = self._randn(n, *self.sample_shape)
+        labels = None
+        if self.num_classes > 0:
+            labels = torch.randint(0, self.num_classes, (n,), generator=self.rng, device=self.device)
+        return eps, labels
+
+    def _gen(self, net: nn.Module, eps: torch.Tensor, labels=None) -> torch.Tensor:
+        s = self.config.sigma_init
+        return net(s * eps, torch.full((eps.shape[0],), s, device=eps.device), labels)
+
+    @torch.no_grad()
+    def generate(self, eps: torch.Tensor, class_labels=None, *, ema: bool = True) -> torch.Tensor:
+        """One-step samples G(eps) for standard-normal latents eps (EMA generator by default)."""
+        net = self.ema_generator if ema else self.generator
+        was = net.training
+        net.eval()
+        try:
+            return self._gen(net, eps.to(self.device), class_labels)
+        finally:
+            net.train(was)
+
+    # ------------------------------------------------------------------ one iteration
+
+    def _apply_hook(self, phase: str, x: torch.Tensor) -> torch.Tensor:
+        return x if self.nan_hook is None else self.nan_hook(phase, x)
+
+    def fake_score_step(self) -> dict:
+        c = self.config
+        n = c.batch
+        self.fake.train().requires_grad_(True)
+        eps, labels = self._latents(n)
+        with torch.no_grad():
+            x_g = self._gen(self.generator, eps, labels)
+        x_g = self._apply_hook("fake", x_g)
+        valid = _row_valid(x_g)
+        x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
+        sigma = (self._randn(n) * c.p_std + c.p_mean).exp()
+        noise = self._randn(n, *self.sample_shape)
+        y_fake = self.fake(x_in + _bcast(sigma, x_in) * noise, sigma, labels)
+        loss = _ops().fake_score_loss(y_fake, x_g, sigma, sigma_data=c.sigma_data, backend=c.backend)
+        self.opt_f.zero_grad(set_to_none=True)
+        (loss * c.fake_loss_scale).backward()
+        bad_grads = _sanitize_grads(self.fake.parameters())
+        self.opt_f.step()
+        return {"loss_fake": float(loss.detach()), "nan_samples": int(n - int(valid.sum())),
+                "nan_grads": bad_grads}
+
+    def generator_loss(self, eps: torch.Tensor, labels=None) -> tuple[torch.Tensor, dict]:
+        """The generator objective for given latents (draws t and the noise from self.rng).
+
+        Returns (L, parts) with L = lambda_sid * L_sid + lambda_irl * L_irl (unscaled).
+        """
+        c = self.config
+        n = eps.shape[0]
+        x_g = self._gen(self.generator, eps, labels)
+        x_g = self._apply_hook("generator", x_g)
+        valid = _row_valid(x_g)
+        parts = {"nan_samples": int(n - int(valid.sum()))}
+        total = x_g.new_zeros(())
+        if c.lambda_sid > 0:
+            self.fake.eval().requires_grad_(False)
+            x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
+            t = torch.rand(n, generator=self.rng, device=self.device) * (c.tmax / 1000.0)
+            sigma = sigma_schedule(t, c.sigma_min, c.sigma_max, c.rho)
+            noise = self._randn(n, *self.sample_shape)
+            x_t = x_in + _bcast(sigma, x_in) * noise
+            y_real = self.teacher(x_t, sigma, labels)
+            y_fake = self.fake(x_t, sigma, labels)
+            l_sid = _ops().sid_generator_loss(x_g, y_real, y_fake, alpha=c.alpha, backend=c.backend)
+            total = total + c.lambda_sid * l_sid
+            parts["loss_sid"] = float(l_sid.detach())
+        if c.lambda_irl > 0:
+            if int(valid.sum()) >= 2:
+                z = c.sigma_init * eps
+                if not bool(valid.all()):
+                    x_v, z_v = x_g[valid], z[valid]
+                else:
+                    x_v, z_v = x_g, z
+                l_irl = _ops().isometry_loss(x_v, z_v, weighting=c.irl_weighting, bandwidth=c.irl_bandwidth,
+                                             scale=c.irl_scale, backend=c.backend)
+                total = total + c.lambda_irl * l_irl
+                parts["loss_irl"] = float(l_irl.detach())
+            else:
+                parts["loss_irl"] = float("nan")
+        return total, parts
+
+    def generator_step(self) -> dict:
+        c = self.config
+        self.generator.train().requires_grad_(True)
+        eps, labels = self._latents(c.batch)
+        loss, parts = self.generator_loss(eps, labels)
+        self.opt_g.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            (loss * c.gen_loss_scale).backward()
+        bad_grads = _sanitize_grads(self.generator.parameters())
+        self.opt_g.step()
+        self._update_ema()
+        self.fake.train().requires_grad_(True)
+        parts["loss_gen"] = float(loss.detach())
+        parts["nan_grads"] = bad_grads
+        return parts
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        c = self.config
+        halflife = c.ema_halflife
+        if c.ema_rampup is not None and halflife > 0:
+            halflife = min(halflife, c.ema_rampup * (self.images_seen + c.batch))
+        beta = ema_beta(c.batch, halflife)
+        for pe, p in zip(self.ema_generator.parameters(), self.generator.parameters()):
+            if beta == 0.0:
+                pe.copy_(p.detach())
+            else:
+                pe.lerp_(p.detach(), 1.0 - beta)
+        for be, b in zip(self.ema_generator.buffers(), self.generator.buffers()):
+            be.copy_(b)
+
+    def step(self) -> dict:
+        """One alternating iteration; returns losses and NaN counters of this iteration."""
+        out: dict = {}
+        nan_samples = nan_grads = 0
+        if self.config.lambda_sid > 0:  # f_psi only matters to the SiD term
+            f = self.fake_score_step()
+            out["loss_fake"] = f["loss_fake"]
+            nan_samples += f["nan_samples"]
+            nan_grads += f["nan_grads"]
+        g = self.generator_step()
+        nan_samples += g.pop("nan_samples")
+        nan_grads += g.pop("nan_grads")
+        out.update(g)
+        self.iteration += 1
+        self.images_seen += self.config.batch
+        out["nan_samples"] = nan_samples
+        out["nan_grads"] = nan_grads
+        self.totals["nan_samples"] += nan_samples
+        self.totals["nan_grads"] += nan_grads
+        if nan_samples or nan_grads:
+            self.totals["nan_iterations"] += 1
+        out["iteration"] = self.iteration
+        out["images_seen"] = self.images_seen
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every network tensor, flat (for safetensors)."""
+        out = {}
+        for prefix, net in (("generator", self.generator), ("fake", self.fake), ("ema", self.ema_generator)):
+            for k, v in net.state_dict().items():
+                out[f"{prefix}.{k}"] = v
+        return out
+
+    def training_state(self) -> dict:
+        """Everything but the weights: optimisers, RNG, counters (torch.load weights_only-safe)."""
+        return {
+            "opt_g": self.opt_g.state_dict(),
+            "opt_f": self.opt_f.state_dict(),
+            "rng": self.rng.get_state(),
+            "iteration": self.iteration,
+            "images_seen": self.images_seen,
+            "totals": dict(self.totals),
+            "config": self.config.to_dict(),
+        }
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights(), **self.training_state()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        for prefix, net in (("generator", self.generator), ("fake", self.fake), ("ema", self.ema_generator)):
+            sub = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+            net.load_state_dict(sub, strict=True)
+
+    def load_training_state(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_f.load_state_dict(state["opt_f"])
+        self.rng.set_state(state["rng"].cpu())
+        self.iteration = int(state["iteration"])
+        self.images_seen = int(state["images_seen"])
+        self.totals = {k: int(v) for k, v in state["totals"].items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_weights(state["weights"])
+        self.load_training_state(state)
+
+
+def _ops():
+    import gsd_kernels
+    return gsd_kernels

@@ -1,0 +1,472 @@
+"""Evaluation pieces shared by `gsd.train`, `gsd.evaluate`, `gsd.experiments`, `gsd.edit`.
+
+Everything here is a plain function of tensors / arrays (SPEC §3.6):
+
+- `frechet_distance`: Frechet distance between two feature sets (or their moments).
+- `sliced_wasserstein`, `mmd`, `mode_coverage`: distances to a known distribution (gmm).
+- `DigitsClassifier`, `digits_classifier`: a small CNN trained once on the digits data and
+  cached; its penultimate layer is the feature space of the digits Frechet distance
+  (reported as "Frechet distance in digits-CNN features", never as FID).
+- `isometry_defect`: the optimal-scale isometry loss of a generator on held-out latents.
+- `measure_latency`: synchronised median wall time of a callable, warm-up excluded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cli import UsageError
+
+__all__ = [
+    "frechet_distance", "feature_moments", "sliced_wasserstein", "mmd", "mode_coverage",
+    "DigitsClassifier", "digits_classifier", "train_digits_classifier", "classifier_features",
+    "isometry_defect", "measure_latency", "default_cache_dir", "DIGITS_FEATURE_NAME",
+]
+
+DIGITS_FEATURE_NAME = "digits-cnn-penultimate-64"
+
+
+def default_cache_dir() -> Path:
+    """Where trained helper networks are cached (as the teacher cache): $GSD_CACHE, else ~/.cache/gsd."""
+    env = os.environ.get("GSD_CACHE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "gsd"
+
+
+def _as_numpy64(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    x = np.asarray(x, dtype=np.float64)
+    return x.reshape(x.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- Frechet
+
+def feature_moments(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of (N, D) features, in float64."""
+    f = _as_numpy64(features)
+    if f.shape[0] < 2:
+        raise ValueError("need at least 2 samples for a covariance")
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(a, b, *, moments: bool = False) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets.
+
+    `||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`. `a` and `b` are (N, D)
+    features, or `(mu, sigma)` pairs when `moments=True`. The trace of the matrix square
+    root is computed as `sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))` (a symmetric PSD matrix), which
+    is stable where `sqrtm(S1 @ S2)` may return complex noise.
+    """
+    if moments:
+        mu1, s1 = (np.asarray(t, dtype=np.float64) for t in a)
+        mu2, s2 = (np.asarray(t, dtype=np.float64) for t in b)
+    else:
+        mu1, s1 = feature_moments(a)
+        mu2, s2 = feature_moments(b)
+    s1 = np.atleast_2d(s1)
+    s2 = np.atleast_2d(s2)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
+    r1 = _psd_sqrt(s1)
+    m = r1 @ s2 @ r1
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())
+    diff = mu1 - mu2
+    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    return max(value, 0.0)
+
+
+# --------------------------------------------------------------------------- gmm metrics
+
+def _quantiles(sorted_cols: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Linear-interpolated quantiles q of each column of an already sorted (m, P) array."""
+    m = sorted_cols.shape[0]
+    pos = q * (m - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, m - 1)
+    frac = (pos - lo)[:, None]
+    return sorted_cols[lo] * (1 - frac) + sorted_cols[hi] * frac
+
+
+def sliced_wasserstein(x, y, *, num_projections: int = 256, seed: int = 0, p: int = 2) -> float:
+    """Sliced p-Wasserstein distance `(E_theta W_p^p(theta.x, theta.y))^(1/p)`.
+
+    Directions theta are uniform on the sphere (fixed `seed`, so two calls compare like
+    with like). Unequal sample sizes are handled by comparing quantile functions on a
+    common grid. For two Gaussians that differ by a shift m, SW_2 = ||m|| / sqrt(D).
+    """
+    xa, ya = _as_numpy64(x), _as_numpy64(y)
+    if xa.shape[1] != ya.shape[1]:
+        raise ValueError(f"dimensions differ: {xa.shape[1]} vs {ya.shape[1]}")
+    keep_x = np.isfinite(xa).all(axis=1)
+    keep_y = np.isfinite(ya).all(axis=1)
+    xa, ya = xa[keep_x], ya[keep_y]
+    if len(xa) == 0 or len(ya) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    theta = rng.standard_normal((xa.shape[1], num_projections))
+    theta /= np.linalg.norm(theta, axis=0, keepdims=True)
+    px = np.sort(xa @ theta, axis=0)
+    py = np.sort(ya @ theta, axis=0)
+    if len(px) != len(py):
+        n = max(len(px), len(py))
+        q = (np.arange(n) + 0.5) / n
+        px, py = _quantiles(px, q), _quantiles(py, q)
+    return float(np.mean(np.abs(px - py) ** p) ** (1.0 / p))
+
+
+def mmd(x, y, *, bandwidth: float | Sequence[float] | None = None) -> float:
+    """Unbiased squared MMD with a Gaussian kernel (sum over bandwidths if several).
+
+    Default bandwidth: the median pairwise distance of the pooled samples.
+    """
+    xa = torch.as_tensor(_as_numpy64(x))
+    ya = torch.as_tensor(_as_numpy64(y))
+    n, m = len(xa), len(ya)
+    if n < 2 or m < 2:
+        raise ValueError("mmd needs at least 2 samples on each side")
+    pooled = torch.cat([xa, ya])
+    d2 = torch.cdist(pooled, pooled).pow(2)
+    if bandwidth is None:
+        off = d2[~torch.eye(len(pooled), dtype=torch.bool)]
+        bws = [float(off.sqrt().median())]
+    elif isinstance(bandwidth, (int, float)):
+        bws = [float(bandwidth)]
+    else:
+        bws = [float(b) for b in bandwidth]
+    k = sum(torch.exp(-d2 / (2 * h * h)) for h in bws)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    value = ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+             + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+             - 2 * kxy.mean())
+    return float(value)
+
+
+def mode_coverage(samples, means, stds=None, *, weights=None, radius: float = 3.0,
+                  min_fraction: float = 0.1) -> dict:
+    """Which modes of a mixture a sample set covers.
+
+    Each sample is assigned to its nearest mean in units of that mode's std (`stds`: per
+    mode scalar or per-dimension, default 1). It counts for the mode only when it lies
+    within `radius` stds (a "high-quality" sample). A mode is covered when it receives at
+    least `min_fraction` of the samples its weight predicts (and at least one).
+
+    Returns `{"modes_covered", "num_modes", "counts", "high_quality_fraction"}`.
+    """
+    xs = _as_numpy64(samples)
+    mu = _as_numpy64(means)
+    k, d = mu.shape
+    if stds is None:
+        sd = np.ones((k, d))
+    else:
+        sd = np.asarray(stds.detach().cpu() if isinstance(stds, torch.Tensor) else stds, dtype=np.float64)
+        if sd.ndim == 0:
+            sd = np.full((k, d), float(sd))
+        elif sd.size == k:
+            sd = np.repeat(sd.reshape(k, 1), d, axis=1)
+        else:
+            sd = np.broadcast_to(sd.reshape(-1, d), (k, d))
+    w = np.full(k, 1.0 / k) if weights is None else _as_numpy64(weights).reshape(-1)
+    w = w / w.sum()
+    finite = np.isfinite(xs).all(axis=1)
+    xs = xs[finite]
+    counts = np.zeros(k, dtype=np.int64)
+    if len(xs):
+        z = (xs[:, None, :] - mu[None]) / sd[None]
+        dist = np.sqrt((z ** 2).sum(-1) / d)  # RMS per-dimension distance in stds
+        nearest = dist.argmin(1)
+        close = dist[np.arange(len(xs)), nearest] <= radius
+        counts = np.bincount(nearest[close], minlength=k)
+    n_total = len(finite)
+    need = np.maximum(1.0, min_fraction * w * n_total)
+    covered = int((counts >= need).sum())
+    return {
+        "modes_covered": covered,
+        "num_modes": int(k),
+        "counts": counts.tolist(),
+        "high_quality_fraction": float(counts.sum() / max(n_total, 1)),
+    }
+
+
+# --------------------------------------------------------------------------- digits CNN
+
+class DigitsClassifier(nn.Module):
+    """Small CNN for (N, 1, 8, 8) digits in [-1, 1]; `features()` is the penultimate layer."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.fc = nn.Linear(64 * 4 * 4, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.conv1(x))
+        h = F.silu(self.conv2(h))
+        h = F.avg_pool2d(h, 2)
+        h = F.silu(self.conv3(h))
+        return F.silu(self.fc(h.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _split_indices(n: int, seed: int, test_fraction: float = 0.2):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    n_test = int(round(n * test_fraction))
+    return perm[n_test:], perm[:n_test]
+
+
+def train_digits_classifier(data: torch.Tensor, labels: torch.Tensor, *, seed: int = 0,
+                            epochs: int = 30, device="cpu", progress: bool = False):
+    """Train the CNN on a fixed 80/20 split; returns (model, held-out accuracy)."""
+    torch_state = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = DigitsClassifier(in_channels=data.shape[1], num_classes=int(labels.max()) + 1).to(device)
+    finally:
+        torch.set_rng_state(torch_state)
+    train_idx, test_idx = _split_indices(len(data), seed)
+    x = data.to(device, torch.float32)
+    y = labels.to(device, torch.long)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    it = range(epochs)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="digits classifier", leave=False)
+    for _ in it:
+        model.train()
+        perm = train_idx[torch.randperm(len(train_idx), generator=g)]
+        for i in range(0, len(perm), 64):
+            idx = perm[i:i + 64].to(device)
+            xb = x[idx]
+            # light augmentation: random 1-pixel shifts and small noise
+            shift = torch.randint(-1, 2, (2,), generator=g).tolist()
+            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+            xb = xb + 0.05 * torch.randn(xb.shape, generator=g).to(device)
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(x[test_idx.to(device)]).argmax(1)
+        acc = float((pred == y[test_idx.to(device)]).float().mean())
+    return model, acc
+
+
+def digits_classifier(dataset=None, *, cache_dir=None, device="cpu", seed: int = 0,
+                      progress: bool = False, epochs: int = 30):
+    """The cached digits CNN: `(model, info)`; trains and caches it on first use.
+
+    `info = {"feature": DIGITS_FEATURE_NAME, "test_accuracy": float, "path": str}`.
+    `dataset` is a `gsd.data` Dataset of digits (loaded when None).
+    """
+    from safetensors.torch import load_file, save_file
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / f"digits_classifier_s{seed}_e{epochs}.safetensors"
+    if path.exists():
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            state = load_file(str(path))
+            model = DigitsClassifier(in_channels=int(meta.get("in_channels", 1)),
+                                     num_classes=int(meta.get("num_classes", 10)))
+            model.load_state_dict(state)
+            model.to(device).eval()
+            return model, {"feature": DIGITS_FEATURE_NAME, "test_accuracy": float(meta["test_accuracy"]),
+                           "path": str(path)}
+        except Exception:  # a damaged cache entry is retrained, not fatal
+            pass
+    if dataset is None:
+        from .data import load_dataset
+        dataset = load_dataset("digits")
+    if dataset.labels is None:
+        raise UsageError("the digits classifier needs labelled data")
+    model, acc = train_digits_classifier(dataset.data, dataset.labels, seed=seed, epochs=epochs,
+                                         device=device, progress=progress)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"test_accuracy": repr(acc), "feature": DIGITS_FEATURE_NAME,
+                                         "in_channels": str(dataset.data.shape[1]),
+                                         "num_classes": str(int(dataset.labels.max()) + 1)})
+    os.replace(tmp, path)
+    model.eval()
+    return model, {"feature": DIGITS_FEATURE_NAME, "test_accuracy": acc, "path": str(path)}
+
+
+@torch.no_grad()
+def classifier_features(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Penultimate features of `model` for x, in batches; returns CPU float64 (N, F)."""
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(model.features(x[i:i + batch].to(dev, torch.float32)).double().cpu())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- isometry defect
+
+@torch.no_grad()
+def isometry_defect(generator: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, *,
+                    backend: str = "reference", weighting: str = "global") -> float:
+    """Optimal-scale isometry loss (SPEC §2.1) of `generator` on held-out `latents`.
+
+    0 means pairwise output distances are exactly proportional to latent distances.
+    Samples with non-finite outputs are left out.
+    """
+    import gsd_kernels
+
+    x = generator(latents)
+    valid = torch.isfinite(x.reshape(len(x), -1)).all(1)
+    if int(valid.sum()) < 2:
+        return float("nan")
+    x = x[valid].float()
+    z = latents[valid].to(x.device, torch.float32)
+    return float(gsd_kernels.isometry_loss(x, z, weighting=weighting, scale="optimal", backend=backend))
+
+
+# --------------------------------------------------------------------------- latency
+
+def _sync(device) -> None:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure_latency(fn: Callable[[], object], device="cpu", warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall time of `fn()` in milliseconds (synchronised; warm-up calls excluded)."""
+    with torch.no_grad():
+        for _ in range(max(warmup, 0)):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(max(repeats, 1)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    return float(statistics.median(times))
+
+
+# --------------------------------------------------------------------------- full evaluation
+
+def _batched(fn, x: torch.Tensor, labels, batch: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), batch):
+        lab = None if labels is None else labels[i:i + batch]
+        out.append(fn(x[i:i + batch], lab).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate_distillation(generate: Callable, teacher, dataset, *, device="cpu", num_samples: int = 1000,
+                          num_classes: int = 0, backend: str = "reference", cache_dir=None,
+                          latency_repeats: int = 5, latency_batch: int = 64, teacher_steps: int = 18,
+                          classifier_epochs: int = 30, isometry_latents: int = 512, progress: bool = False,
+                          **_unused) -> tuple[dict, list]:
+    """One-step generator vs the Heun teacher on the same seeds; returns (metrics, panels).
+
+    generate(eps, class_labels) -> samples for standard-normal latents eps (e.g.
+    `Distiller.generate`); teacher: the denoiser f_phi sampled with Heun (2*teacher_steps-1
+    NFE). Sample i of both uses the latent of seed i. `panels` are (title, samples) pairs
+    for `gsd.plots.save_samples_png`.
+    """
+    from .samplers import heun_nfe, heun_sample, latents_for_seeds
+
+    device = torch.device(device)
+    shape = tuple(dataset.sample_shape)
+    seeds = list(range(num_samples))
+    eps = latents_for_seeds(seeds, shape, device)
+    labels = (torch.arange(num_samples, device=device) % num_classes) if num_classes else None
+    nfe_t = heun_nfe(teacher_steps)
+
+    with torch.no_grad():
+        x_one = _batched(lambda e, l: generate(e, l), eps, labels, 500)
+        x_teacher = _batched(lambda e, l: heun_sample(teacher, e, l, num_steps=teacher_steps), eps, labels, 500)
+
+    metrics: dict = {"one_step": {"nfe": 1}, "teacher": {"nfe": nfe_t}, "num_samples": num_samples}
+    one, teach = metrics["one_step"], metrics["teacher"]
+    real = dataset.data
+    panels_extra = []
+
+    if dataset.mixture is not None:
+        mix = dataset.mixture
+        g1 = torch.Generator().manual_seed(123456)
+        g2 = torch.Generator().manual_seed(654321)
+        true1, _ = mix.sample(num_samples, generator=g1)
+        true2, _ = mix.sample(num_samples, generator=g2)
+        metrics["fd_feature"] = "raw coordinates"
+        n_mmd = min(num_samples, 1000)
+        for m, x in ((one, x_one), (teach, x_teacher)):
+            m["fd"] = frechet_distance(x, true1)
+            m["sliced_wasserstein"] = sliced_wasserstein(x, true1)
+            m["mmd"] = mmd(x[:n_mmd], true1[:n_mmd])
+            cov = mode_coverage(x, mix.means, mix.stds, weights=mix.weights)
+            m["modes_covered"], m["num_modes"] = cov["modes_covered"], cov["num_modes"]
+            m["high_quality_fraction"] = cov["high_quality_fraction"]
+        metrics["true_vs_true"] = {"fd": frechet_distance(true2, true1),
+                                   "sliced_wasserstein": sliced_wasserstein(true2, true1)}
+        panels_extra = [("true mixture", true1[:2000])]
+        n_show = 2000
+    elif dataset.name == "digits":
+        clf, info = digits_classifier(dataset, cache_dir=cache_dir, device=device, progress=progress,
+                                      epochs=classifier_epochs)
+        metrics["fd_feature"] = f"{info['feature']} (penultimate layer of a small CNN trained on digits; not FID)"
+        metrics["classifier_test_accuracy"] = info["test_accuracy"]
+        f_real = classifier_features(clf, real)
+        for m, x in ((one, x_one), (teach, x_teacher)):
+            m["fd"] = frechet_distance(classifier_features(clf, x), f_real)
+        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+        half = len(real) // 2
+        metrics["real_split_fd"] = frechet_distance(f_real[perm[:half]], f_real[perm[half:]])
+        n_show = 64
+    else:
+        metrics["fd_feature"] = "none (no feature network for this data set here; see gsd.evaluate)"
+        one["fd"] = teach["fd"] = None
+        n_show = 64
+
+    # latency: one batch of `latency_batch` on the run's device
+    eps_b = eps[:latency_batch]
+    lab_b = None if labels is None else labels[:latency_batch]
+    one["latency_ms"] = measure_latency(lambda: generate(eps_b, lab_b), device, warmup=2,
+                                        repeats=latency_repeats * 4)
+    teach["latency_ms"] = measure_latency(lambda: heun_sample(teacher, eps_b, lab_b, num_steps=teacher_steps),
+                                          device, warmup=1, repeats=latency_repeats)
+    metrics["latency_batch"] = int(eps_b.shape[0])
+
+    # isometry defect of the generator on held-out latents (seeds disjoint from the ones above)
+    iso_seeds = list(range(10_000_000, 10_000_000 + isometry_latents))
+    z = latents_for_seeds(iso_seeds, shape, device)
+    z_lab = (torch.arange(isometry_latents, device=device) % num_classes) if num_classes else None
+    metrics["isometry_defect"] = isometry_defect(lambda e: generate(e, z_lab), z, backend="reference")
+    metrics["isometry_latents"] = isometry_latents
+
+    panels = [("one-step G (1 NFE)", x_one[:n_show]), (f"teacher Heun ({nfe_t} NFE)", x_teacher[:n_show])]
+    panels += panels_extra
+    return metrics, panels

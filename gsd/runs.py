@@ -1,0 +1,352 @@
+"""Run directories: config.json, a JSONL log, atomic checkpoints, resume.
+
+Layout of a run directory::
+
+    config.json                 the resolved settings (written once, atomically)
+    teacher.safetensors         the teacher f_phi used (so a resume / evaluation uses the same one)
+    log.jsonl                   one JSON object per logged iteration (appended, flushed)
+    checkpoints/
+        ckpt-00000500.safetensors   network weights (generator, fake score, EMA)
+        ckpt-00000500.pt            optimiser / EMA / RNG / step state (torch.save, weights_only)
+        latest.json                 {"step": 500}: the newest complete checkpoint
+    samples.png, metrics.json   written by the evaluation at the end
+
+Every file is written to a temporary name in the same folder, fsync'ed and moved into
+place with `os.replace`, and `latest.json` is replaced only after both halves of a
+checkpoint are on disk: a crash or kill at any moment leaves the previous checkpoint
+intact and `latest.json` pointing at a complete one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .cli import UsageError
+
+CONFIG_NAME = "config.json"
+LOG_NAME = "log.jsonl"
+CKPT_DIR = "checkpoints"
+LATEST_NAME = "latest.json"
+TEACHER_NAME = "teacher.safetensors"
+
+__all__ = [
+    "default_run_dir", "prepare_run_dir", "check_resume_dir", "diff_configs", "write_json_atomic",
+    "read_config", "JsonlLogger", "read_log", "save_checkpoint", "load_checkpoint", "latest_step",
+    "capture_rng_state", "restore_rng_state", "atomic_write_bytes", "atomic_torch_save",
+    "atomic_save_safetensors",
+]
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_torch_save(obj, path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(clean, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+
+
+# --------------------------------------------------------------------------- run directory
+
+def default_run_dir(dataset: str, root="runs") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{dataset}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def read_config(run_dir) -> dict:
+    path = Path(run_dir) / CONFIG_NAME
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir} is not a gsd run directory (no {CONFIG_NAME})")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}")
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{path} does not hold a run configuration")
+    return cfg
+
+
+def _norm(value):
+    """Compare config values as JSON would store them (tuples -> lists, ints == floats)."""
+    if isinstance(value, tuple):
+        return [_norm(v) for v in value]
+    if isinstance(value, list):
+        return [_norm(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def diff_configs(saved: dict, given: dict, ignore: Iterable[str] = ()) -> list[str]:
+    """Keys of `given` whose value differs from `saved` (keys in `ignore` skipped)."""
+    ignore = set(ignore)
+    out = []
+    for key in sorted(given):
+        if key in ignore:
+            continue
+        if key not in saved:
+            out.append(key)
+        elif _norm(saved[key]) != _norm(given[key]):
+            out.append(key)
+    return out
+
+
+def _describe(keys: list[str], saved: dict, given: dict) -> str:
+    parts = []
+    for k in keys[:4]:
+        parts.append(f"{k}: run has {saved.get(k, '<unset>')!r}, given {given[k]!r}")
+    more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+    return "; ".join(parts) + more
+
+
+def prepare_run_dir(out, config: dict) -> Path:
+    """Check that `out` may receive a new run (absent or empty); raise UsageError if not.
+
+    Nothing is created here: the caller creates the folder once every check has passed.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a directory")
+        if (out / CONFIG_NAME).exists():
+            try:
+                saved = read_config(out)
+            except UsageError:
+                saved = None
+            if saved is not None and not diff_configs(saved, config, ignore=("iters", "device", "out", "resume")):
+                raise UsageError(f"--out {out} already holds this run; pass --resume {out} to continue it")
+            raise UsageError(f"--out {out} already holds a different run; choose another --out "
+                             f"or --resume {out} with its settings")
+        if any(out.iterdir()):
+            raise UsageError(f"--out {out} is not empty and is not a gsd run; choose another --out")
+    return out
+
+
+def check_resume_dir(run_dir, given: dict, ignore: Iterable[str] = ("iters", "device", "out", "resume")) -> dict:
+    """Validate `--resume DIR` against the explicitly given settings; returns the saved config."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: no such run directory")
+    saved = read_config(run_dir)
+    diff = diff_configs(saved, given, ignore=ignore)
+    if diff:
+        raise UsageError(f"--resume {run_dir} does not match the given flags ({_describe(diff, saved, given)})")
+    if latest_step(run_dir) is None:
+        raise UsageError(f"--resume {run_dir}: the run has no complete checkpoint to continue from")
+    return saved
+
+
+# --------------------------------------------------------------------------- log
+
+class JsonlLogger:
+    """Append-only JSON-lines log, flushed (and fsync'ed) after every record."""
+
+    def __init__(self, path, truncate_after_step: int | None = None):
+        self.path = Path(path)
+        if truncate_after_step is not None and self.path.exists():
+            # a resumed run drops records written after its checkpoint (they will be redone)
+            keep = [r for r in read_log(self.path) if int(r.get("iteration", -1)) <= truncate_after_step]
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        self._fh = open(self.path, "a")
+
+    def log(self, record: dict) -> None:
+        self._fh.write(json.dumps(_jsonable(record)) + "\n")
+        self._fh.flush()
+        try:
+            os.fsync(self._fh.fileno())
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_log(path) -> list[dict]:
+    """Parsed records of a log (a torn last line from a crash is skipped)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LOG_NAME
+    out = []
+    if not path.exists():
+        return out
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # JSON has no NaN/inf; keep it readable and valid
+    return obj
+
+
+# --------------------------------------------------------------------------- RNG
+
+def capture_rng_state(extra_generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Every RNG a run touches, in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch_cpu": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": [int(v) for v in py_state[1]],
+                   "gauss": py_state[2]},
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in (extra_generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(state: dict, extra_generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    for k, g in (extra_generators or {}).items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _ckpt_paths(run_dir, step: int) -> tuple[Path, Path]:
+    d = Path(run_dir) / CKPT_DIR
+    return d / f"ckpt-{step:08d}.safetensors", d / f"ckpt-{step:08d}.pt"
+
+
+def latest_step(run_dir) -> int | None:
+    path = Path(run_dir) / CKPT_DIR / LATEST_NAME
+    try:
+        with open(path) as fh:
+            step = int(json.load(fh)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    w, s = _ckpt_paths(run_dir, step)
+    return step if w.exists() and s.exists() else None
+
+
+def save_checkpoint(run_dir, step: int, weights: dict[str, torch.Tensor], state: dict, *,
+                    keep_every: int | None = None, metadata: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and point `latest.json` at it.
+
+    The previous latest checkpoint is deleted afterwards unless its step is a multiple of
+    `keep_every` (periodic checkpoints are kept).
+    """
+    d = Path(run_dir) / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    previous = latest_step(run_dir)
+    wpath, spath = _ckpt_paths(run_dir, step)
+    atomic_save_safetensors(weights, wpath, metadata={"step": step, **(metadata or {})})
+    atomic_torch_save({"step": step, **state}, spath)
+    write_json_atomic(d / LATEST_NAME, {"step": step, "time": time.time()})
+    if previous is not None and previous != step and not (keep_every and previous % keep_every == 0):
+        for p in _ckpt_paths(run_dir, previous):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+    return wpath
+
+
+def load_checkpoint(run_dir, step: int | None = None, map_location="cpu") -> tuple[dict, dict]:
+    """(weights, state) of checkpoint `step` (default: latest). State loads with weights_only."""
+    from safetensors.torch import load_file
+
+    if step is None:
+        step = latest_step(run_dir)
+        if step is None:
+            raise UsageError(f"{run_dir} has no complete checkpoint")
+    wpath, spath = _ckpt_paths(run_dir, step)
+    try:
+        weights = load_file(str(wpath), device=str(map_location))
+        state = torch.load(spath, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - damaged files become a one-line error
+        raise UsageError(f"cannot read checkpoint {step} in {run_dir}: {exc}".splitlines()[0])
+    return weights, state

@@ -1,0 +1,403 @@
+"""`python -m gsd.train`: distil a teacher into a one-step generator (SiD + IRL), evaluate it.
+
+    python -m gsd.train --fused                 # digits, default teacher (trained + cached)
+    python -m gsd.train --dataset gmm --lambda-irl 1
+    python -m gsd.train --resume runs/digits-20250101-120000 --iters 2000
+
+Python API for experiments: `run(config) -> run_dir`, where config is a dict with the
+flag names as keys (dashes -> underscores); missing keys take the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import runs
+from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, make_parser,
+                  nonnegative_int, positive_int, run_main)
+from .distill import DistillConfig, Distiller
+
+# Per-dataset defaults for the flags whose default is "depends on the dataset".
+DATASET_DEFAULTS = {
+    # digits: ~0.3 s per iteration on one CPU core with the default 0.3M-parameter teacher
+    "digits": dict(iters=800, lr=3e-5, ema_halflife=20000.0, batch=64, ckpt_every=200, eval_samples=1000),
+    "gmm": dict(iters=3000, lr=1e-4, ema_halflife=50000.0, batch=256, ckpt_every=500, eval_samples=4000),
+    "cifar10": dict(iters=20000, lr=1e-5, ema_halflife=500_000.0, batch=64, ckpt_every=1000, eval_samples=2000),
+    "folder": dict(iters=20000, lr=1e-5, ema_halflife=500_000.0, batch=64, ckpt_every=1000, eval_samples=2000),
+}
+
+# Settings that may differ between a run and its --resume (they do not change training).
+RESUME_FREE = ("iters", "device", "out", "resume", "log_every", "ckpt_every", "keep_every", "eval_samples",
+               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval")
+
+# Keys that describe the training itself (compared by --out / --resume checks).
+TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
+                 "alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "irl_weighting", "irl_scale",
+                 "irl_bandwidth", "lr", "lr_fake", "adam_betas", "ema_halflife", "gen_loss_scale")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m gsd.train",
+                    "Distil a pretrained EDM teacher into a one-step generator with SiD + an isometric "
+                    "regulariser, then evaluate it against the 35-NFE Heun teacher.")
+    add_data_args(p)
+    add_runtime_args(p)
+    add_distill_args(p)
+    p.add_argument("--adam-betas", type=float, nargs=2, default=[0.0, 0.999], metavar=("B1", "B2"),
+                   help="Adam betas of generator and fake score (SiD uses 0 0.999)")
+    p.add_argument("--lr-fake", type=float, default=None, help="learning rate of the fake score (default: --lr)")
+    p.add_argument("--irl-bandwidth", type=float, default=None,
+                   help="kernel bandwidth h of --irl-weighting local (default: from the latents)")
+    p.add_argument("--gen-loss-scale", type=float, default=100.0,
+                   help="factor on the generator loss before Adam (SiD's lsg)")
+    p.add_argument("--log-every", type=positive_int, default=10, help="iterations between log.jsonl records")
+    p.add_argument("--ckpt-every", type=positive_int, default=None,
+                   help="iterations between checkpoints (default per dataset)")
+    p.add_argument("--keep-every", type=nonnegative_int, default=None,
+                   help="keep every checkpoint whose step is a multiple of this (default 5x --ckpt-every; "
+                        "0 keeps only the latest)")
+    p.add_argument("--eval-samples", type=nonnegative_int, default=None,
+                   help="samples per Frechet distance / sliced Wasserstein (default: 1000 for digits, "
+                        "4000 for gmm, 2000 otherwise; 0 skips the evaluation)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="cache of trained teachers and the digits classifier (default $GSD_CACHE or .cache/gsd)")
+    # testing / experiment knobs, not shown in --help
+    p.add_argument("--exact-teacher", dest="exact_teacher", action="store_true", default=None,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--no-exact-teacher", dest="exact_teacher", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--latency-repeats", type=positive_int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--classifier-epochs", type=positive_int, default=30, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True, help=argparse.SUPPRESS)
+    return p
+
+
+def _explicit(argv: Sequence[str] | None) -> dict:
+    """Only the flags given on the command line (for --resume comparisons)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    ns = p.parse_args(argv)
+    return vars(ns)
+
+
+def resolve_config(given: dict, explicit: dict | None = None) -> dict:
+    """Fill defaults (global, then per dataset) into a config dict.
+
+    `explicit`: the keys the user actually gave (default: all of `given`); a flag with a
+    per-dataset default (e.g. --batch) that was not given takes the dataset's value.
+    """
+    explicit = given if explicit is None else explicit
+    base = vars(build_parser().parse_args([]))
+    cfg = {**base, **{k: v for k, v in given.items() if k in base or k in ("exact_teacher",)}}
+    unknown = sorted(set(given) - set(base))
+    if unknown:
+        raise UsageError(f"unknown config keys: {', '.join(unknown)}")
+    dd = DATASET_DEFAULTS.get(cfg["dataset"], DATASET_DEFAULTS["digits"])
+    for key in ("iters", "lr", "ema_halflife", "ckpt_every"):
+        if cfg.get(key) is None:
+            cfg[key] = dd[key]
+    if "batch" not in explicit:
+        cfg["batch"] = dd["batch"]
+    if cfg.get("keep_every") is None:
+        cfg["keep_every"] = 5 * cfg["ckpt_every"]
+    if cfg.get("exact_teacher") is None:
+        cfg["exact_teacher"] = cfg["dataset"] == "gmm" and cfg.get("teacher") is None
+    if cfg["exact_teacher"] and cfg["dataset"] != "gmm":
+        raise UsageError("--exact-teacher exists only for --dataset gmm")
+    if cfg.get("teacher") is not None:
+        cfg["teacher"] = os.path.abspath(cfg["teacher"])
+    cfg["adam_betas"] = [float(b) for b in cfg["adam_betas"]]
+    return cfg
+
+
+def distill_config(cfg: dict) -> DistillConfig:
+    return DistillConfig(
+        alpha=cfg["alpha"], sigma_init=cfg["sigma_init"], tmax=cfg["tmax"], lambda_sid=cfg["lambda_sid"],
+        lambda_irl=cfg["lambda_irl"], irl_weighting=cfg["irl_weighting"], irl_bandwidth=cfg["irl_bandwidth"],
+        irl_scale=cfg["irl_scale"], batch=cfg["batch"], lr=cfg["lr"], lr_fake=cfg["lr_fake"],
+        betas=tuple(cfg["adam_betas"]), ema_halflife=cfg["ema_halflife"], gen_loss_scale=cfg["gen_loss_scale"],
+        backend="auto" if cfg["fused"] else "reference", seed=cfg["seed"],
+    )
+
+
+def _validate(cfg: dict) -> None:
+    distill_config(cfg).validate()
+    if cfg["irl_bandwidth"] is not None and not (math.isfinite(cfg["irl_bandwidth"]) and cfg["irl_bandwidth"] > 0):
+        raise UsageError(f"--irl-bandwidth must be > 0, got {cfg['irl_bandwidth']}")
+    if not (math.isfinite(cfg["gen_loss_scale"]) and cfg["gen_loss_scale"] > 0):
+        raise UsageError(f"--gen-loss-scale must be > 0, got {cfg['gen_loss_scale']}")
+    if cfg["teacher"] is not None and not os.path.isfile(cfg["teacher"]):
+        raise UsageError(f"--teacher {cfg['teacher']}: no such file")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _check_teacher(net, dataset, path) -> None:
+    shape = tuple(getattr(net, "sample_shape", ()))
+    if shape and shape != tuple(dataset.sample_shape):
+        raise UsageError(f"--teacher {path} is for samples of shape {shape}, but --dataset {dataset.name} has "
+                         f"shape {tuple(dataset.sample_shape)}")
+    label_dim = int(getattr(net, "label_dim", 0))
+    if label_dim and label_dim != int(dataset.num_classes or 0):
+        raise UsageError(f"--teacher {path} is conditional on {label_dim} classes, --dataset {dataset.name} "
+                         f"has {dataset.num_classes}")
+    try:
+        dev = next(net.parameters()).device
+        with torch.no_grad():
+            out = net(torch.zeros(2, *dataset.sample_shape, device=dev), torch.ones(2, device=dev))
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"--teacher {path} does not run on --dataset {dataset.name} samples "
+                         f"({' '.join(str(exc).split())[:200]})") from None
+    if tuple(out.shape[1:]) != tuple(dataset.sample_shape):
+        raise UsageError(f"--teacher {path} outputs shape {tuple(out.shape[1:])}, expected "
+                         f"{tuple(dataset.sample_shape)}")
+
+
+def _training_view(cfg: dict) -> dict:
+    return {k: cfg[k] for k in TRAINING_KEYS if k in cfg}
+
+
+def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_hook=None) -> Path:
+    """Distil, checkpoint, evaluate; returns the run directory.
+
+    config: flag values by name (underscores); missing keys take the defaults. With
+    `resume`, only the keys in `explicit` (default: every key of config) are compared with
+    the saved run. `nan_hook(phase, x_g) -> x_g` is handed to the Distiller (tests).
+    """
+    given = dict(vars(config) if isinstance(config, argparse.Namespace) else config)
+    explicit = dict(given) if explicit is None else dict(explicit)
+    t_start = time.perf_counter()
+
+    # ---------------------------------------------------------------- every check first
+    resume_dir = given.get("resume")
+    if resume_dir:
+        resume_dir = Path(resume_dir)
+        if given.get("out") and Path(given["out"]).resolve() != resume_dir.resolve():
+            raise UsageError(f"--out {given['out']} differs from --resume {resume_dir}; give one of them")
+        if "teacher" in explicit and explicit["teacher"] is not None:
+            explicit["teacher"] = os.path.abspath(explicit["teacher"])
+        saved = runs.check_resume_dir(resume_dir, {k: v for k, v in explicit.items() if k in TRAINING_KEYS},
+                                      ignore=RESUME_FREE)
+        cfg = resolve_config({k: v for k, v in saved.items() if k in vars(build_parser().parse_args([]))})
+        for key in RESUME_FREE:
+            if key in given and given[key] is not None and key not in ("resume", "out"):
+                cfg[key] = given[key]
+        cfg["resume"] = None
+        cfg["out"] = str(resume_dir)
+        run_dir = resume_dir
+    else:
+        cfg = resolve_config({k: v for k, v in given.items() if k != "resume"}, explicit)
+        run_dir = Path(cfg["out"]) if cfg.get("out") else runs.default_run_dir(cfg["dataset"])
+        cfg["out"] = str(run_dir)
+        _validate(cfg)
+        runs.prepare_run_dir(run_dir, _training_view(cfg))
+    _validate(cfg)
+    device = _device(cfg["device"])
+
+    from .data import GMMDenoiser, load_dataset
+
+    dataset = load_dataset(cfg["dataset"], data_root=cfg["data_root"], resolution=cfg["resolution"],
+                           download=cfg["download"])
+    teacher_net = None
+    teacher_file = run_dir / runs.TEACHER_NAME
+    if resume_dir:
+        from .networks import load_denoiser
+        teacher_net = load_denoiser(teacher_file, device)
+        _check_teacher(teacher_net, dataset, teacher_file)
+    elif cfg["teacher"] is not None:
+        from .networks import load_denoiser
+        teacher_net = load_denoiser(cfg["teacher"], device)
+        _check_teacher(teacher_net, dataset, cfg["teacher"])
+    if cfg["exact_teacher"] and dataset.mixture is None:
+        raise UsageError(f"--exact-teacher needs a dataset with a known mixture, not {dataset.name}")
+
+    # ---------------------------------------------------------------- teacher (may train one)
+    if teacher_net is None:
+        from .teacher import get_teacher
+        teacher_net = get_teacher(dataset, teacher_path=None, cache_dir=cfg["cache_dir"], device=device,
+                                  seed=0, progress=cfg["progress"])
+        _check_teacher(teacher_net, dataset, "(default teacher)")
+    teacher_net = teacher_net.to(device).eval()
+    f_phi = GMMDenoiser(dataset.mixture).to(device) if cfg["exact_teacher"] else teacher_net
+    if cfg["exact_teacher"] and int(getattr(teacher_net, "label_dim", 0)):
+        raise UsageError("the exact gmm teacher is unconditional; the network teacher is class-conditional")
+
+    # ---------------------------------------------------------------- run directory
+    dcfg = distill_config(cfg)
+    distiller = Distiller(f_phi, dcfg, init=teacher_net, sample_shape=dataset.sample_shape, device=device)
+    distiller.nan_hook = nan_hook
+    elapsed_before = 0.0
+    if resume_dir:
+        weights, state = runs.load_checkpoint(run_dir)
+        distiller.load_weights({k: v.to(device) for k, v in weights.items()})
+        distiller.load_training_state(state["distiller"])
+        runs.restore_rng_state(state["rng"])
+        elapsed_before = float(state.get("elapsed", 0.0))
+        saved_cfg = runs.read_config(run_dir)
+        if saved_cfg.get("iters") != cfg["iters"]:
+            saved_cfg["iters"] = cfg["iters"]
+            runs.write_json_atomic(run_dir / runs.CONFIG_NAME, saved_cfg)
+        logger = runs.JsonlLogger(run_dir / runs.LOG_NAME, truncate_after_step=distiller.iteration)
+    else:
+        from .networks import save_denoiser
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_denoiser(teacher_file, teacher_net, extra_metadata={"source": cfg["teacher"] or "default teacher"})
+        record = {k: v for k, v in cfg.items()}
+        record["backend"] = dcfg.backend
+        record["teacher_file"] = runs.TEACHER_NAME
+        record["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        runs.write_json_atomic(run_dir / runs.CONFIG_NAME, record)
+        logger = runs.JsonlLogger(run_dir / runs.LOG_NAME)
+
+    # ---------------------------------------------------------------- training loop
+    def checkpoint(elapsed):
+        runs.save_checkpoint(run_dir, distiller.iteration, distiller.weights(),
+                             {"distiller": distiller.training_state(), "rng": runs.capture_rng_state(),
+                              "elapsed": elapsed},
+                             keep_every=cfg["keep_every"] or None)
+
+    t_train = time.perf_counter()
+    total = int(cfg["iters"])
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=min(distiller.iteration, total), desc=f"distil {cfg['dataset']}",
+                   disable=not cfg["progress"], dynamic_ncols=True, file=sys.stderr)
+        acc: dict = {}
+        n_acc = 0
+        nan_since = {"nan_samples": 0, "nan_grads": 0}
+        try:
+            while distiller.iteration < total:
+                out = distiller.step()
+                n_acc += 1
+                for k, v in out.items():
+                    if k.startswith("loss_"):
+                        acc[k] = acc.get(k, 0.0) + v
+                nan_since["nan_samples"] += out["nan_samples"]
+                nan_since["nan_grads"] += out["nan_grads"]
+                it = distiller.iteration
+                bar.update(1)
+                nan_now = out["nan_samples"] or out["nan_grads"]
+                if it % cfg["log_every"] == 0 or it == total or nan_now:
+                    elapsed = elapsed_before + time.perf_counter() - t_train
+                    rec = {"iteration": it, "time": round(elapsed, 3), "images_seen": distiller.images_seen}
+                    rec.update({k: v / n_acc for k, v in acc.items()})
+                    rec.update(nan_since)
+                    rec["nan_events_total"] = distiller.totals["nan_iterations"]
+                    logger.log(rec)
+                    bar.set_postfix({k[5:]: f"{v / n_acc:.4g}" for k, v in acc.items()}, refresh=False)
+                    acc, n_acc = {}, 0
+                    nan_since = {"nan_samples": 0, "nan_grads": 0}
+                if nan_now:
+                    bar.write(f"iteration {it}: dropped {out['nan_samples']} non-finite samples, zeroed "
+                              f"{out['nan_grads']} non-finite gradient values")
+                if it % cfg["ckpt_every"] == 0 and it < total:
+                    checkpoint(elapsed_before + time.perf_counter() - t_train)
+        except KeyboardInterrupt:
+            checkpoint(elapsed_before + time.perf_counter() - t_train)
+            bar.close()
+            logger.close()
+            print(f"interrupted; checkpoint of iteration {distiller.iteration} saved, continue with "
+                  f"--resume {run_dir}", file=sys.stderr)
+            raise
+        bar.close()
+        train_seconds = elapsed_before + time.perf_counter() - t_train
+        if runs.latest_step(run_dir) != distiller.iteration:
+            checkpoint(train_seconds)
+    finally:
+        logger.close()
+
+    # ---------------------------------------------------------------- evaluation
+    from .metrics import evaluate_distillation
+
+    n_eval = cfg["eval_samples"]
+    if n_eval is None:
+        n_eval = DATASET_DEFAULTS.get(cfg["dataset"], DATASET_DEFAULTS["folder"])["eval_samples"]
+    if n_eval > 0:
+        metrics, panels = evaluate_distillation(
+            distiller.generate, f_phi, dataset, device=device, num_samples=n_eval,
+            num_classes=distiller.num_classes, sigma_init=dcfg.sigma_init, backend=dcfg.backend,
+            cache_dir=cfg["cache_dir"], latency_repeats=cfg["latency_repeats"],
+            classifier_epochs=cfg["classifier_epochs"], progress=cfg["progress"])
+        metrics["iterations"] = distiller.iteration
+        metrics["images_seen"] = distiller.images_seen
+        metrics["train_seconds"] = round(train_seconds, 2)
+        metrics["nan_events"] = dict(distiller.totals)
+        metrics["device"] = str(device)
+        metrics["backend"] = dcfg.backend
+        metrics["teacher_kind"] = "exact GMM denoiser" if cfg["exact_teacher"] else "network"
+        runs.write_json_atomic(run_dir / "metrics.json", metrics)
+        from .plots import save_samples_png
+        save_samples_png(panels, run_dir / "samples.png",
+                         means=dataset.mixture.means if dataset.mixture is not None else None)
+        print(summary_table(metrics, run_dir, time.perf_counter() - t_start))
+    else:
+        print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _fmt(v, spec=".4g"):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def summary_table(metrics: dict, run_dir, wall: float | None = None) -> str:
+    one, teach = metrics["one_step"], metrics["teacher"]
+    cols = ["nfe", "fd", "latency_ms"] + [k for k in ("sliced_wasserstein", "mmd", "modes_covered") if k in one]
+    names = {"nfe": "NFE", "fd": f"FD[{metrics.get('fd_feature', '?')}]", "latency_ms": "latency ms (64)",
+             "sliced_wasserstein": "sliced W2", "mmd": "MMD^2", "modes_covered": "modes"}
+    rows = [["sampler"] + [names[c] for c in cols]]
+    for label, m in (("one-step G (EMA)", one), ("teacher Heun", teach)):
+        row = [label]
+        for c in cols:
+            v = m.get(c)
+            if c == "modes_covered":
+                v = f"{m.get('modes_covered')}/{m.get('num_modes')}"
+            row.append(_fmt(v))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    extra = [f"isometry defect (EMA G, 512 held-out latents): {_fmt(metrics.get('isometry_defect'))}"]
+    if one.get("latency_ms") and teach.get("latency_ms"):
+        extra.append(f"speed-up one-step vs teacher: {teach['latency_ms'] / one['latency_ms']:.1f}x")
+    if "real_split_fd" in metrics:
+        extra.append(f"FD between two halves of the real data (noise floor): {_fmt(metrics['real_split_fd'])}")
+    if "classifier_test_accuracy" in metrics:
+        extra.append(f"feature classifier held-out accuracy: {metrics['classifier_test_accuracy']:.3f}")
+    nan = metrics.get("nan_events", {})
+    if nan.get("nan_iterations"):
+        extra.append(f"NaN events: {nan['nan_iterations']} iterations ({nan['nan_samples']} samples dropped, "
+                     f"{nan['nan_grads']} gradient values zeroed)")
+    if wall is not None:
+        extra.append(f"wall time: {wall:.1f} s (training {metrics.get('train_seconds', 0):.1f} s)")
+    extra.append(f"run directory: {run_dir}")
+    return "\n".join(lines + extra)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    explicit = _explicit(argv)
+    run(vars(args), explicit=explicit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

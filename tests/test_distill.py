@@ -1,0 +1,225 @@
+"""Wiring of the SiD + IRL iteration (gsd.distill) on tiny networks."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import gsd_kernels
+from gsd.cli import UsageError
+from gsd.distill import DistillConfig, Distiller, ema_beta, sigma_schedule
+from gsd.networks import build_denoiser
+
+
+def tiny_mlp(dim=2, seed=0):
+    torch.manual_seed(seed)
+    net = build_denoiser({"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
+                          "model": dict(dim=dim, hidden=16, num_blocks=1, noise_channels=8, emb_channels=16)})
+    # non-trivial output layer so that gradients are not all ~0
+    with torch.no_grad():
+        net.model.fc_out.weight.normal_(0, 0.3)
+    return net
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return build_denoiser({"arch": "SongUNet", "sigma_data": 0.5, "label_dim": 0,
+                           "model": dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=8,
+                                         channel_mult=[1], num_blocks=1, attn_resolutions=[], channel_mult_emb=2,
+                                         dropout=0.0)})
+
+
+def make(cfg=None, teacher=None, init=None, **kw):
+    cfg = cfg or DistillConfig(batch=8, lr=1e-3, **kw)
+    teacher = teacher if teacher is not None else tiny_mlp(seed=1)
+    return Distiller(teacher, cfg, init=init if init is not None else tiny_mlp(seed=2))
+
+
+def grads(net):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+
+
+def test_sigma_schedule_and_ema():
+    t = torch.tensor([0.0, 1.0, 0.8])
+    s = sigma_schedule(t, 0.002, 80.0, 7.0)
+    assert s[0] == pytest.approx(0.002, rel=1e-5) and s[1] == pytest.approx(80.0, rel=1e-5)
+    assert 20 < float(s[2]) < 30  # tmax = 800
+    beta = ema_beta(64, 6400)
+    assert beta ** 100 == pytest.approx(0.5)  # 100 iterations x 64 images = one half-life
+    assert ema_beta(64, 0) == 0.0
+
+
+def test_generator_gradient_is_sid_by_hand():
+    """lambda_irl = 0: the generator gradient is that of the SiD formula written out here."""
+    d = make(alpha=1.2, lambda_irl=0.0)
+    c = d.config
+    rng_copy = torch.Generator().manual_seed(0)
+    rng_copy.set_state(d.rng.get_state())
+    eps, _ = d._latents(c.batch)
+    rng_copy.set_state(d.rng.get_state())  # the loss draws t and the noise after the latents
+
+    d.generator.zero_grad()
+    loss, parts = d.generator_loss(eps)
+    (loss * c.gen_loss_scale).backward()
+    got = grads(d.generator)
+    # frozen: neither teacher nor fake score accumulate gradients
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert all(p.grad is None for p in d.fake.parameters())
+
+    gen = copy.deepcopy(d.generator)
+    gen.zero_grad()
+    x = gen(c.sigma_init * eps, torch.full((c.batch,), c.sigma_init))
+    t = torch.rand(c.batch, generator=rng_copy) * c.tmax / 1000
+    a, b = c.sigma_max ** (1 / c.rho), c.sigma_min ** (1 / c.rho)
+    sigma = (a + (1 - t) * (b - a)) ** c.rho
+    noise = torch.randn(x.shape, generator=rng_copy)
+    x_t = x + sigma[:, None] * noise
+    y_real = d.teacher(x_t, sigma)
+    y_fake = d.fake(x_t, sigma)
+    diff = y_real - y_fake
+    w = (x - y_real).abs().mean(1).clamp_min(1e-5).detach()
+    per = ((1 - c.alpha) * (diff ** 2).sum(1) + (diff * (y_fake - x)).sum(1)) / w
+    ref_loss = per.mean()
+    (100.0 * ref_loss).backward()
+    want = grads(gen)
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_irl_only_gradient_is_isometry_loss():
+    d = make(lambda_sid=0.0, lambda_irl=0.5)
+    eps, _ = d._latents(d.config.batch)
+    d.generator.zero_grad()
+    loss, parts = d.generator_loss(eps)
+    loss.backward()
+    got = grads(d.generator)
+    gen = copy.deepcopy(d.generator)
+    gen.zero_grad()
+    x = gen(2.5 * eps, torch.full((eps.shape[0],), 2.5))
+    ref = 0.5 * gsd_kernels.isometry_loss(x, 2.5 * eps, backend="reference")
+    ref.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    for g1, g2 in zip(got, grads(gen)):
+        torch.testing.assert_close(g1, g2)
+    assert "loss_sid" not in parts and "loss_irl" in parts
+
+
+@pytest.mark.skipif(len(gsd_kernels.available_backends(torch.device("cpu"))) < 2,
+                    reason="no fused backend on CPU in this build")
+def test_reference_and_fused_generator_gradients_agree():
+    out = []
+    for backend in ("reference", "auto"):
+        d = make(DistillConfig(batch=8, lr=1e-3, lambda_irl=0.3, backend=backend))
+        eps, _ = d._latents(8)
+        d.generator.zero_grad()
+        loss, _ = d.generator_loss(eps)
+        loss.backward()
+        out.append((float(loss.detach()), grads(d.generator)))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-4)
+    for g1, g2 in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-6)
+
+
+def test_steps_train_and_ema_tracks():
+    d = make(DistillConfig(batch=8, lr=1e-3, lambda_irl=0.1, ema_halflife=64))
+    before = [p.detach().clone() for p in d.generator.parameters()]
+    fake_before = [p.detach().clone() for p in d.fake.parameters()]
+    for _ in range(3):
+        out = d.step()
+    assert out["iteration"] == 3 and out["images_seen"] == 24
+    assert {"loss_fake", "loss_sid", "loss_irl", "loss_gen"} <= set(out)
+    assert any(not torch.equal(a, p) for a, p in zip(before, d.generator.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(fake_before, d.fake.parameters()))
+    # EMA lies between the start and the current weights (not equal to either)
+    assert any(not torch.equal(e, p) for e, p in zip(d.ema_generator.parameters(), d.generator.parameters()))
+    assert all(p.requires_grad is False for p in d.teacher.parameters())
+    z = torch.randn(5, 2)
+    assert d.generate(z).shape == (5, 2)
+
+
+def test_state_dict_continues_bit_exactly():
+    a = make(DistillConfig(batch=8, lr=1e-3, lambda_irl=0.2, ema_halflife=100))
+    for _ in range(2):
+        a.step()
+    state = copy.deepcopy(a.state_dict())
+    for _ in range(2):
+        a.step()
+    b = make(DistillConfig(batch=8, lr=1e-3, lambda_irl=0.2, ema_halflife=100))
+    b.load_state_dict(state)
+    for _ in range(2):
+        b.step()
+    for (k, va), (_, vb) in zip(a.weights().items(), b.weights().items()):
+        assert torch.equal(va, vb), k
+
+
+def test_injected_nan_is_dropped_counted_and_training_goes_on():
+    d = make(DistillConfig(batch=8, lr=1e-3, lambda_irl=0.1))
+
+    def hook(phase, x):
+        if d.iteration == 1:  # second iteration: one NaN sample in both phases
+            x = x.clone()
+            x[3] = float("nan")
+        return x
+
+    d.nan_hook = hook
+    outs = [d.step() for _ in range(3)]
+    assert outs[0]["nan_samples"] == 0
+    assert outs[1]["nan_samples"] == 2  # one in the fake-score step, one in the generator step
+    assert math.isfinite(outs[1]["loss_gen"]) and math.isfinite(outs[1]["loss_fake"])
+    assert outs[2]["nan_samples"] == 0
+    assert d.totals["nan_iterations"] == 1 and d.totals["nan_samples"] == 2
+    for net in (d.generator, d.fake, d.ema_generator):
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+def test_nonfinite_gradients_are_zeroed_and_counted():
+    d = make(DistillConfig(batch=8, lr=1e-3))
+    d.nan_hook = lambda phase, x: _NaNGrad.apply(x) if (phase == "generator" and d.iteration == 0) else x
+    before = [p.detach().clone() for p in d.generator.parameters()]
+    out = d.step()
+    assert out["nan_grads"] == sum(p.numel() for p in d.generator.parameters())
+    assert out["nan_samples"] == 0
+    # every gradient value was zeroed: Adam (beta1 = 0) leaves the generator unchanged
+    for a, p in zip(before, d.generator.parameters()):
+        assert torch.isfinite(p).all() and torch.equal(a, p)
+    out2 = d.step()
+    assert out2["nan_grads"] == 0 and math.isfinite(out2["loss_gen"])
+    assert d.totals["nan_iterations"] == 1
+
+
+def test_image_generator_runs():
+    t = tiny_unet(1)
+    d = Distiller(t, DistillConfig(batch=4, lr=1e-4, lambda_irl=1.0), init=tiny_unet(2))
+    out = d.step()
+    assert math.isfinite(out["loss_gen"])
+    assert d.generate(torch.randn(3, 1, 8, 8)).shape == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lambda_sid=0.0, lambda_irl=0.0), "both 0"),
+    (dict(alpha=0.0), "alpha"),
+    (dict(alpha=float("nan")), "alpha"),
+    (dict(tmax=0), "tmax"),
+    (dict(tmax=1001), "tmax"),
+    (dict(lambda_irl=1.0, batch=1), "batch"),
+    (dict(lr=-1.0), "lr"),
+    (dict(betas=(1.0, 0.999)), "betas"),
+])
+def test_bad_config_is_usage_error(kw, match):
+    cfg = DistillConfig(**{"batch": 8, **kw})
+    with pytest.raises(UsageError, match=match):
+        cfg.validate()

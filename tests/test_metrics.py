@@ -1,0 +1,104 @@
+"""Evaluation pieces of gsd.metrics against known answers."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from gsd import metrics
+
+
+def _scipy_fd(a, b):
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_matches_scipy_formula():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((600, 5)) @ rng.standard_normal((5, 5))
+    b = rng.standard_normal((500, 5)) * 1.5 + 0.3
+    assert metrics.frechet_distance(a, b) == pytest.approx(_scipy_fd(a, b), rel=1e-6, abs=1e-9)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_known_answer_from_moments():
+    # N(m1, s1^2 I) vs N(m2, s2^2 I) in d dims: ||m1-m2||^2 + d (s1 - s2)^2
+    d = 4
+    mu1, mu2 = np.zeros(d), np.full(d, 0.5)
+    s1, s2 = 1.0, 2.0
+    fd = metrics.frechet_distance((mu1, s1 ** 2 * np.eye(d)), (mu2, s2 ** 2 * np.eye(d)), moments=True)
+    assert fd == pytest.approx(d * 0.25 + d * (s1 - s2) ** 2, rel=1e-12)
+    # torch input works too
+    x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert metrics.frechet_distance(x, x + 1.0) == pytest.approx(3.0, rel=1e-6)
+
+
+def test_sliced_wasserstein_shift():
+    g = torch.Generator().manual_seed(0)
+    d = 3
+    x = torch.randn(4000, d, generator=g, dtype=torch.float64)
+    shift = torch.tensor([0.6, -0.3, 0.9], dtype=torch.float64)
+    y = x + shift  # same samples shifted: SW_2 = ||m|| / sqrt(d) in expectation over directions
+    sw = metrics.sliced_wasserstein(x, y, num_projections=1000)
+    assert sw == pytest.approx(float(shift.norm()) / math.sqrt(d), rel=0.05)
+    z = torch.randn(3000, d, generator=g, dtype=torch.float64) + shift  # independent samples, unequal sizes
+    assert metrics.sliced_wasserstein(x, z, num_projections=500) == pytest.approx(float(shift.norm()) / math.sqrt(d),
+                                                                                  rel=0.1)
+    assert metrics.sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mmd_orders_distributions():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 2, generator=g)
+    same = torch.randn(300, 2, generator=g)
+    far = torch.randn(300, 2, generator=g) + 2.0
+    assert abs(metrics.mmd(x, same)) < 0.02
+    assert metrics.mmd(x, far) > 0.2
+
+
+def test_mode_coverage():
+    means = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 1, 2] * 100)  # mode 3 never drawn
+    x = means[ids] + 0.02 * torch.randn(300, 2, generator=g)
+    cov = metrics.mode_coverage(x, means, 0.02)
+    assert cov["num_modes"] == 4 and cov["modes_covered"] == 3
+    assert cov["counts"][3] == 0 and cov["high_quality_fraction"] > 0.95
+    # samples far from every mode count for nothing; NaN rows are ignored
+    junk = torch.cat([x, torch.full((50, 2), 0.5), torch.full((3, 2), float("nan"))])
+    cov2 = metrics.mode_coverage(junk, means, 0.02)
+    assert cov2["modes_covered"] == 3 and cov2["high_quality_fraction"] < 300 / 353 + 1e-9
+    full = means[torch.arange(400) % 4] + 0.02 * torch.randn(400, 2, generator=g)
+    assert metrics.mode_coverage(full, means, 0.02)["modes_covered"] == 4
+
+
+def test_isometry_defect_linear_and_nonlinear():
+    z = torch.randn(128, 4, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+    lin = lambda e: 3.0 * e @ q[:4]  # a scaled isometry: defect 0
+    assert metrics.isometry_defect(lin, z) == pytest.approx(0.0, abs=1e-5)
+    bent = lambda e: torch.tanh(3 * e) ** 3
+    assert metrics.isometry_defect(bent, z) > 0.01
+
+
+def test_measure_latency_positive():
+    ms = metrics.measure_latency(lambda: torch.randn(64, 64) @ torch.randn(64, 64), "cpu", warmup=1, repeats=3)
+    assert 0 < ms < 1000
+
+
+def test_digits_classifier_cached(tmp_path):
+    from gsd.data import load_dataset
+
+    ds = load_dataset("digits")
+    model, info = metrics.digits_classifier(ds, cache_dir=tmp_path, epochs=2)
+    assert 0.5 < info["test_accuracy"] <= 1.0
+    feats = metrics.classifier_features(model, ds.data[:10])
+    assert feats.shape == (10, 64)
+    again, info2 = metrics.digits_classifier(ds, cache_dir=tmp_path, epochs=2)  # from the cache
+    assert info2["test_accuracy"] == info["test_accuracy"]
+    assert torch.equal(metrics.classifier_features(again, ds.data[:10]), feats)
