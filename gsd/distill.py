@@ -21,8 +21,23 @@ they enter a network, so that they cannot poison the backward pass of the other 
 Non-finite gradient elements are zeroed before Adam. Both are counted and returned by
 `step()` (and so logged): a run never trains on NaN silently.
 
+Precision (`config.precision`): bf16 / fp16 run the network forwards under autocast and
+hand fp32 outputs to the loss ops; parameters, gradients, Adam and the losses stay fp32.
+fp16 scales the losses with a GradScaler: a step whose gradients overflow is skipped (its
+non-finite values are counted like NaN gradients) and the scale is lowered.
+`config.compile` wraps the networks' forwards in torch.compile (state dicts are unchanged).
+
 All randomness of the iteration comes from one `torch.Generator` owned by the Distiller
 (on the run's device), so `state_dict()` / `load_state_dict()` continue a run bit-exactly.
+
+Several processes (`enable_ddp()` after `torch.distributed` is initialised, see gsd.parallel):
+`config.batch` is the GLOBAL batch; each rank draws `batch_per_rank` samples per micro-step
+from its own stream (seed + rank) and accumulates `accum_steps = batch / (batch_per_rank *
+world)` micro-steps. G and f_psi are DistributedDataParallel (gradients averaged over ranks).
+The SiD and fake-score losses are each rank's local mean; the isometry loss is the global
+micro-batch loss (gsd_kernels.distributed: all-gather, row blocks) times the world size, so
+that DDP's average gives the gradient of the global-batch loss. With accumulation the
+isometry pairs are those within each global micro-batch.
 """
 
 from __future__ import annotations
@@ -67,6 +82,9 @@ class DistillConfig:
     p_std: float = 1.2
     sigma_data: float = 0.5
     seed: int = 0
+    batch_per_rank: int | None = None     # samples per process and micro-step (default: batch / world)
+    precision: str = "fp32"               # autocast of the network forwards: fp32 (off), bf16, fp16
+    compile: bool = False                 # torch.compile the three networks
 
     def validate(self) -> "DistillConfig":
         """Raise UsageError (one line) for impossible values."""
@@ -102,7 +120,31 @@ class DistillConfig:
             raise UsageError(f"--irl-scale must be 'optimal' or a number > 0, got {self.irl_scale!r}")
         if not (0 < self.sigma_min < self.sigma_max):
             raise UsageError("need 0 < sigma_min < sigma_max")
+        if self.precision not in _AMP_DTYPES:
+            raise UsageError(f"--precision must be one of {', '.join(_AMP_DTYPES)}, got {self.precision!r}")
         return self
+
+    def accum_steps(self, world: int = 1) -> int:
+        """Gradient-accumulation steps for `world` processes; UsageError when it does not divide."""
+        world = int(world)
+        if self.batch_per_rank is None:
+            if self.batch % world:
+                raise UsageError(f"--batch {self.batch} (the global batch) is not divisible by the world size "
+                                 f"{world}; give a batch that is a multiple of {world} or set --batch-per-gpu")
+            per = self.batch // world
+        else:
+            per = self.batch_per_rank
+            if not isinstance(per, int) or per < 1:
+                raise UsageError(f"--batch-per-gpu must be a positive integer, got {per}")
+        if self.batch % (per * world):
+            raise UsageError(f"--batch {self.batch} is not a multiple of --batch-per-gpu {per} x world size "
+                             f"{world} = {per * world} (gradient accumulation needs a whole number of steps)")
+        if self.lambda_irl > 0 and per * world < 2:
+            raise UsageError("--lambda-irl > 0 needs at least 2 samples per micro-batch over all processes")
+        return self.batch // (per * world)
+
+    def local_batch(self, world: int = 1) -> int:
+        return self.batch // (world * self.accum_steps(world))
 
     @classmethod
     def from_dict(cls, d: dict) -> "DistillConfig":
@@ -116,6 +158,9 @@ class DistillConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+_AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sigma_schedule(t: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -185,8 +230,20 @@ class Distiller:
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps)
         self.opt_f = torch.optim.Adam(self.fake.parameters(), lr=c.lr_fake or c.lr, betas=tuple(c.betas),
                                       eps=c.adam_eps)
+        from . import parallel
+        self.rank, self.world = parallel.rank(), parallel.world_size()
+        self.accum = c.accum_steps(self.world)
+        self.micro_batch = c.local_batch(self.world)
+        # the networks the optimisation steps call (DDP wrappers after enable_ddp(), compiled with c.compile)
+        self._amp_dtype = _AMP_DTYPES[c.precision]
+        fp16 = c.precision == "fp16"
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_f = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self._g_train: nn.Module = self.generator
+        self._f_train: nn.Module = self.fake
+        self._build_calls()
         self.rng = torch.Generator(device=self.device)
-        self.rng.manual_seed(int(c.seed))
+        self.rng.manual_seed(int(c.seed) + self.rank)
         self.iteration = 0
         self.images_seen = 0
         self.totals = {"nan_samples": 0, "nan_grads": 0, "nan_iterations": 0}
@@ -204,9 +261,27 @@ class Distiller:
             labels = torch.randint(0, self.num_classes, (n,), generator=self.rng, device=self.device)
         return eps, labels
 
-    def _gen(self, net: nn.Module, eps: torch.Tensor, labels=None) -> torch.Tensor:
+    def _build_calls(self) -> None:
+        """The callables of the training steps: DDP wrappers / raw modules, compiled on request."""
+        wrap = torch.compile if self.config.compile else (lambda m: m)
+        self._call_g_train = wrap(self._g_train)      # generator step (gradient synchronised under DDP)
+        self._call_g = wrap(self.generator)           # no-grad samples for the fake-score step
+        self._call_f_train = wrap(self._f_train)      # fake-score step
+        self._call_f = wrap(self.fake)                # frozen f_psi in the generator step
+        self._call_teacher = wrap(self.teacher)
+
+    def _net(self, net, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+        """A network forward under the run's autocast; the output is fp32 for the losses."""
+        if self._amp_dtype is None:
+            return net(x, sigma, labels)
+        with torch.autocast(device_type=self.device.type, dtype=self._amp_dtype):
+            out = net(x, sigma, labels)
+        return out.float()
+
+    def _gen(self, net, eps: torch.Tensor, labels=None, amp: bool = True) -> torch.Tensor:
         s = self.config.sigma_init
-        return net(s * eps, torch.full((eps.shape[0],), s, device=eps.device), labels)
+        sigma = torch.full((eps.shape[0],), s, device=eps.device)
+        return self._net(net, s * eps, sigma, labels) if amp else net(s * eps, sigma, labels)
 
     @torch.no_grad()
     def generate(self, eps: torch.Tensor, class_labels=None, *, ema: bool = True) -> torch.Tensor:
@@ -215,7 +290,7 @@ class Distiller:
         was = net.training
         net.eval()
         try:
-            return self._gen(net, eps.to(self.device), class_labels)
+            return self._gen(net, eps.to(self.device), class_labels, amp=False)
         finally:
             net.train(was)
 
@@ -224,54 +299,104 @@ class Distiller:
     def _apply_hook(self, phase: str, x: torch.Tensor) -> torch.Tensor:
         return x if self.nan_hook is None else self.nan_hook(phase, x)
 
+    def enable_ddp(self) -> None:
+        """Wrap G and f_psi in DistributedDataParallel (weights broadcast from rank 0; the EMA
+        copy is reset to the broadcast generator). No-op without a process group."""
+        from . import parallel
+        if not parallel.is_distributed() or self._g_train is not self.generator:
+            return
+        self._g_train = parallel.wrap_ddp(self.generator, self.device)
+        self._f_train = parallel.wrap_ddp(self.fake, self.device)
+        self._build_calls()
+        with torch.no_grad():
+            for pe, p in zip(self.ema_generator.parameters(), self.generator.parameters()):
+                pe.copy_(p)
+            for be, b in zip(self.ema_generator.buffers(), self.generator.buffers()):
+                be.copy_(b)
+
+    def _no_sync(self, net: nn.Module, last: bool):
+        import contextlib
+        return contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+
     def fake_score_step(self) -> dict:
         c = self.config
-        n = c.batch
+        n = self.micro_batch
         self.fake.train().requires_grad_(True)
-        eps, labels = self._latents(n)
-        with torch.no_grad():
-            x_g = self._gen(self.generator, eps, labels)
-        x_g = self._apply_hook("fake", x_g)
-        valid = _row_valid(x_g)
-        x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
-        sigma = (self._randn(n) * c.p_std + c.p_mean).exp()
-        noise = self._randn(n, *self.sample_shape)
-        y_fake = self.fake(x_in + _bcast(sigma, x_in) * noise, sigma, labels)
-        loss = _ops().fake_score_loss(y_fake, x_g, sigma, sigma_data=c.sigma_data, backend=c.backend)
         self.opt_f.zero_grad(set_to_none=True)
-        (loss * c.fake_loss_scale).backward()
+        loss_sum, nan_samples = 0.0, 0
+        for k in range(self.accum):
+            eps, labels = self._latents(n)
+            with torch.no_grad():
+                x_g = self._gen(self._call_g, eps, labels)
+            x_g = self._apply_hook("fake", x_g)
+            valid = _row_valid(x_g)
+            x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
+            sigma = (self._randn(n) * c.p_std + c.p_mean).exp()
+            noise = self._randn(n, *self.sample_shape)
+            with self._no_sync(self._f_train, k == self.accum - 1):
+                y_fake = self._net(self._call_f_train, x_in + _bcast(sigma, x_in) * noise, sigma, labels)
+                loss = _ops().fake_score_loss(y_fake, x_g, sigma, sigma_data=c.sigma_data, backend=c.backend)
+                self.scaler_f.scale(loss * (c.fake_loss_scale / self.accum)).backward()
+            loss_sum += float(loss.detach())
+            nan_samples += int(n - int(valid.sum()))
+        self.scaler_f.unscale_(self.opt_f)
         bad_grads = _sanitize_grads(self.fake.parameters())
-        self.opt_f.step()
-        return {"loss_fake": float(loss.detach()), "nan_samples": int(n - int(valid.sum())),
-                "nan_grads": bad_grads}
+        self.scaler_f.step(self.opt_f)  # fp16: a step whose gradients overflowed is skipped
+        self.scaler_f.update()
+        return {"loss_fake": loss_sum / self.accum, "nan_samples": nan_samples, "nan_grads": bad_grads}
 
-    def generator_loss(self, eps: torch.Tensor, labels=None) -> tuple[torch.Tensor, dict]:
-        """The generator objective for given latents (draws t and the noise from self.rng).
+    def generator_loss(self, eps: torch.Tensor, labels=None, *, t: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The generator objective for given latents (draws t and the noise from self.rng
+        unless given: `t` in [0, tmax/1000), `noise` like the samples).
 
-        Returns (L, parts) with L = lambda_sid * L_sid + lambda_irl * L_irl (unscaled).
+        Returns (L, parts) with L = lambda_sid * L_sid + lambda_irl * L_irl (unscaled). Under
+        DDP, L is what this rank back-propagates: its local SiD mean plus lambda_irl * world *
+        the global-batch isometry loss (DDP averages gradients over ranks); parts["loss_gen"]
+        is the unweighted-by-world value.
         """
         c = self.config
         n = eps.shape[0]
-        x_g = self._gen(self.generator, eps, labels)
+        x_g = self._gen(self._call_g_train, eps, labels)
         x_g = self._apply_hook("generator", x_g)
         valid = _row_valid(x_g)
         parts = {"nan_samples": int(n - int(valid.sum()))}
-        total = x_g.new_zeros(())
+        x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
+        # under DDP every rank must back-propagate through G, even if all its terms drop out
+        total = (x_in * 0).sum() if self.world > 1 else x_g.new_zeros(())
+        reported = 0.0
         if c.lambda_sid > 0:
             self.fake.eval().requires_grad_(False)
-            x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
-            t = torch.rand(n, generator=self.rng, device=self.device) * (c.tmax / 1000.0)
+            if t is None:
+                t = torch.rand(n, generator=self.rng, device=self.device) * (c.tmax / 1000.0)
             sigma = sigma_schedule(t, c.sigma_min, c.sigma_max, c.rho)
-            noise = self._randn(n, *self.sample_shape)
+            if noise is None:
+                noise = self._randn(n, *self.sample_shape)
             x_t = x_in + _bcast(sigma, x_in) * noise
-            y_real = self.teacher(x_t, sigma, labels)
-            y_fake = self.fake(x_t, sigma, labels)
+            y_real = self._net(self._call_teacher, x_t, sigma, labels)
+            y_fake = self._net(self._call_f, x_t, sigma, labels)
             l_sid = _ops().sid_generator_loss(x_g, y_real, y_fake, alpha=c.alpha, backend=c.backend)
             total = total + c.lambda_sid * l_sid
             parts["loss_sid"] = float(l_sid.detach())
+            reported += c.lambda_sid * parts["loss_sid"]
         if c.lambda_irl > 0:
-            if int(valid.sum()) >= 2:
-                z = c.sigma_init * eps
+            z = c.sigma_init * eps
+            n_valid = int(valid.sum())
+            global_batch = self.world > 1
+            if global_batch:
+                # the global-batch loss needs the same number of rows on every rank: fall back
+                # to each rank's own valid rows in an iteration where some rank dropped samples
+                bad = torch.tensor([n - n_valid], dtype=torch.int64, device=self.device)
+                torch.distributed.all_reduce(bad)
+                global_batch = int(bad) == 0
+            if global_batch:
+                from gsd_kernels.distributed import isometry_loss as dist_isometry_loss
+                l_irl = dist_isometry_loss(x_g, z, weighting=c.irl_weighting, bandwidth=c.irl_bandwidth,
+                                           scale=c.irl_scale, backend=c.backend)
+                total = total + (c.lambda_irl * self.world) * l_irl
+                parts["loss_irl"] = float(l_irl.detach())
+                reported += c.lambda_irl * parts["loss_irl"]
+            elif n_valid >= 2:
                 if not bool(valid.all()):
                     x_v, z_v = x_g[valid], z[valid]
                 else:
@@ -280,25 +405,36 @@ class Distiller:
                                              scale=c.irl_scale, backend=c.backend)
                 total = total + c.lambda_irl * l_irl
                 parts["loss_irl"] = float(l_irl.detach())
+                reported += c.lambda_irl * parts["loss_irl"]
             else:
                 parts["loss_irl"] = float("nan")
+        parts["loss_gen"] = reported
         return total, parts
 
     def generator_step(self) -> dict:
         c = self.config
         self.generator.train().requires_grad_(True)
-        eps, labels = self._latents(c.batch)
-        loss, parts = self.generator_loss(eps, labels)
         self.opt_g.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            (loss * c.gen_loss_scale).backward()
+        acc: dict = {}
+        nan_samples = 0
+        for k in range(self.accum):
+            eps, labels = self._latents(self.micro_batch)
+            with self._no_sync(self._g_train, k == self.accum - 1):
+                loss, parts = self.generator_loss(eps, labels)
+                if loss.requires_grad:
+                    self.scaler_g.scale(loss * (c.gen_loss_scale / self.accum)).backward()
+            nan_samples += parts.pop("nan_samples")
+            for key, v in parts.items():
+                acc[key] = acc.get(key, 0.0) + v / self.accum
+        self.scaler_g.unscale_(self.opt_g)
         bad_grads = _sanitize_grads(self.generator.parameters())
-        self.opt_g.step()
+        self.scaler_g.step(self.opt_g)  # fp16: a step whose gradients overflowed is skipped
+        self.scaler_g.update()
         self._update_ema()
         self.fake.train().requires_grad_(True)
-        parts["loss_gen"] = float(loss.detach())
-        parts["nan_grads"] = bad_grads
-        return parts
+        acc["nan_samples"] = nan_samples
+        acc["nan_grads"] = bad_grads
+        return acc
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -328,6 +464,13 @@ class Distiller:
         nan_samples += g.pop("nan_samples")
         nan_grads += g.pop("nan_grads")
         out.update(g)
+        if self.world > 1:
+            # the same counters on every rank: samples summed, (averaged, hence identical) gradients max
+            counts = torch.tensor([nan_samples, nan_grads], dtype=torch.int64, device=self.device)
+            s_max = counts.clone()
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(s_max, op=torch.distributed.ReduceOp.MAX)
+            nan_samples, nan_grads = int(counts[0]), int(s_max[1])
         self.iteration += 1
         self.images_seen += self.config.batch
         out["nan_samples"] = nan_samples
@@ -356,6 +499,9 @@ class Distiller:
             "opt_g": self.opt_g.state_dict(),
             "opt_f": self.opt_f.state_dict(),
             "rng": self.rng.get_state(),
+            "world_size": self.world,
+            "scaler_g": self.scaler_g.state_dict(),
+            "scaler_f": self.scaler_f.state_dict(),
             "iteration": self.iteration,
             "images_seen": self.images_seen,
             "totals": dict(self.totals),
@@ -377,6 +523,9 @@ class Distiller:
         self.iteration = int(state["iteration"])
         self.images_seen = int(state["images_seen"])
         self.totals = {k: int(v) for k, v in state["totals"].items()}
+        for name in ("scaler_g", "scaler_f"):
+            if state.get(name) and getattr(self, name).is_enabled():
+                getattr(self, name).load_state_dict(state[name])
 
     def load_state_dict(self, state: dict) -> None:
         self.load_weights(state["weights"])

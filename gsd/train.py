@@ -3,6 +3,11 @@
     python -m gsd.train --fused                 # digits, default teacher (trained + cached)
     python -m gsd.train --dataset gmm --lambda-irl 1
     python -m gsd.train --resume runs/digits-20250101-120000 --iters 2000
+    torchrun --nproc_per_node=4 -m gsd.train --dataset cifar10 --batch 256   # 4 processes, DDP
+
+Under torchrun (gsd.parallel) --batch is the global batch, split over the processes
+(--batch-per-gpu, with gradient accumulation when smaller than batch / world); rank 0 alone
+logs, checkpoints and evaluates; --resume needs the world size the run was started with.
 
 Python API for experiments: `run(config) -> run_dir`, where config is a dict with the
 flag names as keys (dashes -> underscores); missing keys take the defaults.
@@ -21,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from . import runs
+from . import parallel, runs
 from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, make_parser,
                   nonnegative_int, positive_int, run_main)
 from .distill import DistillConfig, Distiller
@@ -37,12 +42,15 @@ DATASET_DEFAULTS = {
 
 # Settings that may differ between a run and its --resume (they do not change training).
 RESUME_FREE = ("iters", "device", "out", "resume", "log_every", "ckpt_every", "keep_every", "eval_samples",
-               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval")
+               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval", "compile")
 
 # Keys that describe the training itself (compared by --out / --resume checks).
 TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
                  "alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "irl_weighting", "irl_scale",
                  "irl_bandwidth", "lr", "lr_fake", "adam_betas", "ema_halflife", "gen_loss_scale")
+
+# Also compared by --out / --resume (kept out of TRAINING_KEYS, which names experiment runs).
+RUN_KEYS = TRAINING_KEYS + ("batch_per_gpu", "precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-fake", type=float, default=None, help="learning rate of the fake score (default: --lr)")
     p.add_argument("--irl-bandwidth", type=float, default=None,
                    help="kernel bandwidth h of --irl-weighting local (default: from the latents)")
+    p.add_argument("--batch-per-gpu", type=positive_int, default=None,
+                   help="samples per process and micro-step under torchrun (default: --batch / world size); "
+                        "--batch / (this x world size) gradient-accumulation steps, which must be whole")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast dtype of the network forwards (losses and optimiser stay fp32; fp16 uses a "
+                        "gradient scaler)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the generator, fake score and teacher")
     p.add_argument("--gen-loss-scale", type=float, default=100.0,
                    help="factor on the generator loss before Adam (SiD's lsg)")
     p.add_argument("--log-every", type=positive_int, default=10, help="iterations between log.jsonl records")
@@ -125,12 +141,13 @@ def distill_config(cfg: dict) -> DistillConfig:
         lambda_irl=cfg["lambda_irl"], irl_weighting=cfg["irl_weighting"], irl_bandwidth=cfg["irl_bandwidth"],
         irl_scale=cfg["irl_scale"], batch=cfg["batch"], lr=cfg["lr"], lr_fake=cfg["lr_fake"],
         betas=tuple(cfg["adam_betas"]), ema_halflife=cfg["ema_halflife"], gen_loss_scale=cfg["gen_loss_scale"],
-        backend="auto" if cfg["fused"] else "reference", seed=cfg["seed"],
+        backend="auto" if cfg["fused"] else "reference", seed=cfg["seed"], batch_per_rank=cfg.get("batch_per_gpu"),
+        precision=cfg.get("precision", "fp32"), compile=bool(cfg.get("compile", False)),
     )
 
 
 def _validate(cfg: dict) -> None:
-    distill_config(cfg).validate()
+    distill_config(cfg).validate().accum_steps(parallel.env_world_size())
     if cfg["irl_bandwidth"] is not None and not (math.isfinite(cfg["irl_bandwidth"]) and cfg["irl_bandwidth"] > 0):
         raise UsageError(f"--irl-bandwidth must be > 0, got {cfg['irl_bandwidth']}")
     if not (math.isfinite(cfg["gen_loss_scale"]) and cfg["gen_loss_scale"] > 0):
@@ -169,7 +186,7 @@ def _check_teacher(net, dataset, path) -> None:
 
 
 def _training_view(cfg: dict) -> dict:
-    return {k: cfg[k] for k in TRAINING_KEYS if k in cfg}
+    return {k: cfg[k] for k in RUN_KEYS if k in cfg}
 
 
 def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_hook=None) -> Path:
@@ -178,7 +195,19 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
     config: flag values by name (underscores); missing keys take the defaults. With
     `resume`, only the keys in `explicit` (default: every key of config) are compared with
     the saved run. `nan_hook(phase, x_g) -> x_g` is handed to the Distiller (tests).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; the process group is created here
+    after the settings are checked and destroyed on return (unless it existed before).
     """
+    owns_group = not parallel.is_distributed()
+    try:
+        return _run(config, explicit=explicit, nan_hook=nan_hook)
+    finally:
+        if owns_group:
+            parallel.shutdown()
+
+
+def _run(config, *, explicit, nan_hook) -> Path:
     given = dict(vars(config) if isinstance(config, argparse.Namespace) else config)
     explicit = dict(given) if explicit is None else dict(explicit)
     t_start = time.perf_counter()
@@ -191,8 +220,14 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
             raise UsageError(f"--out {given['out']} differs from --resume {resume_dir}; give one of them")
         if "teacher" in explicit and explicit["teacher"] is not None:
             explicit["teacher"] = os.path.abspath(explicit["teacher"])
-        saved = runs.check_resume_dir(resume_dir, {k: v for k, v in explicit.items() if k in TRAINING_KEYS},
+        saved = runs.check_resume_dir(resume_dir, {k: v for k, v in explicit.items() if k in RUN_KEYS},
                                       ignore=RESUME_FREE)
+        saved_world = int(saved.get("world_size", 1))
+        if saved_world != parallel.env_world_size():
+            raise UsageError(f"--resume {resume_dir} was trained with {saved_world} process(es), this launch has "
+                             f"{parallel.env_world_size()}; resume it with the same world size"
+                             + (" (plain python, no torchrun)" if saved_world == 1
+                                else f" (torchrun --nproc_per_node={saved_world} on one node)"))
         cfg = resolve_config({k: v for k, v in saved.items() if k in vars(build_parser().parse_args([]))})
         for key in RESUME_FREE:
             if key in given and given[key] is not None and key not in ("resume", "out"):
@@ -209,29 +244,49 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
     _validate(cfg)
     device = _device(cfg["device"])
 
+    # ---------------------------------------------------------------- processes (torchrun)
+    # every check above depends only on the settings and the files, so all ranks agree on it;
+    # from here a failure on one rank is raised on all of them (parallel.agree)
+    device = parallel.init(device)
+    parallel.barrier()
+    main_rank = parallel.is_main()
+    world = parallel.world_size()
+    show = bool(cfg["progress"]) and main_rank
+
     from .data import GMMDenoiser, load_dataset
 
-    dataset = load_dataset(cfg["dataset"], data_root=cfg["data_root"], resolution=cfg["resolution"],
-                           download=cfg["download"])
-    teacher_net = None
     teacher_file = run_dir / runs.TEACHER_NAME
-    if resume_dir:
-        from .networks import load_denoiser
-        teacher_net = load_denoiser(teacher_file, device)
-        _check_teacher(teacher_net, dataset, teacher_file)
-    elif cfg["teacher"] is not None:
-        from .networks import load_denoiser
-        teacher_net = load_denoiser(cfg["teacher"], device)
-        _check_teacher(teacher_net, dataset, cfg["teacher"])
-    if cfg["exact_teacher"] and dataset.mixture is None:
-        raise UsageError(f"--exact-teacher needs a dataset with a known mixture, not {dataset.name}")
+
+    def load_inputs():
+        ds = load_dataset(cfg["dataset"], data_root=cfg["data_root"], resolution=cfg["resolution"],
+                          download=cfg["download"])
+        net = None
+        if resume_dir:
+            from .networks import load_denoiser
+            net = load_denoiser(teacher_file, device)
+            _check_teacher(net, ds, teacher_file)
+        elif cfg["teacher"] is not None:
+            from .networks import load_denoiser
+            net = load_denoiser(cfg["teacher"], device)
+            _check_teacher(net, ds, cfg["teacher"])
+        if cfg["exact_teacher"] and ds.mixture is None:
+            raise UsageError(f"--exact-teacher needs a dataset with a known mixture, not {ds.name}")
+        return ds, net
+
+    # rank 0 first: a --download happens once
+    dataset, teacher_net = parallel.rank0_first(load_inputs)
 
     # ---------------------------------------------------------------- teacher (may train one)
     if teacher_net is None:
         from .teacher import get_teacher
-        teacher_net = get_teacher(dataset, teacher_path=None, cache_dir=cfg["cache_dir"], device=device,
-                                  seed=0, progress=cfg["progress"])
-        _check_teacher(teacher_net, dataset, "(default teacher)")
+
+        def default_teacher():
+            net = get_teacher(dataset, teacher_path=None, cache_dir=cfg["cache_dir"], device=device,
+                              seed=0, progress=show)
+            _check_teacher(net, dataset, "(default teacher)")
+            return net
+        # rank 0 trains and caches it, the others load the cached file
+        teacher_net = parallel.rank0_first(default_teacher)
     teacher_net = teacher_net.to(device).eval()
     f_phi = GMMDenoiser(dataset.mixture).to(device) if cfg["exact_teacher"] else teacher_net
     if cfg["exact_teacher"] and int(getattr(teacher_net, "label_dim", 0)):
@@ -241,19 +296,34 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
     dcfg = distill_config(cfg)
     distiller = Distiller(f_phi, dcfg, init=teacher_net, sample_shape=dataset.sample_shape, device=device)
     distiller.nan_hook = nan_hook
+    distiller.enable_ddp()  # DDP on G and f_psi; weights broadcast from rank 0
     elapsed_before = 0.0
+    saved_at = None
     if resume_dir:
-        weights, state = runs.load_checkpoint(run_dir)
+        def load_state():
+            weights, state = runs.load_checkpoint(run_dir)
+            saved_world = int(state["distiller"].get("world_size", 1))
+            if saved_world != world:
+                raise UsageError(f"--resume {run_dir}: its checkpoint was written by {saved_world} process(es), "
+                                 f"this launch has {world}")
+            return weights, state
+        weights, state = parallel.agree(load_state)
         distiller.load_weights({k: v.to(device) for k, v in weights.items()})
         distiller.load_training_state(state["distiller"])
+        if "rng_ranks" in state:  # each rank continues its own sampling stream
+            distiller.rng.set_state(state["rng_ranks"][parallel.rank()].cpu())
         runs.restore_rng_state(state["rng"])
         elapsed_before = float(state.get("elapsed", 0.0))
-        saved_cfg = runs.read_config(run_dir)
-        if saved_cfg.get("iters") != cfg["iters"]:
-            saved_cfg["iters"] = cfg["iters"]
-            runs.write_json_atomic(run_dir / runs.CONFIG_NAME, saved_cfg)
-        logger = runs.JsonlLogger(run_dir / runs.LOG_NAME, truncate_after_step=distiller.iteration)
-    else:
+        saved_at = distiller.iteration
+        if main_rank:
+            saved_cfg = runs.read_config(run_dir)
+            if saved_cfg.get("iters") != cfg["iters"]:
+                saved_cfg["iters"] = cfg["iters"]
+                runs.write_json_atomic(run_dir / runs.CONFIG_NAME, saved_cfg)
+            logger = runs.JsonlLogger(run_dir / runs.LOG_NAME, truncate_after_step=distiller.iteration)
+        else:
+            logger = _NullLogger()
+    elif main_rank:
         from .networks import save_denoiser
         run_dir.mkdir(parents=True, exist_ok=True)
         save_denoiser(teacher_file, teacher_net, extra_metadata={"source": cfg["teacher"] or "default teacher"})
@@ -261,22 +331,33 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
         record["backend"] = dcfg.backend
         record["teacher_file"] = runs.TEACHER_NAME
         record["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        record["world_size"] = world
         runs.write_json_atomic(run_dir / runs.CONFIG_NAME, record)
         logger = runs.JsonlLogger(run_dir / runs.LOG_NAME)
+    else:
+        logger = _NullLogger()
+    parallel.barrier()
 
     # ---------------------------------------------------------------- training loop
     def checkpoint(elapsed):
-        runs.save_checkpoint(run_dir, distiller.iteration, distiller.weights(),
-                             {"distiller": distiller.training_state(), "rng": runs.capture_rng_state(),
-                              "elapsed": elapsed},
-                             keep_every=cfg["keep_every"] or None)
+        # collective: every rank's sampling stream goes into the state; rank 0 writes it
+        dstate = distiller.training_state()
+        extra = {}
+        if world > 1:
+            extra["rng_ranks"] = [s.cpu() for s in parallel.all_gather_objects(distiller.rng.get_state())]
+        if main_rank:
+            runs.save_checkpoint(run_dir, distiller.iteration, distiller.weights(),
+                                 {"distiller": dstate, "rng": runs.capture_rng_state(), "elapsed": elapsed, **extra},
+                                 keep_every=cfg["keep_every"] or None)
+        parallel.barrier()
+        return distiller.iteration
 
     t_train = time.perf_counter()
     total = int(cfg["iters"])
     try:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=min(distiller.iteration, total), desc=f"distil {cfg['dataset']}",
-                   disable=not cfg["progress"], dynamic_ncols=True, file=sys.stderr)
+                   disable=not show, dynamic_ncols=True, file=sys.stderr)
         acc: dict = {}
         n_acc = 0
         nan_since = {"nan_samples": 0, "nan_grads": 0}
@@ -292,9 +373,10 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
                 it = distiller.iteration
                 bar.update(1)
                 nan_now = out["nan_samples"] or out["nan_grads"]
-                if it % cfg["log_every"] == 0 or it == total or nan_now:
+                if it % cfg["log_every"] == 0 or it == total or nan_now:  # the same on every rank
                     elapsed = elapsed_before + time.perf_counter() - t_train
                     rec = {"iteration": it, "time": round(elapsed, 3), "images_seen": distiller.images_seen}
+                    acc = _mean_over_ranks(acc, device)
                     rec.update({k: v / n_acc for k, v in acc.items()})
                     rec.update(nan_since)
                     rec["nan_events_total"] = distiller.totals["nan_iterations"]
@@ -302,24 +384,32 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
                     bar.set_postfix({k[5:]: f"{v / n_acc:.4g}" for k, v in acc.items()}, refresh=False)
                     acc, n_acc = {}, 0
                     nan_since = {"nan_samples": 0, "nan_grads": 0}
-                if nan_now:
+                if nan_now and main_rank:
                     bar.write(f"iteration {it}: dropped {out['nan_samples']} non-finite samples, zeroed "
                               f"{out['nan_grads']} non-finite gradient values")
                 if it % cfg["ckpt_every"] == 0 and it < total:
-                    checkpoint(elapsed_before + time.perf_counter() - t_train)
+                    saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
         except KeyboardInterrupt:
-            checkpoint(elapsed_before + time.perf_counter() - t_train)
             bar.close()
             logger.close()
+            if world > 1:  # the other ranks may be anywhere: no collective checkpoint now
+                if main_rank:
+                    print(f"interrupted; continue from the last checkpoint with --resume {run_dir}",
+                          file=sys.stderr)
+                raise
+            checkpoint(elapsed_before + time.perf_counter() - t_train)
             print(f"interrupted; checkpoint of iteration {distiller.iteration} saved, continue with "
                   f"--resume {run_dir}", file=sys.stderr)
             raise
         bar.close()
         train_seconds = elapsed_before + time.perf_counter() - t_train
-        if runs.latest_step(run_dir) != distiller.iteration:
+        if saved_at != distiller.iteration and (world > 1 or runs.latest_step(run_dir) != distiller.iteration):
             checkpoint(train_seconds)
     finally:
         logger.close()
+
+    if not main_rank:  # rank 0 alone evaluates
+        return run_dir
 
     # ---------------------------------------------------------------- evaluation
     from .metrics import evaluate_distillation
@@ -348,6 +438,27 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
     else:
         print(f"run directory: {run_dir}")
     return run_dir
+
+
+class _NullLogger:
+    """The log of ranks other than 0."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _mean_over_ranks(acc: dict, device) -> dict:
+    """Loss sums averaged over the processes (the same keys on every rank)."""
+    if parallel.world_size() <= 1 or not acc:
+        return acc
+    keys = sorted(acc)
+    t = torch.tensor([float(acc[k]) for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    t /= parallel.world_size()
+    return dict(zip(keys, t.tolist()))
 
 
 def _fmt(v, spec=".4g"):

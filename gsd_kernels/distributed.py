@@ -143,8 +143,9 @@ def isometry_loss(x_local, z_local, *, weighting="global", bandwidth=None, scale
         raise ValueError(f"x_local and z_local must have the same first dimension, "
                          f"got {x_local.shape[0]} and {z_local.shape[0]}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    sizes = [torch.zeros((), dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(x_local.shape[0], dtype=torch.int64), group=group)
+    # on the samples' device: NCCL only moves CUDA tensors
+    sizes = [torch.zeros((), dtype=torch.int64, device=x_local.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(x_local.shape[0], dtype=torch.int64, device=x_local.device), group=group)
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"every rank must hold the same number of samples, got {[int(s) for s in sizes]}")
 
