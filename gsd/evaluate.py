@@ -1,0 +1,590 @@
+"""`python -m gsd.evaluate RUN_DIR`: evaluate a distillation run (SPEC §3.6), write eval.json.
+
+    python -m gsd.evaluate runs/digits-20250101-120000
+    python -m gsd.evaluate RUN --fid-weights ~/pt_inception-2015-12-05-6726825d.pth --require-fid
+
+Loads config.json, the run's teacher (teacher.safetensors) and the latest checkpoint (EMA
+generator), then compares the one-step generator G with the teacher's 35-NFE Heun sampler
+started from the same latents:
+
+- Frechet distance in the run's feature space: the digits CNN's penultimate features for
+  digits (labelled as such, not FID), raw coordinates for gmm;
+- FID with pytorch-fid's Inception weights when they are on disk (`gsd.fid`); otherwise
+  `"fid": null` and `"fid_unavailable": "<reason>"`; never a made-up number;
+- PPL (`gsd.ppl`), eps = 1e-4, 1%-99% filter, in a named feature space, for G and for the
+  teacher's Heun map (a deterministic function of the same initial noise);
+- isometry defect (optimal-scale isometry loss) on held-out latents;
+- latency at batch 64: one-step vs 35-NFE Heun, synchronised, warm-up excluded, median of
+  interleaved repeats;
+- gmm: sliced Wasserstein, MMD and mode coverage against the true mixture.
+
+Bad input (a folder that is not a run, missing files, a run written by another version,
+--fid-weights that is not a file, --require-fid without weights): one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import runs
+from .cli import UsageError, make_parser, nonnegative_int, positive_int, run_main
+
+__all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
+           "evaluate_loaded", "format_table", "machine_info", "build_parser", "main", "default_num_samples"]
+
+EVAL_FORMAT = "gsd-eval/1"
+EVAL_NAME = "eval.json"
+# Keys every run written by this version's gsd.train carries in config.json.
+REQUIRED_CONFIG_KEYS = ("dataset", "sigma_init", "alpha", "tmax", "lambda_sid", "lambda_irl", "batch", "seed",
+                        "exact_teacher", "teacher_file", "backend", "ema_halflife", "lr")
+# Names under which a run might record a format/version (checked when present).
+_FORMAT_KEYS = ("run_format", "gsd_format", "format", "format_version")
+ISOMETRY_SEED_OFFSET = 10_000_000
+SEED_STRIDE = 100_000_000
+
+
+def default_num_samples(dataset_name: str, dataset_len: int) -> int:
+    return {"digits": dataset_len, "gmm": 4000}.get(dataset_name, 2000)
+
+
+def machine_info(device) -> dict:
+    """CPU model, cores, torch version, device: what a timing depends on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    try:
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# --------------------------------------------------------------------------- loading a run
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: dict
+    step: int
+    dataset: object
+    distiller: object          # gsd.distill.Distiller with the checkpoint's weights
+    teacher: torch.nn.Module   # f_phi: the network teacher or the exact gmm denoiser
+    teacher_id: str            # identifies the teacher (for caching teacher-side results)
+    device: torch.device
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.distiller.num_classes)
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.dataset.sample_shape)
+
+
+def _device(name) -> torch.device:
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _check_run_config(run_dir: Path, cfg: dict) -> None:
+    expected = getattr(runs, "RUN_FORMAT", None)
+    for key in _FORMAT_KEYS:
+        if key in cfg and expected is not None and str(cfg[key]) != str(expected):
+            raise UsageError(f"{run_dir} was written by another gsd version ({key} {cfg[key]!r}; this gsd reads "
+                             f"{expected!r})")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} lacks {', '.join(missing)}: not a run of this gsd "
+                         f"version (another version, or not written by gsd.train)")
+
+
+def _network_id(net: torch.nn.Module) -> str:
+    """Content hash of a network's tensors (file bytes differ between identical saves: the
+    safetensors metadata order is not stable)."""
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    cfg = getattr(net, "config", None)
+    h.update(repr(cfg).encode())
+    return h.hexdigest()[:16]
+
+
+def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
+    """A run's config, data set, teacher and checkpoint; UsageError (one line) on any problem."""
+    from . import train
+    from .data import GMMDenoiser, load_dataset
+    from .distill import Distiller
+    from .networks import load_denoiser
+
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UsageError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a directory")
+    cfg = runs.read_config(run_dir)
+    _check_run_config(run_dir, cfg)
+    teacher_file = run_dir / str(cfg["teacher_file"])
+    if not teacher_file.is_file():
+        raise UsageError(f"{run_dir} is missing its teacher file {cfg['teacher_file']}")
+    if step is None:
+        step = runs.latest_step(run_dir)
+        if step is None:
+            raise UsageError(f"{run_dir} has no complete checkpoint ({runs.CKPT_DIR}/{runs.LATEST_NAME} missing or "
+                             f"pointing at missing files)")
+    dev = _device(device)
+
+    base = vars(train.build_parser().parse_args([]))
+    known = {k: v for k, v in cfg.items() if k in base or k == "exact_teacher"}
+    known.pop("resume", None)
+    try:
+        full = train.resolve_config(known)
+        dcfg = train.distill_config(full)
+    except UsageError as exc:
+        raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} is not usable by this gsd version ({exc})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} is not usable by this gsd version "
+                         f"({type(exc).__name__}: {exc})") from None
+
+    dataset = load_dataset(full["dataset"], data_root=full.get("data_root"), resolution=full.get("resolution"),
+                           download=False)
+    teacher_net = load_denoiser(teacher_file, dev)
+    shape = tuple(getattr(teacher_net, "sample_shape", ()) or ())
+    if shape and shape != tuple(dataset.sample_shape):
+        raise UsageError(f"{teacher_file} is for samples of shape {shape}, the run's data set {dataset.name} has "
+                         f"{tuple(dataset.sample_shape)}")
+    if full["exact_teacher"]:
+        if dataset.mixture is None:
+            raise UsageError(f"{run_dir}: exact_teacher is set but {dataset.name} has no known mixture")
+        f_phi = GMMDenoiser(dataset.mixture).to(dev)
+        teacher_id = "exact-gmm:" + hashlib.sha256(repr(dataset.mixture.to_dict()).encode()).hexdigest()[:16]
+    else:
+        f_phi = teacher_net
+        teacher_id = "net:" + _network_id(teacher_net)
+
+    weights, _state = runs.load_checkpoint(run_dir, step)
+    distiller = Distiller(f_phi, dcfg, init=teacher_net, sample_shape=dataset.sample_shape, device=dev)
+    try:
+        distiller.load_weights({k: v.to(dev) for k, v in weights.items()})
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = " ".join(str(exc).split())[:160]
+        raise UsageError(f"checkpoint {step} in {run_dir} does not fit this gsd version's networks ({first})") \
+            from None
+    distiller.iteration = int(step)
+    return LoadedRun(run_dir=run_dir, config=cfg, step=int(step), dataset=dataset, distiller=distiller,
+                     teacher=f_phi, teacher_id=teacher_id, device=dev, extra={"teacher_net": teacher_net})
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _batched(fn, x: torch.Tensor, labels, batch: int = 500) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(fn(x[i:i + batch], None if labels is None else labels[i:i + batch]).float().cpu())
+    return torch.cat(out)
+
+
+def _labels(n: int, num_classes: int, device):
+    return (torch.arange(n, device=device) % num_classes) if num_classes else None
+
+
+def interleaved_latency(fns: dict, device, *, warmup: int = 2, repeats: int = 7) -> dict:
+    """Median ms per callable, repeats interleaved (a load change hits every variant alike).
+
+    Each timed call is `gsd.metrics.measure_latency(fn, warmup=0, repeats=1)` (synchronised on
+    CUDA); `warmup` untimed calls of each first.
+    """
+    from .metrics import measure_latency
+
+    with torch.no_grad():
+        for _ in range(max(warmup, 0)):
+            for fn in fns.values():
+                fn()
+    times = {k: [] for k in fns}
+    for _ in range(max(repeats, 1)):
+        for k, fn in fns.items():
+            times[k].append(measure_latency(fn, device, warmup=0, repeats=1))
+    return {k: float(statistics.median(v)) for k, v in times.items()}
+
+
+class _Features:
+    """The feature spaces of one data set: for the Frechet distance and for PPL."""
+
+    def __init__(self, dataset, device, *, cache_dir=None, classifier_epochs: int = 30, progress: bool = False,
+                 fid_model=None):
+        from .metrics import classifier_features, digits_classifier
+        from .ppl import float64_copy
+
+        self.dataset = dataset
+        self.info: dict = {}
+        self.fd = None      # x -> (N, F) float64 features, or None (no feature space)
+        self.ppl = None     # float64 x -> features (None: identity)
+        if dataset.mixture is not None or len(dataset.sample_shape) == 1:
+            self.fd_name = "raw coordinates"
+            self.fd = lambda x: x.reshape(len(x), -1).double()
+            self.ppl_name = "raw coordinates (identity features)"
+        elif dataset.name == "digits":
+            clf, info = digits_classifier(dataset, cache_dir=cache_dir, device=device, progress=progress,
+                                          epochs=classifier_epochs)
+            self.fd_name = f"{info['feature']} (penultimate layer of a small CNN trained on digits; not FID)"
+            self.info["classifier_test_accuracy"] = info["test_accuracy"]
+            self.fd = lambda x: classifier_features(clf, x)
+            clf64 = float64_copy(clf)
+            self.ppl = lambda x: clf64.features(x.to(next(clf64.parameters()).device, torch.float64))
+            self.ppl_name = f"{info['feature']} (digits CNN penultimate features, squared L2)"
+        elif fid_model is not None:
+            from .fid import FID_FEATURE_NAME
+
+            self.fd_name = None
+            self.ppl = lambda x: fid_model(x.float()).double()
+            self.ppl_name = f"{FID_FEATURE_NAME}, squared L2 (computed in float32)"
+        else:
+            self.fd_name = None
+            self.ppl_name = "raw pixels (no feature network at hand for this data set), squared L2"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples, seed, ppl_seed, iso_z,
+                  iso_labels, teacher_steps, progress) -> dict:
+    """Samples and metrics that depend only on the teacher (shared between runs of one teacher)."""
+    from .metrics import isometry_defect
+    from .ppl import float64_copy, heun_sample_float64, perceptual_path_length
+    from .samplers import heun_sample
+
+    t0 = time.perf_counter()
+    x = _batched(lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), eps, labels)
+    t64 = float64_copy(run.teacher)
+    ppl = None
+    if ppl_samples > 0:
+        ppl = perceptual_path_length(
+            lambda z, l=None: heun_sample_float64(t64, z, l, num_steps=teacher_steps), run.sample_shape,
+            num=ppl_samples, features=feats.ppl, seed=ppl_seed, device=run.device, batch=128,
+            num_classes=run.num_classes)
+    iso = isometry_defect(lambda e: heun_sample(run.teacher, e, iso_labels, num_steps=teacher_steps), iso_z)
+    return {"samples": x, "ppl": ppl, "isometry_defect": iso, "seconds": time.perf_counter() - t0}
+
+
+def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_samples: int = 512, seed: int = 0,
+                    fid_weights=None, require_fid: bool = False, fid_model=None, latency_batch: int = 64,
+                    latency_repeats: int = 7, latency_warmup: int = 2, isometry_latents: int = 512, cache_dir=None,
+                    classifier_epochs: int = 30, teacher_steps: int = 18, teacher_cache: dict | None = None,
+                    progress: bool = False, features: _Features | None = None) -> tuple[dict, dict]:
+    """Every metric of a loaded run; returns (result for eval.json, {"one_step": x, "teacher": x} samples)."""
+    from .fid import FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception, locate_fid_weights
+    from .metrics import (frechet_distance, isometry_defect, mmd, mode_coverage, sliced_wasserstein)
+    from .ppl import float64_copy, perceptual_path_length
+    from .samplers import heun_nfe, heun_sample, latents_for_seeds
+
+    t_start = time.perf_counter()
+    dev = run.device
+    ds = run.dataset
+    shape = run.sample_shape
+    is_image = len(shape) == 3
+    if num_samples is None:
+        num_samples = default_num_samples(ds.name, len(ds))
+    if num_samples < 2:
+        raise UsageError(f"--num-samples must be >= 2, got {num_samples}")
+
+    # FID availability first: a missing file must fail before minutes of sampling
+    fid_reason = None
+    if fid_model is None:
+        if not is_image:
+            fid_reason = f"FID needs image data; {ds.name} samples have shape {shape}"
+            if fid_weights is not None:
+                locate_fid_weights(fid_weights)  # still refuse a --fid-weights that is not a file
+        else:
+            path, fid_reason = locate_fid_weights(fid_weights)
+            if path is not None:
+                fid_model = load_fid_inception(path, dev)
+    if fid_model is None and require_fid:
+        raise UsageError(f"--require-fid: {fid_reason}")
+
+    feats = features or _Features(ds, dev, cache_dir=cache_dir, classifier_epochs=classifier_epochs,
+                                  progress=progress, fid_model=fid_model)
+    nc = run.num_classes
+    base = int(seed) * SEED_STRIDE
+    eps = latents_for_seeds(range(base, base + num_samples), shape, dev)
+    labels = _labels(num_samples, nc, dev)
+    iso_z = latents_for_seeds(range(base + ISOMETRY_SEED_OFFSET, base + ISOMETRY_SEED_OFFSET + isometry_latents),
+                              shape, dev)
+    iso_labels = _labels(isometry_latents, nc, dev)
+    ppl_seed = 7919 + int(seed)
+
+    gen = run.distiller.generate
+    with torch.no_grad():
+        x_one = _batched(lambda e, l: gen(e, l), eps, labels)
+
+    key = (run.teacher_id, ds.name, num_samples, int(seed), ppl_samples, isometry_latents, teacher_steps, str(dev),
+           feats.ppl_name)
+    if teacher_cache is not None and key in teacher_cache:
+        tside = teacher_cache[key]
+    else:
+        tside = _teacher_side(run, eps, labels, feats, ppl_samples=ppl_samples, seed=seed, ppl_seed=ppl_seed,
+                              iso_z=iso_z, iso_labels=iso_labels, teacher_steps=teacher_steps, progress=progress)
+        if teacher_cache is not None:
+            teacher_cache[key] = tside
+    x_teacher = tside["samples"]
+
+    nfe_t = heun_nfe(teacher_steps)
+    one = {"sampler": "one-step generator (EMA)", "nfe": 1}
+    teach = {"sampler": f"teacher Heun, {teacher_steps} steps", "nfe": nfe_t}
+    result: dict = {
+        "format": EVAL_FORMAT, "run_dir": str(run.run_dir), "step": run.step, "dataset": ds.name,
+        "lambda_sid": run.config.get("lambda_sid"), "lambda_irl": run.config.get("lambda_irl"),
+        "seed": int(seed), "num_samples": int(num_samples), "latent_seeds": [base, base + num_samples - 1],
+        "teacher_kind": "exact GMM denoiser" if run.config.get("exact_teacher") else "network",
+        "one_step": one, "teacher": teach,
+        "settings": {"num_samples": int(num_samples), "ppl_samples": int(ppl_samples), "seed": int(seed),
+                     "isometry_latents": int(isometry_latents), "latency_batch": int(latency_batch),
+                     "latency_repeats": int(latency_repeats), "teacher_steps": int(teacher_steps),
+                     "fid_weights": None if fid_weights is None else str(fid_weights)},
+    }
+
+    # ---- Frechet distance in the run's feature space
+    real = ds.data
+    result["fd_feature"] = feats.fd_name or "none (no feature network for this data set; see fid)"
+    if ds.mixture is not None:
+        mix = ds.mixture
+        true1, _ = mix.sample(num_samples, generator=torch.Generator().manual_seed(123456))
+        true2, _ = mix.sample(num_samples, generator=torch.Generator().manual_seed(654321))
+        n_mmd = min(num_samples, 1000)
+        for m, x in ((one, x_one), (teach, x_teacher)):
+            m["fd"] = frechet_distance(x, true1)
+            m["sliced_wasserstein"] = sliced_wasserstein(x, true1)
+            m["mmd"] = mmd(x[:n_mmd], true1[:n_mmd])
+            cov = mode_coverage(x, mix.means, mix.stds, weights=mix.weights)
+            m["modes_covered"], m["num_modes"] = cov["modes_covered"], cov["num_modes"]
+            m["high_quality_fraction"] = cov["high_quality_fraction"]
+        result["true_vs_true"] = {"fd": frechet_distance(true2, true1),
+                                  "sliced_wasserstein": sliced_wasserstein(true2, true1),
+                                  "mmd": mmd(true2[:n_mmd], true1[:n_mmd])}
+        result["mmd_samples"] = n_mmd
+    elif feats.fd is not None:
+        f_real = feats.fd(real)
+        for m, x in ((one, x_one), (teach, x_teacher)):
+            m["fd"] = frechet_distance(feats.fd(x), f_real)
+        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+        half = len(real) // 2
+        result["real_split_fd"] = frechet_distance(f_real[perm[:half]], f_real[perm[half:]])
+        result.update(feats.info)
+    else:
+        one["fd"] = teach["fd"] = None
+
+    # ---- FID
+    if fid_model is not None:
+        n_real = min(len(real), max(num_samples, 2))
+        idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[:n_real]
+        f_real = inception_features(fid_model, real[idx])
+        one["fid"] = fid_from_features(inception_features(fid_model, x_one), f_real)
+        teach["fid"] = fid_from_features(inception_features(fid_model, x_teacher), f_real)
+        result["fid"], result["fid_teacher"] = one["fid"], teach["fid"]
+        result["fid_feature"] = FID_FEATURE_NAME
+        result["fid_real_samples"] = int(n_real)
+        result["fid_unavailable"] = None
+    else:
+        one["fid"] = teach["fid"] = None
+        result["fid"] = result["fid_teacher"] = None
+        result["fid_unavailable"] = fid_reason
+
+    # ---- PPL
+    result["ppl_feature"] = feats.ppl_name
+    if ppl_samples > 0:
+        g64 = float64_copy(run.distiller.ema_generator)
+        s = float(run.distiller.config.sigma_init)
+
+        def g_fn(z, l=None):
+            return g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64, device=z.device), l)
+
+        ppl_one = perceptual_path_length(g_fn, shape, num=ppl_samples, features=feats.ppl, seed=ppl_seed,
+                                         device=dev, batch=256, num_classes=nc)
+        one["ppl"], one["ppl_stderr"] = ppl_one["ppl"], ppl_one["ppl_stderr"]
+        tp = tside["ppl"]
+        teach["ppl"], teach["ppl_stderr"] = tp["ppl"], tp["ppl_stderr"]
+        result["ppl_settings"] = {k: ppl_one[k] for k in ("eps", "percentiles", "num_pairs")}
+        result["ppl_settings"]["slerp"] = "latents z1, z2 ~ N(0, I) of the data shape (not normalised)"
+        result["ppl_settings"]["num_kept"] = {"one_step": ppl_one["num_kept"], "teacher": tp["num_kept"]}
+    else:
+        one["ppl"] = teach["ppl"] = None
+
+    # ---- isometry defect
+    result["isometry_defect"] = isometry_defect(lambda e: gen(e, iso_labels), iso_z)
+    one["isometry_defect"] = result["isometry_defect"]
+    teach["isometry_defect"] = tside["isometry_defect"]
+    result["isometry_latents"] = int(isometry_latents)
+
+    # ---- latency (batch 64, same latents, interleaved repeats)
+    nb = min(latency_batch, num_samples)
+    eps_b, lab_b = eps[:nb], None if labels is None else labels[:nb]
+    lat = interleaved_latency({"one": lambda: gen(eps_b, lab_b),
+                               "teacher": lambda: heun_sample(run.teacher, eps_b, lab_b, num_steps=teacher_steps)},
+                              dev, warmup=latency_warmup, repeats=latency_repeats)
+    one["latency_ms"], teach["latency_ms"] = lat["one"], lat["teacher"]
+    result["latency"] = {"batch": int(nb), "repeats": int(latency_repeats), "one_step_ms": lat["one"],
+                         "teacher_ms": lat["teacher"], "speedup": lat["teacher"] / lat["one"],
+                         "reduction": 1.0 - lat["one"] / lat["teacher"],
+                         "method": "median of interleaved repeats, warm-up excluded, synchronised on CUDA"}
+
+    result["machine"] = machine_info(dev)
+    result["seconds"] = round(time.perf_counter() - t_start, 2)
+    return result, {"one_step": x_one, "teacher": x_teacher}
+
+
+def evaluate_run(run_dir, *, device="auto", step: int | None = None, write: bool = True, **kw) -> dict:
+    """Load a run, evaluate it, write RUN_DIR/eval.json (atomically); returns the result."""
+    from .fid import locate_fid_weights
+
+    if kw.get("fid_weights") is not None:
+        locate_fid_weights(kw["fid_weights"])  # a bad path fails before the run is loaded
+    run = load_run(run_dir, step=step, device=device)
+    result, _ = evaluate_loaded(run, **kw)
+    if write:
+        runs.write_json_atomic(Path(run_dir) / EVAL_NAME, _json_clean(result))
+    return result
+
+
+def _json_clean(obj):
+    """JSON-safe copy: tensors/arrays to lists, numpy scalars to Python, non-finite floats to strings."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _json_clean(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return _json_clean(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------- table
+
+def _fmt(v, spec=".4g"):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def format_table(result: dict) -> str:
+    one, teach = result["one_step"], result["teacher"]
+    cols = ["nfe", "fd", "fid", "ppl", "isometry_defect", "latency_ms"]
+    cols += [k for k in ("sliced_wasserstein", "mmd", "modes_covered") if k in one]
+    names = {"nfe": "NFE", "fd": "FD", "fid": "FID", "ppl": "PPL", "isometry_defect": "iso. defect",
+             "latency_ms": f"ms/batch {result.get('latency', {}).get('batch', '')}",
+             "sliced_wasserstein": "sliced W2", "mmd": "MMD^2", "modes_covered": "modes"}
+    rows = [["sampler"] + [names[c] for c in cols]]
+    for label, m in (("one-step G (EMA)", one), (f"teacher Heun ({teach['nfe']} NFE)", teach)):
+        row = [label]
+        for c in cols:
+            v = f"{m.get('modes_covered')}/{m.get('num_modes')}" if c == "modes_covered" else m.get(c)
+            row.append(_fmt(v))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"run {result['run_dir']} at step {result['step']}, {result['num_samples']} samples, "
+                 f"seed {result['seed']}")
+    lines.append(f"FD feature space: {result['fd_feature']}")
+    if result.get("fid_unavailable"):
+        lines.append(f"FID: not computed ({result['fid_unavailable']})")
+    lines.append(f"PPL feature space: {result['ppl_feature']}")
+    lat = result.get("latency")
+    if lat:
+        lines.append(f"latency reduction one-step vs teacher: {100 * lat['reduction']:.1f}% "
+                     f"({lat['speedup']:.1f}x) on {result['machine']['device']}")
+    if "real_split_fd" in result:
+        lines.append(f"FD between two halves of the real data (noise floor): {_fmt(result['real_split_fd'])}")
+    if "true_vs_true" in result:
+        lines.append(f"true mixture vs true mixture: FD {_fmt(result['true_vs_true']['fd'])}, sliced W2 "
+                     f"{_fmt(result['true_vs_true']['sliced_wasserstein'])}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m gsd.evaluate",
+                    "Evaluate a distillation run: Frechet distance, FID (when Inception weights are on disk), "
+                    "PPL, isometry defect, latency of the one-step generator vs the 35-NFE Heun teacher; "
+                    "writes RUN_DIR/eval.json.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by python -m gsd.train")
+    p.add_argument("--num-samples", type=positive_int, default=None,
+                   help="samples per Frechet distance / FID (default: %(default)s = 1797 for digits, 4000 for gmm, "
+                        "2000 otherwise)")
+    p.add_argument("--ppl-samples", type=nonnegative_int, default=512,
+                   help="latent pairs of the PPL estimate (0 skips PPL)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run; auto picks cuda when available")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="random seed of the latents (sample i uses seed*1e8 + i) and of the PPL draws")
+    p.add_argument("--step", type=nonnegative_int, default=None, help="checkpoint step to evaluate (default: %(default)s = the latest)")
+    p.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="pytorch-fid Inception weights (pt_inception-2015-12-05-*.pth) (default: %(default)s = look in "
+                        "the torch hub cache, <torch hub dir>/checkpoints)")
+    p.add_argument("--require-fid", action="store_true",
+                   help="fail (exit 2) when no Inception weights are at hand instead of recording fid: null")
+    p.add_argument("--latency-batch", type=positive_int, default=64, help="batch size of the latency measurement")
+    p.add_argument("--latency-repeats", type=positive_int, default=7, help="timed repeats (median reported)")
+    p.add_argument("--isometry-latents", type=positive_int, default=512,
+                   help="held-out latents of the isometry defect")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="cache of the digits classifier (default: %(default)s = $GSD_CACHE or ~/.cache/gsd)")
+    p.add_argument("--classifier-epochs", type=positive_int, default=30, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.isometry_latents < 2:
+        raise UsageError("--isometry-latents must be >= 2")
+    result = evaluate_run(args.run_dir, device=args.device, step=args.step, num_samples=args.num_samples,
+                          ppl_samples=args.ppl_samples, seed=args.seed, fid_weights=args.fid_weights,
+                          require_fid=args.require_fid, latency_batch=args.latency_batch,
+                          latency_repeats=args.latency_repeats, isometry_latents=args.isometry_latents,
+                          cache_dir=args.cache_dir, classifier_epochs=args.classifier_epochs, progress=args.progress)
+    print(format_table(result))
+    print(f"wrote {Path(args.run_dir) / EVAL_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,851 @@
+"""`python -m gsd.experiments`: the paper's tables on the embedded data, end to end.
+
+    python -m gsd.experiments                       # digits, default size (~15-25 min on 2 CPU cores)
+    python -m gsd.experiments --scale 8 --device cuda
+    python -m gsd.experiments --root exp2 --seed 1
+
+Trains (or reuses) three distillation runs under `--root` from one teacher and one seed:
+
+- `full`:   SiD + isometric loss (--lambda-sid 1, --lambda-irl L)
+- `no-irl`: without the isometric loss (--lambda-irl 0)
+- `no-sid`: without the distillation loss (--lambda-sid 0)
+
+evaluates them with `gsd.evaluate` (same latents for every run and for the teacher) and
+writes `ROOT/results.md` with
+
+- Table 1: MSA (the teacher's 35-NFE Heun sampler) vs GSD one-step: FD, PPL, inference
+  time, NFE;
+- Table 2: the loss ablation: FD, PPL, isometry defect, training time;
+- the DSG guidance table (`gsd.guidance`) and latent-editing numbers (`gsd.edit`) when those
+  modules are importable, otherwise a line saying they are unavailable;
+- seeds, settings and the machine (CPU model, cores, threads, torch version, device),
+
+plus PNGs in the same folder: loss curves (log.jsonl), FD over training (the kept
+checkpoints), latency bars and sample grids. A run directory is reused when its config
+matches (its name carries a hash of the training settings); an unfinished one is resumed.
+Nothing is tuned toward the paper: the text states what came out, including when the
+isometric loss did not lower PPL or the isometry defect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import runs
+from .cli import (UsageError, make_parser, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                  run_main)
+
+__all__ = ["VARIANTS", "plan_runs", "run_experiments", "build_parser", "main", "guidance_section",
+           "edit_section"]
+
+# name -> (lambda_sid, lambda_irl or None for "the --lambda-irl value"), description
+VARIANTS = {
+    "full": (1.0, None, "full loss (SiD + isometric)"),
+    "no-irl": (1.0, 0.0, "without the isometric loss (--lambda-irl 0)"),
+    "no-sid": (0.0, None, "without the distillation loss (--lambda-sid 0)"),
+}
+RESULTS_NAME = "results.md"
+
+
+# --------------------------------------------------------------------------- sizes
+
+def sizes(args) -> dict:
+    """Iterations, batch and evaluation sizes for the chosen --scale (or --tiny)."""
+    from .train import DATASET_DEFAULTS
+
+    dd = DATASET_DEFAULTS[args.dataset]
+    if args.tiny:
+        return dict(iters=args.iters or 3, batch=8, ckpt_every=1, log_every=1, num_samples=64, ppl_samples=8,
+                    isometry_latents=16, latency_repeats=1, latency_batch=16, latency_warmup=1,
+                    classifier_epochs=1, guidance_num=8)
+    s = float(args.scale)
+    iters = args.iters or max(1, int(round(dd["iters"] * s)))
+    batch = dd["batch"] * (max(1, min(4, int(round(s)))) if s >= 1 else 1)
+    return dict(iters=iters, batch=batch, ckpt_every=max(1, iters // 6), log_every=10,
+                num_samples=args.num_samples, ppl_samples=args.ppl_samples or min(10_000, int(512 * max(1.0, s))),
+                isometry_latents=512, latency_repeats=args.latency_repeats, latency_batch=64, latency_warmup=2,
+                classifier_epochs=30,
+                guidance_num=int(200 * max(1.0, s)))
+
+
+def _run_config(args, sz: dict, variant: str) -> dict:
+    lam_sid, lam_irl, _ = VARIANTS[variant]
+    return dict(dataset=args.dataset, teacher=os.path.abspath(args.teacher) if args.teacher else None,
+                seed=args.seed, batch=sz["batch"], iters=sz["iters"], lambda_sid=lam_sid,
+                lambda_irl=args.lambda_irl if lam_irl is None else lam_irl, fused=not args.no_fused,
+                device=args.device, ckpt_every=sz["ckpt_every"], keep_every=sz["ckpt_every"], eval_samples=0,
+                log_every=sz["log_every"], progress=False, cache_dir=args.cache_dir,
+                classifier_epochs=sz["classifier_epochs"])
+
+
+def _training_view(cfg: dict) -> dict:
+    from .train import TRAINING_KEYS, resolve_config
+
+    full = resolve_config({k: v for k, v in cfg.items() if k != "out"})
+    view = {k: full[k] for k in TRAINING_KEYS if k in full}
+    view["iters"] = full["iters"]
+    return view
+
+
+def _run_dir(root: Path, cfg: dict, variant: str) -> Path:
+    view = _training_view(cfg)
+    digest = hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return root / f"{cfg['dataset']}-{variant}-{digest}"
+
+
+def _find_matching(root: Path, cfg: dict, variant: str, iters: int) -> Path | None:
+    """A run folder under root with the same training settings (most advanced first), or None."""
+    view = {k: v for k, v in _training_view(cfg).items() if k != "iters"}
+    best, best_step = None, -1
+    for c in sorted(root.glob(f"{cfg['dataset']}-{variant}-*/{runs.CONFIG_NAME}")):
+        if ".stale-" in c.parent.name:
+            continue
+        try:
+            saved = runs.read_config(c.parent)
+        except UsageError:
+            continue
+        if runs.diff_configs(saved, view):
+            continue
+        step = runs.latest_step(c.parent)
+        if step is not None and step <= iters and step > best_step:
+            best, best_step = c.parent, step
+    return best
+
+
+def plan_runs(args, sz: dict, root: Path) -> dict:
+    """{variant: (config, run_dir, status)} with status 'done', 'resume' or 'new'."""
+    plan = {}
+    for variant in VARIANTS:
+        cfg = _run_config(args, sz, variant)
+        d = _run_dir(root, cfg, variant)
+        if not d.exists():
+            # the name's hash depends on gsd.train's list of training keys; a run written before
+            # that list changed is still reused when its saved settings match
+            d = _find_matching(root, cfg, variant, sz["iters"]) or d
+        cfg["out"] = str(d)
+        status = "new"
+        if (d / runs.CONFIG_NAME).exists():
+            saved = runs.read_config(d)
+            view = _training_view(cfg)
+            same = not runs.diff_configs(saved, {k: v for k, v in view.items() if k != "iters"})
+            step = runs.latest_step(d)
+            if same and step is not None and step >= sz["iters"]:
+                status = "done"
+            elif same and step is not None:
+                status = "resume"
+            else:  # an aborted start (no checkpoint) or a foreign folder: set it aside, never delete
+                aside = d.with_name(f"{d.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+                d.rename(aside)
+                print(f"set aside unusable {d} -> {aside}", file=sys.stderr)
+        elif d.exists() and any(d.iterdir()):
+            aside = d.with_name(f"{d.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            d.rename(aside)
+        plan[variant] = (cfg, d, status)
+    return plan
+
+
+# --------------------------------------------------------------------------- training
+
+def _cli_flags(cfg: dict) -> list[str]:
+    flags = ["--dataset", cfg["dataset"], "--seed", str(cfg["seed"]), "--batch", str(cfg["batch"]),
+             "--iters", str(cfg["iters"]), "--lambda-sid", repr(float(cfg["lambda_sid"])),
+             "--lambda-irl", repr(float(cfg["lambda_irl"])), "--device", cfg["device"],
+             "--ckpt-every", str(cfg["ckpt_every"]), "--keep-every", str(cfg["keep_every"]),
+             "--eval-samples", "0", "--log-every", str(cfg["log_every"]), "--no-progress",
+             "--fused" if cfg["fused"] else "--no-fused"]
+    if cfg.get("teacher"):
+        flags += ["--teacher", cfg["teacher"]]
+    if cfg.get("cache_dir"):
+        flags += ["--cache-dir", str(cfg["cache_dir"])]
+    return flags
+
+
+def train_all(plan: dict, *, jobs: int, threads_per_job: int | None, root: Path) -> dict:
+    """Train / resume the runs that need it; returns {variant: wall seconds of this invocation}."""
+    from . import train
+
+    todo = [(v, cfg, d, st) for v, (cfg, d, st) in plan.items() if st != "done"]
+    walls = {v: 0.0 for v in plan}
+    if not todo:
+        return walls
+    if jobs <= 1:
+        for v, cfg, d, st in todo:
+            t0 = time.perf_counter()
+            print(f"[experiments] training {v} -> {d} ({'resume' if st == 'resume' else 'new'})", flush=True)
+            if st == "resume":
+                train.run({"resume": str(d), "iters": cfg["iters"], "eval_samples": 0, "progress": False,
+                           "device": cfg["device"]}, explicit={})
+            else:
+                train.run(cfg)
+            walls[v] = time.perf_counter() - t0
+        return walls
+    # parallel subprocesses (`python -m gsd.train`), heaviest (SiD) runs first
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if threads_per_job:
+        env["OMP_NUM_THREADS"] = str(threads_per_job)
+        env["MKL_NUM_THREADS"] = str(threads_per_job)
+    todo.sort(key=lambda r: -plan[r[0]][0]["lambda_sid"])
+    running: list = []
+    failures = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            v, cfg, d, st = todo.pop(0)
+            if st == "resume":
+                argv = ["--resume", str(d), "--iters", str(cfg["iters"]), "--eval-samples", "0", "--no-progress",
+                        "--device", cfg["device"]]
+            else:
+                argv = _cli_flags(cfg) + ["--out", str(d)]
+            log = open(root / f"{d.name}.train.txt", "w")
+            print(f"[experiments] training {v} -> {d} (subprocess)", flush=True)
+            proc = subprocess.Popen([sys.executable, "-m", "gsd.train", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, cwd=repo)
+            running.append((v, proc, log, time.perf_counter()))
+        time.sleep(0.5)
+        for item in list(running):
+            v, proc, log, t0 = item
+            if proc.poll() is not None:
+                log.close()
+                walls[v] = time.perf_counter() - t0
+                running.remove(item)
+                if proc.returncode != 0:
+                    failures.append((v, proc.returncode, log.name))
+    if failures:
+        v, code, name = failures[0]
+        tail = ""
+        try:
+            tail = Path(name).read_text().strip().splitlines()[-1]
+        except (OSError, IndexError):
+            pass
+        raise UsageError(f"training {v} failed (exit {code}; see {name}): {tail}")
+    return walls
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _eval_matches(path: Path, step: int, settings: dict) -> dict | None:
+    from .evaluate import EVAL_FORMAT
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("format") != EVAL_FORMAT or saved.get("step") != step or saved.get("settings") != settings:
+        return None
+    return saved
+
+
+@torch.no_grad()
+def _grid_samples(run, seed: int, n: int = 64) -> dict:
+    """The first n samples of the evaluation latents, one-step and teacher (for the figure)."""
+    from .evaluate import SEED_STRIDE, _labels
+    from .samplers import heun_sample, latents_for_seeds
+
+    if len(run.sample_shape) == 1:
+        n = 2000
+    eps = latents_for_seeds(range(seed * SEED_STRIDE, seed * SEED_STRIDE + n), run.sample_shape, run.device)
+    lab = _labels(n, run.num_classes, run.device)
+    return {"one_step": run.distiller.generate(eps, lab).float().cpu(),
+            "teacher": heun_sample(run.teacher, eps, lab).float().cpu()}
+
+
+@torch.no_grad()
+def fd_curve(run, feats, *, num_samples: int, seed: int) -> list[dict]:
+    """FD of the EMA generator at step 0 (the teacher copy) and at every kept checkpoint."""
+    from .evaluate import SEED_STRIDE, _batched, _labels
+    from .metrics import frechet_distance
+    from .samplers import latents_for_seeds
+
+    if feats.fd is None and run.dataset.mixture is None:
+        return []
+    ds = run.dataset
+    dev = run.device
+    eps = latents_for_seeds(range(seed * SEED_STRIDE, seed * SEED_STRIDE + num_samples), ds.sample_shape, dev)
+    labels = _labels(num_samples, run.num_classes, dev)
+    if ds.mixture is not None:
+        ref = ds.mixture.sample(num_samples, generator=torch.Generator().manual_seed(123456))[0]
+        fd = lambda x: frechet_distance(x, ref)  # noqa: E731
+    else:
+        f_real = feats.fd(ds.data)
+        fd = lambda x: frechet_distance(feats.fd(x), f_real)  # noqa: E731
+    s = float(run.distiller.config.sigma_init)
+    net0 = run.extra["teacher_net"]
+    g0 = lambda e, l: net0(s * e, torch.full((e.shape[0],), s, device=e.device), l)  # noqa: E731
+    out = [{"iteration": 0, "fd": fd(_batched(g0, eps, labels))}]
+    ckdir = run.run_dir / runs.CKPT_DIR
+    steps = sorted(int(p.stem.split("-")[1]) for p in ckdir.glob("ckpt-*.safetensors")
+                   if (ckdir / f"{p.stem}.pt").exists())
+    dist = run.distiller
+    for st in steps:
+        weights, _ = runs.load_checkpoint(run.run_dir, st)
+        dist.load_weights({k: v.to(dev) for k, v in weights.items()})
+        out.append({"iteration": st, "fd": fd(_batched(lambda e, l: dist.generate(e, l), eps, labels))})
+    # leave the distiller at the evaluated (latest) checkpoint
+    weights, _ = runs.load_checkpoint(run.run_dir, run.step)
+    dist.load_weights({k: v.to(dev) for k, v in weights.items()})
+    return out
+
+
+def evaluate_all(plan: dict, args, sz: dict, root: Path) -> tuple[dict, dict, dict]:
+    """(eval results, samples, fd curves) per variant; reuses matching eval.json files."""
+    from .evaluate import EVAL_NAME, _Features, _json_clean, evaluate_loaded, load_run
+
+    results, samples, curves = {}, {}, {}
+    teacher_cache: dict = {}
+    feats = None
+    for v, (cfg, d, _st) in plan.items():
+        run = load_run(d, device=args.device)
+        if feats is None:
+            feats = _Features(run.dataset, run.device, cache_dir=args.cache_dir,
+                              classifier_epochs=sz["classifier_epochs"])
+        settings_kw = dict(num_samples=sz["num_samples"], ppl_samples=sz["ppl_samples"], seed=args.seed,
+                           isometry_latents=sz["isometry_latents"], latency_repeats=sz["latency_repeats"],
+                           latency_batch=sz["latency_batch"], latency_warmup=sz["latency_warmup"],
+                           classifier_epochs=sz["classifier_epochs"], fid_weights=args.fid_weights,
+                           cache_dir=args.cache_dir)
+        settings = {"num_samples": sz["num_samples"], "ppl_samples": sz["ppl_samples"], "seed": int(args.seed),
+                    "isometry_latents": sz["isometry_latents"], "latency_batch": sz["latency_batch"],
+                    "latency_repeats": sz["latency_repeats"], "teacher_steps": 18,
+                    "fid_weights": None if args.fid_weights is None else str(args.fid_weights)}
+        saved = None if args.re_evaluate else _eval_matches(d / EVAL_NAME, run.step, settings)
+        if saved is not None and (saved.get("fid") is not None or args.fid_weights is None):
+            print(f"[experiments] reusing {d.name}/{EVAL_NAME}", flush=True)
+            res, smp = saved, _grid_samples(run, args.seed, min(64, sz["num_samples"]))
+            res["reused"] = True
+        else:
+            print(f"[experiments] evaluating {v} ({d.name})", flush=True)
+            res, smp = evaluate_loaded(run, teacher_cache=teacher_cache, features=feats, **settings_kw)
+            runs.write_json_atomic(d / EVAL_NAME, _json_clean(res))
+        results[v], samples[v] = res, smp
+        logged = [{"iteration": int(r["iteration"]), "fd": float(r["fd"])} for r in runs.read_log(d)
+                  if isinstance(r.get("fd"), (int, float)) and "iteration" in r]
+        if logged:  # the training log carries a periodic FD: use it as is
+            curves[v] = logged
+            continue
+        curve_file = d / "fd_curve.json"
+        key = {"num_samples": res["num_samples"], "seed": args.seed, "step": run.step}
+        curve = None
+        try:
+            saved = json.loads(curve_file.read_text())
+            if saved.get("key") == key:
+                curve = saved["curve"]
+        except (OSError, ValueError, KeyError):
+            pass
+        if curve is None:
+            curve = fd_curve(run, feats, num_samples=res["num_samples"], seed=args.seed)
+            runs.write_json_atomic(curve_file, _json_clean({"key": key, "curve": curve}))
+        curves[v] = curve
+    return results, samples, curves
+
+
+# --------------------------------------------------------------------------- extras (other modules)
+
+def _call_with_supported(fn, *args, **kwargs):
+    """Call fn with only the keyword arguments its signature accepts."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def guidance_section(teacher, dataset, *, num: int, steps: int, seed: int, device, cache_dir=None) -> tuple[str, str]:
+    """(status, markdown) of the DSG guidance table from gsd.guidance, or why it is missing."""
+    try:
+        from . import guidance  # noqa: F401
+        measure, fmt = guidance.measure_guidance, guidance.format_guidance_table
+    except (ImportError, AttributeError) as exc:
+        return "unavailable", f"_Unavailable: gsd.guidance is not importable here ({type(exc).__name__}: {exc})._"
+    t0 = time.perf_counter()
+    try:
+        kw = {"cache_dir": cache_dir} if cache_dir is not None else {}
+        result = _call_with_supported(measure, teacher, dataset, num=num, steps=steps, seed=seed, device=device,
+                                      **kw)
+        table = fmt(result)
+    except (ImportError, AttributeError) as exc:
+        return "unavailable", f"_Unavailable: gsd.guidance failed to run ({type(exc).__name__}: {exc})._"
+    except Exception as exc:  # noqa: BLE001 - another module's failure must not sink the tables
+        msg = " ".join(str(exc).split())[:300]
+        return "failed", f"_Failed: gsd.guidance.measure_guidance raised {type(exc).__name__}: {msg}._"
+    return "ok", (f"`gsd.guidance.measure_guidance(teacher, dataset, num={num}, steps={steps}, seed={seed})` "
+                  f"({time.perf_counter() - t0:.1f} s):\n\n{table}")
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def edit_section(run_dirs: dict, *, device, seed: int, num: int | None = None) -> tuple[str, str]:
+    """(status, markdown) of gsd.edit.edit_metrics for each run, or why it is missing."""
+    try:
+        from . import edit  # noqa: F401
+        fn = edit.edit_metrics
+    except (ImportError, AttributeError) as exc:
+        return "unavailable", f"_Unavailable: gsd.edit is not importable here ({type(exc).__name__}: {exc})._"
+    rows, cols = {}, []
+    t0 = time.perf_counter()
+    for name, d in run_dirs.items():
+        try:
+            kw = dict(device=device, seed=seed)
+            if num is not None:
+                kw.update(num=num, num_samples=num)
+            res = _call_with_supported(fn, d, **kw)
+        except (ImportError, AttributeError) as exc:
+            return "unavailable", f"_Unavailable: gsd.edit failed to run ({type(exc).__name__}: {exc})._"
+        except Exception as exc:  # noqa: BLE001
+            msg = " ".join(str(exc).split())[:300]
+            return "failed", f"_Failed: gsd.edit.edit_metrics({d}) raised {type(exc).__name__}: {msg}._"
+        flat = _flatten(res) if isinstance(res, dict) else {"result": res}
+        # the headline numbers only: per-class detail and long descriptions stay in gsd.edit's output
+        flat = {k: v for k, v in flat.items() if not k.startswith(("per_class.", "_"))
+                and (isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 60))}
+        rows[name] = flat
+        for k in flat:
+            if k not in cols:
+                cols.append(k)
+    lines = ["| metric | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for k in cols:
+        lines.append(f"| {k} | " + " | ".join(_fmt(rows[n].get(k)) for n in rows) + " |")
+    return "ok", (f"`gsd.edit.edit_metrics(run_dir)` per run ({time.perf_counter() - t0:.1f} s):\n\n"
+                  + "\n".join(lines))
+
+
+# --------------------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path):
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _plt().close(fig)
+    runs.atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_losses(logs: dict, path: Path):
+    plt = _plt()
+    keys = ["loss_sid", "loss_irl", "loss_fake"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, recs in logs.items():
+            pts = [(r["iteration"], r[key]) for r in recs if isinstance(r.get(key), (int, float))
+                   and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), label=name, lw=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+        if key == "loss_fake":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle("training losses (log.jsonl, averaged over each logging interval)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_fd_curves(curves: dict, teacher_fd, label: str, path: Path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, curve in curves.items():
+        if curve:
+            ax.plot([c["iteration"] for c in curve], [c["fd"] for c in curve], marker="o", ms=3, label=name)
+    if teacher_fd is not None:
+        ax.axhline(teacher_fd, color="k", ls="--", lw=1, label="teacher Heun (35 NFE)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("FD")
+    ax.set_yscale("log")
+    ax.set_title(f"FD over training ({label.split(' (')[0]})", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_latency(results: dict, path: Path):
+    plt = _plt()
+    first = next(iter(results.values()))
+    names = [f"teacher Heun\n({first['teacher']['nfe']} NFE)"] + [f"{v}\n(1 NFE)" for v in results]
+    vals = [first["teacher"]["latency_ms"]] + [r["one_step"]["latency_ms"] for r in results.values()]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    bars = ax.bar(names, vals, color=["#888"] + ["#2a7"] * len(results))
+    for b, val in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, val, f"{val:.1f} ms", ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"ms per batch of {first['latency']['batch']} (median)")
+    ax.set_title(f"inference latency on {first['machine']['device']} ({first['machine']['cpu']})", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_samples(samples: dict, dataset, path: Path):
+    from .plots import save_samples_png
+
+    first = next(iter(samples.values()))
+    n = 64 if first["teacher"].ndim == 4 else 2000
+    panels = [("teacher Heun (35 NFE)", first["teacher"][:n])]
+    panels += [(f"{v} (1 NFE)", s["one_step"][:n]) for v, s in samples.items()]
+    save_samples_png(panels, path, means=dataset.mixture.means if dataset.mixture is not None else None)
+
+
+# --------------------------------------------------------------------------- results.md
+
+def _fmt(v, spec=".4g"):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def _pm(v, se):
+    if v is None:
+        return "-"
+    return f"{_fmt(v)} ± {_fmt(se, '.2g')}" if se is not None and isinstance(se, float) and math.isfinite(se) \
+        else _fmt(v)
+
+
+def _train_stats(d: Path) -> dict:
+    log = runs.read_log(d)
+    if not log:
+        return {"train_seconds": None, "iters": 0}
+    last = log[-1]
+    sec = float(last.get("time", 0.0))
+    it = int(last.get("iteration", 0))
+    return {"train_seconds": sec, "iters": it, "sec_per_iter": sec / it if it else None}
+
+
+def _compare(a, sa, b, sb, what: str, lower_name: str, other_name: str) -> str:
+    """A plain sentence on whether `a` (lower_name) is lower than `b` (other_name), with noise."""
+    if a is None or b is None:
+        return f"{what}: not available"
+    noise = None
+    if sa is not None and sb is not None and math.isfinite(sa) and math.isfinite(sb):
+        noise = 2 * math.sqrt(sa * sa + sb * sb)
+    rel = (a - b) / abs(b) if b else float("nan")
+    if noise is not None and abs(a - b) <= noise:
+        return (f"{what}: {lower_name} {_fmt(a)} vs {other_name} {_fmt(b)}: the difference is within two standard "
+                f"errors, i.e. the isometric loss did NOT measurably lower it at this sample size")
+    if a == b:
+        return f"{what}: {lower_name} {_fmt(a)} vs {other_name} {_fmt(b)}: identical"
+    if a < b:
+        return f"{what}: {lower_name} {_fmt(a)} vs {other_name} {_fmt(b)} ({100 * rel:+.1f}%): lower with the isometric loss"
+    return (f"{what}: {lower_name} {_fmt(a)} vs {other_name} {_fmt(b)} ({100 * rel:+.1f}%): the isometric loss did "
+            f"NOT lower it in this run.")
+
+
+def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras, machine, timings, png) -> str:
+    full, noirl, nosid = results["full"], results["no-irl"], results["no-sid"]
+    t = full["teacher"]
+    one = full["one_step"]
+    lat = full["latency"]
+    L = []
+    L.append(f"# GSD experiments: {args.dataset}\n")
+    L.append(f"Generated by `python -m gsd.experiments {' '.join(sys.argv[1:]) if args.argv is None else ' '.join(args.argv)}`"
+             f" on {time.strftime('%Y-%m-%d %H:%M:%S')}; total wall time {timings['total']:.0f} s "
+             f"(training {timings['train']:.0f} s, evaluation {timings['eval']:.0f} s, extras {timings['extras']:.0f} s, "
+             f"teacher/classifier preparation {timings['prepare']:.0f} s).\n")
+    L.append("## Setup\n")
+    L.append(f"- machine: {machine['cpu']}, {machine['cpu_cores']} cores, torch {machine['torch']} "
+             f"(threads {machine['torch_threads']}), device `{machine['device']}`"
+             + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+             + f"; 1-min load average {machine.get('load_average_start', '?')} at the start, "
+               f"{machine.get('load_average_end', '?')} at the end (a load above the core count means other "
+               f"processes shared the CPU and every time below is inflated).")
+    L.append(f"- data: `{args.dataset}`; teacher: {'`' + args.teacher + '`' if args.teacher else 'the default cached teacher (gsd.teacher.get_teacher, seed 0)'}"
+             f" ({full['teacher_kind']}).")
+    L.append(f"- distillation: {sz['iters']} iterations, batch {sz['batch']}, seed {args.seed}, "
+             f"{'fused ops' if not args.no_fused else 'reference ops'}, other settings gsd.train's defaults; "
+             f"full loss uses --lambda-irl {args.lambda_irl}; scale {args.scale}{' (tiny test size)' if args.tiny else ''}; "
+             f"{args.jobs} training job(s) in parallel.")
+    L.append(f"- evaluation: {full['num_samples']} samples per FD (latent seeds {full['latent_seeds'][0]}..{full['latent_seeds'][1]},"
+             f" the same for every run and for the teacher); FD feature space: {full['fd_feature']}.")
+    if full.get("ppl_settings"):
+        ps = full["ppl_settings"]
+        L.append(f"- PPL: {ps['num_pairs']} latent pairs, eps {ps['eps']}, percentile filter {ps['percentiles']}, "
+                 f"features: {full['ppl_feature']}; computed in float64; ± is one standard error.")
+    L.append(f"- isometry defect: optimal-scale isometry loss on {full['isometry_latents']} held-out latents "
+             f"(0 = pairwise distances exactly proportional).")
+    L.append(f"- latency: batch {lat['batch']}, {lat['method']}, {lat['repeats']} repeats.")
+    if full.get("fid_unavailable"):
+        L.append(f"- FID: **not computed**: {full['fid_unavailable']}. The FD above is in a classifier's feature "
+                 f"space and is not FID.")
+    else:
+        L.append(f"- FID: {full.get('fid_feature')}, {full.get('fid_real_samples')} real images.")
+    L.append("")
+
+    L.append("## Table 1: multi-step teacher (MSA) vs GSD one-step\n")
+    has_fid = one.get("fid") is not None
+    head = "| sampler | NFE | FD | " + ("FID | " if has_fid else "") + "PPL | inference time (ms / batch of " \
+        f"{lat['batch']}) |"
+    L.append(head)
+    L.append("|---|---|---|" + ("---|" if has_fid else "") + "---|---|")
+    for label, m in ((f"MSA: teacher Heun, 18 steps", t), ("GSD one-step (full loss)", one)):
+        L.append(f"| {label} | {m['nfe']} | {_fmt(m['fd'])} | " + (f"{_fmt(m.get('fid'))} | " if has_fid else "")
+                 + f"{_pm(m.get('ppl'), m.get('ppl_stderr'))} | {_fmt(m['latency_ms'], '.1f')} |")
+    red = lat["reduction"]
+    L.append("")
+    L.append(f"Inference time reduction of the one-step generator vs the 35-NFE teacher at batch {lat['batch']}: "
+             f"**{100 * red:.1f}%** ({lat['speedup']:.1f}x faster; target >= 95%: "
+             f"{'met' if red >= 0.95 else 'NOT met'}).")
+    if "real_split_fd" in full:
+        L.append(f"Noise floor: FD between two halves of the real data = {_fmt(full['real_split_fd'])}.")
+    if "true_vs_true" in full:
+        L.append(f"Noise floor: true mixture vs an independent true sample: FD {_fmt(full['true_vs_true']['fd'])}, "
+                 f"sliced W2 {_fmt(full['true_vs_true']['sliced_wasserstein'])}.")
+    L.append("")
+
+    L.append("## Table 2: loss ablation\n")
+    gm = "sliced_wasserstein" in one
+    L.append("| run | lambda_sid | lambda_irl | FD | PPL | isometry defect | " + ("sliced W2 | MMD^2 | modes | " if gm else "")
+             + "train time (s) | s / iter | one-step ms |")
+    L.append("|---|---|---|---|---|---|" + ("---|---|---|" if gm else "") + "---|---|---|")
+    stats = {}
+    for v, r in results.items():
+        st = _train_stats(plan[v][1])
+        stats[v] = st
+        o = r["one_step"]
+        L.append(f"| {VARIANTS[v][2]} | {_fmt(r['lambda_sid'])} | {_fmt(r['lambda_irl'])} | {_fmt(o['fd'])} | "
+                 f"{_pm(o.get('ppl'), o.get('ppl_stderr'))} | {_fmt(r['isometry_defect'])} | "
+                 + (f"{_fmt(o['sliced_wasserstein'])} | {_fmt(o['mmd'])} | {o['modes_covered']}/{o['num_modes']} | "
+                    if gm else "")
+                 + f"{_fmt(st['train_seconds'], '.0f')} | {_fmt(st.get('sec_per_iter'), '.3f')} | "
+                   f"{_fmt(o['latency_ms'], '.1f')} |")
+    L.append(f"| (teacher Heun, for reference) | - | - | {_fmt(t['fd'])} | {_pm(t.get('ppl'), t.get('ppl_stderr'))} | "
+             f"{_fmt(t.get('isometry_defect'))} | "
+             + (f"{_fmt(t['sliced_wasserstein'])} | {_fmt(t['mmd'])} | {t['modes_covered']}/{t['num_modes']} | " if gm else "")
+             + f"- | - | {_fmt(t['latency_ms'], '.1f')} |")
+    L.append("")
+    L.append("Train time is the distillation loop's own clock from log.jsonl (checkpointing included, "
+             "evaluation excluded)" + (", with runs trained in parallel processes" if args.jobs > 1 else "") + ".")
+    L.append("")
+    L.append("### What the ablation shows (read off the numbers above, not tuned)\n")
+    L.append("- " + _compare(one.get("ppl"), one.get("ppl_stderr"), noirl["one_step"].get("ppl"),
+                             noirl["one_step"].get("ppl_stderr"), "PPL", "full loss", "without IRL") + ".")
+    L.append("- " + _compare(full["isometry_defect"], None, noirl["isometry_defect"], None, "Isometry defect",
+                             "full loss", "without IRL")
+             + " (one estimate on the same held-out latents for both runs, no error bar: a difference of a few "
+               "percent is not evidence of an effect.)")
+    fd_a, fd_b = one["fd"], noirl["one_step"]["fd"]
+    if fd_a is not None and fd_b is not None:
+        L.append(f"- FD: full loss {_fmt(fd_a)} vs without IRL {_fmt(fd_b)} "
+                 f"({'lower (better)' if fd_a < fd_b else 'higher (worse)' if fd_a > fd_b else 'equal'} with the "
+                 f"isometric loss); teacher {_fmt(t['fd'])}.")
+    fd_c = nosid["one_step"]["fd"]
+    if fd_c is not None:
+        L.append(f"- Without the distillation loss the generator only learns the isometry: FD {_fmt(fd_c)}, isometry "
+                 f"defect {_fmt(nosid['isometry_defect'])} (the teacher copy it starts from has FD "
+                 f"{_fmt(curves['no-sid'][0]['fd']) if curves.get('no-sid') else '-'}).")
+    L.append("")
+
+    L.append("## Figures\n")
+    for title, name in png:
+        L.append(f"- {title}: ![{title}]({name})")
+    L.append("")
+
+    L.append("## DSG guidance (gsd.guidance)\n")
+    L.append(extras["guidance"][1])
+    L.append("")
+    L.append("## Latent editing (gsd.edit)\n")
+    L.append(extras["edit"][1])
+    L.append("")
+
+    L.append("## Runs\n")
+    for v, (cfg, d, st) in plan.items():
+        s = stats.get(v, {})
+        L.append(f"- `{v}`: `{d}` ({'reused' if st == 'done' else 'resumed' if st == 'resume' else 'trained'} "
+                 f"in this invocation; {s.get('iters')} iterations; eval.json "
+                 f"{'reused (same settings and step)' if results[v].get('reused') else 'written there'}; this "
+                 f"invocation spent {walls.get(v, 0):.0f} s training it)")
+    L.append("")
+    text = "\n".join(L) + "\n"
+    runs.atomic_write_bytes(path, text.encode())
+    return text
+
+
+# --------------------------------------------------------------------------- driver
+
+def run_experiments(args) -> Path:
+    from .data import load_dataset
+    from .evaluate import _device, machine_info
+    from .fid import locate_fid_weights
+
+    t_start = time.perf_counter()
+    if args.fid_weights is not None:
+        locate_fid_weights(args.fid_weights)
+    if args.teacher is not None and not os.path.isfile(args.teacher):
+        raise UsageError(f"--teacher {args.teacher}: no such file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = _device(args.device)
+    args.device = str(dev) if args.device == "auto" else args.device
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    sz = sizes(args)
+    if sz["num_samples"] is None:
+        from .evaluate import default_num_samples
+        ds0 = load_dataset(args.dataset)
+        sz["num_samples"] = default_num_samples(args.dataset, len(ds0))
+    machine = machine_info(dev)
+    try:
+        machine["load_average_start"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+
+    # teacher and classifier first (cached; trained once on a clean machine), so that parallel
+    # training jobs find them and do not race to train them
+    t0 = time.perf_counter()
+    dataset = load_dataset(args.dataset)
+    if args.teacher is None:
+        from .teacher import get_teacher
+        get_teacher(dataset, cache_dir=args.cache_dir, device=dev, seed=0, progress=False)
+    if args.dataset == "digits":
+        from .metrics import digits_classifier
+        digits_classifier(dataset, cache_dir=args.cache_dir, device=dev, epochs=sz["classifier_epochs"])
+    t_prepare = time.perf_counter() - t0
+
+    plan = plan_runs(args, sz, root)
+    t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
+    jobs = args.jobs
+    threads_per_job = max(1, (args.threads or cores) // max(jobs, 1)) if dev.type == "cpu" else None
+    walls = train_all(plan, jobs=jobs, threads_per_job=threads_per_job, root=root)
+    t_train = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results, samples, curves = evaluate_all(plan, args, sz, root)
+    t_eval = time.perf_counter() - t0
+
+    # figures
+    logs = {v: runs.read_log(d) for v, (_c, d, _s) in plan.items()}
+    png = []
+    plot_losses(logs, root / "loss_curves.png")
+    png.append(("loss curves", "loss_curves.png"))
+    plot_fd_curves(curves, results["full"]["teacher"]["fd"], results["full"]["fd_feature"],
+                   root / "fd_over_training.png")
+    png.append(("FD over training (EMA generator at every kept checkpoint; iteration 0 = the teacher copy)",
+                "fd_over_training.png"))
+    plot_latency(results, root / "latency.png")
+    png.append(("latency, batch 64", "latency.png"))
+    plot_samples(samples, dataset, root / "samples.png")
+    png.append(("samples from the same latents (teacher, then each run)", "samples.png"))
+
+    # extras from other modules
+    t0 = time.perf_counter()
+    extras = {}
+    if args.tiny or args.no_extras:
+        why = "--tiny" if args.tiny else "--no-extras"
+        extras["guidance"] = ("skipped", f"_Skipped ({why})._")
+        extras["edit"] = ("skipped", f"_Skipped ({why})._")
+    else:
+        from .networks import load_denoiser
+        teacher_net = load_denoiser(plan["full"][1] / runs.TEACHER_NAME, dev)
+        if args.dataset == "digits":
+            extras["guidance"] = guidance_section(teacher_net, dataset, num=sz["guidance_num"], steps=30,
+                                                  seed=args.seed, device=dev, cache_dir=args.cache_dir)
+        else:
+            extras["guidance"] = ("skipped", "_Not run: the guidance table is defined for digits only._")
+        extras["edit"] = edit_section({v: plan[v][1] for v in ("full", "no-irl")}, device=dev, seed=args.seed)
+    t_extras = time.perf_counter() - t0
+
+    try:
+        machine["load_average_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    timings = {"total": time.perf_counter() - t_start, "train": t_train, "eval": t_eval, "extras": t_extras,
+               "prepare": t_prepare}
+    out = root / RESULTS_NAME
+    write_results(out, args=args, sz=sz, plan=plan, results=results, curves=curves, walls=walls, extras=extras,
+                  machine=machine, timings=timings, png=png)
+    summary = {"timings": timings, "machine": machine, "sizes": sz,
+               "runs": {v: str(d) for v, (_c, d, _s) in plan.items()}}
+    from .evaluate import _json_clean
+    runs.write_json_atomic(root / "experiments.json", _json_clean(summary))
+    print(f"[experiments] wrote {out} ({timings['total']:.0f} s)")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m gsd.experiments",
+                    "Train (or reuse) the full / no-IRL / no-SiD distillation runs, evaluate them against the "
+                    "35-NFE Heun teacher and write results.md with Table 1, Table 2 and figures.")
+    p.add_argument("--root", default="experiments", metavar="DIR", help="folder of the runs and of results.md")
+    p.add_argument("--dataset", choices=["digits", "gmm"], default="digits", help="embedded data set")
+    p.add_argument("--scale", type=positive_float, default=1.0,
+                   help="size factor: iterations x SCALE, batch x min(round(SCALE), 4), PPL pairs x SCALE "
+                        "(use > 1 on a GPU)")
+    p.add_argument("--iters", type=positive_int, default=None,
+                   help="distillation iterations per run (default: %(default)s = gsd.train's default for the data set "
+                        "x --scale)")
+    p.add_argument("--lambda-irl", type=nonnegative_float, default=1.0,
+                   help="weight of the isometric loss in the full-loss and no-SiD runs")
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="teacher checkpoint (.safetensors) (default: %(default)s = the cached default teacher, trained "
+                        "if missing)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed of training and evaluation")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run; auto picks cuda when available")
+    p.add_argument("--jobs", type=positive_int, default=None,
+                   help="training runs in parallel, as subprocesses (default: %(default)s = 2 on a CPU with >= 2 cores, "
+                        "else 1)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads of this process, split between parallel jobs (default: %(default)s = torch's "
+                        "choice, the core count)")
+    p.add_argument("--num-samples", type=positive_int, default=None,
+                   help="samples per FD (default: %(default)s = 1797 for digits, 4000 for gmm)")
+    p.add_argument("--ppl-samples", type=positive_int, default=None, help="PPL latent pairs (default: %(default)s = 512 x --scale)")
+    p.add_argument("--latency-repeats", type=positive_int, default=7, help="timed latency repeats (median)")
+    p.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="pytorch-fid Inception weights (default: %(default)s = look in the torch hub cache)")
+    p.add_argument("--no-fused", action="store_true", help="train with the reference (eager) ops")
+    p.add_argument("--no-extras", action="store_true", help="skip the guidance and editing sections")
+    p.add_argument("--re-evaluate", action="store_true",
+                   help="evaluate every run again even when its eval.json matches the settings")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="cache of teachers and the digits classifier (default: %(default)s = $GSD_CACHE or ~/.cache/gsd)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
+    if args.jobs is None:
+        wants_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.jobs = 1 if (wants_gpu or args.tiny or (os.cpu_count() or 1) < 2) else 2
+    run_experiments(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,197 @@
+"""FID with pytorch-fid's Inception weights, offline (SPEC §3.6).
+
+No machine of this project can download anything, so the Inception network is built
+here without `pytorch_fid.inception.fid_inception_v3` (which fetches its weights): it is
+torchvision's Inception-v3 architecture (1008 classes, no aux head, no init) with the
+blocks that pytorch-fid patches to match TensorFlow's FID graph replaced by pytorch-fid's
+own `FIDInceptionA/C/E_1/E_2` classes, then loaded from a local state dict:
+
+- `--fid-weights PATH`, or
+- the torch hub cache, `<torch.hub.get_dir()>/checkpoints/pt_inception-2015-12-05-*.pth`
+  (where pytorch-fid leaves the file after a download on a connected machine).
+
+When neither exists, `locate_fid_weights` says so and nobody computes a number: callers
+record `"fid": null` with the reason.
+
+Features: the 2048-d output of the final average pool ("pool3"), as pytorch-fid. Images in
+[-1, 1] (any size, 1 or 3 channels) are clamped to [-1, 1], replicated to 3 channels,
+resized to 299x299 (bilinear, align_corners=False, as pytorch-fid) and fed to the network
+in its expected [-1, 1] range (pytorch-fid maps its [0, 1] input to that range; our data
+are already there). Frechet distance: `fid_from_features` (float64).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cli import UsageError
+
+__all__ = ["FID_WEIGHTS_PATTERN", "FID_FEATURE_NAME", "hub_checkpoint_dir", "locate_fid_weights",
+           "build_fid_inception_architecture", "FIDInceptionFeatures", "load_fid_inception",
+           "inception_features", "fid_from_features", "compute_fid"]
+
+FID_WEIGHTS_PATTERN = "pt_inception-2015-12-05-*.pth"
+FID_FEATURE_NAME = "pytorch-fid InceptionV3 pool3 (2048-d)"
+FID_RESOLUTION = 299
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where torch hub (and so pytorch-fid) caches downloaded weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def locate_fid_weights(explicit=None) -> tuple[Path | None, str | None]:
+    """(path, None) when Inception weights are at hand, else (None, reason).
+
+    `explicit` (the --fid-weights value) must name an existing file: UsageError otherwise
+    (a mistyped path is an error, not a silent fallback to "unavailable").
+    """
+    if explicit is not None:
+        p = Path(explicit)
+        if not p.exists():
+            raise UsageError(f"--fid-weights {explicit}: no such file")
+        if not p.is_file():
+            raise UsageError(f"--fid-weights {explicit}: not a file")
+        return p, None
+    pattern = hub_checkpoint_dir() / FID_WEIGHTS_PATTERN
+    found = sorted(glob.glob(str(pattern)))
+    found = [f for f in found if os.path.isfile(f)]
+    if found:
+        return Path(found[-1]), None
+    return None, (f"pytorch-fid Inception weights not found: no file matches {pattern} and no --fid-weights "
+                  f"was given (this machine cannot download them)")
+
+
+def build_fid_inception_architecture() -> nn.Module:
+    """pytorch-fid's FID Inception-v3 layout, randomly initialised, without downloading anything."""
+    import torchvision
+    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE_1(1280)
+    net.Mixed_7c = FIDInceptionE_2(2048)
+    return net
+
+
+class FIDInceptionFeatures(nn.Module):
+    """pool3 features of the FID Inception: the same layer sequence as pytorch-fid's
+    `InceptionV3(output_blocks=[3])`, taking images in [-1, 1]."""
+
+    _LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool",
+               "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool",
+               "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+               "Mixed_7a", "Mixed_7b", "Mixed_7c")
+
+    def __init__(self, inception: nn.Module, resolution: int = FID_RESOLUTION):
+        super().__init__()
+        self.inception = inception
+        self.resolution = int(resolution)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"FID needs images (N, 1 or 3, H, W), got shape {tuple(x.shape)}")
+        x = torch.nan_to_num(x, nan=0.0).clamp(-1.0, 1.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.preprocess(x)
+        for name in self._LAYERS:
+            if name == "maxpool":
+                h = F.max_pool2d(h, kernel_size=3, stride=2)
+            else:
+                h = getattr(self.inception, name)(h)
+        return F.adaptive_avg_pool2d(h, (1, 1)).flatten(1)
+
+
+def load_fid_inception(path, device="cpu") -> FIDInceptionFeatures:
+    """The feature network with the state dict in `path` (pytorch-fid's .pth); UsageError on a bad file."""
+    path = Path(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
+        msg = " ".join(str(exc).split())[:200]
+        raise UsageError(f"FID weights {path} are not a readable torch state dict ({msg})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"FID weights {path} do not hold a state dict of tensors")
+    net = build_fid_inception_architecture()
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        raise UsageError(f"FID weights {path} are not pytorch-fid's Inception: {'; '.join(parts)}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise UsageError(f"FID weights {path} are not pytorch-fid's Inception: {k} has shape "
+                             f"{tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    net.load_state_dict(state, strict=True)
+    return FIDInceptionFeatures(net).to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def inception_features(model: FIDInceptionFeatures, images: torch.Tensor, batch: int = 50) -> np.ndarray:
+    """(N, 2048) float64 pool3 features of images in [-1, 1]."""
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(model(images[i:i + batch].to(dev)).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def fid_from_features(a, b) -> float:
+    """Frechet distance between the Gaussians fitted (unbiased covariance) to two feature sets.
+
+    `||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))`, the value of
+    `gsd.metrics.frechet_distance` (and of pytorch-fid up to its sqrtm round-off), computed
+    through the centred samples: with `S = X^T X / (n - 1)`, the eigenvalues of `S_a S_b` are
+    the squared singular values of `X_a X_b^T / sqrt((n_a - 1)(n_b - 1))`, so the trace term is
+    that matrix's nuclear norm. No D x D matrix (D = 2048) is formed, so it is exact and fast
+    when the sample counts are below D, and no square root of a singular matrix is needed.
+    """
+    xa = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    xb = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    if xa.shape[1] != xb.shape[1]:
+        raise ValueError(f"feature dimensions differ: {xa.shape[1]} vs {xb.shape[1]}")
+    na, nb = len(xa), len(xb)
+    if na < 2 or nb < 2:
+        raise ValueError("need at least 2 samples on each side")
+    mu_a, mu_b = xa.mean(0), xb.mean(0)
+    ca, cb = xa - mu_a, xb - mu_b
+    tr_a = float((ca * ca).sum() / (na - 1))
+    tr_b = float((cb * cb).sum() / (nb - 1))
+    cross = (ca @ cb.T) / math.sqrt((na - 1) * (nb - 1))
+    tr_sqrt = float(np.linalg.svd(cross, compute_uv=False).sum())
+    diff = mu_a - mu_b
+    return max(float(diff @ diff) + tr_a + tr_b - 2.0 * tr_sqrt, 0.0)
+
+
+def compute_fid(model: FIDInceptionFeatures, images_a: torch.Tensor, images_b: torch.Tensor,
+                batch: int = 50) -> float:
+    """FID between two image sets (each (N, C, H, W) in [-1, 1])."""
+    return fid_from_features(inception_features(model, images_a, batch), inception_features(model, images_b, batch))

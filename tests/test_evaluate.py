@@ -1,0 +1,264 @@
+"""`python -m gsd.evaluate` on tiny runs, its one-line errors, and the PPL estimator (gsd.ppl)
+against closed forms."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gsd import evaluate, ppl, train
+from gsd.cli import run_main
+from gsd.networks import build_denoiser, save_denoiser
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--device", "cpu", "--no-progress", "--latency-repeats", "1", "--isometry-latents", "16",
+        "--classifier-epochs", "1"]
+
+
+def tiny_unet(seed=0, channels=8):
+    torch.manual_seed(seed)
+    return build_denoiser({"arch": "SongUNet", "sigma_data": 0.5, "label_dim": 0,
+                           "model": dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=channels,
+                                         channel_mult=[1], num_blocks=1, attn_resolutions=[], channel_mult_emb=2,
+                                         dropout=0.0)})
+
+
+def tiny_mlp(seed=0):
+    torch.manual_seed(seed)
+    net = build_denoiser({"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
+                          "model": dict(dim=2, hidden=16, num_blocks=1, noise_channels=8, emb_channels=16)})
+    with torch.no_grad():
+        net.model.fc_out.weight.normal_(0, 0.3)
+    return net
+
+
+def make_tiny_digits_run(root: Path, cache: Path, name="digits_run") -> Path:
+    teacher = root / "tiny_teacher.safetensors"
+    if not teacher.exists():
+        save_denoiser(teacher, tiny_unet())
+    return train.run(dict(teacher=str(teacher), iters=3, batch=8, lambda_irl=0.5, eval_samples=0, progress=False,
+                          device="cpu", out=str(root / name), cache_dir=str(cache), ckpt_every=2, fused=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalruns")
+    cache = root / "cache"
+    digits = make_tiny_digits_run(root, cache)
+    gmm_teacher = root / "tiny_gmm.safetensors"
+    save_denoiser(gmm_teacher, tiny_mlp(seed=3))
+    gmm = train.run(dict(dataset="gmm", teacher=str(gmm_teacher), exact_teacher=True, iters=3, batch=16,
+                         lambda_irl=0.5, eval_samples=0, progress=False, device="cpu", out=str(root / "gmm_run")))
+    return {"root": root, "cache": cache, "digits": digits, "gmm": gmm}
+
+
+@pytest.fixture
+def no_hub_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "torch_home" / "hub"))
+    yield
+    torch.hub.set_dir(old)
+
+
+def _run(argv, capsys):
+    try:
+        code = run_main(evaluate.main, argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_evaluate_digits_writes_eval_json(tiny_runs, capsys, no_hub_weights):
+    d = tiny_runs["digits"]
+    code, out, err = _run([str(d), "--num-samples", "40", "--ppl-samples", "12", "--seed", "1",
+                           "--cache-dir", str(tiny_runs["cache"]), *FAST], capsys)
+    assert code == 0, err
+    assert "one-step" in out and "teacher Heun" in out and "FID: not computed" in out
+    res = json.loads((d / "eval.json").read_text())
+    assert res["format"] == evaluate.EVAL_FORMAT and res["step"] == 3 and res["dataset"] == "digits"
+    assert res["num_samples"] == 40 and res["seed"] == 1 and res["latent_seeds"] == [100_000_000, 100_000_039]
+    assert res["fd_feature"].startswith("digits-cnn") and "not FID" in res["fd_feature"]
+    assert res["ppl_feature"].startswith("digits-cnn")
+    # no Inception weights here: null with the reason, never a number
+    assert res["fid"] is None and res["one_step"]["fid"] is None
+    assert "pt_inception-2015-12-05" in res["fid_unavailable"]
+    one, teach = res["one_step"], res["teacher"]
+    assert one["nfe"] == 1 and teach["nfe"] == 35
+    for m in (one, teach):
+        assert math.isfinite(m["fd"]) and m["fd"] >= 0
+        assert math.isfinite(m["ppl"]) and m["ppl"] > 0 and m["ppl_stderr"] >= 0
+        assert m["latency_ms"] > 0
+        assert 0 <= m["isometry_defect"] <= 1
+    assert res["isometry_defect"] == one["isometry_defect"] and res["isometry_latents"] == 16
+    lat = res["latency"]
+    assert lat["batch"] == 40 and lat["reduction"] < 1 and lat["speedup"] == pytest.approx(
+        teach["latency_ms"] / one["latency_ms"])
+    assert res["ppl_settings"]["eps"] == 1e-4 and res["ppl_settings"]["percentiles"] == [1.0, 99.0]
+    assert res["ppl_settings"]["num_pairs"] == 12
+    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["device"] == "cpu"
+    assert res["real_split_fd"] >= 0 and 0 <= res["classifier_test_accuracy"] <= 1
+
+
+def test_evaluate_gmm_has_distribution_metrics(tiny_runs, capsys, no_hub_weights):
+    d = tiny_runs["gmm"]
+    code, out, err = _run([str(d), "--num-samples", "300", "--ppl-samples", "20", *FAST], capsys)
+    assert code == 0, err
+    res = json.loads((d / "eval.json").read_text())
+    assert res["fd_feature"] == "raw coordinates" and res["ppl_feature"].startswith("raw coordinates")
+    assert res["teacher_kind"] == "exact GMM denoiser"
+    assert res["fid"] is None and "image" in res["fid_unavailable"]
+    for m in (res["one_step"], res["teacher"]):
+        assert m["sliced_wasserstein"] >= 0 and math.isfinite(m["mmd"])
+        assert m["num_modes"] == 8 and 0 <= m["modes_covered"] <= 8
+    assert res["teacher"]["modes_covered"] == 8  # the exact denoiser covers every mode
+    assert 0 <= res["true_vs_true"]["fd"] < 0.1  # two true samples of 300: close
+    # --require-fid on non-image data: refused
+    code, _, err = _run([str(d), "--require-fid", "--num-samples", "50", *FAST], capsys)
+    assert_one_line_error(code, err, "--require-fid", "image")
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_bad_run_directories_fail_in_one_line(tiny_runs, tmp_path, capsys, no_hub_weights):
+    src = tiny_runs["digits"]
+    cases = []
+    cases.append(([str(tmp_path / "nope")], ["no such run directory"]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append(([str(empty)], ["not a gsd run directory", "config.json"]))
+
+    old = tmp_path / "old_version"
+    shutil.copytree(src, old)
+    cfg = json.loads((old / "config.json").read_text())
+    for k in ("teacher_file", "exact_teacher"):
+        cfg.pop(k)
+    (old / "config.json").write_text(json.dumps(cfg))
+    cases.append(([str(old)], ["lacks", "teacher_file", "exact_teacher", "version"]))
+
+    no_ckpt = tmp_path / "no_ckpt"
+    shutil.copytree(src, no_ckpt)
+    (no_ckpt / "checkpoints" / "latest.json").unlink()
+    cases.append(([str(no_ckpt)], ["no complete checkpoint"]))
+
+    no_teacher = tmp_path / "no_teacher"
+    shutil.copytree(src, no_teacher)
+    (no_teacher / "teacher.safetensors").unlink()
+    cases.append(([str(no_teacher)], ["teacher"]))
+
+    other_arch = tmp_path / "other_arch"  # weights that do not fit the networks this version builds
+    shutil.copytree(src, other_arch)
+    save_denoiser(other_arch / "teacher.safetensors", tiny_unet(channels=16))
+    cases.append(([str(other_arch)], ["does not fit"]))
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    cases.append(([str(src), "--fid-weights", str(tmp_path / "missing.pth")], ["--fid-weights", "no such file"]))
+    cases.append(([str(src), "--fid-weights", str(tmp_path)], ["--fid-weights", "not a file"]))
+    cases.append(([str(src), "--fid-weights", str(garbage), "--num-samples", "4"], ["garbage.pth"]))
+    cases.append(([str(src), "--require-fid", "--num-samples", "4"], ["--require-fid", "pt_inception"]))
+    cases.append(([str(src), "--num-samples", "-3"], ["--num-samples"]))
+    for argv, needles in cases:
+        code, _, err = _run([*argv, "--cache-dir", str(tiny_runs["cache"]), *FAST], capsys)
+        assert_one_line_error(code, err, *needles)
+
+
+def test_subprocess_error_exit_code(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "gsd.evaluate", str(tmp_path / "missing_run")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert_one_line_error(p.returncode, p.stderr, "missing_run")
+    text = " ".join(evaluate.build_parser().format_help().split())
+    for flag in ("--num-samples", "--device", "--seed", "--fid-weights", "--require-fid", "--ppl-samples"):
+        assert flag in text
+    assert "(default: 0)" in text and "(default: auto)" in text
+
+
+# --------------------------------------------------------------------------- PPL
+
+def test_slerp_basics():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    b = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    b = b / b.norm(dim=1, keepdim=True) * a.norm(dim=1, keepdim=True)  # equal norms
+    assert torch.allclose(ppl.slerp(a, b, torch.zeros(5, dtype=torch.float64)), a, atol=1e-12)
+    assert torch.allclose(ppl.slerp(a, b, torch.ones(5, dtype=torch.float64)), b, atol=1e-12)
+    t = torch.rand(5, generator=g, dtype=torch.float64)
+    mid = ppl.slerp(a, b, t)
+    assert torch.allclose(mid.norm(dim=1), a.norm(dim=1), rtol=1e-12)  # stays on the sphere
+    # the closed-form velocity matches a central difference
+    h = 1e-6
+    fd = (ppl.slerp(a, b, t + h) - ppl.slerp(a, b, t - h)) / (2 * h)
+    assert torch.allclose(ppl.slerp_velocity(a, b, t), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_ppl_of_linear_generator_matches_closed_form():
+    """G(z) = A z, identity features: each sample is ||A z'(t)||^2 up to O(eps)."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    z1 = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    z2 = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    t = torch.rand(200, generator=g, dtype=torch.float64)
+    gen = lambda z: z @ A.T  # noqa: E731
+    vals = ppl.path_length_samples(gen, z1, z2, t, eps=1e-4)
+    exact = ((ppl.slerp_velocity(z1, z2, t) @ A.T) ** 2).sum(1)
+    assert torch.allclose(vals, exact, rtol=2e-3)
+    # equal norms r: the slerp has constant speed theta * r, so A = a I gives a^2 theta^2 r^2
+    z2n = z2 / z2.norm(dim=1, keepdim=True) * z1.norm(dim=1, keepdim=True)
+    theta = torch.arccos((z1 * z2n).sum(1) / (z1.norm(dim=1) * z2n.norm(dim=1)))
+    vals = ppl.path_length_samples(lambda z: 3.0 * z, z1, z2n, t, eps=1e-4)
+    assert torch.allclose(vals, 9.0 * theta ** 2 * z1.norm(dim=1) ** 2, rtol=2e-3)
+
+
+def test_ppl_scales_quadratically_and_filters():
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    r1 = ppl.perceptual_path_length(lambda z: z @ A.T, (5,), num=300, seed=3)
+    r2 = ppl.perceptual_path_length(lambda z: z @ (2 * A).T, (5,), num=300, seed=3)
+    assert r2["ppl"] == pytest.approx(4 * r1["ppl"], rel=1e-9)
+    assert r1["eps"] == 1e-4 and r1["percentiles"] == [1.0, 99.0] and r1["num_pairs"] == 300
+    assert r1["num_kept"] < 300  # the 1% / 99% tails are dropped
+    # same seed, same draws: deterministic
+    assert ppl.perceptual_path_length(lambda z: z @ A.T, (5,), num=300, seed=3)["ppl"] == r1["ppl"]
+    # features are applied before the distance: doubling the features also quadruples PPL
+    r3 = ppl.perceptual_path_length(lambda z: z @ A.T, (5,), num=300, seed=3, features=lambda x: 2 * x)
+    assert r3["ppl"] == pytest.approx(4 * r1["ppl"], rel=1e-9)
+    # class labels reach the generator, the same one at both ends of a pair
+    seen = []
+
+    def cond(z, labels):
+        seen.append(labels.clone())
+        return z @ A.T + labels[:, None].double()
+    r4 = ppl.perceptual_path_length(cond, (5,), num=10, seed=3, num_classes=3, batch=10)
+    assert r4["ppl"] == pytest.approx(ppl.perceptual_path_length(lambda z: z @ A.T, (5,), num=10, seed=3)["ppl"],
+                                      rel=1e-9)
+    assert torch.equal(seen[0], torch.cat([torch.arange(10) % 3] * 2))
+
+
+def test_float64_heun_matches_sampler():
+    from gsd.samplers import heun_sample
+
+    net = tiny_unet(seed=4)
+    z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = heun_sample(net, z)
+    got = ppl.heun_sample_float64(ppl.float64_copy(net), z.double())
+    assert got.dtype == torch.float64
+    assert torch.allclose(got.float(), ref, atol=2e-4, rtol=1e-4)

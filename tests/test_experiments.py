@@ -1,0 +1,117 @@
+"""`python -m gsd.experiments` at a tiny (hidden --tiny) size: runs, tables, figures, reuse; and the
+guarded sections that call other modules (gsd.guidance, gsd.edit)."""
+
+import json
+import sys
+import types
+
+
+from gsd import experiments, runs
+from gsd.cli import run_main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_experiments_end_to_end(tmp_path, capsys):
+    from test_evaluate import tiny_unet
+    from gsd.networks import save_denoiser
+
+    teacher = tmp_path / "tiny_teacher.safetensors"
+    save_denoiser(teacher, tiny_unet())
+    root = tmp_path / "exp"
+    argv = ["--tiny", "--root", str(root), "--teacher", str(teacher), "--cache-dir", str(tmp_path / "cache"),
+            "--device", "cpu", "--seed", "0", "--latency-repeats", "1"]
+    code = run_main(experiments.main, argv)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    text = (root / "results.md").read_text()
+    assert "## Table 1" in text and "## Table 2" in text
+    assert "MSA: teacher Heun" in text and "GSD one-step (full loss)" in text
+    for row in ("full loss (SiD + isometric)", "without the isometric loss", "without the distillation loss"):
+        assert row in text
+    assert "Inference time reduction" in text and "PPL" in text and "isometry defect" in text
+    assert "torch" in text and "cores" in text and "seed 0" in text
+    assert "FID: **not computed**" in text or "FID:" in text
+    assert "DSG guidance" in text and "Latent editing" in text
+    for name in ("loss_curves.png", "fd_over_training.png", "latency.png", "samples.png"):
+        assert (root / name).read_bytes()[:8] == PNG, name
+    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    assert len(dirs) == 3
+    for d in dirs:
+        assert runs.latest_step(d) == 3
+        ev = json.loads((d / "eval.json").read_text())
+        assert ev["step"] == 3 and ev["one_step"]["nfe"] == 1
+        curve = json.loads((d / "fd_curve.json").read_text())["curve"]
+        assert [c["iteration"] for c in curve] == [0, 1, 2, 3]
+    lam = {json.loads((d / "config.json").read_text())["lambda_irl"] for d in dirs}
+    assert lam == {0.0, 1.0}
+
+    # a second invocation reuses the three runs (no training) and rewrites the results, also when
+    # a folder's name no longer carries the current settings hash (its config.json decides)
+    full = next(d for d in dirs if d.name.startswith("digits-full-"))
+    full.rename(full.with_name("digits-full-renamed"))
+    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    mtimes = {d: (d / "log.jsonl").stat().st_mtime_ns for d in dirs}
+    code = run_main(experiments.main, argv)
+    capsys.readouterr()
+    assert code == 0
+    assert {d: (d / "log.jsonl").stat().st_mtime_ns for d in dirs} == mtimes
+    text = (root / "results.md").read_text()
+    assert text.count("reused in this invocation") == 3 and "digits-full-renamed" in text
+    assert text.count("eval.json reused") == 3
+    assert sorted(p for p in root.iterdir() if p.is_dir()) == dirs
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    for argv, needle in ((["--fid-weights", str(tmp_path / "none.pth")], "--fid-weights"),
+                         (["--teacher", str(tmp_path / "none.safetensors")], "--teacher"),
+                         (["--scale", "0"], "--scale")):
+        try:
+            code = run_main(experiments.main, ["--tiny", "--root", str(tmp_path / "r"), *argv])
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, err
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert len(lines) == 1 and needle in lines[0]
+
+
+def test_guidance_section_guards(monkeypatch):
+    import gsd
+
+    calls = {}
+
+    def measure_guidance(teacher, dataset, *, num, steps, seed, device):
+        calls.update(num=num, steps=steps, seed=seed)
+        return {"rows": 1}
+
+    fake = types.ModuleType("gsd.guidance")
+    fake.measure_guidance = measure_guidance
+    fake.format_guidance_table = lambda r: "| w | FD |\n|---|---|\n| 1 | 2 |"
+    monkeypatch.setitem(sys.modules, "gsd.guidance", fake)
+    monkeypatch.setattr(gsd, "guidance", fake, raising=False)
+    status, md = experiments.guidance_section(None, None, num=8, steps=18, seed=3, device="cpu")
+    assert status == "ok" and "| 1 | 2 |" in md and calls == {"num": 8, "steps": 18, "seed": 3}
+
+    del fake.format_guidance_table  # an unfinished module: unavailable, said so
+    status, md = experiments.guidance_section(None, None, num=8, steps=18, seed=3, device="cpu")
+    assert status == "unavailable" and "Unavailable" in md
+
+    fake.format_guidance_table = lambda r: 1 / 0  # a module that crashes: reported, not fatal
+    status, md = experiments.guidance_section(None, None, num=8, steps=18, seed=3, device="cpu")
+    assert status == "failed" and "ZeroDivisionError" in md
+
+
+def test_edit_section_guards(monkeypatch, tmp_path):
+    import gsd
+
+    fake = types.ModuleType("gsd.edit")
+    fake.edit_metrics = lambda run_dir, device="cpu", seed=0: {"smoothness": 0.5, "nested": {"a": 1}, "arr": [1]}
+    monkeypatch.setitem(sys.modules, "gsd.edit", fake)
+    monkeypatch.setattr(gsd, "edit", fake, raising=False)
+    status, md = experiments.edit_section({"full": tmp_path, "no-irl": tmp_path}, device="cpu", seed=0)
+    assert status == "ok" and "| smoothness | 0.5 | 0.5 |" in md and "nested.a" in md and "arr" not in md
+    monkeypatch.setitem(sys.modules, "gsd.edit", types.ModuleType("gsd.edit"))
+    monkeypatch.setattr(gsd, "edit", sys.modules["gsd.edit"], raising=False)
+    status, md = experiments.edit_section({"full": tmp_path}, device="cpu", seed=0)
+    assert status == "unavailable"
