@@ -13,30 +13,34 @@ from bench_utils import device_under_test, sync
 
 # -------------------------------------------------------------- device capabilities
 
-def _median_seconds(fn, device, repeats=5):
+def _best_seconds(fn, device, repeats=5):
+    """Fastest of a few synchronised runs: the device's attainable rate, not its typical one."""
     fn()
     sync(device)
-    times = []
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 @pytest.fixture(scope="session")
 def device_caps():
-    """Measured fp32 matmul FLOP/s and copy bandwidth of this device (the 'peak' we compare to)."""
+    """Measured fp32 matmul FLOP/s and copy bandwidth of this device (the 'peak' we compare to).
+
+    FLOP counts of the isometry loss are the useful work of the full N x N square; kernels
+    that exploit its symmetry execute less, so their fraction can exceed what they execute.
+    """
     device = device_under_test()
-    n = 4096 if device.type == "cuda" else 1024
+    n = 4096 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    mm_s = _median_seconds(lambda: a @ b, device)
+    mm_s = _best_seconds(lambda: a @ b, device)
     src = torch.randn(64 * 2 ** 20 // 4 * (4 if device.type == "cuda" else 1), device=device)
     dst = torch.empty_like(src)
-    copy_s = _median_seconds(lambda: dst.copy_(src), device)
+    copy_s = _best_seconds(lambda: dst.copy_(src), device)
     caps = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
         "torch_threads": torch.get_num_threads(),
