@@ -42,7 +42,6 @@ Everything is gated: `load_edm_pickle(path)` raises `UsageError` unless
 from __future__ import annotations
 
 import collections
-import copyreg
 import hashlib
 import io
 import math

@@ -303,7 +303,7 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
                     progress: bool = False, features: _Features | None = None) -> tuple[dict, dict]:
     """Every metric of a loaded run; returns (result for eval.json, {"one_step": x, "teacher": x} samples)."""
     from .fid import FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception, locate_fid_weights
-    from .metrics import (frechet_distance, isometry_defect, mmd, mode_coverage, sliced_wasserstein)
+    from .metrics import frechet_distance, isometry_defect, mixture_metrics
     from .ppl import float64_copy, perceptual_path_length
     from .samplers import heun_nfe, heun_sample, latents_for_seeds
 
@@ -376,21 +376,8 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
     real = ds.data
     result["fd_feature"] = feats.fd_name or "none (no feature network for this data set; see fid)"
     if ds.mixture is not None:
-        mix = ds.mixture
-        true1, _ = mix.sample(num_samples, generator=torch.Generator().manual_seed(123456))
-        true2, _ = mix.sample(num_samples, generator=torch.Generator().manual_seed(654321))
-        n_mmd = min(num_samples, 1000)
-        for m, x in ((one, x_one), (teach, x_teacher)):
-            m["fd"] = frechet_distance(x, true1)
-            m["sliced_wasserstein"] = sliced_wasserstein(x, true1)
-            m["mmd"] = mmd(x[:n_mmd], true1[:n_mmd])
-            cov = mode_coverage(x, mix.means, mix.stds, weights=mix.weights)
-            m["modes_covered"], m["num_modes"] = cov["modes_covered"], cov["num_modes"]
-            m["high_quality_fraction"] = cov["high_quality_fraction"]
-        result["true_vs_true"] = {"fd": frechet_distance(true2, true1),
-                                  "sliced_wasserstein": sliced_wasserstein(true2, true1),
-                                  "mmd": mmd(true2[:n_mmd], true1[:n_mmd])}
-        result["mmd_samples"] = n_mmd
+        _, result["true_vs_true"] = mixture_metrics(ds.mixture, num_samples, [(one, x_one), (teach, x_teacher)])
+        result["mmd_samples"] = min(num_samples, 1000)
     elif feats.fd is not None:
         f_real = feats.fd(real)
         for m, x in ((one, x_one), (teach, x_teacher)):

@@ -13,7 +13,6 @@ Everything here is a plain function of tensors / arrays (SPEC §3.6):
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -385,6 +384,28 @@ def _batched(fn, x: torch.Tensor, labels, batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def mixture_metrics(mixture, num_samples: int, entries) -> tuple[torch.Tensor, dict]:
+    """Distances of samples to a known mixture, filled into each (metrics dict, samples) entry.
+
+    Adds fd (raw coordinates), sliced_wasserstein, mmd and mode coverage against fresh true
+    samples (fixed seeds, so every caller compares against the same set); returns those true
+    samples and the true-vs-true distances, the noise floor of each number.
+    """
+    true1, _ = mixture.sample(num_samples, generator=torch.Generator().manual_seed(123456))
+    true2, _ = mixture.sample(num_samples, generator=torch.Generator().manual_seed(654321))
+    n_mmd = min(num_samples, 1000)
+    for m, x in entries:
+        m["fd"] = frechet_distance(x, true1)
+        m["sliced_wasserstein"] = sliced_wasserstein(x, true1)
+        m["mmd"] = mmd(x[:n_mmd], true1[:n_mmd])
+        cov = mode_coverage(x, mixture.means, mixture.stds, weights=mixture.weights)
+        m["modes_covered"], m["num_modes"] = cov["modes_covered"], cov["num_modes"]
+        m["high_quality_fraction"] = cov["high_quality_fraction"]
+    floor = {"fd": frechet_distance(true2, true1), "sliced_wasserstein": sliced_wasserstein(true2, true1),
+             "mmd": mmd(true2[:n_mmd], true1[:n_mmd])}
+    return true1, floor
+
+
 def evaluate_distillation(generate: Callable, teacher, dataset, *, device="cpu", num_samples: int = 1000,
                           num_classes: int = 0, backend: str = "reference", cache_dir=None,
                           latency_repeats: int = 5, latency_batch: int = 64, teacher_steps: int = 18,
@@ -417,21 +438,8 @@ def evaluate_distillation(generate: Callable, teacher, dataset, *, device="cpu",
 
     if dataset.mixture is not None:
         mix = dataset.mixture
-        g1 = torch.Generator().manual_seed(123456)
-        g2 = torch.Generator().manual_seed(654321)
-        true1, _ = mix.sample(num_samples, generator=g1)
-        true2, _ = mix.sample(num_samples, generator=g2)
         metrics["fd_feature"] = "raw coordinates"
-        n_mmd = min(num_samples, 1000)
-        for m, x in ((one, x_one), (teach, x_teacher)):
-            m["fd"] = frechet_distance(x, true1)
-            m["sliced_wasserstein"] = sliced_wasserstein(x, true1)
-            m["mmd"] = mmd(x[:n_mmd], true1[:n_mmd])
-            cov = mode_coverage(x, mix.means, mix.stds, weights=mix.weights)
-            m["modes_covered"], m["num_modes"] = cov["modes_covered"], cov["num_modes"]
-            m["high_quality_fraction"] = cov["high_quality_fraction"]
-        metrics["true_vs_true"] = {"fd": frechet_distance(true2, true1),
-                                   "sliced_wasserstein": sliced_wasserstein(true2, true1)}
+        true1, metrics["true_vs_true"] = mixture_metrics(mix, num_samples, [(one, x_one), (teach, x_teacher)])
         panels_extra = [("true mixture", true1[:2000])]
         n_show = 2000
     elif dataset.name == "digits":

@@ -16,7 +16,6 @@ flag names as keys (dashes -> underscores); missing keys take the defaults.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

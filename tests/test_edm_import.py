@@ -8,7 +8,6 @@ stand-ins' "module source" would create a marker file if anyone executed it.
 """
 
 import contextlib
-import math
 import os
 import pickle
 import sys

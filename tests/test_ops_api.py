@@ -1,6 +1,5 @@
 """Bad input, backend selection and torch.compile for the public ops (SPEC §2, §2.4)."""
 
-import os
 
 import pytest
 import torch
