@@ -102,8 +102,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     fused = p.add_mutually_exclusive_group()
     fused.add_argument("--fused", dest="fused", action="store_true", default=False,
                        help="use the fused gsd_kernels ops (backend=auto)")
-    fused.add_argument("--no-fused", dest="fused", action="store_false",
-                       help="use the reference (eager PyTorch) ops")
+    fused.add_argument("--no-fused", dest="fused", action="store_false", default=argparse.SUPPRESS,
+                       help="use the reference (eager PyTorch) ops: the default, and the eager baseline")
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="teacher checkpoint (.safetensors); default: train and cache one")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
