@@ -47,6 +47,8 @@ def _cases(config):
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         metafunc.parametrize("case", _cases(metafunc.config))
+    if "option" in metafunc.fixturenames:  # (c) below
+        metafunc.parametrize("option", _option_params(metafunc.config), ids=lambda o: f"{o[0]}-compile{int(o[1])}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,3 +257,34 @@ def _resolved_backend(name: str) -> str:
     from gsd_kernels import backends
 
     return backends.resolve(name, DEVICE)
+
+
+# ------------------------------------------- (c) one iteration across the scale-out options
+
+def _option_params(config):
+    """precision x torch.compile for the fused ops; compiling three networks takes minutes on a
+    CPU, so the smoke run keeps the eager variants only."""
+    options = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
+    if smoke_only(config):
+        options = [o for o in options if not o[1]]
+    return options
+
+
+def test_distill_iteration_options(benchmark, record, request, case, option):
+    from gsd.distill import DistillConfig, Distiller
+
+    precision, compiled = option
+    net, shape = _network(case)
+    torch.manual_seed(1)
+    cfg = DistillConfig(batch=BATCH, lambda_irl=1.0, lr=1e-5, backend="auto", seed=0, ema_halflife=0.0,
+                        precision=precision, compile=compiled)
+    teacher = copy.deepcopy(net)
+    d = Distiller(teacher, cfg, init=teacher, sample_shape=shape, device=DEVICE)
+    d.step()  # compilation and warm-up outside the timing
+    peak = -1 if smoke_only(request.config) else PeakMemory(DEVICE).measure(d.step)
+    _run(benchmark, d.step, rounds=5)
+    record(op="distill_iteration_options", variant=f"{precision}{'+compile' if compiled else ''}",
+           shape=(BATCH, *shape), dtype=torch.float32, flops=-1, bytes_moved=-1, peak_extra_bytes=peak)
+    median = _median(benchmark)
+    if median is not None:
+        benchmark.extra_info["images_per_s"] = 2 * BATCH / median
