@@ -136,20 +136,9 @@ def load_fid_inception(path, device="cpu") -> FIDInceptionFeatures:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"FID weights {path} do not hold a state dict of tensors")
     net = build_fid_inception_architecture()
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-        raise UsageError(f"FID weights {path} are not pytorch-fid's Inception: {'; '.join(parts)}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise UsageError(f"FID weights {path} are not pytorch-fid's Inception: {k} has shape "
-                             f"{tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    from .networks import check_state_dict
+
+    check_state_dict(net.state_dict(), state, f"FID weights {path} are not pytorch-fid's Inception")
     net.load_state_dict(state, strict=True)
     return FIDInceptionFeatures(net).to(device).eval().requires_grad_(False)
 

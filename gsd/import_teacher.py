@@ -1,6 +1,6 @@
 """Import an external diffusion teacher.
 
-    python -m gsd.import_teacher network-snapshot-XXXXXX.pkl --out teacher.safetensors --trust-pickle
+    python -m gsd.import_teacher network-snapshot-200000.pkl --out teacher.safetensors --trust-pickle
     python -m gsd.import_teacher path/to/diffusers-folder          # check it loads (used directly)
 
 An NVlabs EDM pickle is read without executing code from it (see `gsd.edm_import`) and

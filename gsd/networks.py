@@ -669,6 +669,23 @@ def read_denoiser_metadata(path) -> dict:
     return {"config": config, "extra": extra}
 
 
+def check_state_dict(expected: dict, state: dict, problem: str) -> None:
+    """Raise a one-line UsageError starting with `problem` unless `state` has exactly the
+    tensor names and shapes of `expected` (a module's state_dict)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        raise UsageError(f"{problem}: {'; '.join(parts)}")
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise UsageError(f"{problem}: {key} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+
+
 def load_denoiser(path, device="cpu") -> EDMPrecond:
     """Rebuild and load a denoiser written by `save_denoiser`; UsageError (one line) on any problem.
 
@@ -687,19 +704,8 @@ def load_denoiser(path, device="cpu") -> EDMPrecond:
     except Exception as exc:
         raise UsageError(f"denoiser file {path} is not a readable safetensors file ({_one_line(exc)})") from None
     expected = net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-        raise UsageError(f"denoiser file {path} does not match its config: {'; '.join(parts)}")
-    for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise UsageError(f"denoiser file {path} does not match its config: {key} has shape "
-                             f"{tuple(tensors[key].shape)}, expected {tuple(ref.shape)}")
+    check_state_dict(expected, tensors, f"denoiser file {path} does not match its config")
+    for key in expected:
         if not tensors[key].is_floating_point() or not torch.isfinite(tensors[key]).all():
             raise UsageError(f"denoiser file {path} has non-finite or non-float values in {key}")
     # Parameters take the dtype stored in the file (bit-exact round trip).
