@@ -148,23 +148,9 @@ def float64_copy(net: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def heun_sample_float64(denoiser, latents: torch.Tensor, class_labels=None, *, num_steps: int = 18,
                         sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """EDM's deterministic Heun sampler (the steps of `gsd.samplers.heun_sample`), with the
+    """EDM's deterministic Heun sampler (`gsd.samplers.heun_sample`'s steps), with the
     denoiser evaluated in float64 (give it a float64 network, e.g. `float64_copy`)."""
-    from .samplers import edm_sigma_steps
+    from .samplers import ode_sample
 
-    steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()
-    x = latents.to(torch.float64) * steps[0]
-
-    def d(xx, s):
-        sig = torch.full((xx.shape[0],), float(s), dtype=torch.float64, device=xx.device)
-        return denoiser(xx, sig, class_labels).to(torch.float64)
-
-    for i in range(num_steps):
-        t_cur, t_next = steps[i], steps[i + 1]
-        d_cur = (x - d(x, t_cur)) / t_cur
-        x_next = x + (t_next - t_cur) * d_cur
-        if i < num_steps - 1:
-            d_next = (x_next - d(x_next, t_next)) / t_next
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
-        x = x_next
-    return x
+    return ode_sample(denoiser, latents, class_labels, num_steps=num_steps, sigma_min=sigma_min,
+                      sigma_max=sigma_max, rho=rho, heun=True, eval_dtype=torch.float64)

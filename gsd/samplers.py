@@ -82,9 +82,9 @@ class SeedStreams:
         return noise.to(device=x.device, dtype=x.dtype)
 
 
-def _evaluate(denoiser, x: torch.Tensor, sigma: float, class_labels) -> torch.Tensor:
-    sig = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
-    return denoiser(x.to(torch.float32), sig, class_labels).to(torch.float64)
+def _evaluate(denoiser, x: torch.Tensor, sigma: float, class_labels, dtype=torch.float32) -> torch.Tensor:
+    sig = torch.full((x.shape[0],), float(sigma), dtype=dtype, device=x.device)
+    return denoiser(x.to(dtype), sig, class_labels).to(torch.float64)
 
 
 def _check(latents: torch.Tensor, class_labels):
@@ -94,6 +94,29 @@ def _check(latents: torch.Tensor, class_labels):
         raise ValueError("class_labels must have one row per latent")
 
 
+def ode_sample(denoiser, latents: torch.Tensor, class_labels=None, *, num_steps: int = 18,
+               sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, heun: bool = True,
+               eval_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The probability-flow ODE on EDM's steps, in float64; returns float64 samples.
+
+    heun=True: Euler step + Heun correction except on the last step (2*num_steps - 1 calls);
+    heun=False: Euler only (num_steps calls). The denoiser is evaluated in `eval_dtype`
+    (float64 with a float64 network for finite differences such as PPL).
+    """
+    _check(latents, class_labels)
+    t = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()
+    x = latents.to(torch.float64) * t[0]
+    for i in range(num_steps):
+        t_cur, t_next = t[i], t[i + 1]
+        d_cur = (x - _evaluate(denoiser, x, t_cur, class_labels, eval_dtype)) / t_cur
+        x_next = x + (t_next - t_cur) * d_cur
+        if heun and i < num_steps - 1:
+            d_next = (x_next - _evaluate(denoiser, x_next, t_next, class_labels, eval_dtype)) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
+        x = x_next
+    return x
+
+
 @torch.no_grad()
 def heun_sample(denoiser, latents: torch.Tensor, class_labels=None, *, num_steps: int = 18,
                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
@@ -101,32 +124,16 @@ def heun_sample(denoiser, latents: torch.Tensor, class_labels=None, *, num_steps
 
     Returns float32 samples of the latents' shape. 2*num_steps - 1 denoiser calls.
     """
-    _check(latents, class_labels)
-    t = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()
-    x = latents.to(torch.float64) * t[0]
-    for i in range(num_steps):
-        t_cur, t_next = t[i], t[i + 1]
-        d_cur = (x - _evaluate(denoiser, x, t_cur, class_labels)) / t_cur
-        x_next = x + (t_next - t_cur) * d_cur
-        if i < num_steps - 1:
-            d_next = (x_next - _evaluate(denoiser, x_next, t_next, class_labels)) / t_next
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
-        x = x_next
-    return x.to(torch.float32)
+    return ode_sample(denoiser, latents, class_labels, num_steps=num_steps, sigma_min=sigma_min,
+                      sigma_max=sigma_max, rho=rho, heun=True).to(torch.float32)
 
 
 @torch.no_grad()
 def euler_sample(denoiser, latents: torch.Tensor, class_labels=None, *, num_steps: int = 18,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """First-order (Euler) probability-flow ODE sampler on the same steps; num_steps calls."""
-    _check(latents, class_labels)
-    t = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()
-    x = latents.to(torch.float64) * t[0]
-    for i in range(num_steps):
-        t_cur, t_next = t[i], t[i + 1]
-        d_cur = (x - _evaluate(denoiser, x, t_cur, class_labels)) / t_cur
-        x = x + (t_next - t_cur) * d_cur
-    return x.to(torch.float32)
+    return ode_sample(denoiser, latents, class_labels, num_steps=num_steps, sigma_min=sigma_min,
+                      sigma_max=sigma_max, rho=rho, heun=False).to(torch.float32)
 
 
 @torch.no_grad()
