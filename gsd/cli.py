@@ -105,7 +105,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     fused.add_argument("--no-fused", dest="fused", action="store_false", default=argparse.SUPPRESS,
                        help="use the reference (eager PyTorch) ops: the default, and the eager baseline")
     p.add_argument("--teacher", default=None, metavar="PATH",
-                   help="teacher checkpoint (.safetensors); default: train and cache one")
+                   help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
+                        "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--batch", type=positive_int, default=64, help="generator batch size")
     p.add_argument("--iters", type=positive_int, default=None,

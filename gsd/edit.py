@@ -81,7 +81,7 @@ def load_generator(run_dir, device="cpu") -> tuple[Callable[[torch.Tensor], torc
     G takes standard-normal eps (N, *sample_shape) and evaluates D(sigma_init * eps; sigma_init)
     without gradient. info: config, step, sample_shape, sigma_init, dataset.
     """
-    from .networks import load_denoiser
+    from .import_teacher import load_run_teacher
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -89,11 +89,8 @@ def load_generator(run_dir, device="cpu") -> tuple[Callable[[torch.Tensor], torc
     cfg = runs.read_config(run_dir)
     if "dataset" not in cfg or "sigma_init" not in cfg:
         raise UsageError(f"{run_dir} is not a gsd.train run directory (config.json has no dataset/sigma_init)")
-    teacher_file = run_dir / runs.TEACHER_NAME
-    if not teacher_file.is_file():
-        raise UsageError(f"{run_dir} is not a gsd.train run directory (no {runs.TEACHER_NAME})")
     device = _resolve_device(device)
-    net = load_denoiser(teacher_file, "cpu")  # the generator has the teacher's architecture
+    net = load_run_teacher(run_dir, device="cpu", config=cfg)  # the generator has the teacher's architecture
     weights, _state = runs.load_checkpoint(run_dir)
     step = runs.latest_step(run_dir)
     ema = {k[len("ema."):]: v for k, v in weights.items() if k.startswith("ema.")}

@@ -146,7 +146,7 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
     from . import train
     from .data import GMMDenoiser, load_dataset
     from .distill import Distiller
-    from .networks import load_denoiser
+    from .import_teacher import load_run_teacher
 
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -156,8 +156,8 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
     cfg = runs.read_config(run_dir)
     _check_run_config(run_dir, cfg)
     teacher_file = run_dir / str(cfg["teacher_file"])
-    if not teacher_file.is_file():
-        raise UsageError(f"{run_dir} is missing its teacher file {cfg['teacher_file']}")
+    if not teacher_file.exists():
+        raise UsageError(f"{run_dir} is missing its teacher copy {cfg['teacher_file']}")
     if step is None:
         step = runs.latest_step(run_dir)
         if step is None:
@@ -179,7 +179,7 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
 
     dataset = load_dataset(full["dataset"], data_root=full.get("data_root"), resolution=full.get("resolution"),
                            download=False)
-    teacher_net = load_denoiser(teacher_file, dev)
+    teacher_net = load_run_teacher(run_dir, device=dev, config=cfg)
     shape = tuple(getattr(teacher_net, "sample_shape", ()) or ())
     if shape and shape != tuple(dataset.sample_shape):
         raise UsageError(f"{teacher_file} is for samples of shape {shape}, the run's data set {dataset.name} has "

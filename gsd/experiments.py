@@ -610,7 +610,7 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
         f"{lat['batch']}) |"
     L.append(head)
     L.append("|---|---|---|" + ("---|" if has_fid else "") + "---|---|")
-    for label, m in ((f"MSA: teacher Heun, 18 steps", t), ("GSD one-step (full loss)", one)):
+    for label, m in (("MSA: teacher Heun, 18 steps", t), ("GSD one-step (full loss)", one)):
         L.append(f"| {label} | {m['nfe']} | {_fmt(m['fd'])} | " + (f"{_fmt(m.get('fid'))} | " if has_fid else "")
                  + f"{_pm(m.get('ppl'), m.get('ppl_stderr'))} | {_fmt(m['latency_ms'], '.1f')} |")
     red = lat["reduction"]
@@ -768,8 +768,8 @@ def run_experiments(args) -> Path:
         extras["guidance"] = ("skipped", f"_Skipped ({why})._")
         extras["edit"] = ("skipped", f"_Skipped ({why})._")
     else:
-        from .networks import load_denoiser
-        teacher_net = load_denoiser(plan["full"][1] / runs.TEACHER_NAME, dev)
+        from .import_teacher import load_run_teacher
+        teacher_net = load_run_teacher(plan["full"][1], device=dev)
         if args.dataset == "digits":
             extras["guidance"] = guidance_section(teacher_net, dataset, num=sz["guidance_num"], steps=30,
                                                   seed=args.seed, device=dev, cache_dir=args.cache_dir)

@@ -8,23 +8,31 @@ exported once to a gsd safetensors checkpoint; after that the pickle is not need
 diffusers UNet2DModel folder needs no export: `load_teacher_any` wraps it on the fly.
 
 `load_teacher_any(path)` is the one loader for a teacher given by path: a gsd ``.safetensors``
-file, a diffusers folder, or (with ``trust_pickle=True``) an EDM ``.pkl``.
+file, a diffusers folder, or (with ``trust_pickle=True``) an EDM ``.pkl``. A run directory keeps
+its own copy of the teacher (`save_run_teacher` / `load_run_teacher`): a gsd ``.safetensors``
+file, or a diffusers folder for a diffusers teacher (its architecture is diffusers').
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from gsd.cli import UsageError, make_parser, run_main
+from gsd.runs import TEACHER_NAME
 
-__all__ = ["load_teacher_any", "teacher_kind", "build_parser", "main"]
+__all__ = ["load_teacher_any", "teacher_kind", "check_teacher_path", "save_run_teacher", "load_run_teacher",
+           "build_parser", "main"]
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
+RUN_TEACHER_FILE = TEACHER_NAME           # gsd / imported EDM teachers in a run directory
+RUN_TEACHER_FOLDER = "teacher-diffusers"   # diffusers teachers in a run directory
 
 
 def teacher_kind(path) -> str:
@@ -37,6 +45,26 @@ def teacher_kind(path) -> str:
     if path.lower().endswith(PICKLE_SUFFIXES):
         return "edm-pickle"
     return "safetensors"
+
+
+def check_teacher_path(path, *, trust_pickle: bool = False, flag: str = "--teacher") -> str:
+    """The teacher kind of `path`, after the checks that need no loading: it exists, a pickle is
+    allowed, a folder looks like a diffusers model. UsageError (one line) otherwise."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file or folder")
+    kind = teacher_kind(path)
+    if kind == "edm-pickle" and not trust_pickle:
+        raise UsageError(f"{flag} {path} is a pickle: pass --trust-pickle to read it (only EDM's allow-listed "
+                         f"classes are read, no code from the file runs), or export it once with "
+                         f"python -m gsd.import_teacher {path} --trust-pickle")
+    if kind == "diffusers":
+        from gsd.diffusers_teacher import is_diffusers_folder
+
+        if not is_diffusers_folder(path):
+            raise UsageError(f"{flag} {path} is a folder but not a diffusers UNet2DModel or pipeline folder "
+                             f"(no config.json / model_index.json)")
+    return kind
 
 
 def load_teacher_any(path, *, device="cpu", trust_pickle: bool = False):
@@ -59,6 +87,42 @@ def load_teacher_any(path, *, device="cpu", trust_pickle: bool = False):
     from gsd.networks import load_denoiser
 
     return load_denoiser(path, device=device)
+
+
+def save_run_teacher(net, run_dir, source: str | None = None) -> str:
+    """Write the run directory's copy of the teacher, atomically; returns its name in run_dir
+    (what config.json records as ``teacher_file``)."""
+    from gsd.diffusers_teacher import DiffusersTeacher, save_diffusers_teacher
+    from gsd.networks import save_denoiser
+
+    run_dir = Path(run_dir)
+    net = getattr(net, "module", None) or net
+    if isinstance(net, DiffusersTeacher):
+        final, tmp = run_dir / RUN_TEACHER_FOLDER, run_dir / (RUN_TEACHER_FOLDER + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_diffusers_teacher(net, tmp)
+        # a folder cannot be replaced in one rename: remove a stale one first (a crash here leaves
+        # the .partial folder, which a new run rewrites)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return RUN_TEACHER_FOLDER
+    save_denoiser(run_dir / RUN_TEACHER_FILE, net, extra_metadata={"source": source or "unknown"})
+    return RUN_TEACHER_FILE
+
+
+def load_run_teacher(run_dir, *, device="cpu", config: dict | None = None):
+    """The teacher copy a run directory holds (config.json's ``teacher_file``; runs written before
+    that key existed hold teacher.safetensors)."""
+    run_dir = Path(run_dir)
+    if config is None:
+        from gsd.runs import read_config
+
+        config = read_config(run_dir)
+    name = str(config.get("teacher_file") or RUN_TEACHER_FILE)
+    path = run_dir / name
+    if not path.exists():
+        raise UsageError(f"{run_dir} is missing its teacher copy {name}")
+    return load_teacher_any(path, device=device)
 
 
 def build_parser():

@@ -36,7 +36,10 @@ def build_parser():
             action.metavar = "PNG"
             action.help = "output PNG grid (required)"
     p.add_argument("--teacher", default=None, metavar="PATH",
-                   help="teacher checkpoint (.safetensors); default: train and cache one")
+                   help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
+                        "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")
+    p.add_argument("--trust-pickle", action="store_true", default=False,
+                   help="allow --teacher to be an EDM .pkl (only EDM's allow-listed classes are read)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="teacher / classifier cache folder (None = $GSD_CACHE or ~/.cache/gsd)")
     p.add_argument("--num", type=positive_int, default=16, help="number of samples")
@@ -83,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gsd.teacher import get_teacher, resolve_device, save_image_grid
 
     device = resolve_device(args.device)
-    teacher = get_teacher(dataset, teacher_path=args.teacher, cache_dir=args.cache_dir, device=device)
+    teacher = get_teacher(dataset, teacher_path=args.teacher, cache_dir=args.cache_dir, device=device,
+                          trust_pickle=args.trust_pickle)
     n = args.num
     seeds = [args.seed * 1_000_003 + i for i in range(n)]
     latents = latents_for_seeds(seeds, dataset.sample_shape, device=device)

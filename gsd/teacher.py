@@ -241,18 +241,23 @@ def _train_and_save(dataset, config, recipe, seed, device, progress, path) -> ED
 
 
 def get_teacher(dataset: Dataset, *, teacher_path=None, cache_dir=None, device="cpu", seed: int = 0,
-                progress: bool = True, config: dict | None = None, recipe: dict | None = None) -> EDMPrecond:
+                progress: bool = True, config: dict | None = None, recipe: dict | None = None,
+                trust_pickle: bool = False) -> EDMPrecond:
     """The teacher for `dataset` (eval mode, on `device`).
 
-    teacher_path: load it and check it fits the data set (UsageError otherwise). Else the
+    teacher_path: load it (`gsd.import_teacher.load_teacher_any`: gsd .safetensors, diffusers
+    folder, EDM .pkl with trust_pickle) and check it fits the data set (UsageError otherwise). Else the
     cache file for (config, recipe, seed, data) under cache_dir / $GSD_CACHE / ~/.cache/gsd,
     trained and saved (atomically) when missing. `recipe` overrides the data set's default
     recipe key by key; `config` the default (unconditional) network.
     """
     dev = resolve_device(device)
     if teacher_path is not None:
+        from gsd.import_teacher import check_teacher_path, load_teacher_any
+
         path = os.fspath(teacher_path)
-        net = load_denoiser(path, device=dev)
+        check_teacher_path(path, trust_pickle=trust_pickle)
+        net = load_teacher_any(path, device=dev, trust_pickle=trust_pickle)
         check_teacher_matches(net, dataset, path)
         return net
     if config is None:

@@ -41,7 +41,7 @@ DATASET_DEFAULTS = {
 
 # Settings that may differ between a run and its --resume (they do not change training).
 RESUME_FREE = ("iters", "device", "out", "resume", "log_every", "ckpt_every", "keep_every", "eval_samples",
-               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval", "compile")
+               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval", "compile", "trust_pickle")
 
 # Keys that describe the training itself (compared by --out / --resume checks).
 TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradient scaler)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the generator, fake score and teacher")
+    p.add_argument("--trust-pickle", action="store_true", default=False,
+                   help="allow --teacher to be an NVlabs EDM .pkl (only EDM's allow-listed classes are read; "
+                        "no code from the file runs)")
     p.add_argument("--gen-loss-scale", type=float, default=100.0,
                    help="factor on the generator loss before Adam (SiD's lsg)")
     p.add_argument("--log-every", type=positive_int, default=10, help="iterations between log.jsonl records")
@@ -145,14 +148,15 @@ def distill_config(cfg: dict) -> DistillConfig:
     )
 
 
-def _validate(cfg: dict) -> None:
+def _validate(cfg: dict, resuming: bool = False) -> None:
     distill_config(cfg).validate().accum_steps(parallel.env_world_size())
     if cfg["irl_bandwidth"] is not None and not (math.isfinite(cfg["irl_bandwidth"]) and cfg["irl_bandwidth"] > 0):
         raise UsageError(f"--irl-bandwidth must be > 0, got {cfg['irl_bandwidth']}")
     if not (math.isfinite(cfg["gen_loss_scale"]) and cfg["gen_loss_scale"] > 0):
         raise UsageError(f"--gen-loss-scale must be > 0, got {cfg['gen_loss_scale']}")
-    if cfg["teacher"] is not None and not os.path.isfile(cfg["teacher"]):
-        raise UsageError(f"--teacher {cfg['teacher']}: no such file")
+    if cfg["teacher"] is not None and not resuming:  # a resumed run uses its own copy of the teacher
+        from .import_teacher import check_teacher_path
+        check_teacher_path(cfg["teacher"], trust_pickle=bool(cfg.get("trust_pickle")))
 
 
 def _device(name: str) -> torch.device:
@@ -240,7 +244,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
         cfg["out"] = str(run_dir)
         _validate(cfg)
         runs.prepare_run_dir(run_dir, _training_view(cfg))
-    _validate(cfg)
+    _validate(cfg, resuming=bool(resume_dir))
     device = _device(cfg["device"])
 
     # ---------------------------------------------------------------- processes (torchrun)
@@ -254,19 +258,17 @@ def _run(config, *, explicit, nan_hook) -> Path:
 
     from .data import GMMDenoiser, load_dataset
 
-    teacher_file = run_dir / runs.TEACHER_NAME
+    from .import_teacher import load_run_teacher, load_teacher_any, save_run_teacher
 
     def load_inputs():
         ds = load_dataset(cfg["dataset"], data_root=cfg["data_root"], resolution=cfg["resolution"],
                           download=cfg["download"])
         net = None
         if resume_dir:
-            from .networks import load_denoiser
-            net = load_denoiser(teacher_file, device)
-            _check_teacher(net, ds, teacher_file)
+            net = load_run_teacher(run_dir, device=device)
+            _check_teacher(net, ds, f"copy in {run_dir}")
         elif cfg["teacher"] is not None:
-            from .networks import load_denoiser
-            net = load_denoiser(cfg["teacher"], device)
+            net = load_teacher_any(cfg["teacher"], device=device, trust_pickle=bool(cfg.get("trust_pickle")))
             _check_teacher(net, ds, cfg["teacher"])
         if cfg["exact_teacher"] and ds.mixture is None:
             raise UsageError(f"--exact-teacher needs a dataset with a known mixture, not {ds.name}")
@@ -323,12 +325,11 @@ def _run(config, *, explicit, nan_hook) -> Path:
         else:
             logger = _NullLogger()
     elif main_rank:
-        from .networks import save_denoiser
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_denoiser(teacher_file, teacher_net, extra_metadata={"source": cfg["teacher"] or "default teacher"})
+        teacher_file = save_run_teacher(teacher_net, run_dir, cfg["teacher"] or "default teacher")
         record = {k: v for k, v in cfg.items()}
         record["backend"] = dcfg.backend
-        record["teacher_file"] = runs.TEACHER_NAME
+        record["teacher_file"] = teacher_file
         record["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
         record["world_size"] = world
         runs.write_json_atomic(run_dir / runs.CONFIG_NAME, record)

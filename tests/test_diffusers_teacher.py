@@ -27,7 +27,7 @@ def _one_thread():
 
 def tiny_unet(**kw):
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=kw.pop("out_channels", 3),
+    unet = UNet2DModel(sample_size=8, in_channels=kw.pop("in_channels", 3), out_channels=kw.pop("out_channels", 3),
                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, **kw)
@@ -200,3 +200,49 @@ def test_cli_checks_a_folder(unet_folder, capsys):
     assert "diffusers teacher OK" in capsys.readouterr().out
     assert run_main(import_main, [str(unet_folder), "--out", "x.safetensors"]) == 2
     assert "used directly" in capsys.readouterr().err
+
+
+def test_train_distils_a_diffusers_folder_end_to_end(tmp_path, capsys):
+    """`python -m gsd.train --teacher FOLDER`: the run keeps a diffusers copy of the teacher that
+    reproduces it exactly (schedule included); resume, evaluate and edit rebuild the generator
+    from that copy."""
+    from gsd import evaluate, runs, train
+    from gsd.edit import load_generator
+    from gsd.import_teacher import load_run_teacher
+
+    folder = tmp_path / "digits-unet"
+    tiny_unet(in_channels=1, out_channels=1).save_pretrained(folder)
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").save_config(folder)
+    out = tmp_path / "run"
+    argv = ["--teacher", str(folder), "--dataset", "digits", "--iters", "2", "--batch", "4", "--ckpt-every", "2",
+            "--eval-samples", "0", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert run_main(train.main, argv) == 0, capsys.readouterr().err
+
+    cfg = runs.read_config(out)
+    assert cfg["teacher_file"] == "teacher-diffusers" and (out / "teacher-diffusers" / "config.json").is_file()
+    original, copy = load_teacher_any(folder), load_run_teacher(out)
+    assert copy.prediction_type == "v_prediction" and torch.equal(copy.betas, original.betas)
+    x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.05, 2.5, 60.0])
+    with torch.no_grad():
+        assert torch.equal(copy(x, sigma), original(x, sigma))
+
+    # resume continues from the copy (the original folder is no longer needed)
+    shutil.rmtree(folder)
+    assert run_main(train.main, ["--resume", str(out), "--iters", "3", "--no-progress", "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    assert runs.latest_step(out) == 3
+
+    run = evaluate.load_run(out)
+    gen = run.distiller.ema_generator
+    assert isinstance(gen, DiffusersTeacher)
+    weights, _ = runs.load_checkpoint(out)
+    for name, value in gen.state_dict().items():
+        assert torch.equal(value, weights["ema." + name]), name
+    trained = [n for n, v in gen.state_dict().items() if not torch.equal(v, copy.state_dict()[n])]
+    assert trained, "the generator did not move away from the teacher"
+
+    G, info = load_generator(out)
+    eps = torch.randn(5, 1, 8, 8)
+    y = G(eps)
+    assert y.shape == (5, 1, 8, 8) and torch.isfinite(y).all()
+    torch.testing.assert_close(y, run.distiller.generate(eps))

@@ -190,8 +190,9 @@ def write_pickle(tmp_path, net, name="network-snapshot-000000.pkl", edit=None, e
     return path, marker
 
 
-def ddpmpp(label_dim=3, augment_dim=9):
-    model = SongUNet(img_resolution=8, in_channels=3, out_channels=3, label_dim=label_dim, augment_dim=augment_dim,
+def ddpmpp(label_dim=3, augment_dim=9, channels=3):
+    model = SongUNet(img_resolution=8, in_channels=channels, out_channels=channels, label_dim=label_dim,
+                     augment_dim=augment_dim,
                      model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
     return perturb_(EDMPrecond(model, sigma_data=0.5, label_dim=label_dim))
 
@@ -210,7 +211,7 @@ def adm(label_dim=4):
 
 
 def assert_same_outputs(a, b, label_dim):
-    x = torch.randn(4, 3, 8, 8)
+    x = torch.randn(4, *a.sample_shape)
     sigma = torch.tensor([0.002, 0.3, 2.5, 80.0])
     labels = torch.arange(4) % label_dim if label_dim else None
     with torch.no_grad():
@@ -377,3 +378,25 @@ def test_allow_listed_globals_cannot_be_tampered_with(payload, expect):
     from gsd import edm_import
     assert edm_import._SAFE_GLOBALS["torch_utils.persistence._reconstruct_persistent_obj"].fn is \
         edm_import._reconstruct_persistent_obj
+
+
+def test_train_distils_an_edm_pickle_only_with_trust_pickle(tmp_path, capsys):
+    """`python -m gsd.train --teacher snapshot.pkl`: refused in one line without --trust-pickle
+    (nothing written); with it the run trains from the pickle and keeps a safetensors copy."""
+    from gsd import runs, train
+
+    net = ddpmpp(label_dim=0, augment_dim=0, channels=1)  # digits: 1 x 8 x 8, unconditional
+    path, marker = write_pickle(tmp_path, net)
+    out = tmp_path / "run"
+    fast = ["--dataset", "digits", "--iters", "2", "--batch", "4", "--eval-samples", "0", "--no-progress",
+            "--device", "cpu", "--out", str(out)]
+    assert run_main(train.main, ["--teacher", str(path), *fast]) == 2
+    err = capsys.readouterr().err
+    assert "--trust-pickle" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+    assert run_main(train.main, ["--teacher", str(path), "--trust-pickle", *fast]) == 0, capsys.readouterr().err
+    assert not marker.exists()
+    cfg = runs.read_config(out)
+    assert cfg["teacher_file"] == "teacher.safetensors" and runs.latest_step(out) == 2
+    assert_same_outputs(net, load_denoiser(out / "teacher.safetensors"), 0)

@@ -77,7 +77,11 @@ def test_subprocess_errors_are_one_line(tmp_path):
 def test_inprocess_errors(tmp_path, capsys):
     gmm_teacher = tiny_mlp_file(tmp_path)
     out = tmp_path / "never"
+    (tmp_path / "snapshot.pkl").write_bytes(b"not read without --trust-pickle")
+    (tmp_path / "empty-folder").mkdir()
     cases = [
+        (["--teacher", str(tmp_path / "snapshot.pkl")], ["--trust-pickle"]),
+        (["--teacher", str(tmp_path / "empty-folder")], ["not a diffusers"]),
         (["--lambda-sid", "0", "--lambda-irl", "0"], ["both 0"]),
         (["--alpha", "0"], ["--alpha"]),
         (["--alpha", "-1.5"], ["--alpha"]),
