@@ -26,6 +26,8 @@ hand fp32 outputs to the loss ops; parameters, gradients, Adam and the losses st
 fp16 scales the losses with a GradScaler: a step whose gradients overflow is skipped (its
 non-finite values are counted like NaN gradients) and the scale is lowered.
 `config.compile` wraps the networks' forwards in torch.compile (state dicts are unchanged).
+`config.grad_checkpoint` recomputes the residual blocks of G and f_psi in their backward
+passes instead of storing their activations (less memory, the same gradients).
 
 All randomness of the iteration comes from one `torch.Generator` owned by the Distiller
 (on the run's device), so `state_dict()` / `load_state_dict()` continue a run bit-exactly.
@@ -85,6 +87,7 @@ class DistillConfig:
     batch_per_rank: int | None = None     # samples per process and micro-step (default: batch / world)
     precision: str = "fp32"               # autocast of the network forwards: fp32 (off), bf16, fp16
     compile: bool = False                 # torch.compile the three networks
+    grad_checkpoint: bool = False         # gradient checkpointing in G and f_psi
 
     def validate(self) -> "DistillConfig":
         """Raise UsageError (one line) for impossible values."""
@@ -225,6 +228,10 @@ class Distiller:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.generator = copy.deepcopy(init).to(self.device).train().requires_grad_(True)
         self.fake = copy.deepcopy(init).to(self.device).train().requires_grad_(True)
+        if config.grad_checkpoint:
+            from .networks import set_gradient_checkpointing
+            set_gradient_checkpointing(self.generator)
+            set_gradient_checkpointing(self.fake)
         self.ema_generator = copy.deepcopy(self.generator).eval().requires_grad_(False)
         c = self.config
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps)

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from gsd.cli import UsageError
@@ -39,8 +40,22 @@ __all__ = [
     "EDMPrecond", "SongUNet", "MLPDenoiserNet", "UNetBlock", "PositionalEmbedding",
     "Linear", "Conv2d", "GroupNorm", "build_denoiser", "default_config",
     "save_denoiser", "load_denoiser", "read_denoiser_metadata", "edm_coefficients", "edm_ddpmpp_config",
-    "count_parameters",
+    "count_parameters", "set_gradient_checkpointing",
 ]
+
+
+class _CheckpointedBlock(nn.Module):
+    """A residual block whose activations can be recomputed in the backward pass instead of
+    stored (gradient checkpointing; `set_gradient_checkpointing`). Subclasses define `block`."""
+
+    checkpointing = False  # a plain attribute: state dicts and checkpoints are unchanged
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            # non-reentrant: works with DDP, torch.compile and inputs that need no gradient;
+            # dropout draws the same mask again because the RNG state is restored
+            return torch.utils.checkpoint.checkpoint(self.block, x, emb, use_reentrant=False)
+        return self.block(x, emb)
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,7 +182,7 @@ class PositionalEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------
 # The U-Net block and the DDPM++ U-Net.
 
-class UNetBlock(nn.Module):
+class UNetBlock(_CheckpointedBlock):
     """Pre-activation residual block with the embedding injected between the two convs,
     optional 2x up/down sampling and optional single-head self-attention."""
 
@@ -212,7 +227,7 @@ class UNetBlock(nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **init_attn)
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         residual = x
         h = self.conv0(F.silu(self.norm0(x)))
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(h.dtype)
@@ -365,7 +380,7 @@ class SongUNet(nn.Module):
 # ----------------------------------------------------------------------------------------
 # MLP for low-dimensional data.
 
-class _MLPBlock(nn.Module):
+class _MLPBlock(_CheckpointedBlock):
     def __init__(self, hidden: int, emb_channels: int, dropout: float):
         super().__init__()
         self.norm0 = nn.LayerNorm(hidden)
@@ -375,7 +390,7 @@ class _MLPBlock(nn.Module):
         self.fc1 = Linear(hidden, hidden, init_mode="xavier_uniform", init_weight=1e-5)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.fc0(F.silu(self.norm0(x)))
         scale, shift = self.affine(emb).chunk(2, dim=1)
         h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
@@ -582,6 +597,24 @@ def edm_ddpmpp_config(img_resolution: int = 32, img_channels: int = 3, label_dim
                  channel_mult_emb=4, num_blocks=4, attn_resolutions=[16], dropout=dropout)
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": "SongUNet", "model": model,
             "sigma_data": 0.5, "label_dim": label_dim}
+
+
+def set_gradient_checkpointing(net: nn.Module, enabled: bool = True) -> int:
+    """Recompute the activations of every residual block of `net` in the backward pass instead
+    of keeping them (less memory, about one more forward pass of compute). Covers gsd's U-Nets
+    and MLP (also imported EDM networks) and diffusers models. Returns how many blocks / models
+    were switched; UsageError when `net` has none."""
+    count = 0
+    for module in net.modules():
+        if isinstance(module, _CheckpointedBlock):
+            module.checkpointing = bool(enabled)
+            count += 1
+        elif hasattr(module, "enable_gradient_checkpointing") and hasattr(module, "disable_gradient_checkpointing"):
+            (module.enable_gradient_checkpointing if enabled else module.disable_gradient_checkpointing)()
+            count += 1
+    if enabled and count == 0:
+        raise UsageError(f"gradient checkpointing: {type(net).__name__} has no residual blocks that support it")
+    return count
 
 
 def count_parameters(net: nn.Module) -> int:

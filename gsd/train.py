@@ -41,7 +41,8 @@ DATASET_DEFAULTS = {
 
 # Settings that may differ between a run and its --resume (they do not change training).
 RESUME_FREE = ("iters", "device", "out", "resume", "log_every", "ckpt_every", "keep_every", "eval_samples",
-               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval", "compile", "trust_pickle")
+               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval", "compile", "trust_pickle",
+               "grad_checkpoint")
 
 # Keys that describe the training itself (compared by --out / --resume checks).
 TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradient scaler)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the generator, fake score and teacher")
+    p.add_argument("--grad-checkpoint", action="store_true", default=False,
+                   help="gradient checkpointing: recompute the generator's and fake score's block activations "
+                        "in the backward pass instead of storing them (less memory, one more forward of each block)")
     p.add_argument("--trust-pickle", action="store_true", default=False,
                    help="allow --teacher to be an NVlabs EDM .pkl (only EDM's allow-listed classes are read; "
                         "no code from the file runs)")
@@ -145,6 +149,7 @@ def distill_config(cfg: dict) -> DistillConfig:
         betas=tuple(cfg["adam_betas"]), ema_halflife=cfg["ema_halflife"], gen_loss_scale=cfg["gen_loss_scale"],
         backend="auto" if cfg["fused"] else "reference", seed=cfg["seed"], batch_per_rank=cfg.get("batch_per_gpu"),
         precision=cfg.get("precision", "fp32"), compile=bool(cfg.get("compile", False)),
+        grad_checkpoint=bool(cfg.get("grad_checkpoint", False)),
     )
 
 

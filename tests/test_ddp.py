@@ -173,14 +173,14 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
     teacher = _teacher(tmp_path)
     out = tmp_path / "ddp_run"
     args = ["--dataset", "gmm", "--teacher", teacher, "--exact-teacher", "--iters", "3", "--batch", "8",
-            "--batch-per-gpu", "2", "--precision", "bf16", "--lambda-irl", "0.5", "--eval-samples", "200", "--ckpt-every", "2", "--log-every", "1",
-            "--out", str(out), *FAST]
+            "--batch-per-gpu", "2", "--precision", "bf16", "--grad-checkpoint", "--lambda-irl", "0.5",
+            "--eval-samples", "200", "--ckpt-every", "2", "--log-every", "1", "--out", str(out), *FAST]
     p = _torchrun(tmp_path, args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert runs.latest_step(out) == 3
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == WORLD and cfg["batch"] == 8 and cfg["batch_per_gpu"] == 2  # 2 accumulation steps
-    assert cfg["precision"] == "bf16"
+    assert cfg["precision"] == "bf16" and cfg["grad_checkpoint"] is True  # DDP + accumulation + checkpointing
     log = runs.read_log(out)
     assert [r["iteration"] for r in log] == [1, 2, 3]  # one writer: rank 0
     assert log[-1]["images_seen"] == 3 * 8 and "loss_irl" in log[-1]
