@@ -48,7 +48,7 @@ def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         metafunc.parametrize("case", _cases(metafunc.config))
     if "option" in metafunc.fixturenames:  # (c) below
-        metafunc.parametrize("option", _option_params(metafunc.config), ids=lambda o: f"{o[0]}-compile{int(o[1])}")
+        metafunc.parametrize("option", _option_params(metafunc.config))
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,30 +261,75 @@ def _resolved_backend(name: str) -> str:
 
 # ------------------------------------------- (c) one iteration across the scale-out options
 
+# name -> DistillConfig options. The first is the baseline of issue 5's GPU target (eager fp32
+# with the reference ops); "bf16+compile" is the configuration that target measures.
+OPTIONS = {
+    "reference-fp32": dict(backend="reference", precision="fp32", compile=False),
+    "fp32": dict(backend="auto", precision="fp32", compile=False),
+    "bf16": dict(backend="auto", precision="bf16", compile=False),
+    "fp32+checkpoint": dict(backend="auto", precision="fp32", compile=False, grad_checkpoint=True),
+    "fp32+compile": dict(backend="auto", precision="fp32", compile=True),
+    "bf16+compile": dict(backend="auto", precision="bf16", compile=True),
+}
+BASELINE = "reference-fp32"
+
+
 def _option_params(config):
-    """precision x torch.compile for the fused ops; compiling three networks takes minutes on a
-    CPU, so the smoke run keeps the eager variants only."""
-    options = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
+    """Every option on the fused ops plus the eager reference baseline; compiling three networks
+    takes minutes on a CPU, so the smoke run keeps the eager variants only."""
+    names = list(OPTIONS)
     if smoke_only(config):
-        options = [o for o in options if not o[1]]
-    return options
+        names = [n for n in names if not OPTIONS[n]["compile"]]
+    return names
 
 
-def test_distill_iteration_options(benchmark, record, request, case, option):
+def _options_distiller(case, name):
     from gsd.distill import DistillConfig, Distiller
 
-    precision, compiled = option
     net, shape = _network(case)
     torch.manual_seed(1)
-    cfg = DistillConfig(batch=BATCH, lambda_irl=1.0, lr=1e-5, backend="auto", seed=0, ema_halflife=0.0,
-                        precision=precision, compile=compiled)
+    cfg = DistillConfig(batch=BATCH, lambda_irl=1.0, lr=1e-5, seed=0, ema_halflife=0.0, **OPTIONS[name])
     teacher = copy.deepcopy(net)
     d = Distiller(teacher, cfg, init=teacher, sample_shape=shape, device=DEVICE)
     d.step()  # compilation and warm-up outside the timing
+    return d
+
+
+def _autograd_saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward during fn (summed over its backward
+    passes): a device-independent view of activation memory, which a CPU's resident-set peak
+    does not show. Gradient checkpointing keeps only the inputs of each recomputed block."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_distill_iteration_options(benchmark, record, request, case, option):
+    d = _options_distiller(case, option)
+    shape = d.sample_shape
     peak = -1 if smoke_only(request.config) else PeakMemory(DEVICE).measure(d.step)
-    _run(benchmark, d.step, rounds=5)
-    record(op="distill_iteration_options", variant=f"{precision}{'+compile' if compiled else ''}",
-           shape=(BATCH, *shape), dtype=torch.float32, flops=-1, bytes_moved=-1, peak_extra_bytes=peak)
+    # compiled graphs save their tensors inside the graph, out of the hooks' sight
+    saved = -1 if OPTIONS[option]["compile"] else _autograd_saved_bytes(d.step)
+    cpu = _run(benchmark, d.step, rounds=5)
+    record(op="distill_iteration_options", variant=option, shape=(BATCH, *shape), dtype=torch.float32, flops=-1,
+           bytes_moved=-1, peak_extra_bytes=peak)
     median = _median(benchmark)
-    if median is not None:
-        benchmark.extra_info["images_per_s"] = 2 * BATCH / median
+    if median is None:
+        return
+    info = benchmark.extra_info
+    info.update(case=case, batch=BATCH, images_per_s=2 * BATCH / median, peak_extra_mib=peak / 2 ** 20,
+                autograd_saved_mib=saved / 2 ** 20)
+    timed_before = _ROWS.get(("options", case), {})
+    partner_fn = None if option == BASELINE or BASELINE in timed_before else _options_distiller(case, BASELINE).step
+    rows = _pair(("options", case), option, median, cpu, info, BASELINE, partner_fn, 3)
+    base = rows[BASELINE][0]
+    for variant, (t, _cpu, row_info) in rows.items():
+        if row_info is not None:  # images/s relative to eager fp32 with the reference ops
+            row_info[f"speedup_vs_{BASELINE}"] = base / t
