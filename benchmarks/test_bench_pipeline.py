@@ -325,7 +325,7 @@ def test_distill_iteration_options(benchmark, record, request, case, option):
         return
     info = benchmark.extra_info
     info.update(case=case, batch=BATCH, images_per_s=2 * BATCH / median, peak_extra_mib=peak / 2 ** 20,
-                autograd_saved_mib=saved / 2 ** 20)
+                autograd_saved_mib=saved / 2 ** 20 if saved >= 0 else None)
     timed_before = _ROWS.get(("options", case), {})
     partner_fn = None if option == BASELINE or BASELINE in timed_before else _options_distiller(case, BASELINE).step
     rows = _pair(("options", case), option, median, cpu, info, BASELINE, partner_fn, 3)
