@@ -16,13 +16,7 @@ diffusers = pytest.importorskip("diffusers")  # CI installs it through the `test
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny networks: one intra-op thread is faster, and far faster on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_unet(**kw):

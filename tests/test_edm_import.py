@@ -24,13 +24,7 @@ from gsd.import_teacher import load_teacher_any, main as import_main
 from gsd.networks import EDMPrecond, SongUNet, load_denoiser, read_denoiser_metadata
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny networks: one intra-op thread is faster, and far faster on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PERSISTENCE_SRC = '''
 import copy

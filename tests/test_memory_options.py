@@ -15,12 +15,7 @@ from gsd.distill import DistillConfig, Distiller
 from gsd.networks import build_denoiser, set_gradient_checkpointing
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def unet(dropout=0.1):

@@ -21,13 +21,7 @@ TINY_UNET = {"arch": "SongUNet", "sigma_data": 0.5, "label_dim": 0,
                            num_blocks=1, attn_resolutions=[], dropout=0.0)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads, and lose a lot when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
