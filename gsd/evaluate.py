@@ -138,6 +138,11 @@ def _network_id(net: torch.nn.Module) -> str:
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     cfg = getattr(net, "config", None)
     h.update(repr(cfg).encode())
+    # a diffusers teacher's noise schedule is not in its state dict
+    for attr in ("prediction_type", "betas"):
+        value = getattr(net, attr, None)
+        if value is not None:
+            h.update(repr(value.tolist() if torch.is_tensor(value) else value).encode())
     return h.hexdigest()[:16]
 
 

@@ -240,3 +240,16 @@ def test_train_distils_a_diffusers_folder_end_to_end(tmp_path, capsys):
     y = G(eps)
     assert y.shape == (5, 1, 8, 8) and torch.isfinite(y).all()
     torch.testing.assert_close(y, run.distiller.generate(eps))
+
+
+def test_evaluation_cache_key_sees_the_schedule(unet_folder):
+    """Cached teacher evaluations are keyed by a hash of the network: a diffusers teacher's
+    schedule and prediction type live outside its state dict and must still change it."""
+    from gsd.evaluate import _network_id
+
+    base = load_diffusers_teacher(unet_folder)
+    same = load_diffusers_teacher(unet_folder)
+    v_pred = DiffusersTeacher(base.unet, prediction_type="v_prediction")
+    cosine = DiffusersTeacher(base.unet, betas=vp_betas(beta_schedule="squaredcos_cap_v2"))
+    ids = {_network_id(n) for n in (base, v_pred, cosine)}
+    assert _network_id(same) == _network_id(base) and len(ids) == 3
