@@ -8,6 +8,7 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable, Sequence
 
@@ -155,6 +156,17 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
                    help="class for --guidance class (None: sample i gets class i mod num_classes)")
     p.add_argument("--mask", choices=["top", "bottom", "left", "right", "center"], default=None,
                    help="HIDDEN region for --guidance inpaint (None: cycle through all five)")
+
+
+def format_value(v, spec: str = ".4g") -> str:
+    """A number for a printed or markdown table: '-' for missing, inf/nan spelled out."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

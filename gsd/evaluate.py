@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from . import runs
-from .cli import UsageError, make_parser, nonnegative_int, positive_int, run_main
+from .cli import UsageError, format_value, make_parser, nonnegative_int, positive_int, run_main
 
 __all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
            "evaluate_loaded", "format_table", "machine_info", "build_parser", "main", "default_num_samples"]
@@ -487,12 +487,6 @@ def _json_clean(obj):
 
 # --------------------------------------------------------------------------- table
 
-def _fmt(v, spec=".4g"):
-    if v is None:
-        return "-"
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
 def format_table(result: dict) -> str:
@@ -507,7 +501,7 @@ def format_table(result: dict) -> str:
         row = [label]
         for c in cols:
             v = f"{m.get('modes_covered')}/{m.get('num_modes')}" if c == "modes_covered" else m.get(c)
-            row.append(_fmt(v))
+            row.append(format_value(v))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
@@ -523,10 +517,10 @@ def format_table(result: dict) -> str:
         lines.append(f"latency reduction one-step vs teacher: {100 * lat['reduction']:.1f}% "
                      f"({lat['speedup']:.1f}x) on {result['machine']['device']}")
     if "real_split_fd" in result:
-        lines.append(f"FD between two halves of the real data (noise floor): {_fmt(result['real_split_fd'])}")
+        lines.append(f"FD between two halves of the real data (noise floor): {format_value(result['real_split_fd'])}")
     if "true_vs_true" in result:
-        lines.append(f"true mixture vs true mixture: FD {_fmt(result['true_vs_true']['fd'])}, sliced W2 "
-                     f"{_fmt(result['true_vs_true']['sliced_wasserstein'])}")
+        lines.append(f"true mixture vs true mixture: FD {format_value(result['true_vs_true']['fd'])}, sliced W2 "
+                     f"{format_value(result['true_vs_true']['sliced_wasserstein'])}")
     return "\n".join(lines)
 
 

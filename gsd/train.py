@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from . import parallel, runs
-from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, make_parser,
+from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, format_value, make_parser,
                   nonnegative_int, positive_int, run_main)
 from .distill import DistillConfig, Distiller
 
@@ -466,12 +466,6 @@ def _mean_over_ranks(acc: dict, device) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-def _fmt(v, spec=".4g"):
-    if v is None:
-        return "-"
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
 def summary_table(metrics: dict, run_dir, wall: float | None = None) -> str:
@@ -486,16 +480,16 @@ def summary_table(metrics: dict, run_dir, wall: float | None = None) -> str:
             v = m.get(c)
             if c == "modes_covered":
                 v = f"{m.get('modes_covered')}/{m.get('num_modes')}"
-            row.append(_fmt(v))
+            row.append(format_value(v))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    extra = [f"isometry defect (EMA G, 512 held-out latents): {_fmt(metrics.get('isometry_defect'))}"]
+    extra = [f"isometry defect (EMA G, 512 held-out latents): {format_value(metrics.get('isometry_defect'))}"]
     if one.get("latency_ms") and teach.get("latency_ms"):
         extra.append(f"speed-up one-step vs teacher: {teach['latency_ms'] / one['latency_ms']:.1f}x")
     if "real_split_fd" in metrics:
-        extra.append(f"FD between two halves of the real data (noise floor): {_fmt(metrics['real_split_fd'])}")
+        extra.append(f"FD between two halves of the real data (noise floor): {format_value(metrics['real_split_fd'])}")
     if "classifier_test_accuracy" in metrics:
         extra.append(f"feature classifier held-out accuracy: {metrics['classifier_test_accuracy']:.3f}")
     nan = metrics.get("nan_events", {})

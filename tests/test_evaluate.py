@@ -15,6 +15,7 @@ import torch
 from gsd import evaluate, ppl, train
 from gsd.cli import run_main
 from gsd.networks import build_denoiser, save_denoiser
+from cli_checks import assert_one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--device", "cpu", "--no-progress", "--latency-repeats", "1", "--isometry-latents", "16",
@@ -74,15 +75,6 @@ def _run(argv, capsys):
         code = exc.code
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # --------------------------------------------------------------------------- end to end

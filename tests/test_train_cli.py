@@ -14,6 +14,7 @@ from gsd import runs
 from gsd.cli import run_main
 from gsd.networks import build_denoiser, save_denoiser
 from gsd import train
+from cli_checks import assert_one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,15 +48,6 @@ def run_cli_inprocess(argv, capsys):
         code = exc.code
     err = capsys.readouterr().err
     return code, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_subprocess_errors_are_one_line(tmp_path):
