@@ -169,6 +169,21 @@ def format_value(v, spec: str = ".4g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def sampler_table(samplers, cols: Sequence[str], names: dict) -> list[str]:
+    """Aligned text lines (header, rule, one row per sampler) of metric dicts.
+
+    samplers: (label, metrics) pairs; cols: the metric keys shown, headed by names[key];
+    "modes_covered" is shown as covered/total."""
+    rows = [["sampler"] + [names[c] for c in cols]]
+    for label, m in samplers:
+        rows.append([label] + [format_value(f"{m.get('modes_covered')}/{m.get('num_modes')}"
+                                            if c == "modes_covered" else m.get(c)) for c in cols])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command's main; turn UsageError into one line and exit code 2."""
     try:

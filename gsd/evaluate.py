@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from . import runs
-from .cli import UsageError, format_value, make_parser, nonnegative_int, positive_int, run_main
+from .cli import UsageError, format_value, make_parser, nonnegative_int, positive_int, run_main, sampler_table
 
 __all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
            "evaluate_loaded", "format_table", "machine_info", "build_parser", "main", "default_num_samples"]
@@ -161,8 +161,6 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
     cfg = runs.read_config(run_dir)
     _check_run_config(run_dir, cfg)
     teacher_file = run_dir / str(cfg["teacher_file"])
-    if not teacher_file.exists():
-        raise UsageError(f"{run_dir} is missing its teacher copy {cfg['teacher_file']}")
     if step is None:
         step = runs.latest_step(run_dir)
         if step is None:
@@ -488,7 +486,6 @@ def _json_clean(obj):
 # --------------------------------------------------------------------------- table
 
 
-
 def format_table(result: dict) -> str:
     one, teach = result["one_step"], result["teacher"]
     cols = ["nfe", "fd", "fid", "ppl", "isometry_defect", "latency_ms"]
@@ -496,16 +493,7 @@ def format_table(result: dict) -> str:
     names = {"nfe": "NFE", "fd": "FD", "fid": "FID", "ppl": "PPL", "isometry_defect": "iso. defect",
              "latency_ms": f"ms/batch {result.get('latency', {}).get('batch', '')}",
              "sliced_wasserstein": "sliced W2", "mmd": "MMD^2", "modes_covered": "modes"}
-    rows = [["sampler"] + [names[c] for c in cols]]
-    for label, m in (("one-step G (EMA)", one), (f"teacher Heun ({teach['nfe']} NFE)", teach)):
-        row = [label]
-        for c in cols:
-            v = f"{m.get('modes_covered')}/{m.get('num_modes')}" if c == "modes_covered" else m.get(c)
-            row.append(format_value(v))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = sampler_table((("one-step G (EMA)", one), (f"teacher Heun ({teach['nfe']} NFE)", teach)), cols, names)
     lines.append(f"run {result['run_dir']} at step {result['step']}, {result['num_samples']} samples, "
                  f"seed {result['seed']}")
     lines.append(f"FD feature space: {result['fd_feature']}")

@@ -44,8 +44,9 @@ from typing import Sequence
 import torch
 
 from . import runs
-from .cli import (UsageError, format_value, make_parser, nonnegative_float, nonnegative_int, positive_float,
-                  positive_int, run_main)
+from .cli import (UsageError, make_parser, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                  run_main)
+from .cli import format_value as fmt  # short: results.md formats dozens of numbers inline
 
 __all__ = ["VARIANTS", "plan_runs", "run_experiments", "build_parser", "main", "guidance_section",
            "edit_section"]
@@ -427,7 +428,7 @@ def edit_section(run_dirs: dict, *, device, seed: int, num: int | None = None) -
                 cols.append(k)
     lines = ["| metric | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for k in cols:
-        lines.append(f"| {k} | " + " | ".join(format_value(rows[n].get(k)) for n in rows) + " |")
+        lines.append(f"| {k} | " + " | ".join(fmt(rows[n].get(k)) for n in rows) + " |")
     return "ok", (f"`gsd.edit.edit_metrics(run_dir)` per run ({time.perf_counter() - t0:.1f} s):\n\n"
                   + "\n".join(lines))
 
@@ -518,13 +519,11 @@ def plot_samples(samples: dict, dataset, path: Path):
 
 # --------------------------------------------------------------------------- results.md
 
-
-
 def _pm(v, se):
     if v is None:
         return "-"
-    return f"{format_value(v)} ± {format_value(se, '.2g')}" if se is not None and isinstance(se, float) and math.isfinite(se) \
-        else format_value(v)
+    return f"{fmt(v)} ± {fmt(se, '.2g')}" if se is not None and isinstance(se, float) and math.isfinite(se) \
+        else fmt(v)
 
 
 def _train_stats(d: Path) -> dict:
@@ -546,13 +545,13 @@ def _compare(a, sa, b, sb, what: str, lower_name: str, other_name: str) -> str:
         noise = 2 * math.sqrt(sa * sa + sb * sb)
     rel = (a - b) / abs(b) if b else float("nan")
     if noise is not None and abs(a - b) <= noise:
-        return (f"{what}: {lower_name} {format_value(a)} vs {other_name} {format_value(b)}: the difference is within two standard "
+        return (f"{what}: {lower_name} {fmt(a)} vs {other_name} {fmt(b)}: the difference is within two standard "
                 f"errors, i.e. the isometric loss did NOT measurably lower it at this sample size")
     if a == b:
-        return f"{what}: {lower_name} {format_value(a)} vs {other_name} {format_value(b)}: identical"
+        return f"{what}: {lower_name} {fmt(a)} vs {other_name} {fmt(b)}: identical"
     if a < b:
-        return f"{what}: {lower_name} {format_value(a)} vs {other_name} {format_value(b)} ({100 * rel:+.1f}%): lower with the isometric loss"
-    return (f"{what}: {lower_name} {format_value(a)} vs {other_name} {format_value(b)} ({100 * rel:+.1f}%): the isometric loss did "
+        return f"{what}: {lower_name} {fmt(a)} vs {other_name} {fmt(b)} ({100 * rel:+.1f}%): lower with the isometric loss"
+    return (f"{what}: {lower_name} {fmt(a)} vs {other_name} {fmt(b)} ({100 * rel:+.1f}%): the isometric loss did "
             f"NOT lower it in this run.")
 
 
@@ -603,18 +602,18 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
     L.append(head)
     L.append("|---|---|---|" + ("---|" if has_fid else "") + "---|---|")
     for label, m in (("MSA: teacher Heun, 18 steps", t), ("GSD one-step (full loss)", one)):
-        L.append(f"| {label} | {m['nfe']} | {format_value(m['fd'])} | " + (f"{format_value(m.get('fid'))} | " if has_fid else "")
-                 + f"{_pm(m.get('ppl'), m.get('ppl_stderr'))} | {format_value(m['latency_ms'], '.1f')} |")
+        L.append(f"| {label} | {m['nfe']} | {fmt(m['fd'])} | " + (f"{fmt(m.get('fid'))} | " if has_fid else "")
+                 + f"{_pm(m.get('ppl'), m.get('ppl_stderr'))} | {fmt(m['latency_ms'], '.1f')} |")
     red = lat["reduction"]
     L.append("")
     L.append(f"Inference time reduction of the one-step generator vs the 35-NFE teacher at batch {lat['batch']}: "
              f"**{100 * red:.1f}%** ({lat['speedup']:.1f}x faster; target >= 95%: "
              f"{'met' if red >= 0.95 else 'NOT met'}).")
     if "real_split_fd" in full:
-        L.append(f"Noise floor: FD between two halves of the real data = {format_value(full['real_split_fd'])}.")
+        L.append(f"Noise floor: FD between two halves of the real data = {fmt(full['real_split_fd'])}.")
     if "true_vs_true" in full:
-        L.append(f"Noise floor: true mixture vs an independent true sample: FD {format_value(full['true_vs_true']['fd'])}, "
-                 f"sliced W2 {format_value(full['true_vs_true']['sliced_wasserstein'])}.")
+        L.append(f"Noise floor: true mixture vs an independent true sample: FD {fmt(full['true_vs_true']['fd'])}, "
+                 f"sliced W2 {fmt(full['true_vs_true']['sliced_wasserstein'])}.")
     L.append("")
 
     L.append("## Table 2: loss ablation\n")
@@ -627,16 +626,16 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
         st = _train_stats(plan[v][1])
         stats[v] = st
         o = r["one_step"]
-        L.append(f"| {VARIANTS[v][2]} | {format_value(r['lambda_sid'])} | {format_value(r['lambda_irl'])} | {format_value(o['fd'])} | "
-                 f"{_pm(o.get('ppl'), o.get('ppl_stderr'))} | {format_value(r['isometry_defect'])} | "
-                 + (f"{format_value(o['sliced_wasserstein'])} | {format_value(o['mmd'])} | {o['modes_covered']}/{o['num_modes']} | "
+        L.append(f"| {VARIANTS[v][2]} | {fmt(r['lambda_sid'])} | {fmt(r['lambda_irl'])} | {fmt(o['fd'])} | "
+                 f"{_pm(o.get('ppl'), o.get('ppl_stderr'))} | {fmt(r['isometry_defect'])} | "
+                 + (f"{fmt(o['sliced_wasserstein'])} | {fmt(o['mmd'])} | {o['modes_covered']}/{o['num_modes']} | "
                     if gm else "")
-                 + f"{format_value(st['train_seconds'], '.0f')} | {format_value(st.get('sec_per_iter'), '.3f')} | "
-                   f"{format_value(o['latency_ms'], '.1f')} |")
-    L.append(f"| (teacher Heun, for reference) | - | - | {format_value(t['fd'])} | {_pm(t.get('ppl'), t.get('ppl_stderr'))} | "
-             f"{format_value(t.get('isometry_defect'))} | "
-             + (f"{format_value(t['sliced_wasserstein'])} | {format_value(t['mmd'])} | {t['modes_covered']}/{t['num_modes']} | " if gm else "")
-             + f"- | - | {format_value(t['latency_ms'], '.1f')} |")
+                 + f"{fmt(st['train_seconds'], '.0f')} | {fmt(st.get('sec_per_iter'), '.3f')} | "
+                   f"{fmt(o['latency_ms'], '.1f')} |")
+    L.append(f"| (teacher Heun, for reference) | - | - | {fmt(t['fd'])} | {_pm(t.get('ppl'), t.get('ppl_stderr'))} | "
+             f"{fmt(t.get('isometry_defect'))} | "
+             + (f"{fmt(t['sliced_wasserstein'])} | {fmt(t['mmd'])} | {t['modes_covered']}/{t['num_modes']} | " if gm else "")
+             + f"- | - | {fmt(t['latency_ms'], '.1f')} |")
     L.append("")
     L.append("Train time is the distillation loop's own clock from log.jsonl (checkpointing included, "
              "evaluation excluded)" + (", with runs trained in parallel processes" if args.jobs > 1 else "") + ".")
@@ -650,14 +649,14 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
                "percent is not evidence of an effect.)")
     fd_a, fd_b = one["fd"], noirl["one_step"]["fd"]
     if fd_a is not None and fd_b is not None:
-        L.append(f"- FD: full loss {format_value(fd_a)} vs without IRL {format_value(fd_b)} "
+        L.append(f"- FD: full loss {fmt(fd_a)} vs without IRL {fmt(fd_b)} "
                  f"({'lower (better)' if fd_a < fd_b else 'higher (worse)' if fd_a > fd_b else 'equal'} with the "
-                 f"isometric loss); teacher {format_value(t['fd'])}.")
+                 f"isometric loss); teacher {fmt(t['fd'])}.")
     fd_c = nosid["one_step"]["fd"]
     if fd_c is not None:
-        L.append(f"- Without the distillation loss the generator only learns the isometry: FD {format_value(fd_c)}, isometry "
-                 f"defect {format_value(nosid['isometry_defect'])} (the teacher copy it starts from has FD "
-                 f"{format_value(curves['no-sid'][0]['fd']) if curves.get('no-sid') else '-'}).")
+        L.append(f"- Without the distillation loss the generator only learns the isometry: FD {fmt(fd_c)}, isometry "
+                 f"defect {fmt(nosid['isometry_defect'])} (the teacher copy it starts from has FD "
+                 f"{fmt(curves['no-sid'][0]['fd']) if curves.get('no-sid') else '-'}).")
     L.append("")
 
     L.append("## Figures\n")

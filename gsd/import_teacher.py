@@ -25,14 +25,12 @@ from typing import Sequence
 import torch
 
 from gsd.cli import UsageError, make_parser, run_main
-from gsd.runs import TEACHER_NAME
+from gsd.runs import TEACHER_FOLDER_NAME, TEACHER_NAME
 
 __all__ = ["load_teacher_any", "teacher_kind", "check_teacher_path", "save_run_teacher", "load_run_teacher",
            "build_parser", "main"]
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
-RUN_TEACHER_FILE = TEACHER_NAME           # gsd / imported EDM teachers in a run directory
-RUN_TEACHER_FOLDER = "teacher-diffusers"   # diffusers teachers in a run directory
 
 
 def teacher_kind(path) -> str:
@@ -96,18 +94,17 @@ def save_run_teacher(net, run_dir, source: str | None = None) -> str:
     from gsd.networks import save_denoiser
 
     run_dir = Path(run_dir)
-    net = getattr(net, "module", None) or net
     if isinstance(net, DiffusersTeacher):
-        final, tmp = run_dir / RUN_TEACHER_FOLDER, run_dir / (RUN_TEACHER_FOLDER + ".partial")
+        final, tmp = run_dir / TEACHER_FOLDER_NAME, run_dir / (TEACHER_FOLDER_NAME + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         save_diffusers_teacher(net, tmp)
         # a folder cannot be replaced in one rename: remove a stale one first (a crash here leaves
         # the .partial folder, which a new run rewrites)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        return RUN_TEACHER_FOLDER
-    save_denoiser(run_dir / RUN_TEACHER_FILE, net, extra_metadata={"source": source or "unknown"})
-    return RUN_TEACHER_FILE
+        return TEACHER_FOLDER_NAME
+    save_denoiser(run_dir / TEACHER_NAME, net, extra_metadata={"source": source or "unknown"})
+    return TEACHER_NAME
 
 
 def load_run_teacher(run_dir, *, device="cpu", config: dict | None = None):
@@ -118,7 +115,7 @@ def load_run_teacher(run_dir, *, device="cpu", config: dict | None = None):
         from gsd.runs import read_config
 
         config = read_config(run_dir)
-    name = str(config.get("teacher_file") or RUN_TEACHER_FILE)
+    name = str(config.get("teacher_file") or TEACHER_NAME)
     path = run_dir / name
     if not path.exists():
         raise UsageError(f"{run_dir} is missing its teacher copy {name}")

@@ -38,7 +38,8 @@ CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 CKPT_DIR = "checkpoints"
 LATEST_NAME = "latest.json"
-TEACHER_NAME = "teacher.safetensors"
+TEACHER_NAME = "teacher.safetensors"           # the run's copy of a gsd / imported EDM teacher
+TEACHER_FOLDER_NAME = "teacher-diffusers"      # the run's copy of a diffusers teacher
 
 __all__ = [
     "default_run_dir", "prepare_run_dir", "check_resume_dir", "diff_configs", "write_json_atomic",

@@ -27,7 +27,7 @@ import torch
 
 from . import parallel, runs
 from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, format_value, make_parser,
-                  nonnegative_int, positive_int, run_main)
+                  nonnegative_int, positive_int, run_main, sampler_table)
 from .distill import DistillConfig, Distiller
 
 # Per-dataset defaults for the flags whose default is "depends on the dataset".
@@ -466,25 +466,12 @@ def _mean_over_ranks(acc: dict, device) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-
-
 def summary_table(metrics: dict, run_dir, wall: float | None = None) -> str:
     one, teach = metrics["one_step"], metrics["teacher"]
     cols = ["nfe", "fd", "latency_ms"] + [k for k in ("sliced_wasserstein", "mmd", "modes_covered") if k in one]
     names = {"nfe": "NFE", "fd": f"FD[{metrics.get('fd_feature', '?')}]", "latency_ms": "latency ms (64)",
              "sliced_wasserstein": "sliced W2", "mmd": "MMD^2", "modes_covered": "modes"}
-    rows = [["sampler"] + [names[c] for c in cols]]
-    for label, m in (("one-step G (EMA)", one), ("teacher Heun", teach)):
-        row = [label]
-        for c in cols:
-            v = m.get(c)
-            if c == "modes_covered":
-                v = f"{m.get('modes_covered')}/{m.get('num_modes')}"
-            row.append(format_value(v))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = sampler_table((("one-step G (EMA)", one), ("teacher Heun", teach)), cols, names)
     extra = [f"isometry defect (EMA G, 512 held-out latents): {format_value(metrics.get('isometry_defect'))}"]
     if one.get("latency_ms") and teach.get("latency_ms"):
         extra.append(f"speed-up one-step vs teacher: {teach['latency_ms'] / one['latency_ms']:.1f}x")

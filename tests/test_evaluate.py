@@ -154,7 +154,7 @@ def test_bad_run_directories_fail_in_one_line(tiny_runs, tmp_path, capsys, no_hu
     no_teacher = tmp_path / "no_teacher"
     shutil.copytree(src, no_teacher)
     (no_teacher / "teacher.safetensors").unlink()
-    cases.append(([str(no_teacher)], ["teacher"]))
+    cases.append(([str(no_teacher)], ["missing its teacher copy teacher.safetensors"]))
 
     other_arch = tmp_path / "other_arch"  # weights that do not fit the networks this version builds
     shutil.copytree(src, other_arch)
