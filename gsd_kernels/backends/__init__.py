@@ -87,6 +87,37 @@ def resolve(name: str, device: torch.device) -> str:
     return name
 
 
+OPS = ("isometry_loss", "sid_generator_loss", "fake_score_loss")
+
+
+def fused_backend(device) -> str:
+    """The fastest fused backend for `device`, or a ValueError whose one line says why none
+    can serve it and how to fix that. This is what `--fused` means: never the reference."""
+    device_type = _device_type(device)
+    reasons = []
+    for candidate in _PREFERENCE.get(device_type, ()):
+        if candidate == "reference" or (candidate == "triton" and device_type == "cpu"):
+            continue  # interpreted Triton on CPU is a test vehicle, not a fused backend to run
+        ok, reason = availability(candidate, device_type)
+        if ok:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    why = "; ".join(reasons) or f"no fused backend exists for {device_type} tensors"
+    raise ValueError(f"no fused backend can run on {device_type} ({why}); "
+                     "install the project with `pip install .` from the repository root, "
+                     "or pass --no-fused for the eager reference ops")
+
+
+def resolved_backends(device, backend: str = "auto") -> dict:
+    """{op name: concrete backend} that `backend` resolves to on `device`, i.e. what runs.
+
+    Every op resolves the same way today; the per-op form is what run records and
+    benchmarks store, so that a future per-op choice does not change their format."""
+    device = torch.device(_device_type(device)) if not isinstance(device, torch.device) else device
+    name = resolve(backend, device)
+    return {op: name for op in OPS}
+
+
 def primitives(name: str, device_type: str):
     """The object holding the six primitives of a fused backend."""
     if name == "triton":
