@@ -25,6 +25,15 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def _kernel_source_hash() -> str:
+    """gsd_kernels/source_hash.py, loaded by path: importing gsd_kernels would need torch."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gsd_source_hash", ROOT / "gsd_kernels" / "source_hash.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_hash(ROOT / "csrc")
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, sourcedir: Path = ROOT):
         super().__init__(name, sources=[])
@@ -75,6 +84,7 @@ class CMakeBuild(build_ext):
             f"-DGSD_CUDA={cuda}",
             f"-DGSD_CUDA_ARCHS={os.environ.get('GSD_CUDA_ARCHS', '80;90')}",
             f"-DGSD_NATIVE_ARCH={'ON' if native else 'OFF'}",
+            f"-DGSD_SOURCE_HASH={_kernel_source_hash()}",
         ]
         subprocess.run(args, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)

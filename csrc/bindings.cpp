@@ -11,6 +11,16 @@
 #include "gsd/kernels.h"
 
 namespace py = pybind11;
+
+#ifndef GSD_SOURCE_HASH
+#define GSD_SOURCE_HASH "unknown"
+#endif
+
+// The fingerprint of the kernel sources this module was built from
+// (gsd_kernels/source_hash.py), kept as plain bytes in the binary so that the Python loader
+// can read it *without* importing a module that may be stale.
+extern "C" __attribute__((used, visibility("default")))
+const char gsd_source_hash_marker[] = "GSD_SOURCE_HASH=" GSD_SOURCE_HASH;
 using gsd::IsoArgs;
 
 namespace {
@@ -41,6 +51,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "gsd_kernels compiled core: CPU (OpenMP) and CUDA kernels on raw pointers";
   auto nogil = py::call_guard<py::gil_scoped_release>();
 
+  m.def("source_hash", []() { return std::string(gsd_source_hash_marker + 16); },
+        "Fingerprint of the csrc/ sources this module was built from.");
   m.def("has_cuda", []() {
 #if defined(GSD_WITH_CUDA)
     return true;

@@ -48,8 +48,8 @@ def availability(name: str, device_type: str) -> tuple[bool, str]:
             return False, f"the {name} backend runs {name.upper()} tensors only"
         try:
             native = _native_module()
-        except ImportError as exc:
-            return False, f"the compiled extension gsd_kernels._C could not be imported ({exc})"
+        except ImportError as exc:  # extension.ExtensionUnavailable says why in one line
+            return False, str(exc)
         return native.is_available(name)
     if name == "triton":
         if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -102,10 +102,9 @@ def fused_backend(device) -> str:
         if ok:
             return candidate
         reasons.append(f"{candidate}: {reason}")
-    why = "; ".join(reasons) or f"no fused backend exists for {device_type} tensors"
-    raise ValueError(f"no fused backend can run on {device_type} ({why}); "
-                     "install the project with `pip install .` from the repository root, "
-                     "or pass --no-fused for the eager reference ops")
+    why = "; ".join(reasons) or f"none exists for {device_type} tensors"
+    raise ValueError(f"no fused backend can run on {device_type}: {why} "
+                     "(--no-fused runs the eager reference ops)")
 
 
 def resolved_backends(device, backend: str = "auto") -> dict:

@@ -19,14 +19,9 @@ import contextlib
 
 import torch
 
-try:
-    from .. import _C
-except ImportError as exc:  # pragma: no cover - depends on the build
-    raise ImportError(
-        "gsd_kernels._C (the compiled C++/CUDA core) is not available: build it with "
-        "`pip install .` or, for development, `python setup.py build_ext --inplace` "
-        f"in the repository root ({exc})"
-    ) from exc
+from .. import extension
+
+_C = extension.load()  # raises ExtensionUnavailable (an ImportError) with a one-line reason
 
 __all__ = ["CPU", "CUDA", "is_available", "NativePrimitives"]
 
