@@ -196,12 +196,166 @@ def load_gmm(num_samples: int = GMM_TRAIN_SAMPLES, seed: int = 0) -> Dataset:
                    {"std": mixture.std()})
 
 
+# ----------------------------------------------------------------------------------------
+# CIFAR-10 python batches are pickles. A plain pickle.load would run whatever the file asks
+# for, so they are read by an unpickler that knows only what those batches hold: dicts,
+# lists, str/bytes, ints, floats and numeric numpy arrays. Arrays are rebuilt here from their
+# dtype string, shape and raw bytes; numpy's own reconstruction code is never handed to the
+# unpickler.
+
+class _CifarRefused(DataError):
+    """The file references something a CIFAR batch does not contain (nothing from it ran)."""
+
+
+class _Frozen(type):
+    # BUILD with slot state would otherwise set attributes on the stand-in classes themselves
+    def __setattr__(cls, name, value):
+        raise _CifarRefused(f"the pickle tried to set {name!r} on {cls.__name__}")
+
+
+class _DType(metaclass=_Frozen):
+    """numpy.dtype(spec, align, copy) + BUILD(state): only the spec and the byte order are kept."""
+
+    __slots__ = ("spec", "byteorder")
+
+    def __init__(self, spec, *_flags):
+        if not isinstance(spec, str):
+            raise _CifarRefused("numpy.dtype with a non-string spec")
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "byteorder", "=")
+        self.resolve()  # refuse non-numeric dtypes at once
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "=", "|"):
+            object.__setattr__(self, "byteorder", state[1])
+
+    def __setattr__(self, name, value):
+        raise _CifarRefused("the pickle tried to modify a dtype")
+
+    def resolve(self) -> np.dtype:
+        try:
+            dt = np.dtype(self.spec)
+        except TypeError:
+            raise _CifarRefused(f"numpy dtype {self.spec!r}") from None
+        if dt.kind not in "biuf" or dt.fields is not None or dt.subdtype is not None:
+            raise _CifarRefused(f"numpy dtype {dt} (only numeric dtypes are allowed)")
+        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+
+
+def _make_array(raw, dtype, shape, fortran: bool) -> np.ndarray:
+    if not isinstance(dtype, _DType):
+        raise _CifarRefused(f"numpy array with a dtype of type {type(dtype).__name__}")
+    dt = dtype.resolve()
+    if isinstance(raw, str):  # Python 2 pickles read with encoding='latin1'
+        raw = raw.encode("latin1")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise _CifarRefused(f"numpy array data of type {type(raw).__name__}")
+    if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise _CifarRefused(f"numpy array with shape {shape!r}")
+    count = math.prod(shape)
+    if count * dt.itemsize != len(raw):
+        raise _CifarRefused(f"numpy array of shape {shape} and dtype {dt} with {len(raw)} bytes of data")
+    return np.frombuffer(bytes(raw), dtype=dt, count=count).reshape(shape, order="F" if fortran else "C")
+
+
+class _ArrayStub(metaclass=_Frozen):
+    """What numpy's _reconstruct(ndarray, shape, typecode) returns; BUILD(state) fills it in."""
+
+    __slots__ = ("array",)
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _CifarRefused("malformed numpy array state")
+        shape, dtype, fortran, raw = state[-4:]
+        object.__setattr__(self, "array", _make_array(raw, dtype, shape, bool(fortran)))
+
+    def __setattr__(self, name, value):
+        raise _CifarRefused("the pickle tried to modify an array")
+
+
+class _NDArrayMarker(metaclass=_Frozen):
+    """Inert stand-in for numpy.ndarray: only an argument of _reconstruct."""
+
+    __slots__ = ()
+
+
+_NDARRAY = _NDArrayMarker()
+
+
+def _np_reconstruct(subtype, shape, typecode):
+    if subtype is not _NDARRAY:  # an ndarray subclass would bring its own __setstate__
+        raise _CifarRefused("numpy _reconstruct of something other than a plain ndarray")
+    return _ArrayStub()
+
+
+def _np_frombuffer(buf, dtype, shape, order="C"):
+    return _make_array(buf, dtype, tuple(shape) if isinstance(shape, (tuple, list)) else shape, order == "F")
+
+
+def _codecs_encode(text, encoding="utf-8"):
+    # protocols 0-2 store bytes as _codecs.encode(str, 'latin1')
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _CifarRefused("_codecs.encode other than (str, 'latin1')")
+    return text.encode("latin1")
+
+
+# The globals numpy's array pickles reference: numpy.core.* (numpy 1.x, and the original
+# CIFAR files written by Python 2) and numpy._core.* (numpy 2.x); _frombuffer is protocol 5.
+_CIFAR_GLOBALS = {
+    "numpy.core.multiarray._reconstruct": _np_reconstruct,
+    "numpy._core.multiarray._reconstruct": _np_reconstruct,
+    "numpy.core.numeric._frombuffer": _np_frombuffer,
+    "numpy._core.numeric._frombuffer": _np_frombuffer,
+    "numpy.ndarray": _NDARRAY,
+    "numpy.dtype": _DType,
+    "_codecs.encode": _codecs_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        path = f"{module}.{name}"
+        if path in _CIFAR_GLOBALS:
+            return _CIFAR_GLOBALS[path]
+        raise _CifarRefused(f"refusing to load {path}: CIFAR batches hold only lists, strings and numeric "
+                            f"arrays (nothing from the file was run)")
+
+    def persistent_load(self, pid):
+        raise _CifarRefused("refusing a persistent id: CIFAR batches have none (nothing from the file was run)")
+
+
+def _finish(obj, depth: int = 0):
+    """Replace the array stubs by their arrays (CIFAR batches nest two levels deep)."""
+    if depth > 50:
+        raise _CifarRefused("nesting too deep for a CIFAR batch")
+    if isinstance(obj, _ArrayStub):
+        try:
+            return obj.array
+        except AttributeError:
+            raise _CifarRefused("numpy array without its data") from None
+    if isinstance(obj, dict):
+        return {k: _finish(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finish(v, depth + 1) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_finish(v, depth + 1) for v in obj)
+    if isinstance(obj, (_DType, _NDArrayMarker)) or callable(obj):
+        raise _CifarRefused(f"a stray {type(obj).__name__} in the data")
+    return obj
+
+
 def _unpickle(path: str) -> dict:
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
-    except Exception as exc:
-        raise DataError(f"cannot read CIFAR-10 file {path}: {' '.join(str(exc).split())}") from None
+            data = _finish(_CifarUnpickler(fh, encoding="latin1").load())
+    except _CifarRefused as exc:
+        raise DataError(f"CIFAR-10 file {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure is a damaged file
+        raise DataError(f"cannot read CIFAR-10 file {path}: {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"CIFAR-10 file {path} holds a {type(data).__name__}, expected a dict")
+    return data
 
 
 def _cifar_folder(root: str) -> str:
