@@ -57,7 +57,7 @@ from torch import nn
 from gsd import networks as _networks
 from gsd.cli import UsageError
 from gsd.networks import (Conv2d, EDMPrecond, GroupNorm, Linear, PositionalEmbedding, SongUNet, UNetBlock,
-                          save_denoiser)
+                          check_unet_args, save_denoiser)
 
 __all__ = ["PickleRefused", "PersistentRecord", "ObjectRecord", "restricted_load", "load_edm_pickle",
            "records_to_denoiser", "export_edm_pickle", "NCSNppUNet", "DhariwalUNet", "FourierEmbedding",
@@ -471,6 +471,8 @@ class DhariwalUNet(nn.Module):
                  channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8),
                  dropout: float = 0.10, label_dropout: float = 0.0):
         super().__init__()
+        check_unet_args(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
+                        channel_mult, channel_mult_emb, num_blocks, attn_resolutions, dropout, label_dropout)
         channel_mult = [int(m) for m in channel_mult]
         attn_resolutions = sorted(int(r) for r in attn_resolutions)
         if img_resolution % (2 ** (len(channel_mult) - 1)):

@@ -20,9 +20,11 @@ Checkpoints are safetensors files whose metadata carries the JSON config, so tha
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import sys
 import tempfile
 from typing import Iterable, Sequence
 
@@ -56,6 +58,65 @@ class _CheckpointedBlock(nn.Module):
             # dropout draws the same mask again because the RNG state is restored
             return torch.utils.checkpoint.checkpoint(self.block, x, emb, use_reentrant=False)
         return self.block(x, emb)
+
+
+# ----------------------------------------------------------------------------------------
+# Constructor argument checks. Configs come from files (safetensors metadata, EDM pickles), so
+# a bad value must give a ValueError naming it, not an IndexError deep inside the build.
+
+MAX_IMG_RESOLUTION = 8192  # no pixel-space diffusion network is larger; also bounds test inputs
+
+
+def check_int(name: str, value, lo: int = 1, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be at least {lo}, got {value}" if hi is None
+                         else f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_int_list(name: str, value, lo: int = 1, allow_empty: bool = False) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of integers, got {value!r}")
+    if not value and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    return [check_int(f"{name}[{i}]", v, lo) for i, v in enumerate(value)]
+
+
+def check_fraction(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_sigma_data(value) -> float:
+    """sigma_data as a float; ValueError unless finite and > 0 (it divides the EDM coefficients)."""
+    try:
+        sd = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"sigma_data must be a number, got {value!r}") from None
+    if not (math.isfinite(sd) and sd > 0):
+        raise ValueError(f"sigma_data must be finite and > 0, got {value!r}")
+    return sd
+
+
+def check_unet_args(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
+                    channel_mult, channel_mult_emb, num_blocks, attn_resolutions, dropout, label_dropout) -> None:
+    """The argument checks shared by the U-Nets (SongUNet, NCSN++, ADM)."""
+    check_int("img_resolution", img_resolution, 1, MAX_IMG_RESOLUTION)
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("model_channels", model_channels), ("channel_mult_emb", channel_mult_emb),
+                        ("num_blocks", num_blocks)):
+        check_int(name, value, 1)
+    check_int("label_dim", label_dim, 0)
+    check_int("augment_dim", augment_dim, 0)
+    levels = len(check_int_list("channel_mult", channel_mult))
+    check_int_list("attn_resolutions", list(attn_resolutions), 1, allow_empty=True)
+    check_fraction("dropout", dropout)
+    check_fraction("label_dropout", label_dropout)
+    if levels > 1 and img_resolution < 2 ** (levels - 1):
+        raise ValueError(f"img_resolution {img_resolution} is too small for {levels} levels")
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,6 +330,12 @@ class SongUNet(nn.Module):
         if embedding_type != "positional" or encoder_type != "standard" or decoder_type != "standard":
             raise ValueError("only the DDPM++ configuration is implemented "
                              "(embedding_type='positional', encoder_type='standard', decoder_type='standard')")
+        check_unet_args(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
+                        channel_mult, channel_mult_emb, num_blocks, attn_resolutions, dropout, label_dropout)
+        check_int("channel_mult_noise", channel_mult_noise, 1)
+        check_int_list("resample_filter", resample_filter)
+        if (model_channels * channel_mult_noise) % 2:
+            raise ValueError("model_channels * channel_mult_noise must be even (sinusoidal embedding)")
         channel_mult = [int(m) for m in channel_mult]
         attn_resolutions = sorted(int(r) for r in attn_resolutions)
         if img_resolution % (2 ** (len(channel_mult) - 1)):
@@ -407,6 +474,11 @@ class MLPDenoiserNet(nn.Module):
     def __init__(self, dim: int, label_dim: int = 0, hidden: int = 256, num_blocks: int = 4,
                  noise_channels: int = 64, emb_channels: int = 256, dropout: float = 0.0):
         super().__init__()
+        for name, value, lo in (("dim", dim, 1), ("label_dim", label_dim, 0), ("hidden", hidden, 1),
+                                ("num_blocks", num_blocks, 0), ("noise_channels", noise_channels, 2),
+                                ("emb_channels", emb_channels, 1)):
+            check_int(name, value, lo)
+        check_fraction("dropout", dropout)
         self.config = dict(dim=int(dim), label_dim=int(label_dim), hidden=int(hidden), num_blocks=int(num_blocks),
                            noise_channels=int(noise_channels), emb_channels=int(emb_channels),
                            dropout=float(dropout))
@@ -472,7 +544,7 @@ class EDMPrecond(nn.Module):
         if model_label_dim != label_dim:
             raise ValueError(f"label_dim {label_dim} differs from the model's {model_label_dim}")
         self.model = model
-        self.sigma_data = float(sigma_data)
+        self.sigma_data = check_sigma_data(sigma_data)
         self.label_dim = int(label_dim)
         self.sample_shape = tuple(getattr(model, "sample_shape", ()))
 
@@ -549,6 +621,39 @@ def build_denoiser(config: dict) -> EDMPrecond:
         raise ValueError(f"bad {arch} config: {exc}") from None
     label_dim = int(config.get("label_dim", model_kwargs.get("label_dim", 0)))
     return EDMPrecond(model, sigma_data=float(config.get("sigma_data", 0.5)), label_dim=label_dim)
+
+
+def min_tensor_count(arch, model_kwargs) -> int:
+    """A cheap lower bound on the number of tensors a network of this config holds, from its block
+    counts alone (nothing is built). Loaders compare it with the tensors a file really holds
+    before building anything, so that a few bytes of config (num_blocks 10**7) cannot make them
+    build without bound. 0 when the arguments are not usable (the constructor then says why)."""
+    cls = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
+    if cls is None or not isinstance(model_kwargs, dict):
+        return 0
+    params = inspect.signature(cls).parameters
+
+    def arg(name):
+        if name in model_kwargs:
+            return model_kwargs[name]
+        return params[name].default if name in params else None
+
+    blocks = arg("num_blocks")
+    if isinstance(blocks, bool) or not isinstance(blocks, int):
+        return 0
+    if "channel_mult" in params:
+        mult = arg("channel_mult")
+        if not isinstance(mult, (list, tuple)):
+            return 0
+        # per level num_blocks encoder and num_blocks + 1 decoder blocks of >= 8 tensors each
+        return 8 * len(mult) * (2 * blocks + 1)
+    return 10 * blocks  # MLP blocks: two norms, three linear layers
+
+
+def build_on_meta(build):
+    """`build()` on the meta device: the module tree and tensor shapes without any memory."""
+    with torch.device("meta"):
+        return build()
 
 
 def default_config(dataset_name: str, sample_shape: tuple, num_classes: int = 0) -> dict:
@@ -702,9 +807,14 @@ def read_denoiser_metadata(path) -> dict:
     return {"config": config, "extra": extra}
 
 
+def _shape_of(value) -> tuple:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
 def check_state_dict(expected: dict, state: dict, problem: str) -> None:
     """Raise a one-line UsageError starting with `problem` unless `state` has exactly the
-    tensor names and shapes of `expected` (a module's state_dict)."""
+    tensor names and shapes of `expected` (a module's state_dict). Values may be tensors or
+    shapes (tuples), so that a file's header can be checked before its data is read."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -715,37 +825,82 @@ def check_state_dict(expected: dict, state: dict, problem: str) -> None:
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
         raise UsageError(f"{problem}: {'; '.join(parts)}")
     for key, ref in expected.items():
-        if tuple(state[key].shape) != tuple(ref.shape):
-            raise UsageError(f"{problem}: {key} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+        if _shape_of(state[key]) != _shape_of(ref):
+            raise UsageError(f"{problem}: {key} has shape {_shape_of(state[key])}, expected {_shape_of(ref)}")
+
+
+def _read_header(path: str) -> dict:
+    """{name: (shape, safetensors dtype string)} of a safetensors file, without reading the data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            out = {}
+            for key in fh.keys():
+                view = fh.get_slice(key)
+                out[key] = (tuple(view.get_shape()), str(view.get_dtype()))
+            return out
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise UsageError(f"denoiser file {path} is not a readable safetensors file ({_one_line(exc)})") from None
+
+
+def to_float32_state(tensors: dict, what: str) -> tuple[dict, list]:
+    """Every tensor as float32, refusing non-float and non-finite values (checked after the cast:
+    float64 1e300 becomes inf). Returns (state, sorted names of the other dtypes the file used).
+    The teacher file's storage precision must not become the training precision."""
+    state, others = {}, set()
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise UsageError(f"{what} has non-float values in {key} ({value.dtype})")
+        if value.dtype != torch.float32:
+            others.add(str(value.dtype).replace("torch.", ""))
+        v32 = value.to(torch.float32)
+        if not torch.isfinite(v32).all():
+            raise UsageError(f"{what} has non-finite values in {key}"
+                             + (" once converted to float32" if torch.isfinite(value).all() else ""))
+        state[key] = v32
+    return state, sorted(others)
+
+
+def note_float32_cast(others: list, what: str) -> None:
+    if others:
+        print(f"note: {what} stores {', '.join(others)} weights; loaded as float32", file=sys.stderr, flush=True)
 
 
 def load_denoiser(path, device="cpu") -> EDMPrecond:
     """Rebuild and load a denoiser written by `save_denoiser`; UsageError (one line) on any problem.
 
-    The returned network is in eval mode and has `.metadata` (the extra metadata dict).
+    The config in the metadata is checked against the tensors in the file (a cheap block count,
+    then names and shapes of a build on the meta device) before anything is allocated. The
+    network is float32 whatever dtype the file stores (a note says so), in eval mode, and has
+    `.metadata` (the extra metadata dict).
     """
     from safetensors.torch import load_file
 
     path = os.fspath(path)
     info = read_denoiser_metadata(path)
+    config = info["config"]
+    header = _read_header(path)
+    problem = f"denoiser file {path} does not match its config"
     try:
-        net = build_denoiser(info["config"])
-    except (ValueError, TypeError, KeyError) as exc:
+        if not isinstance(config, dict):
+            raise ValueError("denoiser config must be a dict")
+        bound = min_tensor_count(config.get("arch"), config.get("model"))
+        if bound > len(header):
+            raise UsageError(f"{problem}: the config asks for at least {bound} tensors, the file holds "
+                             f"{len(header)}")
+        net = build_on_meta(lambda: build_denoiser(config))
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
         raise UsageError(f"denoiser file {path} has an unusable config ({_one_line(exc)})") from None
+    expected = net.state_dict()
+    check_state_dict(expected, {k: shape for k, (shape, _) in header.items()}, problem)
     try:
         tensors = load_file(path, device="cpu")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise UsageError(f"denoiser file {path} is not a readable safetensors file ({_one_line(exc)})") from None
-    expected = net.state_dict()
-    check_state_dict(expected, tensors, f"denoiser file {path} does not match its config")
-    for key in expected:
-        if not tensors[key].is_floating_point() or not torch.isfinite(tensors[key]).all():
-            raise UsageError(f"denoiser file {path} has non-finite or non-float values in {key}")
-    # Parameters take the dtype stored in the file (bit-exact round trip).
-    for key, value in tensors.items():
-        if value.dtype != expected[key].dtype:
-            net = net.to(value.dtype)
-            break
-    net.load_state_dict(tensors, strict=True)
+    state, others = to_float32_state(tensors, f"denoiser file {path}")
+    net = net.to_empty(device="cpu")
+    net.load_state_dict(state, strict=True)
+    note_float32_cast(others, f"denoiser file {path}")
     net.metadata = info["extra"]
     return net.to(device).eval()

@@ -146,3 +146,167 @@ def test_hostile_cifar_root_via_the_train_cli_runs_no_code(tmp_path):
                        timeout=300)
     assert_one_line_error(p.returncode, p.stderr, "data_batch_1", "system", "refusing")
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Guards: the old loaders built whatever a config asked for. These make such a build fail
+# loudly (instead of allocating gigabytes) so that the bomb tests are safe to run either way.
+
+MAX_REAL_NUMEL = 20_000_000
+MAX_BLOCKS = 2_000
+
+
+@pytest.fixture
+def no_bomb_builds(monkeypatch):
+    import gsd.networks as networks
+
+    real_init = networks._init_tensor
+
+    def guarded_init(shape, *args, **kwargs):
+        on_meta = torch.empty(0).device.type == "meta"
+        if not on_meta and int(np.prod([int(s) for s in shape])) > MAX_REAL_NUMEL:
+            raise AssertionError(f"allocation bomb: a real {tuple(shape)} tensor was requested")
+        return real_init(shape, *args, **kwargs)
+
+    monkeypatch.setattr(networks, "_init_tensor", guarded_init)
+    count = {"blocks": 0}
+
+    def counting(cls):
+        real = cls.__init__
+
+        def init(self, *args, **kwargs):
+            count["blocks"] += 1
+            if count["blocks"] > MAX_BLOCKS:
+                raise AssertionError("build bomb: thousands of blocks were constructed")
+            real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "__init__", init)
+
+    counting(networks.UNetBlock)
+    counting(networks._MLPBlock)
+    try:
+        from diffusers.models.resnet import ResnetBlock2D
+
+        counting(ResnetBlock2D)
+    except ImportError:
+        pass
+    return count
+
+
+def _fast_one_line(fn, *needles, limit_s=10.0):
+    start = time.perf_counter()
+    with pytest.raises(UsageError) as info:
+        fn()
+    elapsed = time.perf_counter() - start
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    assert elapsed < limit_s, f"took {elapsed:.1f} s"
+    return msg
+
+
+# ----------------------------------------------------------------------------------------
+# gsd safetensors teachers (networks.load_denoiser): D3 bombs, D5 dtypes, D6 values
+
+SMALL_MLP = {"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
+             "model": dict(dim=2, label_dim=0, hidden=16, num_blocks=2, noise_channels=8, emb_channels=16)}
+
+
+def _mlp_file(tmp_path, name="t.safetensors", config_edit=None, tensor_edit=None, dtype=None):
+    """A small MLP teacher; `config_edit(config)` / `tensor_edit(tensors)` tamper with it."""
+    from safetensors.torch import save_file
+
+    from gsd.networks import build_denoiser
+
+    net = build_denoiser(SMALL_MLP)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    config = json.loads(json.dumps(net.config))
+    if config_edit:
+        config_edit(config)
+    tensors = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    if tensor_edit:
+        tensor_edit(tensors)
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata={"gsd_format": "gsd-denoiser/1", "gsd_config": json.dumps(config)})
+    return path, net
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["model"].update(hidden=150_000), "does not match"),
+    (lambda c: c["model"].update(num_blocks=10 ** 7), "tensors"),
+    (lambda c: c["model"].update(num_blocks=10 ** 4), "tensors"),
+    (lambda c: c["model"].update(emb_channels=10 ** 6, noise_channels=10 ** 6), "does not match"),
+    (lambda c: c.update(arch="SongUNet", model=dict(img_resolution=8, in_channels=3, out_channels=3,
+                                                   model_channels=8192, channel_mult=[1, 2], num_blocks=1)),
+     "does not match"),
+    (lambda c: c.update(arch="SongUNet", model=dict(img_resolution=8, in_channels=3, out_channels=3,
+                                                   model_channels=8, channel_mult=[1, 2], num_blocks=10 ** 6)),
+     "tensors"),
+])
+def test_safetensors_config_bombs_fail_fast_before_building(tmp_path, no_bomb_builds, edit, needle):
+    from gsd.networks import load_denoiser
+
+    path, _ = _mlp_file(tmp_path, config_edit=edit)
+    msg = _fast_one_line(lambda: load_denoiser(path), str(path), limit_s=5.0)
+    assert needle in msg or "unusable config" in msg, msg
+    assert no_bomb_builds["blocks"] <= 50  # nothing beyond a meta build of a small tree
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_safetensors_teacher_dtypes_load_as_float32(tmp_path, capsys, dtype):
+    from gsd.networks import load_denoiser
+
+    path, net = _mlp_file(tmp_path, dtype=dtype)
+    loaded = load_denoiser(path)
+    assert {p.dtype for p in loaded.parameters()} | {b.dtype for b in loaded.buffers()} == {torch.float32}
+    for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a.to(dtype).to(torch.float32), b), k
+    assert str(dtype).replace("torch.", "") in capsys.readouterr().err  # said, not silent
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        assert loaded(x, torch.full((5,), 0.5)).dtype == torch.float32
+
+
+def test_safetensors_mixed_dtypes_load_as_float32(tmp_path):
+    from gsd.networks import load_denoiser
+
+    def mix(t):
+        for i, k in enumerate(sorted(t)):
+            t[k] = t[k].to([torch.float16, torch.float64, torch.float32][i % 3])
+    path, _ = _mlp_file(tmp_path, tensor_edit=mix)
+    assert {p.dtype for p in load_denoiser(path).parameters()} == {torch.float32}
+
+
+def test_safetensors_float64_overflowing_float32_is_refused(tmp_path):
+    from gsd.networks import load_denoiser
+
+    def huge(t):
+        t["model.fc_in.weight"][0, 0] = 1e300
+    path, _ = _mlp_file(tmp_path, dtype=torch.float64, tensor_edit=huge)
+    _fast_one_line(lambda: load_denoiser(path), "model.fc_in.weight", "non-finite", "float32")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, 0.0, "abc", None])
+def test_safetensors_sigma_data_must_be_finite_and_positive(tmp_path, value):
+    from gsd.networks import load_denoiser
+
+    path, _ = _mlp_file(tmp_path, config_edit=lambda c: c.update(sigma_data=value))
+    _fast_one_line(lambda: load_denoiser(path), "sigma_data")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["model"].update(hidden="abc"), "hidden"),
+    (lambda c: c["model"].update(num_blocks=-1), "num_blocks"),
+    (lambda c: c["model"].update(dim=0), "dim"),
+    (lambda c: c["model"].update(dropout=2.0), "dropout"),
+    (lambda c: c.update(model=[1, 2]), "unusable"),
+])
+def test_safetensors_bad_config_values_are_one_line(tmp_path, edit, needle):
+    from gsd.networks import load_denoiser
+
+    path, _ = _mlp_file(tmp_path, config_edit=edit)
+    _fast_one_line(lambda: load_denoiser(path), needle)
