@@ -57,7 +57,8 @@ from torch import nn
 from gsd import networks as _networks
 from gsd.cli import UsageError
 from gsd.networks import (Conv2d, EDMPrecond, GroupNorm, Linear, PositionalEmbedding, SongUNet, UNetBlock,
-                          check_unet_args, save_denoiser)
+                          build_on_meta, check_int, check_sigma_data, check_unet_args, min_tensor_count,
+                          save_denoiser, to_float32_state)
 
 __all__ = ["PickleRefused", "PersistentRecord", "ObjectRecord", "restricted_load", "load_edm_pickle",
            "records_to_denoiser", "export_edm_pickle", "NCSNppUNet", "DhariwalUNet", "FourierEmbedding",
@@ -652,7 +653,11 @@ def _walk_tensors(rec, prefix: str, out: dict, classes: dict, what: str) -> None
             _walk_tensors(child, f"{prefix}{name}.", out, classes, what)
 
 
-def _build_model(model_rec: PersistentRecord, precond_kwargs: dict, what: str) -> tuple[nn.Module, str]:
+def _build_model(model_rec: PersistentRecord, precond_kwargs: dict, what: str,
+                 n_tensors: int | None = None) -> tuple[nn.Module, str]:
+    """The network the record's constructor arguments describe. With `n_tensors` (how many
+    tensors the pickle holds), first refuse arguments that ask for more blocks than that
+    (a cheap count, before anything is built)."""
     name = model_rec.class_name
     if name == "SongUNet":
         params, defaults = _SONG_PARAMS, _SONG_DEFAULTS
@@ -671,12 +676,19 @@ def _build_model(model_rec: PersistentRecord, precond_kwargs: dict, what: str) -
             raise UsageError(f"{what}: {name} lacks the constructor argument {key}")
     try:
         if name == "DhariwalUNet":
-            return DhariwalUNet(**full), "adm"
-        if (full["embedding_type"], full["encoder_type"], full["decoder_type"]) == ("positional", "standard",
-                                                                                     "standard"):
-            return SongUNet(**full), "ddpmpp"
-        return NCSNppUNet(**full), ("ncsnpp" if full["embedding_type"] == "fourier" else "songunet")
-    except (ValueError, TypeError) as exc:
+            cls, variant = DhariwalUNet, "adm"
+        elif (full["embedding_type"], full["encoder_type"], full["decoder_type"]) == ("positional", "standard",
+                                                                                       "standard"):
+            cls, variant = SongUNet, "ddpmpp"
+        else:
+            cls, variant = NCSNppUNet, ("ncsnpp" if full["embedding_type"] == "fourier" else "songunet")
+        if n_tensors is not None:
+            bound = min_tensor_count(cls.__name__, full)
+            if bound > n_tensors:
+                raise UsageError(f"{what}: the {name} constructor arguments ask for at least {bound} tensors, "
+                                 f"the pickle holds {n_tensors}")
+        return cls(**full), variant
+    except (ValueError, TypeError, OverflowError) as exc:
         raise UsageError(f"{what}: unsupported {name} configuration ({_one_line(exc)})") from None
 
 
@@ -695,17 +707,24 @@ def records_to_denoiser(ema, what: str = "EDM pickle") -> tuple[EDMPrecond, dict
     model_rec = (ema.state.get("_modules") or {}).get("model")
     if not isinstance(model_rec, PersistentRecord):
         raise UsageError(f"{what}: EDMPrecond has no persistent 'model' sub-network")
-    model, variant = _build_model(model_rec, pkw, what)
-    sigma_data = float(ema.state.get("sigma_data", pkw.get("sigma_data", 0.5)))
-    label_dim = int(ema.state.get("label_dim", pkw.get("label_dim", 0)))
+    try:
+        sigma_data = check_sigma_data(ema.state.get("sigma_data", pkw.get("sigma_data", 0.5)))
+        label_dim = check_int("label_dim", ema.state.get("label_dim", pkw.get("label_dim", 0)), 0)
+    except ValueError as exc:
+        raise UsageError(f"{what}: EDMPrecond {_one_line(exc)}") from None
+    found: dict[str, torch.Tensor] = {}
+    classes: dict[str, str] = {}
+    try:
+        _walk_tensors(ema, "", found, classes, what)
+    except RecursionError:
+        raise UsageError(f"{what}: the network tree is nested too deeply for an EDM network") from None
+    # Built on the meta device first: the constructor arguments come from the file, and only
+    # once the names and shapes match the tensors the pickle really holds is memory allocated.
+    model, variant = build_on_meta(lambda: _build_model(model_rec, pkw, what, n_tensors=len(found)))
     if int(getattr(model, "label_dim", label_dim)) != label_dim:
         raise UsageError(f"{what}: EDMPrecond label_dim {label_dim} differs from its network's "
                          f"{getattr(model, 'label_dim', None)}")
     net = EDMPrecond(model, sigma_data=sigma_data, label_dim=label_dim)
-
-    found: dict[str, torch.Tensor] = {}
-    classes: dict[str, str] = {}
-    _walk_tensors(ema, "", found, classes, what)
     # Key mapping EDM -> gsd: EDM's names are ours (the architectures mirror EDM's module layout),
     # so the mapping is the identity; it is verified below, key by key and shape by shape.
     mapped = {key: value for key, value in found.items()}
@@ -727,10 +746,11 @@ def records_to_denoiser(ema, what: str = "EDM pickle") -> tuple[EDMPrecond, dict
                              f"from the {model_rec.class_name} constructor arguments")
         if not value.is_floating_point():
             raise UsageError(f"{what}: tensor {key} has dtype {value.dtype}, expected floating point")
-        if not torch.isfinite(value).all():
-            raise UsageError(f"{what}: tensor {key} has non-finite values")
+    # float32 whatever the pickle stores; finiteness is checked after the cast (1e300 -> inf)
+    state, _ = to_float32_state(mapped, what)
+    net = net.to_empty(device="cpu")
     with torch.no_grad():
-        net.load_state_dict({k: v.to(torch.float32).clone() for k, v in mapped.items()}, strict=True)
+        net.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
     # Per-block attention heads are not in the state dict's shapes: check them against the records.
     for name, module in net.named_modules():
         if isinstance(module, UNetBlock):

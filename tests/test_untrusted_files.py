@@ -310,3 +310,99 @@ def test_safetensors_bad_config_values_are_one_line(tmp_path, edit, needle):
 
     path, _ = _mlp_file(tmp_path, config_edit=edit)
     _fast_one_line(lambda: load_denoiser(path), needle)
+
+
+# ----------------------------------------------------------------------------------------
+# EDM pickles (gsd.edm_import): D3 constructor bombs, D5 dtypes, D6 sigma_data, D9 bad values
+
+def _edm_pickle(tmp_path, make="ddpmpp", model_kwargs=None, precond=None, tensors=None, name="snap.pkl"):
+    from test_edm_import import adm, ddpmpp, write_pickle
+
+    net = {"ddpmpp": lambda: ddpmpp(label_dim=0, augment_dim=0, channels=1), "adm": lambda: adm(label_dim=0)}[make]()
+
+    def edit(ema, nets):
+        ema.model._init_kwargs.update(model_kwargs or {})
+        for key, value in (precond or {}).items():
+            ema._init_kwargs[key] = value
+            ema.__dict__[key] = value
+        if tensors is not None:
+            for module in ema.modules():
+                for pname, p in module._parameters.items():
+                    if p is not None:
+                        module._parameters[pname] = torch.nn.Parameter(tensors(p.detach()), requires_grad=False)
+    path, marker = write_pickle(tmp_path, net, name=name, edit=edit)
+    return path, marker, net
+
+
+@pytest.mark.parametrize("make, kwargs, needle", [
+    ("ddpmpp", dict(model_channels=8192), "shape"),
+    ("ddpmpp", dict(num_blocks=10 ** 6), "tensors"),
+    ("ddpmpp", dict(num_blocks=3000), "tensors"),
+    ("ddpmpp", dict(channel_mult=[1] * 5000, img_resolution=8), "tensors"),
+    ("adm", dict(model_channels=1_000_000), "shape"),
+    ("adm", dict(num_blocks=10 ** 6), "tensors"),
+])
+def test_edm_constructor_bombs_fail_fast_before_building(tmp_path, no_bomb_builds, make, kwargs, needle):
+    from gsd.edm_import import load_edm_pickle
+
+    path, marker, _ = _edm_pickle(tmp_path, make, model_kwargs=kwargs)
+    _fast_one_line(lambda: load_edm_pickle(path, trust_pickle=True), str(path), needle, limit_s=5.0)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(img_resolution=0), "img_resolution"),
+    (dict(img_resolution=-8), "img_resolution"),
+    (dict(model_channels="abc"), "model_channels"),
+    (dict(num_blocks=0), "num_blocks"),
+    (dict(channel_mult=[]), "channel_mult"),
+    (dict(dropout=float("nan")), "dropout"),
+])
+def test_edm_bad_constructor_values_are_one_line(tmp_path, kwargs, needle):
+    from gsd.edm_import import load_edm_pickle
+
+    path, _, _ = _edm_pickle(tmp_path, model_kwargs=kwargs)
+    _fast_one_line(lambda: load_edm_pickle(path, trust_pickle=True), needle)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, 0.0, "abc"])
+def test_edm_sigma_data_must_be_finite_and_positive(tmp_path, value):
+    from gsd.edm_import import load_edm_pickle
+
+    path, _, _ = _edm_pickle(tmp_path, precond={"sigma_data": value})
+    _fast_one_line(lambda: load_edm_pickle(path, trust_pickle=True), "sigma_data")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_edm_weights_of_any_float_dtype_load_as_float32(tmp_path, dtype):
+    from gsd.edm_import import load_edm_pickle
+
+    path, _, net = _edm_pickle(tmp_path, tensors=lambda t: t.to(dtype))
+    loaded = load_edm_pickle(path, trust_pickle=True)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a.to(dtype).to(torch.float32), b), k
+
+
+def test_edm_float64_weights_overflowing_float32_are_refused(tmp_path):
+    from gsd.edm_import import load_edm_pickle
+
+    def huge(t):
+        t = t.to(torch.float64)
+        t.view(-1)[0] = 1e300
+        return t
+    path, _, _ = _edm_pickle(tmp_path, tensors=huge)
+    _fast_one_line(lambda: load_edm_pickle(path, trust_pickle=True), "non-finite", "float32")
+
+
+def test_edm_img_resolution_0_via_import_and_train_clis(tmp_path, capsys):
+    from gsd import import_teacher, train
+
+    path, _, _ = _edm_pickle(tmp_path, model_kwargs=dict(img_resolution=0))
+    code = run_main(import_teacher.main, [str(path), "--trust-pickle", "--out", str(tmp_path / "x.safetensors")])
+    assert_one_line_error(code, capsys.readouterr().err, "img_resolution")
+    assert not (tmp_path / "x.safetensors").exists()
+    out = tmp_path / "run"
+    code = run_main(train.main, ["--dataset", "digits", "--teacher", str(path), "--trust-pickle", "--iters", "1",
+                                 "--eval-samples", "0", "--no-progress", "--device", "cpu", "--out", str(out)])
+    assert_one_line_error(code, capsys.readouterr().err, "img_resolution")
