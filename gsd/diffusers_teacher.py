@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import torch
@@ -52,6 +53,9 @@ __all__ = ["DiffusersTeacher", "load_diffusers_teacher", "save_diffusers_teacher
 DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                         prediction_type="epsilon")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+MAX_TRAIN_TIMESTEPS = 100_000  # real schedules have ~1000 steps; the sigma table is built in memory
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 _VE_SCHEDULERS = ("ScoreSdeVeScheduler", "KarrasVeScheduler")
 
 
@@ -59,28 +63,47 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def _beta(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UsageError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
 def vp_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
              beta_schedule: str = "linear", trained_betas=None) -> torch.Tensor:
-    """The discrete beta schedule (float64, length T) of a diffusers VP scheduler config."""
-    T = int(num_train_timesteps)
-    if T < 2:
-        raise UsageError(f"num_train_timesteps must be at least 2, got {T}")
+    """The discrete beta schedule (float64, length T) of a diffusers VP scheduler config.
+
+    The values come from a scheduler_config.json, so each is checked before use: T an integer
+    in [2, MAX_TRAIN_TIMESTEPS], betas numbers in (0, 1), beta_start <= beta_end."""
+    T = num_train_timesteps
+    if isinstance(T, bool) or not isinstance(T, int) or not 2 <= T <= MAX_TRAIN_TIMESTEPS:
+        raise UsageError(f"num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], got {T!r}")
     if trained_betas is not None:
-        betas = torch.as_tensor(trained_betas, dtype=torch.float64).reshape(-1)
-        if betas.numel() != T:
-            T = betas.numel()
-    elif beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        def abar(t):
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
+        if not isinstance(trained_betas, (list, tuple)) or not 2 <= len(trained_betas) <= MAX_TRAIN_TIMESTEPS:
+            raise UsageError(f"trained_betas must be a list of 2 to {MAX_TRAIN_TIMESTEPS} numbers")
+        betas = torch.tensor([_beta(f"trained_betas[{i}]", b) for i, b in enumerate(trained_betas)],
                              dtype=torch.float64)
+        T = betas.numel()
     else:
-        raise UsageError(f"unsupported beta_schedule {beta_schedule!r} (supported: linear, scaled_linear, "
-                         f"squaredcos_cap_v2, or trained_betas)")
+        if beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise UsageError(f"unsupported beta_schedule {beta_schedule!r} (supported: linear, scaled_linear, "
+                             f"squaredcos_cap_v2, or trained_betas)")
+        if beta_schedule != "squaredcos_cap_v2":
+            beta_start, beta_end = _beta("beta_start", beta_start), _beta("beta_end", beta_end)
+            if beta_start > beta_end:
+                # decreasing betas still give an increasing sigma table, but VP models are not
+                # trained that way: almost certainly swapped values
+                raise UsageError(f"beta_start {beta_start} is larger than beta_end {beta_end} (a reversed "
+                                 f"schedule: swapped values?)")
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        elif beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        else:
+            def abar(t):
+                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
+                                 dtype=torch.float64)
     if not ((betas > 0) & (betas < 1)).all():
         raise UsageError("beta schedule has values outside (0, 1)")
     return betas
@@ -105,7 +128,12 @@ class DiffusersTeacher(nn.Module):
         _check_unet_config(dict(cfg), source or "UNet2DModel")
         self.unet = unet
         self.prediction_type = prediction_type
-        self.sigma_data = float(sigma_data)
+        try:
+            from gsd.networks import check_sigma_data
+
+            self.sigma_data = check_sigma_data(sigma_data)
+        except ValueError as exc:
+            raise UsageError(f"{source or 'diffusers teacher'}: {exc}") from None
         self.source = source
         in_ch, out_ch = int(cfg["in_channels"]), int(cfg["out_channels"])
         self.learned_variance = out_ch == 2 * in_ch
@@ -232,10 +260,119 @@ def _check_unet_config(cfg: dict, where: str) -> None:
     if cfg.get("class_embed_type") not in (None,):
         raise UsageError(f"{where}: class_embed_type {cfg.get('class_embed_type')!r} is not supported "
                          f"(only num_class_embeds with the default embedding)")
-    in_ch, out_ch = int(cfg.get("in_channels", 3)), int(cfg.get("out_channels", 3))
+    in_ch, out_ch = _cfg_int(cfg, "in_channels", 3, where), _cfg_int(cfg, "out_channels", 3, where)
+    size = cfg.get("sample_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        for i, v in enumerate(size):
+            _cfg_int({"sample_size": v}, "sample_size", None, where, hi=MAX_SAMPLE_SIZE)
+    elif size is not None:
+        _cfg_int(cfg, "sample_size", None, where, hi=MAX_SAMPLE_SIZE)
+    if cfg.get("num_class_embeds") is not None:
+        _cfg_int(cfg, "num_class_embeds", None, where)
+    layers = cfg.get("layers_per_block", 2)
+    for v in (layers if isinstance(layers, (list, tuple)) else [layers]):
+        _cfg_int({"layers_per_block": v}, "layers_per_block", None, where)
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, (list, tuple)) or not value):
+            raise UsageError(f"{where}: {key} must be a non-empty list, got {value!r}")
     if out_ch not in (in_ch, 2 * in_ch):
         raise UsageError(f"{where}: {out_ch} output channels for {in_ch} input channels "
                          f"(expected {in_ch}, or {2 * in_ch} with learned variance)")
+
+
+MAX_SAMPLE_SIZE = 8192  # as gsd.networks.MAX_IMG_RESOLUTION
+
+
+def _cfg_int(cfg: dict, key: str, default, where: str, lo: int = 1, hi: int | None = None) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bounds = f"at least {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise UsageError(f"{where}: config.json {key} must be an integer {bounds}, got {value!r}")
+    return value
+
+
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _weight_shapes(unet_dir: str) -> tuple[dict, set]:
+    """({name: shape}, {dtype names}) of the weights diffusers would load from `unet_dir`, read
+    without materialising them (safetensors headers; a .bin is memory-mapped)."""
+    from safetensors import safe_open
+
+    names = [n for n in WEIGHT_FILES if os.path.isfile(os.path.join(unet_dir, n))]
+    if not names:
+        raise UsageError(f"{unet_dir} has no weights file ({', '.join(WEIGHT_FILES[::2])})")
+    first = os.path.join(unet_dir, names[0])
+    files = [first]
+    if first.endswith(".index.json"):
+        weight_map = _read_json(first).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UsageError(f"{first} has no weight_map")
+        files = sorted({os.path.join(unet_dir, os.path.basename(str(f))) for f in weight_map.values()})
+    shapes, dtypes = {}, set()
+    for f in files:
+        try:
+            if f.endswith(".safetensors"):
+                with safe_open(f, framework="pt") as fh:
+                    for key in fh.keys():
+                        view = fh.get_slice(key)
+                        shapes[key] = tuple(view.get_shape())
+                        dtypes.add(_ST_DTYPES.get(str(view.get_dtype()), str(view.get_dtype())))
+            else:
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                    state = torch.load(f, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict):
+                    raise ValueError(f"holds a {type(state).__name__}, expected a state dict")
+                for key, value in state.items():
+                    if not torch.is_tensor(value):
+                        raise ValueError(f"{key} is a {type(value).__name__}, expected a tensor")
+                    shapes[str(key)] = tuple(value.shape)
+                    dtypes.add(str(value.dtype).replace("torch.", ""))
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - several libraries, many exception types
+            raise UsageError(f"cannot read the weights {f} ({type(exc).__name__}: {_one_line(exc)[:300]})") from None
+    return shapes, dtypes
+
+
+def _check_weights_match_config(unet_cls, cfg: dict, unet_dir: str) -> set:
+    """Refuse a config.json that does not describe the weights beside it, before diffusers
+    builds anything: a config of a few bytes (layers_per_block 100000) would otherwise make it
+    allocate without bound. A cheap block count first, then a build on the meta device."""
+    from gsd.networks import build_on_meta
+
+    shapes, dtypes = _weight_shapes(unet_dir)
+    odd = sorted(d for d in dtypes if d not in ("float16", "bfloat16", "float32", "float64"))
+    if odd:
+        raise UsageError(f"{unet_dir}: the weights hold {', '.join(odd)} tensors, expected floating point")
+    layers = cfg.get("layers_per_block", 2)
+    layers = sum(layers) if isinstance(layers, (list, tuple)) else layers
+    blocks = len(cfg.get("down_block_types") or ()) * layers
+    if 6 * blocks > len(shapes):  # a ResnetBlock2D holds at least 6 tensors (2 norms, 2 convs, 1 linear)
+        raise UsageError(f"{unet_dir}: config.json asks for {blocks} down-sampling ResNet blocks (at least "
+                         f"{6 * blocks} tensors), the weights hold {len(shapes)} tensors")
+    try:
+        meta = build_on_meta(lambda: unet_cls.from_config(cfg))
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many types for a bad config
+        raise UsageError(f"{unet_dir}: config.json does not describe a buildable UNet2DModel "
+                         f"({type(exc).__name__}: {_one_line(exc)[:300]})") from None
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    if set(expected) == set(shapes):
+        for key, shape in expected.items():
+            if shapes[key] != shape:
+                raise UsageError(f"{unet_dir}: the weights do not match config.json: {key} has shape "
+                                 f"{shapes[key]}, expected {shape}")
+    else:
+        # diffusers renames some legacy attention weights on load: compare the sizes only
+        want = sum(math.prod(v) for v in expected.values())
+        have = sum(math.prod(v) for v in shapes.values())
+        if want != have:
+            raise UsageError(f"{unet_dir}: the weights do not match config.json: it describes {want} "
+                             f"parameters, the weights hold {have}")
+    return dtypes
 
 
 def _locate(path: str) -> tuple[str, str | None]:
@@ -307,19 +444,35 @@ def load_diffusers_teacher(path, device="cpu", sigma_data: float = 0.5) -> Diffu
     unet_dir, sched_path = _locate(path)
     if not os.path.isfile(os.path.join(unet_dir, "config.json")):
         raise UsageError(f"{unet_dir} has no config.json")
-    _check_unet_config(_read_json(os.path.join(unet_dir, "config.json")), unet_dir)
+    cfg = _read_json(os.path.join(unet_dir, "config.json"))
+    _check_unet_config(cfg, unet_dir)
     betas, pred, _ = _schedule(sched_path)
     try:
         from diffusers import UNet2DModel
     except ImportError:
         raise UsageError("diffusers teachers need the diffusers package: pip install 'gsd[diffusers]'") from None
+    stored = _check_weights_match_config(UNet2DModel, cfg, unet_dir)
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types
         raise UsageError(f"cannot load the UNet2DModel in {unet_dir} ({type(exc).__name__}: "
                          f"{_one_line(exc)[:300]})") from None
+    _to_float32_checked(unet, unet_dir, stored)
     net = DiffusersTeacher(unet, betas=betas, prediction_type=pred, sigma_data=sigma_data, source=path)
     return net.to(device).eval()
+
+
+def _to_float32_checked(unet: nn.Module, where: str, stored: set) -> None:
+    """float32 whatever the weights file stores (`stored`: its dtype names; the teacher's storage
+    precision must not become the training precision, and a note says so), and every weight
+    finite after the cast."""
+    others = sorted(set(stored) - {"float32"})
+    unet.to(torch.float32)
+    for name, t in list(unet.named_parameters()) + list(unet.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UsageError(f"{where}: the weights have non-finite values in {name}")
+    if others:
+        print(f"note: {where} stores {', '.join(others)} weights; loaded as float32", file=sys.stderr, flush=True)
 
 
 def save_diffusers_teacher(net: DiffusersTeacher, folder) -> str:

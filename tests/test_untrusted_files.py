@@ -156,6 +156,14 @@ MAX_REAL_NUMEL = 20_000_000
 MAX_BLOCKS = 2_000
 
 
+class BombBuilt(BaseException):
+    """Not an Exception: loaders that wrap every Exception into a one-line error cannot hide it."""
+
+
+def _on_meta() -> bool:
+    return torch.empty(0).device.type == "meta"
+
+
 @pytest.fixture
 def no_bomb_builds(monkeypatch):
     import gsd.networks as networks
@@ -163,9 +171,8 @@ def no_bomb_builds(monkeypatch):
     real_init = networks._init_tensor
 
     def guarded_init(shape, *args, **kwargs):
-        on_meta = torch.empty(0).device.type == "meta"
-        if not on_meta and int(np.prod([int(s) for s in shape])) > MAX_REAL_NUMEL:
-            raise AssertionError(f"allocation bomb: a real {tuple(shape)} tensor was requested")
+        if not _on_meta() and int(np.prod([int(s) for s in shape])) > MAX_REAL_NUMEL:
+            raise BombBuilt(f"allocation bomb: a real {tuple(shape)} tensor was requested")
         return real_init(shape, *args, **kwargs)
 
     monkeypatch.setattr(networks, "_init_tensor", guarded_init)
@@ -177,7 +184,7 @@ def no_bomb_builds(monkeypatch):
         def init(self, *args, **kwargs):
             count["blocks"] += 1
             if count["blocks"] > MAX_BLOCKS:
-                raise AssertionError("build bomb: thousands of blocks were constructed")
+                raise BombBuilt("build bomb: thousands of blocks were constructed")
             real(self, *args, **kwargs)
         monkeypatch.setattr(cls, "__init__", init)
 
@@ -189,6 +196,14 @@ def no_bomb_builds(monkeypatch):
         counting(ResnetBlock2D)
     except ImportError:
         pass
+    for layer in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding):
+        real_layer_init = layer.__init__
+
+        def layer_init(self, a, b, *args, _real=real_layer_init, **kwargs):
+            if not _on_meta() and int(a) * int(b) > MAX_REAL_NUMEL:
+                raise BombBuilt(f"allocation bomb: a real {a}x{b} layer was requested")
+            _real(self, a, b, *args, **kwargs)
+        monkeypatch.setattr(layer, "__init__", layer_init)
     return count
 
 
@@ -406,3 +421,135 @@ def test_edm_img_resolution_0_via_import_and_train_clis(tmp_path, capsys):
     code = run_main(train.main, ["--dataset", "digits", "--teacher", str(path), "--trust-pickle", "--iters", "1",
                                  "--eval-samples", "0", "--no-progress", "--device", "cpu", "--out", str(out)])
     assert_one_line_error(code, capsys.readouterr().err, "img_resolution")
+
+
+# ----------------------------------------------------------------------------------------
+# diffusers folders (gsd.diffusers_teacher): D3 config bombs, D5 dtypes, D6 NaN weights,
+# D9 bad config / scheduler values, D11 reversed betas
+
+def _unet_folder(tmp_path, name="unet", dtype=None, edit_weights=None, config=None, scheduler=None):
+    from test_diffusers_teacher import tiny_unet
+
+    unet = tiny_unet()
+    if edit_weights:
+        with torch.no_grad():
+            edit_weights(unet)
+    if dtype is not None:
+        unet = unet.to(dtype)
+    folder = tmp_path / name
+    unet.save_pretrained(folder)
+    if config:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(config)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    if scheduler is not None:
+        sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4,
+                 "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon", **scheduler}
+        (folder / "scheduler_config.json").write_text(json.dumps(sched))
+    return folder, unet
+
+
+@pytest.mark.parametrize("config, needle", [
+    (dict(layers_per_block=100_000), "blocks"),
+    (dict(layers_per_block=1000), "blocks"),
+    (dict(block_out_channels=[150_000, 150_000], norm_num_groups=8), "do not match"),
+    (dict(block_out_channels=[32, 64 * 1024]), "do not match"),
+    (dict(num_class_embeds=10 ** 9), "do not match"),
+])
+def test_diffusers_config_bombs_fail_fast_before_building(tmp_path, no_bomb_builds, config, needle):
+    from gsd.diffusers_teacher import load_diffusers_teacher
+
+    folder, _ = _unet_folder(tmp_path, config=config)
+    _fast_one_line(lambda: load_diffusers_teacher(folder), str(folder), needle, limit_s=5.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_diffusers_weights_of_any_float_dtype_load_as_float32(tmp_path, capsys, dtype):
+    from gsd.diffusers_teacher import load_diffusers_teacher
+
+    folder, unet = _unet_folder(tmp_path, dtype=dtype)
+    net = load_diffusers_teacher(folder)
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+    for (k, a), b in zip(unet.state_dict().items(), net.unet.state_dict().values()):
+        assert torch.equal(a.to(torch.float32), b), k
+    assert str(dtype).replace("torch.", "") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_diffusers_non_finite_weights_are_refused(tmp_path, bad):
+    from gsd.diffusers_teacher import load_diffusers_teacher
+
+    def poison(unet):
+        next(unet.parameters()).view(-1)[3] = bad
+    folder, _ = _unet_folder(tmp_path, edit_weights=poison)
+    _fast_one_line(lambda: load_diffusers_teacher(folder), "non-finite", str(folder))
+
+
+def test_diffusers_float64_weights_overflowing_float32_are_refused(tmp_path):
+    from gsd.diffusers_teacher import load_diffusers_teacher
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = _unet_folder(tmp_path, dtype=torch.float64)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    first = next(iter(state))
+    state[first].view(-1)[0] = 1e300
+    save_file(state, str(weights), metadata={"format": "pt"})
+    _fast_one_line(lambda: load_diffusers_teacher(folder), "non-finite")
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1.0, 0.0])
+def test_diffusers_sigma_data_must_be_finite_and_positive(tmp_path, value):
+    from gsd.diffusers_teacher import load_diffusers_teacher
+
+    folder, _ = _unet_folder(tmp_path)
+    _fast_one_line(lambda: load_diffusers_teacher(folder, sigma_data=value), "sigma_data")
+
+
+@pytest.mark.parametrize("config, needle", [
+    (dict(in_channels="abc"), "in_channels"),
+    (dict(in_channels=None), "in_channels"),
+    (dict(out_channels=-3), "out_channels"),
+    (dict(sample_size="big"), "sample_size"),
+    (dict(sample_size=10 ** 9), "sample_size"),
+    (dict(layers_per_block="two"), "layers_per_block"),
+    (dict(num_class_embeds=1.5), "num_class_embeds"),
+    (dict(block_out_channels=7), "block_out_channels"),
+    (dict(norm_num_groups="x"), "buildable"),
+])
+def test_diffusers_bad_config_values_are_one_line(tmp_path, config, needle):
+    from gsd.diffusers_teacher import load_diffusers_teacher
+
+    folder, _ = _unet_folder(tmp_path, config=config)
+    _fast_one_line(lambda: load_diffusers_teacher(folder), needle)
+
+
+@pytest.mark.parametrize("scheduler, needle", [
+    (dict(num_train_timesteps="abc"), "num_train_timesteps"),
+    (dict(num_train_timesteps=10 ** 12), "num_train_timesteps"),
+    (dict(num_train_timesteps=1.5), "num_train_timesteps"),
+    (dict(beta_start="x"), "beta_start"),
+    (dict(beta_end=float("nan")), "beta_end"),
+    (dict(beta_end=1.5), "beta_end"),
+    (dict(beta_schedule=["linear"]), "beta_schedule"),
+    (dict(trained_betas=["a", "b"]), "trained_betas"),
+    (dict(trained_betas=[0.1] * 200_000), "trained_betas"),
+    (dict(beta_start=0.02, beta_end=1e-4), "reversed"),
+])
+def test_diffusers_bad_scheduler_values_are_one_line(tmp_path, scheduler, needle):
+    from gsd.diffusers_teacher import load_diffusers_teacher
+
+    folder, _ = _unet_folder(tmp_path, scheduler=scheduler)
+    _fast_one_line(lambda: load_diffusers_teacher(folder), needle)
+
+
+def test_diffusers_bad_files_via_the_import_cli(tmp_path, capsys):
+    from gsd import import_teacher
+
+    for i, (kw, needle) in enumerate([(dict(config=dict(in_channels="abc")), "in_channels"),
+                                      (dict(scheduler=dict(num_train_timesteps=10 ** 12)), "num_train_timesteps"),
+                                      (dict(scheduler=dict(beta_start="x")), "beta_start")]):
+        folder, _ = _unet_folder(tmp_path, name=f"u{i}", **kw)
+        code = run_main(import_teacher.main, [str(folder)])
+        assert_one_line_error(code, capsys.readouterr().err, needle)
