@@ -57,6 +57,88 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+# Seeds: every consumer must accept them. torch.manual_seed takes < 2**64 and scikit-learn's
+# random_state < 2**32; commands derive further seeds as seed * stride + offset (strides up to
+# ~1e8), which stays below 2**63 for any seed in this range.
+MAX_SEED = 2 ** 32 - 1
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+
+
+def bounded_int(lo: int, hi: int, why: str = "") -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi]; `why` (e.g. "the largest seed torch accepts")
+    is added to the message when the value is out of range."""
+    what = f"an integer in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        value = _parse_int(text, what)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected {what}{f' ({why})' if why else ''}, got {value}")
+        return value
+
+    parse.__name__ = "bounded_int"  # argparse names the type in some messages
+    return parse
+
+
+def seed_int(text: str) -> int:
+    """argparse type for --seed: 0 <= seed <= MAX_SEED (what torch and scikit-learn accept)."""
+    return bounded_int(0, MAX_SEED, "the seed range every random generator used accepts")(text)
+
+
+# Counts (iterations, batch sizes, sample counts) above this are never meant: they overflow
+# int64 arithmetic downstream (schedules, seeds, tensor sizes) long before they finish.
+MAX_COUNT = 10 ** 12
+
+
+def count_int(text: str) -> int:
+    """argparse type: a positive integer up to MAX_COUNT."""
+    return bounded_int(1, MAX_COUNT, "larger counts cannot be meant")(text)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover - loop always returns
+
+
+def memory_limit_bytes() -> int:
+    """Largest single allocation a command agrees to make: half of this machine's physical
+    memory (GSD_MEMORY_LIMIT_GB overrides it), so a mistyped size is refused in one line
+    instead of thrashing or meeting the OOM killer."""
+    import os
+
+    env = os.environ.get("GSD_MEMORY_LIMIT_GB")
+    if env:
+        try:
+            gb = float(env)
+        except ValueError:
+            raise UsageError(f"GSD_MEMORY_LIMIT_GB must be a number of gigabytes, got {env!r}")
+        if not (gb > 0 and math.isfinite(gb)):
+            raise UsageError(f"GSD_MEMORY_LIMIT_GB must be a positive number, got {env!r}")
+        return int(gb * 1e9)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 10 ** 9  # unknown platform: assume a modest machine
+    return total // 2
+
+
+def check_memory(nbytes: float, what: str, hint: str = "") -> None:
+    """Raise UsageError (one line) when `what` would need more than memory_limit_bytes()."""
+    limit = memory_limit_bytes()
+    if nbytes > limit:
+        raise UsageError(f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(limit)} "
+                         f"limit (half this machine's memory; GSD_MEMORY_LIMIT_GB overrides it)"
+                         + (f"; {hint}" if hint else ""))
+
+
 def irl_scale(text: str):
     """`optimal` or a positive float (SPEC §2.1)."""
     if text == "optimal":
