@@ -18,8 +18,15 @@ One iteration (`Distiller.step`):
 NaN handling: rows of x_g with a non-finite value are dropped from every loss (the ops
 drop invalid rows; the isometry loss gets only the valid rows) and are replaced by 0 before
 they enter a network, so that they cannot poison the backward pass of the other rows.
+The ops also drop the rows whose network outputs (y_real, y_fake) are non-finite.
+`nan_samples` counts every row dropped for either reason, per step; `all_dropped` says that
+some step of the iteration kept no row at all (it trained on nothing).
 Non-finite gradient elements are zeroed before Adam. Both are counted and returned by
 `step()` (and so logged): a run never trains on NaN silently.
+
+Dtypes: G, f_psi, their EMA and Adam are float32 whatever the dtype of the modules handed
+in (a float16 / bfloat16 / float64 teacher file does not decide the training dtype); the
+teacher is cast to float32 too (in place), as the loss ops and autocast expect.
 
 Precision (`config.precision`): bf16 / fp16 run the network forwards under autocast and
 hand fp32 outputs to the loss ops; parameters, gradients, Adam and the losses stay fp32.
@@ -90,9 +97,13 @@ class DistillConfig:
     grad_checkpoint: bool = False         # gradient checkpointing in G and f_psi
 
     def validate(self) -> "DistillConfig":
-        """Raise UsageError (one line) for impossible values."""
+        """Raise UsageError (one line) for impossible values (also for wrong types, as from a
+        damaged config.json)."""
         def finite(v):
-            return isinstance(v, (int, float)) and math.isfinite(v)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def f32(v):  # a factor the networks / Adam turn into a float32 must fit in one
+            return finite(v) and abs(v) <= _F32_MAX
 
         if not (finite(self.lambda_sid) and finite(self.lambda_irl)) or self.lambda_sid < 0 or self.lambda_irl < 0:
             raise UsageError("--lambda-sid and --lambda-irl must be finite and >= 0")
@@ -100,29 +111,45 @@ class DistillConfig:
             raise UsageError("--lambda-sid and --lambda-irl are both 0: nothing to train")
         if not finite(self.alpha) or self.alpha <= 0:
             raise UsageError(f"--alpha must be a finite number > 0 (SiD uses 1.0-1.2), got {self.alpha}")
-        if not finite(self.sigma_init) or self.sigma_init <= 0:
-            raise UsageError(f"--sigma-init must be > 0, got {self.sigma_init}")
+        if not finite(self.sigma_min) or not finite(self.sigma_max) or not (0 < self.sigma_min < self.sigma_max):
+            raise UsageError("need 0 < sigma_min < sigma_max")
+        if not finite(self.sigma_init) or not 0 < self.sigma_init <= self.sigma_max:
+            raise UsageError(f"--sigma-init must lie in (0, {self.sigma_max:g}] (the teacher's noise levels), "
+                             f"got {self.sigma_init}")
         if not (isinstance(self.tmax, int) and 1 <= self.tmax <= 1000):
             raise UsageError(f"--tmax must be an integer in [1, 1000], got {self.tmax}")
-        if not isinstance(self.batch, int) or self.batch < 1:
-            raise UsageError(f"--batch must be a positive integer, got {self.batch}")
+        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or not 1 <= self.batch <= MAX_COUNT:
+            raise UsageError(f"--batch must be an integer in [1, {MAX_COUNT}], got {self.batch!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1024:
+            raise UsageError(f"--seed must be an integer in [0, 2^63 - 1024), got {self.seed!r}")
         if self.lambda_irl > 0 and self.batch < 2:
             raise UsageError("--lambda-irl > 0 needs --batch >= 2 (the isometry loss is over pairs)")
         for name in ("lr", "lr_fake"):
             v = getattr(self, name)
-            if v is not None and (not finite(v) or v <= 0):
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
-        b1, b2 = self.betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise UsageError(f"Adam betas must lie in [0, 1), got {self.betas}")
+            if v is not None and (not f32(v) or v <= 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be a number > 0 that fits a float32 "
+                                 f"(<= 3.4e38), got {v!r}")
+        betas = self.betas
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(finite(b) for b in betas)
+                or not all(0 <= b < 1 for b in betas)):
+            raise UsageError(f"--adam-betas (adam_betas) must be two numbers in [0, 1), got {betas!r}")
         if not finite(self.ema_halflife) or self.ema_halflife < 0:
             raise UsageError(f"--ema-halflife must be >= 0 images, got {self.ema_halflife}")
         if self.irl_weighting not in ("global", "local"):
             raise UsageError(f"--irl-weighting must be global or local, got {self.irl_weighting!r}")
-        if self.irl_scale != "optimal" and not (finite(self.irl_scale) and self.irl_scale > 0):
+        if self.irl_scale != "optimal" and not (f32(self.irl_scale) and self.irl_scale > 0):
             raise UsageError(f"--irl-scale must be 'optimal' or a number > 0, got {self.irl_scale!r}")
-        if not (0 < self.sigma_min < self.sigma_max):
-            raise UsageError("need 0 < sigma_min < sigma_max")
+        if self.irl_bandwidth is not None:
+            # the squared bandwidth must be a float32 too
+            if not finite(self.irl_bandwidth) or not 0 < self.irl_bandwidth <= 1.8e19:
+                raise UsageError(f"--irl-bandwidth must be a number in (0, 1.8e19], got {self.irl_bandwidth!r}")
+            if self.irl_weighting != "local":
+                raise UsageError("--irl-bandwidth is the kernel width of --irl-weighting local; the weighting is "
+                                 f"{self.irl_weighting}: add --irl-weighting local or drop --irl-bandwidth")
+        for name in ("gen_loss_scale", "fake_loss_scale"):
+            v = getattr(self, name)
+            if not f32(v) or v <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a number > 0 that fits a float32, got {v!r}")
         if self.precision not in _AMP_DTYPES:
             raise UsageError(f"--precision must be one of {', '.join(_AMP_DTYPES)}, got {self.precision!r}")
         return self
@@ -164,6 +191,8 @@ class DistillConfig:
 
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_F32_MAX = float(torch.finfo(torch.float32).max)
+MAX_COUNT = 2 ** 31 - 1   # largest batch / sample count: torch indexes rows with int32 in places
 
 
 def sigma_schedule(t: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -225,9 +254,10 @@ class Distiller:
             raise ValueError("sample_shape is unknown: pass it explicitly")
         self.num_classes = int(getattr(init, "label_dim", 0) if num_classes is None else num_classes)
 
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-        self.generator = copy.deepcopy(init).to(self.device).train().requires_grad_(True)
-        self.fake = copy.deepcopy(init).to(self.device).train().requires_grad_(True)
+        # float32 whatever the modules' dtype (see the module docstring: Adam's eps is 0 in fp16)
+        self.teacher = teacher.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
+        self.generator = copy.deepcopy(init).to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
+        self.fake = copy.deepcopy(init).to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
         if config.grad_checkpoint:
             from .networks import set_gradient_checkpointing
             set_gradient_checkpointing(self.generator)
@@ -330,7 +360,7 @@ class Distiller:
         n = self.micro_batch
         self.fake.train().requires_grad_(True)
         self.opt_f.zero_grad(set_to_none=True)
-        loss_sum, nan_samples = 0.0, 0
+        loss_sum, dropped = 0.0, None
         for k in range(self.accum):
             eps, labels = self._latents(n)
             with torch.no_grad():
@@ -345,12 +375,15 @@ class Distiller:
                 loss = _ops().fake_score_loss(y_fake, x_g, sigma, sigma_data=c.sigma_data, backend=c.backend)
                 self.scaler_f.scale(loss * (c.fake_loss_scale / self.accum)).backward()
             loss_sum += float(loss.detach())
-            nan_samples += int(n - int(valid.sum()))
+            # the rows the op dropped: non-finite x_g or non-finite f_psi output
+            d = n - (valid & _row_valid(y_fake.detach())).sum()
+            dropped = d if dropped is None else dropped + d
         self.scaler_f.unscale_(self.opt_f)
         bad_grads = _sanitize_grads(self.fake.parameters())
         self.scaler_f.step(self.opt_f)  # fp16: a step whose gradients overflowed is skipped
         self.scaler_f.update()
-        return {"loss_fake": loss_sum / self.accum, "nan_samples": nan_samples, "nan_grads": bad_grads}
+        return {"loss_fake": loss_sum / self.accum, "nan_samples": int(dropped), "nan_grads": bad_grads,
+                "rows": n * self.accum}
 
     def generator_loss(self, eps: torch.Tensor, labels=None, *, t: torch.Tensor | None = None,
                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -367,7 +400,7 @@ class Distiller:
         x_g = self._gen(self._call_g_train, eps, labels)
         x_g = self._apply_hook("generator", x_g)
         valid = _row_valid(x_g)
-        parts = {"nan_samples": int(n - int(valid.sum()))}
+        used = valid  # rows that entered some loss: x_g finite and, for SiD, finite network outputs
         x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
         # under DDP every rank must back-propagate through G, even if all its terms drop out
         total = (x_in * 0).sum() if self.world > 1 else x_g.new_zeros(())
@@ -383,9 +416,13 @@ class Distiller:
             y_real = self._net(self._call_teacher, x_t, sigma, labels)
             y_fake = self._net(self._call_f, x_t, sigma, labels)
             l_sid = _ops().sid_generator_loss(x_g, y_real, y_fake, alpha=c.alpha, backend=c.backend)
+            used = valid & _row_valid(y_real.detach()) & _row_valid(y_fake.detach())
             total = total + c.lambda_sid * l_sid
-            parts["loss_sid"] = float(l_sid.detach())
-            reported += c.lambda_sid * parts["loss_sid"]
+            sid_value = float(l_sid.detach())
+            reported += c.lambda_sid * sid_value
+        parts = {"nan_samples": int(n - used.sum())}
+        if c.lambda_sid > 0:
+            parts["loss_sid"] = sid_value
         if c.lambda_irl > 0:
             z = c.sigma_init * eps
             n_valid = int(valid.sum())
@@ -441,6 +478,7 @@ class Distiller:
         self.fake.train().requires_grad_(True)
         acc["nan_samples"] = nan_samples
         acc["nan_grads"] = bad_grads
+        acc["rows"] = self.micro_batch * self.accum
         return acc
 
     @torch.no_grad()
@@ -459,25 +497,33 @@ class Distiller:
             be.copy_(b)
 
     def step(self) -> dict:
-        """One alternating iteration; returns losses and NaN counters of this iteration."""
+        """One alternating iteration; returns losses and NaN counters of this iteration:
+        nan_samples (rows dropped by either step), nan_grads (gradient values zeroed) and
+        all_dropped (some step kept no row at all, over all processes)."""
         out: dict = {}
         nan_samples = nan_grads = 0
+        # per step: [dropped, rows]; a step that drops every row trains on nothing
+        f_rows = [0, 0]
         if self.config.lambda_sid > 0:  # f_psi only matters to the SiD term
             f = self.fake_score_step()
             out["loss_fake"] = f["loss_fake"]
             nan_samples += f["nan_samples"]
             nan_grads += f["nan_grads"]
+            f_rows = [f["nan_samples"], f["rows"]]
         g = self.generator_step()
+        g_rows = [g["nan_samples"], g.pop("rows")]
         nan_samples += g.pop("nan_samples")
         nan_grads += g.pop("nan_grads")
         out.update(g)
         if self.world > 1:
             # the same counters on every rank: samples summed, (averaged, hence identical) gradients max
-            counts = torch.tensor([nan_samples, nan_grads], dtype=torch.int64, device=self.device)
+            counts = torch.tensor([nan_samples, nan_grads, *f_rows, *g_rows], dtype=torch.int64, device=self.device)
             s_max = counts.clone()
             torch.distributed.all_reduce(counts)
             torch.distributed.all_reduce(s_max, op=torch.distributed.ReduceOp.MAX)
             nan_samples, nan_grads = int(counts[0]), int(s_max[1])
+            f_rows, g_rows = [int(v) for v in counts[2:4]], [int(v) for v in counts[4:6]]
+        out["all_dropped"] = any(rows > 0 and dropped >= rows for dropped, rows in (f_rows, g_rows))
         self.iteration += 1
         self.images_seen += self.config.batch
         out["nan_samples"] = nan_samples

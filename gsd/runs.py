@@ -14,7 +14,16 @@ Layout of a run directory::
 Every file is written to a temporary name in the same folder, fsync'ed and moved into
 place with `os.replace`, and `latest.json` is replaced only after both halves of a
 checkpoint are on disk: a crash or kill at any moment leaves the previous checkpoint
-intact and `latest.json` pointing at a complete one.
+intact and `latest.json` pointing at a complete one. The temporary files a kill leaves
+(`.NAME.tmpPID`) are removed by `remove_stale_temp_files` on the next start.
+
+If `latest.json` points at a checkpoint with a missing half, `find_checkpoint` falls back
+to the newest complete kept one. A run directory without any complete checkpoint holds no
+training: `prepare_run_dir(..., allow_restart=True)` lets a new run take it over
+(`clear_dead_run` removes its files; a folder with anything else in it is never emptied).
+
+JSON files (config.json, metrics.json, log.jsonl) are standard JSON: a non-finite number
+is written as null.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +56,8 @@ __all__ = [
     "default_run_dir", "prepare_run_dir", "check_resume_dir", "diff_configs", "write_json_atomic",
     "read_config", "JsonlLogger", "read_log", "save_checkpoint", "load_checkpoint", "latest_step",
     "capture_rng_state", "restore_rng_state", "atomic_write_bytes", "atomic_torch_save",
-    "atomic_save_safetensors",
+    "atomic_save_safetensors", "find_checkpoint", "complete_steps", "check_out_path", "remove_stale_temp_files",
+    "restartable", "clear_dead_run", "load_checkpoint_weights", "load_checkpoint_state",
 ]
 
 
@@ -81,7 +93,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 
 def write_json_atomic(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Standard JSON (non-finite numbers become null), replaced atomically."""
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_torch_save(obj, path) -> None:
@@ -158,16 +172,118 @@ def _describe(keys: list[str], saved: dict, given: dict) -> str:
     return "; ".join(parts) + more
 
 
-def prepare_run_dir(out, config: dict) -> Path:
+def check_out_path(out, flag: str = "--out") -> None:
+    """Raise UsageError (one line) unless a run directory can be created at `out`.
+
+    Nothing is created: the nearest existing folder must be a writable folder on a disk
+    (not /proc or /sys, not a read-only file system, not a file).
+    """
+    path = Path(os.path.abspath(out))
+    real = Path(os.path.realpath(path))
+    for pseudo in ("/proc", "/sys"):
+        if real == Path(pseudo) or Path(pseudo) in real.parents:
+            raise UsageError(f"{flag} {out} is inside {pseudo}, a kernel file system; choose a folder on disk")
+    anc = path
+    while not os.path.lexists(anc) and anc != anc.parent:
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        if anc == path:
+            raise UsageError(f"{flag} {out} exists and is not a directory")
+        raise UsageError(f"{flag} {out}: {anc} is a file, not a folder")
+    if not anc.exists():
+        raise UsageError(f"{flag} {out}: {anc} is a broken link")
+    try:
+        read_only = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise UsageError(f"{flag} {out}: {anc} is on a read-only file system")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {out}: {anc} is not writable")
+
+
+_TMP_RE = re.compile(r"^\..+\.tmp(\d+)$")
+_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.(safetensors|pt)$")
+_RUN_FILES = {CONFIG_NAME, LOG_NAME, TEACHER_NAME, TEACHER_FOLDER_NAME, CKPT_DIR}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if not 0 < pid < 2 ** 31:  # kill(0) would signal our process group
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temp_files(run_dir) -> list[Path]:
+    """Delete the `.NAME.tmpPID` files that a killed writer left in a run directory and its
+    checkpoints/ (those of a process that still runs are kept); returns what was removed."""
+    removed = []
+    for d in (Path(run_dir), Path(run_dir) / CKPT_DIR):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            m = _TMP_RE.match(p.name)
+            if m and p.is_file() and not _pid_alive(int(m.group(1))):
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
+
+
+def restartable(out) -> bool:
+    """True for a run directory that has no complete checkpoint and holds nothing but the
+    files a run writes (config, log, teacher copy, checkpoint halves, temporary files)."""
+    out = Path(out)
+    if not (out / CONFIG_NAME).is_file() or find_checkpoint(out)[0] is not None:
+        return False
+    for p in out.iterdir():
+        if p.name not in _RUN_FILES and not _TMP_RE.match(p.name):
+            return False
+    ck = out / CKPT_DIR
+    if ck.exists():
+        if not ck.is_dir():
+            return False
+        for p in ck.iterdir():
+            if not (p.is_file() and (p.name == LATEST_NAME or _CKPT_RE.match(p.name) or _TMP_RE.match(p.name))):
+                return False
+    return True
+
+
+def clear_dead_run(out) -> None:
+    """Remove the files of a `restartable` run directory (the folder itself stays)."""
+    out = Path(out)
+    if not restartable(out):
+        raise UsageError(f"--out {out} is no longer a run without checkpoints; choose another --out")
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def prepare_run_dir(out, config: dict, *, allow_restart: bool = False) -> Path:
     """Check that `out` may receive a new run (absent or empty); raise UsageError if not.
 
-    Nothing is created here: the caller creates the folder once every check has passed.
+    allow_restart: also accept a run directory with no complete checkpoint and nothing but
+    run files in it (`restartable`); the caller removes its files with `clear_dead_run`.
+    Nothing is created or removed here: the caller does that once every check has passed.
     """
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a directory")
         if (out / CONFIG_NAME).exists():
+            if allow_restart and restartable(out):
+                return out
             try:
                 saved = read_config(out)
             except UsageError:
@@ -190,8 +306,9 @@ def check_resume_dir(run_dir, given: dict, ignore: Iterable[str] = ("iters", "de
     diff = diff_configs(saved, given, ignore=ignore)
     if diff:
         raise UsageError(f"--resume {run_dir} does not match the given flags ({_describe(diff, saved, given)})")
-    if latest_step(run_dir) is None:
-        raise UsageError(f"--resume {run_dir}: the run has no complete checkpoint to continue from")
+    if find_checkpoint(run_dir)[0] is None:
+        raise UsageError(f"--resume {run_dir}: the run has no complete checkpoint to continue from; start it "
+                         f"again with --out {run_dir}")
     return saved
 
 
@@ -205,11 +322,12 @@ class JsonlLogger:
         if truncate_after_step is not None and self.path.exists():
             # a resumed run drops records written after its checkpoint (they will be redone)
             keep = [r for r in read_log(self.path) if int(r.get("iteration", -1)) <= truncate_after_step]
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+            atomic_write_bytes(self.path, "".join(json.dumps(_jsonable(r), allow_nan=False) + "\n"
+                                                  for r in keep).encode())
         self._fh = open(self.path, "a")
 
     def log(self, record: dict) -> None:
-        self._fh.write(json.dumps(_jsonable(record)) + "\n")
+        self._fh.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
         self._fh.flush()
         try:
             os.fsync(self._fh.fileno())
@@ -257,7 +375,7 @@ def _jsonable(obj):
     if isinstance(obj, (np.floating, np.integer)):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)  # JSON has no NaN/inf; keep it readable and valid
+        return None  # JSON has no NaN/inf; null is what every JSON reader accepts
     return obj
 
 
@@ -302,15 +420,52 @@ def _ckpt_paths(run_dir, step: int) -> tuple[Path, Path]:
     return d / f"ckpt-{step:08d}.safetensors", d / f"ckpt-{step:08d}.pt"
 
 
-def latest_step(run_dir) -> int | None:
+def _recorded_step(run_dir) -> int | None:
     path = Path(run_dir) / CKPT_DIR / LATEST_NAME
     try:
         with open(path) as fh:
-            step = int(json.load(fh)["step"])
+            return int(json.load(fh)["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def latest_step(run_dir) -> int | None:
+    """The step `latest.json` names, if both halves of that checkpoint exist."""
+    step = _recorded_step(run_dir)
+    if step is None:
+        return None
     w, s = _ckpt_paths(run_dir, step)
-    return step if w.exists() and s.exists() else None
+    return step if w.is_file() and s.is_file() else None
+
+
+def complete_steps(run_dir) -> list[int]:
+    """Steps of which both halves (.safetensors and .pt) exist, ascending."""
+    d = Path(run_dir) / CKPT_DIR
+    if not d.is_dir():
+        return []
+    steps = set()
+    for p in d.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and m.group(2) == "safetensors":
+            w, s = _ckpt_paths(run_dir, int(m.group(1)))
+            if w.is_file() and s.is_file():
+                steps.add(int(m.group(1)))
+    return sorted(steps)
+
+
+def find_checkpoint(run_dir) -> tuple[int | None, str | None]:
+    """(step, note): the latest checkpoint, or, when a half of it is missing, the newest
+    complete one with a one-line note saying so; (None, None) when there is none."""
+    step = latest_step(run_dir)
+    if step is not None:
+        return step, None
+    done = complete_steps(run_dir)
+    if not done:
+        return None, None
+    recorded = _recorded_step(run_dir)
+    what = (f"the latest checkpoint ({recorded}) is incomplete" if recorded is not None
+            else f"{CKPT_DIR}/{LATEST_NAME} is missing or damaged")
+    return done[-1], f"{run_dir}: {what}; using checkpoint {done[-1]}, the newest complete one"
 
 
 def save_checkpoint(run_dir, step: int, weights: dict[str, torch.Tensor], state: dict, *,
@@ -322,7 +477,7 @@ def save_checkpoint(run_dir, step: int, weights: dict[str, torch.Tensor], state:
     """
     d = Path(run_dir) / CKPT_DIR
     d.mkdir(parents=True, exist_ok=True)
-    previous = latest_step(run_dir)
+    previous = find_checkpoint(run_dir)[0]
     wpath, spath = _ckpt_paths(run_dir, step)
     atomic_save_safetensors(weights, wpath, metadata={"step": step, **(metadata or {})})
     atomic_torch_save({"step": step, **state}, spath)
@@ -336,18 +491,33 @@ def save_checkpoint(run_dir, step: int, weights: dict[str, torch.Tensor], state:
     return wpath
 
 
-def load_checkpoint(run_dir, step: int | None = None, map_location="cpu") -> tuple[dict, dict]:
-    """(weights, state) of checkpoint `step` (default: latest). State loads with weights_only."""
+def load_checkpoint_weights(run_dir, step: int, map_location="cpu") -> dict:
+    """The network weights of checkpoint `step` (one-line UsageError when unreadable)."""
     from safetensors.torch import load_file
 
+    wpath, _ = _ckpt_paths(run_dir, step)
+    try:
+        return load_file(str(wpath), device=str(map_location))
+    except Exception as exc:  # noqa: BLE001 - damaged files become a one-line error
+        raise UsageError(f"cannot read checkpoint {step} in {run_dir}: {exc}".splitlines()[0])
+
+
+def load_checkpoint_state(run_dir, step: int, map_location="cpu") -> dict:
+    """The training state of checkpoint `step`, loaded with weights_only (one-line UsageError)."""
+    _, spath = _ckpt_paths(run_dir, step)
+    try:
+        state = torch.load(spath, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - damaged files become a one-line error
+        raise UsageError(f"cannot read checkpoint {step} in {run_dir}: {exc}".splitlines()[0])
+    if not isinstance(state, dict):
+        raise UsageError(f"cannot read checkpoint {step} in {run_dir}: it holds no training state")
+    return state
+
+
+def load_checkpoint(run_dir, step: int | None = None, map_location="cpu") -> tuple[dict, dict]:
+    """(weights, state) of checkpoint `step` (default: latest). State loads with weights_only."""
     if step is None:
         step = latest_step(run_dir)
         if step is None:
             raise UsageError(f"{run_dir} has no complete checkpoint")
-    wpath, spath = _ckpt_paths(run_dir, step)
-    try:
-        weights = load_file(str(wpath), device=str(map_location))
-        state = torch.load(spath, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - damaged files become a one-line error
-        raise UsageError(f"cannot read checkpoint {step} in {run_dir}: {exc}".splitlines()[0])
-    return weights, state
+    return load_checkpoint_weights(run_dir, step, map_location), load_checkpoint_state(run_dir, step, map_location)

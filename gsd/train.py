@@ -9,6 +9,20 @@ Under torchrun (gsd.parallel) --batch is the global batch, split over the proces
 (--batch-per-gpu, with gradient accumulation when smaller than batch / world); rank 0 alone
 logs, checkpoints and evaluates; --resume needs the world size the run was started with.
 
+Ops: --fused runs the fastest fused gsd_kernels backend for the device and stops (one line,
+exit 2, nothing written) where none can serve it; --no-fused runs the reference ops. The
+backend each op ran is recorded as "backends" in config.json and metrics.json.
+
+Run directories: every setting and --out are checked before the data set or the teacher is
+loaded. A run directory with no complete checkpoint (a crash or kill before the first one)
+is started again by giving it as --out; --resume continues a run from its newest complete
+checkpoint (falling back to an older kept one when the latest is incomplete). Ctrl-C
+finishes the current iteration, saves it and exits 130 (a second Ctrl-C stops at once, then
+the previous checkpoint stays the newest: a half-done iteration is never saved).
+
+A run that goes wrong stops (one line, exit 2) after --max-bad-iters consecutive bad
+iterations; see that flag's help for the rule.
+
 Python API for experiments: `run(config) -> run_dir`, where config is a dict with the
 flag names as keys (dashes -> underscores); missing keys take the defaults.
 """
@@ -28,7 +42,7 @@ import torch
 from . import parallel, runs
 from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, format_value, make_parser,
                   nonnegative_int, positive_int, run_main, sampler_table)
-from .distill import DistillConfig, Distiller
+from .distill import MAX_COUNT, DistillConfig, Distiller
 
 # Per-dataset defaults for the flags whose default is "depends on the dataset".
 DATASET_DEFAULTS = {
@@ -42,7 +56,21 @@ DATASET_DEFAULTS = {
 # Settings that may differ between a run and its --resume (they do not change training).
 RESUME_FREE = ("iters", "device", "out", "resume", "log_every", "ckpt_every", "keep_every", "eval_samples",
                "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval", "compile", "trust_pickle",
-               "grad_checkpoint")
+               "grad_checkpoint", "max_bad_iters")
+
+# The stop rule of a run that goes wrong (--max-bad-iters): an iteration is bad when a loss
+# is non-finite, when one of its two steps dropped every sample, or when the loss explodes:
+# |loss_fake| + |loss_gen| above EXPLODE_FACTOR x max(1, that sum in the first iteration of
+# this start). The run stops after DEFAULT_MAX_BAD_ITERS such iterations in a row.
+DEFAULT_MAX_BAD_ITERS = 10
+EXPLODE_FACTOR = 1e4
+
+# DistillConfig fields that may differ from a checkpoint's own copy on --resume
+CKPT_FREE = ("backend", "compile", "grad_checkpoint")
+
+
+class TrainingStopped(UsageError):
+    """A run that went wrong (non-finite, every sample dropped, exploding): one line, exit 2."""
 
 # Keys that describe the training itself (compared by --out / --resume checks).
 TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
@@ -82,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-loss-scale", type=float, default=100.0,
                    help="factor on the generator loss before Adam (SiD's lsg)")
     p.add_argument("--log-every", type=positive_int, default=10, help="iterations between log.jsonl records")
+    p.add_argument("--max-bad-iters", type=nonnegative_int, default=DEFAULT_MAX_BAD_ITERS, metavar="K",
+                   help="stop the run (one line, exit 2, the last checkpoint kept) after K consecutive bad "
+                        "iterations: a loss is non-finite, or one of the two steps dropped every sample (non-finite "
+                        "generator samples or network outputs), or the loss has exploded (|loss_fake| + |loss_gen| "
+                        f"above {EXPLODE_FACTOR:g} x max(1, its value in the first iteration)); 0 never stops")
     p.add_argument("--ckpt-every", type=positive_int, default=None,
                    help="iterations between checkpoints (default per dataset)")
     p.add_argument("--keep-every", type=nonnegative_int, default=None,
@@ -137,17 +170,24 @@ def resolve_config(given: dict, explicit: dict | None = None) -> dict:
         raise UsageError("--exact-teacher exists only for --dataset gmm")
     if cfg.get("teacher") is not None:
         cfg["teacher"] = os.path.abspath(cfg["teacher"])
-    cfg["adam_betas"] = [float(b) for b in cfg["adam_betas"]]
+    betas = cfg["adam_betas"]
+    if not isinstance(betas, (list, tuple)) or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                      for b in betas):
+        raise UsageError(f"--adam-betas must be two numbers, got {betas!r}")
+    cfg["adam_betas"] = [float(b) for b in betas]
     return cfg
 
 
-def distill_config(cfg: dict) -> DistillConfig:
+def distill_config(cfg: dict, backend: str | None = None) -> DistillConfig:
+    """backend: the concrete ops backend (default: "auto" with --fused, else "reference")."""
+    if backend is None:
+        backend = "auto" if cfg["fused"] else "reference"
     return DistillConfig(
         alpha=cfg["alpha"], sigma_init=cfg["sigma_init"], tmax=cfg["tmax"], lambda_sid=cfg["lambda_sid"],
         lambda_irl=cfg["lambda_irl"], irl_weighting=cfg["irl_weighting"], irl_bandwidth=cfg["irl_bandwidth"],
         irl_scale=cfg["irl_scale"], batch=cfg["batch"], lr=cfg["lr"], lr_fake=cfg["lr_fake"],
         betas=tuple(cfg["adam_betas"]), ema_halflife=cfg["ema_halflife"], gen_loss_scale=cfg["gen_loss_scale"],
-        backend="auto" if cfg["fused"] else "reference", seed=cfg["seed"], batch_per_rank=cfg.get("batch_per_gpu"),
+        backend=backend, seed=cfg["seed"], batch_per_rank=cfg.get("batch_per_gpu"),
         precision=cfg.get("precision", "fp32"), compile=bool(cfg.get("compile", False)),
         grad_checkpoint=bool(cfg.get("grad_checkpoint", False)),
     )
@@ -155,10 +195,14 @@ def distill_config(cfg: dict) -> DistillConfig:
 
 def _validate(cfg: dict, resuming: bool = False) -> None:
     distill_config(cfg).validate().accum_steps(parallel.env_world_size())
-    if cfg["irl_bandwidth"] is not None and not (math.isfinite(cfg["irl_bandwidth"]) and cfg["irl_bandwidth"] > 0):
-        raise UsageError(f"--irl-bandwidth must be > 0, got {cfg['irl_bandwidth']}")
-    if not (math.isfinite(cfg["gen_loss_scale"]) and cfg["gen_loss_scale"] > 0):
-        raise UsageError(f"--gen-loss-scale must be > 0, got {cfg['gen_loss_scale']}")
+    for key in ("eval_samples", "batch_per_gpu"):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT):
+            raise UsageError(f"--{key.replace('_', '-')} must be an integer in [0, {MAX_COUNT}], got {v!r}")
+    for key, low in (("iters", 0), ("log_every", 1), ("ckpt_every", 1), ("keep_every", 0), ("max_bad_iters", 0)):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")
     if cfg["teacher"] is not None and not resuming:  # a resumed run uses its own copy of the teacher
         from .import_teacher import check_teacher_path
         check_teacher_path(cfg["teacher"], trust_pickle=bool(cfg.get("trust_pickle")))
@@ -221,7 +265,9 @@ def _run(config, *, explicit, nan_hook) -> Path:
     t_start = time.perf_counter()
 
     # ---------------------------------------------------------------- every check first
+    # (settings, --out / --resume, the fused backend: before the data set or teacher is loaded)
     resume_dir = given.get("resume")
+    ckpt_note = ckpt_state = None
     if resume_dir:
         resume_dir = Path(resume_dir)
         if given.get("out") and Path(given["out"]).resolve() != resume_dir.resolve():
@@ -230,27 +276,43 @@ def _run(config, *, explicit, nan_hook) -> Path:
             explicit["teacher"] = os.path.abspath(explicit["teacher"])
         saved = runs.check_resume_dir(resume_dir, {k: v for k, v in explicit.items() if k in RUN_KEYS},
                                       ignore=RESUME_FREE)
-        saved_world = int(saved.get("world_size", 1))
-        if saved_world != parallel.env_world_size():
+        saved_world = saved.get("world_size", 1)
+        if not isinstance(saved_world, int) or saved_world != parallel.env_world_size():
             raise UsageError(f"--resume {resume_dir} was trained with {saved_world} process(es), this launch has "
                              f"{parallel.env_world_size()}; resume it with the same world size"
                              + (" (plain python, no torchrun)" if saved_world == 1
                                 else f" (torchrun --nproc_per_node={saved_world} on one node)"))
-        cfg = resolve_config({k: v for k, v in saved.items() if k in vars(build_parser().parse_args([]))})
-        for key in RESUME_FREE:
-            if key in given and given[key] is not None and key not in ("resume", "out"):
-                cfg[key] = given[key]
-        cfg["resume"] = None
-        cfg["out"] = str(resume_dir)
         run_dir = resume_dir
+        try:  # config.json may have been damaged by hand: one line that names the value
+            cfg = resolve_config({k: v for k, v in saved.items() if k in vars(build_parser().parse_args([]))})
+            for key in RESUME_FREE:
+                if key in given and given[key] is not None and key not in ("resume", "out"):
+                    cfg[key] = given[key]
+            cfg["resume"] = None
+            cfg["out"] = str(resume_dir)
+            _validate(cfg, resuming=True)
+        except UsageError as exc:
+            raise UsageError(f"--resume {run_dir}: {exc} ({runs.CONFIG_NAME} damaged?)") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise UsageError(f"--resume {run_dir}: {runs.CONFIG_NAME} is damaged ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())})") from None
+        step, ckpt_note = runs.find_checkpoint(run_dir)
+        if cfg["iters"] < step:
+            raise UsageError(f"--resume {run_dir} --iters {cfg['iters']}: the run has already reached iteration "
+                             f"{step}; give --iters {step} or more")
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise UsageError(f"--resume {run_dir} is not writable")
+        ckpt_state = runs.load_checkpoint_state(run_dir, step)
+        _check_against_checkpoint(cfg, ckpt_state, run_dir, step)
     else:
         cfg = resolve_config({k: v for k, v in given.items() if k != "resume"}, explicit)
         run_dir = Path(cfg["out"]) if cfg.get("out") else runs.default_run_dir(cfg["dataset"])
         cfg["out"] = str(run_dir)
         _validate(cfg)
-        runs.prepare_run_dir(run_dir, _training_view(cfg))
-    _validate(cfg, resuming=bool(resume_dir))
+        runs.check_out_path(run_dir)
+        runs.prepare_run_dir(run_dir, _training_view(cfg), allow_restart=True)
     device = _device(cfg["device"])
+    backend = _ops_backend(cfg, device)
 
     # ---------------------------------------------------------------- processes (torchrun)
     # every check above depends only on the settings and the files, so all ranks agree on it;
@@ -260,6 +322,8 @@ def _run(config, *, explicit, nan_hook) -> Path:
     main_rank = parallel.is_main()
     world = parallel.world_size()
     show = bool(cfg["progress"]) and main_rank
+    import gsd_kernels
+    backends = gsd_kernels.resolved_backends(device, backend)
 
     from .data import GMMDenoiser, load_dataset
 
@@ -268,6 +332,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
     def load_inputs():
         ds = load_dataset(cfg["dataset"], data_root=cfg["data_root"], resolution=cfg["resolution"],
                           download=cfg["download"])
+        _check_memory(cfg, ds.sample_shape, device, world)
         net = None
         if resume_dir:
             net = load_run_teacher(run_dir, device=device)
@@ -299,21 +364,21 @@ def _run(config, *, explicit, nan_hook) -> Path:
         raise UsageError("the exact gmm teacher is unconditional; the network teacher is class-conditional")
 
     # ---------------------------------------------------------------- run directory
-    dcfg = distill_config(cfg)
+    dcfg = distill_config(cfg, backend)  # the concrete backend: what runs is what is recorded
     distiller = Distiller(f_phi, dcfg, init=teacher_net, sample_shape=dataset.sample_shape, device=device)
     distiller.nan_hook = nan_hook
     distiller.enable_ddp()  # DDP on G and f_psi; weights broadcast from rank 0
     elapsed_before = 0.0
     saved_at = None
     if resume_dir:
-        def load_state():
-            weights, state = runs.load_checkpoint(run_dir)
-            saved_world = int(state["distiller"].get("world_size", 1))
+        def load_weights():
+            saved_world = int(ckpt_state["distiller"].get("world_size", 1))
             if saved_world != world:
                 raise UsageError(f"--resume {run_dir}: its checkpoint was written by {saved_world} process(es), "
                                  f"this launch has {world}")
-            return weights, state
-        weights, state = parallel.agree(load_state)
+            return runs.load_checkpoint_weights(run_dir, step)
+        weights = parallel.agree(load_weights)
+        state = ckpt_state
         distiller.load_weights({k: v.to(device) for k, v in weights.items()})
         distiller.load_training_state(state["distiller"])
         if "rng_ranks" in state:  # each rank continues its own sampling stream
@@ -322,18 +387,32 @@ def _run(config, *, explicit, nan_hook) -> Path:
         elapsed_before = float(state.get("elapsed", 0.0))
         saved_at = distiller.iteration
         if main_rank:
+            if ckpt_note:
+                print(f"note: {ckpt_note}", file=sys.stderr)
+            runs.remove_stale_temp_files(run_dir)  # left by a kill during a write
             saved_cfg = runs.read_config(run_dir)
-            if saved_cfg.get("iters") != cfg["iters"]:
+            if saved_cfg.get("iters") != cfg["iters"] or saved_cfg.get("backends") != backends:
                 saved_cfg["iters"] = cfg["iters"]
+                saved_cfg["backend"] = backend
+                saved_cfg["backends"] = backends  # what runs from here on
                 runs.write_json_atomic(run_dir / runs.CONFIG_NAME, saved_cfg)
             logger = runs.JsonlLogger(run_dir / runs.LOG_NAME, truncate_after_step=distiller.iteration)
         else:
             logger = _NullLogger()
     elif main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if runs.restartable(run_dir):  # a crash or kill before its first checkpoint: nothing to keep
+            runs.clear_dead_run(run_dir)
+            print(f"note: --out {run_dir} held a run with no complete checkpoint; starting it again",
+                  file=sys.stderr)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out {run_dir}: cannot create it ({exc.strerror or exc})") from None
+        runs.remove_stale_temp_files(run_dir)
         teacher_file = save_run_teacher(teacher_net, run_dir, cfg["teacher"] or "default teacher")
         record = {k: v for k, v in cfg.items()}
         record["backend"] = dcfg.backend
+        record["backends"] = backends
         record["teacher_file"] = teacher_file
         record["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
         record["world_size"] = world
@@ -352,48 +431,60 @@ def _run(config, *, explicit, nan_hook) -> Path:
             extra["rng_ranks"] = [s.cpu() for s in parallel.all_gather_objects(distiller.rng.get_state())]
         if main_rank:
             runs.save_checkpoint(run_dir, distiller.iteration, distiller.weights(),
-                                 {"distiller": dstate, "rng": runs.capture_rng_state(), "elapsed": elapsed, **extra},
+                                 {"distiller": dstate, "rng": runs.capture_rng_state(), "elapsed": elapsed,
+                                  "run_config": _training_view(cfg), **extra},
                                  keep_every=cfg["keep_every"] or None)
         parallel.barrier()
         return distiller.iteration
 
     t_train = time.perf_counter()
     total = int(cfg["iters"])
+    guard = _StopRule(int(cfg.get("max_bad_iters", DEFAULT_MAX_BAD_ITERS)))
+    interrupts = _DeferredInterrupt(enabled=world == 1)
+    mid_step = False
     try:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=min(distiller.iteration, total), desc=f"distil {cfg['dataset']}",
-                   disable=not show, dynamic_ncols=True, file=sys.stderr)
+        from .progress import progress_bar  # a tqdm bar on a terminal, ~22 plain lines in a log
+        bar = progress_bar(total=total, initial=min(distiller.iteration, total), desc=f"distil {cfg['dataset']}",
+                           enabled=show, file=sys.stderr)
         acc: dict = {}
         n_acc = 0
         nan_since = {"nan_samples": 0, "nan_grads": 0}
         try:
-            while distiller.iteration < total:
-                out = distiller.step()
-                n_acc += 1
-                for k, v in out.items():
-                    if k.startswith("loss_"):
-                        acc[k] = acc.get(k, 0.0) + v
-                nan_since["nan_samples"] += out["nan_samples"]
-                nan_since["nan_grads"] += out["nan_grads"]
-                it = distiller.iteration
-                bar.update(1)
-                nan_now = out["nan_samples"] or out["nan_grads"]
-                if it % cfg["log_every"] == 0 or it == total or nan_now:  # the same on every rank
-                    elapsed = elapsed_before + time.perf_counter() - t_train
-                    rec = {"iteration": it, "time": round(elapsed, 3), "images_seen": distiller.images_seen}
-                    acc = _mean_over_ranks(acc, device)
-                    rec.update({k: v / n_acc for k, v in acc.items()})
-                    rec.update(nan_since)
-                    rec["nan_events_total"] = distiller.totals["nan_iterations"]
-                    logger.log(rec)
-                    bar.set_postfix({k[5:]: f"{v / n_acc:.4g}" for k, v in acc.items()}, refresh=False)
-                    acc, n_acc = {}, 0
-                    nan_since = {"nan_samples": 0, "nan_grads": 0}
-                if nan_now and main_rank:
-                    bar.write(f"iteration {it}: dropped {out['nan_samples']} non-finite samples, zeroed "
-                              f"{out['nan_grads']} non-finite gradient values")
-                if it % cfg["ckpt_every"] == 0 and it < total:
-                    saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
+            with interrupts:
+                while distiller.iteration < total:
+                    mid_step = True  # an interrupt from here to the end of step() leaves a half-done iteration
+                    out = distiller.step()
+                    mid_step = False
+                    n_acc += 1
+                    for k, v in out.items():
+                        if k.startswith("loss_"):
+                            acc[k] = acc.get(k, 0.0) + v
+                    nan_since["nan_samples"] += out["nan_samples"]
+                    nan_since["nan_grads"] += out["nan_grads"]
+                    it = distiller.iteration
+                    bar.update(1)
+                    bad = guard.update(out, device, world)  # the same verdict on every rank
+                    nan_now = out["nan_samples"] or out["nan_grads"]
+                    if it % cfg["log_every"] == 0 or it == total or nan_now or guard.stopped:  # same on every rank
+                        elapsed = elapsed_before + time.perf_counter() - t_train
+                        rec = {"iteration": it, "time": round(elapsed, 3), "images_seen": distiller.images_seen}
+                        acc = _mean_over_ranks(acc, device)
+                        rec.update({k: v / n_acc for k, v in acc.items()})
+                        rec.update(nan_since)
+                        rec["nan_events_total"] = distiller.totals["nan_iterations"]
+                        logger.log(rec)
+                        bar.set_postfix({k[5:]: f"{v / n_acc:.4g}" for k, v in acc.items()}, refresh=False)
+                        acc, n_acc = {}, 0
+                        nan_since = {"nan_samples": 0, "nan_grads": 0}
+                    if nan_now and main_rank:
+                        bar.write(f"iteration {it}: dropped {out['nan_samples']} non-finite samples, zeroed "
+                                  f"{out['nan_grads']} non-finite gradient values")
+                    if guard.stopped:
+                        raise TrainingStopped(guard.message(it, saved_at, run_dir))
+                    if it % cfg["ckpt_every"] == 0 and it < total and not bad:  # never checkpoint a bad iteration
+                        saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
+                    if interrupts.requested:  # Ctrl-C during this iteration: it is complete now
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
             logger.close()
@@ -402,7 +493,15 @@ def _run(config, *, explicit, nan_hook) -> Path:
                     print(f"interrupted; continue from the last checkpoint with --resume {run_dir}",
                           file=sys.stderr)
                 raise
-            checkpoint(elapsed_before + time.perf_counter() - t_train)
+            if mid_step:
+                # part of iteration k+1 is applied (a step, Adam moments, the RNG): never save that
+                print(f"interrupted in iteration {distiller.iteration + 1}, which is not saved; "
+                      + (f"continue from the checkpoint of iteration {saved_at} with --resume {run_dir}"
+                         if saved_at is not None else f"no checkpoint yet: start it again with --out {run_dir}"),
+                      file=sys.stderr)
+                raise
+            if saved_at != distiller.iteration:
+                saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
             print(f"interrupted; checkpoint of iteration {distiller.iteration} saved, continue with "
                   f"--resume {run_dir}", file=sys.stderr)
             raise
@@ -434,6 +533,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
         metrics["nan_events"] = dict(distiller.totals)
         metrics["device"] = str(device)
         metrics["backend"] = dcfg.backend
+        metrics["backends"] = backends
         metrics["teacher_kind"] = "exact GMM denoiser" if cfg["exact_teacher"] else "network"
         runs.write_json_atomic(run_dir / "metrics.json", metrics)
         from .plots import save_samples_png
@@ -441,8 +541,151 @@ def _run(config, *, explicit, nan_hook) -> Path:
                          means=dataset.mixture.means if dataset.mixture is not None else None)
         print(summary_table(metrics, run_dir, time.perf_counter() - t_start))
     else:
+        print(f"ops backends: {_format_backends(backends)}")
         print(f"run directory: {run_dir}")
     return run_dir
+
+
+def _ops_backend(cfg: dict, device: torch.device) -> str:
+    """The concrete backend of the loss ops: the fastest fused one with --fused (a one-line
+    UsageError where none can serve `device`; never a silent fallback), else "reference"."""
+    if not cfg["fused"]:
+        return "reference"
+    import gsd_kernels
+    try:
+        return gsd_kernels.fused_backend(device)
+    except ValueError as exc:
+        raise UsageError(f"--fused: {' '.join(str(exc).split())}") from None
+
+
+def _format_backends(backends: dict) -> str:
+    return ", ".join(f"{op}={name}" for op, name in backends.items())
+
+
+def _check_against_checkpoint(cfg: dict, state: dict, run_dir, step: int) -> None:
+    """config.json must say what the checkpoint was trained with (a hand edit would silently
+    change the run): compare with the checkpoint's own copy of the settings."""
+    dist = state.get("distiller") if isinstance(state, dict) else None
+    saved = dist.get("config") if isinstance(dist, dict) else None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume {run_dir}: checkpoint {step} holds no settings; it is damaged")
+    now = distill_config(cfg).to_dict()
+    diff = [(k, now[k], saved[k]) for k in now
+            if k in saved and k not in CKPT_FREE and runs._norm(saved[k]) != runs._norm(now[k])]
+    run_cfg = state.get("run_config")  # written since this check exists: data set, teacher, ...
+    if isinstance(run_cfg, dict):
+        names = {k for k, _, _ in diff} | {"adam_betas", "batch_per_gpu"}  # those two are in DistillConfig too
+        diff += [(k, cfg.get(k), run_cfg[k]) for k in RUN_KEYS
+                 if k in run_cfg and k not in names and runs._norm(run_cfg[k]) != runs._norm(cfg.get(k))]
+    if diff:
+        what = "; ".join(f"{k}: {runs.CONFIG_NAME} has {a!r}, the checkpoint {b!r}" for k, a, b in diff[:4])
+        raise UsageError(f"--resume {run_dir}: {runs.CONFIG_NAME} does not match checkpoint {step} ({what}); "
+                         f"it was edited: put back the checkpoint's values")
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def _check_memory(cfg: dict, sample_shape, device: torch.device, world: int) -> None:
+    """Refuse a batch / evaluation whose sample tensors alone cannot fit in the device's memory
+    (a lower bound: ~16 batch-sized float32 tensors per step, 4 per evaluated sample)."""
+    total = _memory_bytes(device)
+    if not total:
+        return
+    numel = math.prod(int(d) for d in sample_shape)
+    per_rank = cfg.get("batch_per_gpu") or -(-cfg["batch"] // max(1, world))
+    gib = 2.0 ** 30
+    need = 16 * 4 * numel * per_rank
+    if need > total:
+        raise UsageError(f"--batch {cfg['batch']} needs more than {need / gib:.3g} GiB for its {device.type} sample "
+                         f"tensors alone, the {device.type} memory is {total / gib:.3g} GiB; use a smaller --batch "
+                         "(or --batch-per-gpu with accumulation)")
+    n_eval = cfg.get("eval_samples") or 0
+    need = 4 * 4 * numel * n_eval
+    if need > total:
+        raise UsageError(f"--eval-samples {n_eval} needs more than {need / gib:.3g} GiB for its samples alone, "
+                         f"the {device.type} memory is {total / gib:.3g} GiB; use fewer")
+
+
+class _StopRule:
+    """The --max-bad-iters rule (see DEFAULT_MAX_BAD_ITERS): counts consecutive bad iterations."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.streak = 0
+        self.reference: float | None = None
+        self.reason = ""
+
+    def update(self, out: dict, device, world: int) -> bool:
+        losses = {k: float(v) for k, v in out.items() if k.startswith("loss_")}
+        reason = None
+        if not all(math.isfinite(v) for v in losses.values()):
+            reason = "non-finite loss " + ", ".join(k for k, v in losses.items() if not math.isfinite(v))
+        elif out.get("all_dropped"):
+            reason = "a step dropped every sample (non-finite generator samples, teacher or fake-score outputs)"
+        else:
+            size = abs(losses.get("loss_fake", 0.0)) + abs(losses.get("loss_gen", 0.0))
+            if self.reference is None:
+                self.reference = max(1.0, size)
+            elif size > EXPLODE_FACTOR * self.reference:
+                reason = (f"the loss exploded (|loss_fake| + |loss_gen| = {size:.3g} > {EXPLODE_FACTOR:g} x "
+                          f"{self.reference:.3g} of the first iteration)")
+        bad = reason is not None
+        if world > 1:  # one verdict for every rank, or some would stop and the others wait
+            flag = torch.tensor([int(bad)], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = bool(flag.item())
+            reason = reason or "a bad iteration on another process"
+        self.streak = self.streak + 1 if bad else 0
+        if bad:
+            self.reason = reason
+        return bad
+
+    @property
+    def stopped(self) -> bool:
+        return self.limit > 0 and self.streak >= self.limit
+
+    def message(self, iteration: int, saved_at, run_dir) -> str:
+        kept = (f"its last checkpoint (iteration {saved_at}) is kept" if saved_at is not None
+                else "it has no checkpoint")
+        return (f"training stopped at iteration {iteration}: {self.streak} bad iterations in a row (the last: "
+                f"{self.reason}); lower --lr / --lr-fake or check the teacher; {kept} in {run_dir} "
+                f"(--max-bad-iters sets the rule)")
+
+
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) while training: the first one lets the current iteration finish (it
+    sets `requested`); a second one interrupts at once. Only in the main thread of a
+    one-process run; the previous handler is put back on exit."""
+
+    def __init__(self, enabled: bool):
+        import threading
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if self.enabled:
+            import signal
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            import signal
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+        return False
 
 
 class _NullLogger:
@@ -485,6 +728,8 @@ def summary_table(metrics: dict, run_dir, wall: float | None = None) -> str:
                      f"{nan['nan_grads']} gradient values zeroed)")
     if wall is not None:
         extra.append(f"wall time: {wall:.1f} s (training {metrics.get('train_seconds', 0):.1f} s)")
+    if metrics.get("backends"):
+        extra.append(f"ops backends: {_format_backends(metrics['backends'])}")
     extra.append(f"run directory: {run_dir}")
     return "\n".join(lines + extra)
 

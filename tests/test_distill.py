@@ -223,3 +223,65 @@ def test_bad_config_is_usage_error(kw, match):
     cfg = DistillConfig(**{"batch": 8, **kw})
     with pytest.raises(UsageError, match=match):
         cfg.validate()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, "mixed"])
+def test_networks_are_float32_whatever_the_teacher_dtype(dtype):
+    """A teacher file's dtype must not become the training dtype (Adam's eps is 0 in fp16)."""
+    teacher, init = tiny_mlp(seed=1), tiny_mlp(seed=2)
+    for net in (teacher, init):
+        if dtype == "mixed":
+            net.model.fc_out.to(torch.float16)
+            net.model.fc_in.to(torch.float64) if hasattr(net.model, "fc_in") else None
+        else:
+            net.to(dtype)
+    assert {p.dtype for p in init.parameters()} != {torch.float32}
+    d = Distiller(teacher, DistillConfig(batch=8, lr=1e-3, lambda_irl=0.2, ema_halflife=64), init=init)
+    for _ in range(3):
+        out = d.step()
+    assert out["nan_samples"] == 0 and out["nan_grads"] == 0
+    assert math.isfinite(out["loss_gen"]) and math.isfinite(out["loss_fake"])
+    for net in (d.teacher, d.generator, d.fake, d.ema_generator):
+        assert {p.dtype for p in net.parameters()} == {torch.float32}
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+    for opt in (d.opt_g, d.opt_f):
+        for st in opt.state.values():
+            assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
+    assert d.generate(torch.randn(3, 2)).dtype == torch.float32
+
+
+class _InfRows(torch.nn.Module):
+    """A denoiser whose output rows `rows` are +inf (finite weights, overflowing outputs)."""
+
+    def __init__(self, net, rows):
+        super().__init__()
+        self.net, self.rows = net, rows
+        self.sample_shape, self.label_dim = net.sample_shape, 0
+
+    def forward(self, x, sigma, class_labels=None):
+        y = self.net(x, sigma, class_labels)
+        mask = torch.zeros(y.shape[0], 1, dtype=torch.bool)
+        mask[self.rows] = True
+        return torch.where(mask, torch.full_like(y, float("inf")), y)
+
+
+def test_rows_the_ops_drop_are_counted():
+    """y_real non-finite (an overflowing teacher): the SiD op drops those rows; they count."""
+    d = make(teacher=_InfRows(tiny_mlp(seed=1), [0, 5]))
+    out = d.step()
+    assert out["nan_samples"] == 2 and not out["all_dropped"]
+    d2 = make(teacher=_InfRows(tiny_mlp(seed=1), list(range(8))))
+    out = d2.step()
+    assert out["nan_samples"] == 8 and out["all_dropped"]
+    assert out["loss_sid"] == 0.0  # what the op returns when it keeps no row
+
+
+def test_damaged_config_values_are_usage_errors():
+    for kw, match in ((dict(betas=(0.5,)), "betas"), (dict(betas="ab"), "betas"), (dict(seed="abc"), "seed"),
+                      (dict(seed=2 ** 64), "seed"), (dict(batch=2 ** 40), "batch"), (dict(batch=None), "batch"),
+                      (dict(lr=1e308), "lr"), (dict(sigma_init=1e308), "sigma-init"),
+                      (dict(irl_bandwidth=1e308, irl_weighting="local"), "bandwidth"),
+                      (dict(irl_bandwidth=1.0), "local"), (dict(gen_loss_scale=1e39), "gen-loss-scale")):
+        with pytest.raises(UsageError, match=match):
+            DistillConfig(**{"batch": 8, **kw}).validate()
+    DistillConfig(batch=8, lr=1e30, irl_bandwidth=2.0, irl_weighting="local").validate()  # legal, if unwise

@@ -83,7 +83,7 @@ def test_log_truncation_and_torn_line(tmp_path):
     with open(path, "a") as fh:
         fh.write('{"iteration": 4')  # torn line of a crash
     recs = runs.read_log(path)
-    assert [r["iteration"] for r in recs] == [10, 20, 30] and recs[2]["loss"] == "nan"
+    assert [r["iteration"] for r in recs] == [10, 20, 30] and recs[2]["loss"] is None  # standard JSON: null
     runs.JsonlLogger(path, truncate_after_step=20).close()
     assert [r["iteration"] for r in runs.read_log(path)] == [10, 20]
 
