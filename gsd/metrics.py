@@ -250,11 +250,9 @@ def train_digits_classifier(data: torch.Tensor, labels: torch.Tensor, *, seed: i
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed + 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    it = range(epochs)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="digits classifier", leave=False)
-    for _ in it:
+    from .progress import progress_bar
+
+    for _ in progress_bar(range(epochs), desc="digits classifier", enabled=progress, leave=False):
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=g)]
         for i in range(0, len(perm), 64):

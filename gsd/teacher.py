@@ -24,6 +24,7 @@ from gsd.cli import (UsageError, add_data_args, add_runtime_args, make_parser, n
                      positive_float, positive_int, run_main)
 from gsd.data import Dataset, load_dataset
 from gsd.networks import EDMPrecond, build_denoiser, default_config, load_denoiser, save_denoiser
+from gsd.progress import progress_bar
 
 __all__ = ["default_teacher_recipe", "edm_loss", "train_teacher", "get_teacher", "teacher_cache_path",
            "default_cache_dir", "resolve_device", "main"]
@@ -104,8 +105,6 @@ def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, b
     default 5% of all training images, ramped up as min(half-life, 0.1 * images so far).
     The returned network has `train_history`: [(iteration, mean loss over the last window)].
     """
-    from tqdm.auto import tqdm
-
     device = resolve_device(device)
     if config is None:
         config = default_config(dataset.name, dataset.sample_shape, 0)
@@ -138,9 +137,8 @@ def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, b
     total_images = iters * batch
     halflife = ema_halflife_images if ema_halflife_images is not None else 0.05 * total_images
     history, window = [], []
-    bar = tqdm(range(iters), desc=f"teacher {dataset.name}", disable=not progress, leave=False,
-               dynamic_ncols=True, file=sys.stderr)
-    for it in bar:
+    bar = progress_bar(total=iters, desc=f"teacher {dataset.name}", enabled=progress, leave=False, file=sys.stderr)
+    for it in range(iters):
         if fresh:
             y, ids = dataset.mixture.sample(batch, generator=cpu_gen)
             y = y.to(device)
@@ -174,7 +172,8 @@ def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, b
         if (it + 1) % log_every == 0 or it + 1 == iters:
             history.append((it + 1, sum(window) / len(window)))
             window = []
-            bar.set_postfix(loss=f"{history[-1][1]:.4f}")
+            bar.set_postfix(loss=f"{history[-1][1]:.4f}", refresh=False)
+        bar.update(1)
     bar.close()
     if not all(math.isfinite(v) for _, v in history):
         raise RuntimeError(f"teacher training on {dataset.name} produced a non-finite loss")

@@ -53,3 +53,100 @@ def test_check_memory_refuses_beyond_the_limit(monkeypatch):
         cli.memory_limit_bytes()
     monkeypatch.delenv("GSD_MEMORY_LIMIT_GB")
     assert cli.memory_limit_bytes() > 10 ** 8
+
+
+# ---------------------------------------------------------------- quiet logs (issue 10 item 4)
+
+import io  # noqa: E402
+import sys  # noqa: E402
+
+from gsd import progress  # noqa: E402
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _lines(text):
+    return [l for l in text.split("\n") if l.strip()]
+
+
+@pytest.mark.parametrize("total", [40, 2, 7, 1000, 99_991])
+def test_plain_progress_is_a_few_lines_without_carriage_returns(capsys, total):
+    bar = progress.progress_bar(total=total, desc="loop")
+    assert isinstance(bar, progress.PlainProgress)  # captured stderr is not a terminal
+    for i in range(total):
+        bar.update(1)
+        bar.set_postfix({"loss": f"{1.0 / (i + 1):.3g}"}, refresh=False)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = _lines(err)
+    assert len(lines) <= min(22, total + 2), lines
+    assert lines[0].startswith(f"loop: 0/{total}")
+    assert lines[-1].startswith(f"loop: {total}/{total} (100%)") and "loss=" in lines[-1]
+    # the percentages printed never go down and are at least ~5% apart (except the start)
+    pct = [int(l.split("(")[1].split("%")[0]) for l in lines]
+    assert pct == sorted(pct)
+    if total >= 20:
+        assert all(b - a >= 4 for a, b in zip(pct[1:], pct[2:])), pct
+
+
+def test_forty_iteration_loop_fits_in_22_lines_and_wraps_iterables(capsys):
+    seen = list(progress.progress_bar(range(40), desc="it"))
+    assert seen == list(range(40))
+    err = capsys.readouterr().err
+    assert "\r" not in err and 2 <= len(_lines(err)) <= 22
+    assert _lines(err)[-1].startswith("it: 40/40")
+
+
+def test_resumed_plain_progress_counts_from_initial(capsys):
+    bar = progress.progress_bar(total=40, initial=30, desc="r")
+    for _ in range(10):
+        bar.update(1)
+    bar.close()
+    lines = _lines(capsys.readouterr().err)
+    assert lines[0].startswith("r: 30/40") and lines[-1].startswith("r: 40/40")
+    assert len(lines) <= 7  # start + one per 5% of the 40 (10 left = 25%)
+
+
+def test_fake_terminal_gets_a_tqdm_bar():
+    from tqdm import tqdm
+
+    tty = _FakeTTY()
+    bar = progress.progress_bar(total=40, desc="tty", file=tty)
+    assert isinstance(bar, tqdm)
+    for _ in range(40):
+        bar.update(1)
+    bar.close()
+    assert "\r" in tty.getvalue()
+
+
+def test_isatty_of_stderr_decides_the_mode(monkeypatch):
+    from tqdm import tqdm
+
+    monkeypatch.setattr(sys, "stderr", _FakeTTY())
+    assert isinstance(progress.progress_bar(total=3), tqdm)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert isinstance(progress.progress_bar(total=3), progress.PlainProgress)
+
+
+def test_disabled_progress_writes_nothing(capsys):
+    bar = progress.progress_bar(range(5), total=5, enabled=False)
+    assert list(bar) == list(range(5))
+    bar.update(3)
+    bar.set_postfix(loss=1)
+    bar.close()
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""
+
+
+def test_progress_module_imports_no_command():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(progress.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.startswith("gsd") or n == "" or n.startswith(".")], names

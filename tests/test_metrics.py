@@ -102,3 +102,13 @@ def test_digits_classifier_cached(tmp_path):
     again, info2 = metrics.digits_classifier(ds, cache_dir=tmp_path, epochs=2)  # from the cache
     assert info2["test_accuracy"] == info["test_accuracy"]
     assert torch.equal(metrics.classifier_features(again, ds.data[:10]), feats)
+
+
+def test_digits_classifier_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    from gsd.data import load_dataset
+
+    metrics.digits_classifier(load_dataset("digits"), cache_dir=tmp_path, epochs=2, progress=True)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if "digits classifier" in l]
+    assert "\r" not in err and 2 <= len(lines) <= 4, err
+    assert lines[-1].startswith("digits classifier: 2/2")

@@ -159,3 +159,16 @@ def test_cli_bad_flags_and_help(capsys):
                  "--iters", "--batch", "--lr", "--ema-halflife", "--cache-dir", "--grid", "--no-progress"]:
         assert flag in helptext
     assert helptext.count("default") >= 12
+
+
+def test_training_progress_in_a_log_is_a_few_plain_lines(gmm, capsys):
+    # captured stderr is not a terminal: periodic lines, no redrawn bar (issue 10 item 4)
+    train_teacher(gmm, SMALL_MLP, iters=40, batch=16, lr=1e-3, device="cpu", seed=0, progress=True, log_every=5)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert "\r" not in err
+    assert 3 <= len(lines) <= 22, lines
+    assert lines[0].startswith("teacher gmm: 0/40") and lines[-1].startswith("teacher gmm: 40/40")
+    assert "loss=" in lines[-1]
+    train_teacher(gmm, SMALL_MLP, iters=5, batch=16, lr=1e-3, device="cpu", seed=0, progress=False)
+    assert capsys.readouterr().err == ""
