@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "gsd/iso_math.h"
 #include "gsd/kernels.h"
 
 namespace py = pybind11;
@@ -27,10 +28,12 @@ namespace {
 
 template <class P> P* ptr(uintptr_t v) { return reinterpret_cast<P*>(v); }
 
-// A pointer argument of 0 is a null pointer (xn2, zn2, mean_x, mean_z are optional).
+// A pointer argument of 0 is a null pointer (xn2, zn2, mean_x, mean_z, scale_x, scale_z
+// are optional). inv_two_h2 is the address of a 0-dim float64 tensor on the inputs' device.
 IsoArgs iso_args(uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
-                 uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1,
-                 int64_t c0, int64_t c1, double inv_two_h2, int dtype) {
+                 uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
+                 int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                 uintptr_t inv_two_h2, int dtype) {
   IsoArgs a;
   a.x = ptr<const void>(x);
   a.z = ptr<const void>(z);
@@ -38,9 +41,11 @@ IsoArgs iso_args(uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr
   a.zn2 = ptr<const void>(zn2);
   a.mean_x = ptr<const void>(mean_x);
   a.mean_z = ptr<const void>(mean_z);
+  a.scale_x = ptr<const double>(scale_x);
+  a.scale_z = ptr<const double>(scale_z);
   a.N = N; a.D = D; a.d = d;
   a.r0 = r0; a.r1 = r1; a.c0 = c0; a.c1 = c1;
-  a.inv_two_h2 = inv_two_h2;
+  a.inv_two_h2 = ptr<const double>(inv_two_h2);
   a.dtype = dtype;
   return a;
 }
@@ -65,36 +70,43 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_default_threads", &gsd::cpu_default_threads);
   m.attr("FLOAT32") = int(gsd::kFloat32);
   m.attr("FLOAT64") = int(gsd::kFloat64);
+  // The close-pair refine tolerance (gsd/iso_math.h), per dtype: tests compare it with
+  // gsd_kernels.constants.CLOSE_PAIR_TOL and the Triton module's.
+  m.attr("CLOSE_PAIR_TOL_FLOAT32") = gsd::kClosePairTolF32;
+  m.attr("CLOSE_PAIR_TOL_FLOAT64") = gsd::kClosePairTolF64;
+  m.def("cpu_refine_count", &gsd::cpu_refine_count,
+        "Pairs recomputed exactly by the CPU isometry kernels since the last reset (debug).");
+  m.def("cpu_reset_refine_count", &gsd::cpu_reset_refine_count);
 
   // ------------------------------------------------------------------ CPU
   m.def("cpu_iso_workspace_size",
         [](int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
            int dtype, bool backward, int nthreads) {
-          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0.0, dtype);
+          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0, dtype);
           return gsd::cpu_iso_workspace_size(a, backward, nthreads);
         },
         py::arg("N"), py::arg("D"), py::arg("d"), py::arg("r0"), py::arg("r1"), py::arg("c0"),
         py::arg("c1"), py::arg("dtype"), py::arg("backward"), py::arg("nthreads"));
   m.def("cpu_iso_forward_sums",
         [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
-           uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0,
-           int64_t c1, double inv_two_h2,
+           uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
+           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uintptr_t inv_two_h2,
            uintptr_t out4, uintptr_t ws, size_t ws_bytes, int dtype, int nthreads) {
-          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, N, D, d, r0, r1, c0, c1,
-                               inv_two_h2, dtype);
+          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z, N, D, d, r0,
+                               r1, c0, c1, inv_two_h2, dtype);
           gsd::cpu_iso_forward_sums(a, ptr<double>(out4), ptr<void>(ws), ws_bytes, nthreads);
         },
         nogil);
   m.def("cpu_iso_backward_rows",
         [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
-           uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0,
-           int64_t c1, double inv_two_h2,
-           double p, double q, double r, double s, uintptr_t gx, uintptr_t gz, uintptr_t ws,
+           uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
+           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uintptr_t inv_two_h2,
+           uintptr_t coef4, bool need_x, bool need_z, uintptr_t gx, uintptr_t gz, uintptr_t ws,
            size_t ws_bytes, int dtype, int nthreads) {
-          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, N, D, d, r0, r1, c0, c1,
-                               inv_two_h2, dtype);
-          gsd::cpu_iso_backward_rows(a, p, q, r, s, ptr<void>(gx), ptr<void>(gz), ptr<void>(ws),
-                                     ws_bytes, nthreads);
+          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z, N, D, d, r0,
+                               r1, c0, c1, inv_two_h2, dtype);
+          gsd::IsoGrad g{ptr<const double>(coef4), need_x, need_z, ptr<void>(gx), ptr<void>(gz)};
+          gsd::cpu_iso_backward_rows(a, g, ptr<void>(ws), ws_bytes, nthreads);
         },
         nogil);
   m.def("cpu_sid_forward",
@@ -107,10 +119,11 @@ PYBIND11_MODULE(_C, m) {
         nogil);
   m.def("cpu_sid_backward",
         [](uintptr_t xg, uintptr_t yr, uintptr_t yf, int64_t N, int64_t K, double alpha,
-           uintptr_t w, uintptr_t valid, double scale, uintptr_t g_xg, uintptr_t g_real,
+           uintptr_t w, uintptr_t valid, uintptr_t scale, uintptr_t g_xg, uintptr_t g_real,
            uintptr_t g_fake, int dtype, int nthreads) {
           gsd::cpu_sid_backward(ptr<const void>(xg), ptr<const void>(yr), ptr<const void>(yf), N,
-                                K, alpha, ptr<const double>(w), ptr<const uint8_t>(valid), scale,
+                                K, alpha, ptr<const double>(w), ptr<const uint8_t>(valid),
+                                ptr<const double>(scale),
                                 ptr<void>(g_xg), ptr<void>(g_real), ptr<void>(g_fake), dtype,
                                 nthreads);
         },
@@ -136,31 +149,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_iso_workspace_size",
         [](int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
            int dtype, bool backward) {
-          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0.0, dtype);
+          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0, dtype);
           return gsd::cuda_iso_workspace_size(a, backward);
         },
         py::arg("N"), py::arg("D"), py::arg("d"), py::arg("r0"), py::arg("r1"), py::arg("c0"),
         py::arg("c1"), py::arg("dtype"), py::arg("backward"));
   m.def("cuda_iso_forward_sums",
         [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
-           uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0,
-           int64_t c1, double inv_two_h2,
+           uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
+           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uintptr_t inv_two_h2,
            uintptr_t out4, uintptr_t ws, size_t ws_bytes, int dtype, uintptr_t stream) {
-          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, N, D, d, r0, r1, c0, c1,
-                               inv_two_h2, dtype);
+          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z, N, D, d, r0,
+                               r1, c0, c1, inv_two_h2, dtype);
           gsd::cuda_iso_forward_sums(a, ptr<double>(out4), ptr<void>(ws), ws_bytes, stream);
         },
         nogil);
   m.def("cuda_iso_backward_rows",
         [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
-           uintptr_t mean_z, int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0,
-           int64_t c1, double inv_two_h2,
-           double p, double q, double r, double s, uintptr_t gx, uintptr_t gz, uintptr_t ws,
+           uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
+           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uintptr_t inv_two_h2,
+           uintptr_t coef4, bool need_x, bool need_z, uintptr_t gx, uintptr_t gz, uintptr_t ws,
            size_t ws_bytes, int dtype, uintptr_t stream) {
-          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, N, D, d, r0, r1, c0, c1,
-                               inv_two_h2, dtype);
-          gsd::cuda_iso_backward_rows(a, p, q, r, s, ptr<void>(gx), ptr<void>(gz), ptr<void>(ws),
-                                      ws_bytes, stream);
+          IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z, N, D, d, r0,
+                               r1, c0, c1, inv_two_h2, dtype);
+          gsd::IsoGrad g{ptr<const double>(coef4), need_x, need_z, ptr<void>(gx), ptr<void>(gz)};
+          gsd::cuda_iso_backward_rows(a, g, ptr<void>(ws), ws_bytes, stream);
         },
         nogil);
   m.def("cuda_sid_forward",
@@ -173,10 +186,11 @@ PYBIND11_MODULE(_C, m) {
         nogil);
   m.def("cuda_sid_backward",
         [](uintptr_t xg, uintptr_t yr, uintptr_t yf, int64_t N, int64_t K, double alpha,
-           uintptr_t w, uintptr_t valid, double scale, uintptr_t g_xg, uintptr_t g_real,
+           uintptr_t w, uintptr_t valid, uintptr_t scale, uintptr_t g_xg, uintptr_t g_real,
            uintptr_t g_fake, int dtype, uintptr_t stream) {
           gsd::cuda_sid_backward(ptr<const void>(xg), ptr<const void>(yr), ptr<const void>(yf), N,
-                                 K, alpha, ptr<const double>(w), ptr<const uint8_t>(valid), scale,
+                                 K, alpha, ptr<const double>(w), ptr<const uint8_t>(valid),
+                                ptr<const double>(scale),
                                  ptr<void>(g_xg), ptr<void>(g_real), ptr<void>(g_fake), dtype,
                                  stream);
         },

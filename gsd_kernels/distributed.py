@@ -1,10 +1,11 @@
 """The isometry loss over a global batch split across processes (SPEC §3.4).
 
-Each rank holds its own samples `x_local`, `z_local`. The batch is gathered with a
-differentiable all-gather; each rank computes the four weighted pair sums of its own rows
-against all columns (so the N^2 work is split, not repeated); the sums are all-reduced and
-every rank evaluates the same global loss. Gradients reach each sample's owner: the
-all-gather's backward sums every rank's contribution to a row.
+Each rank holds its own samples `x_local`, `z_local`. The batch is all-gathered; each rank
+computes the four weighted pair sums of its own rows against all columns (so the N^2 work
+is split, not repeated); the sums are all-reduced and every rank evaluates the same global
+loss. Backward needs no communication: the pair sums are symmetric in (i, j), so the
+gradient of row i is 2 * sum_j d f(i, j) / d x_i, which the rank owning row i computes
+with one row-block primitive call (no (N, D) gradient is all-reduced).
 
     from gsd_kernels.distributed import isometry_loss
     loss = isometry_loss(x_local, z_local, weighting="global", scale="optimal", backend="auto")
@@ -22,6 +23,10 @@ from torch import Tensor
 
 from . import ops, validation
 from .ops import _iso_operands, _loss_from_sums, _resolve
+
+# (group, rows per rank) already checked to be equal on every rank: the check reads a
+# gathered value on the host, which is done once, not on every step.
+_CHECKED_SIZES: set = set()
 from .reference import compute_dtype, flatten_rows
 
 
@@ -61,58 +66,85 @@ def _all_reduce_constant_grad(local_sums: Tensor, group) -> Tensor:
 
 # ------------------------------------------------------- row-block sums as custom ops
 
+def _rows_coefficients(grad_sums: Tensor) -> Tensor:
+    """p, q, r, s of the row-block backward, on the device.
+
+    sums = [W, S_xx, S_xz, S_zz]: dS_xx/d delta = 2 w delta, dS_xz/d delta = w dz, the same
+    for dz; W carries no gradient (weights are constants). The factor 2: row i's gradient
+    collects the pairs (i, j) and (j, i) of the symmetric global sum."""
+    _, g_xx, g_xz, g_zz = grad_sums.to(torch.float64).unbind()
+    return 2.0 * torch.stack([2.0 * g_xx, g_xz, 2.0 * g_zz, g_xz])
+
+
 @torch.library.custom_op("gsd::isometry_rows_fwd", mutates_args=())
-def _rows_fwd(x: Tensor, z: Tensor, r0: int, r1: int, inv_two_h2: float, backend: str) -> Tensor:
+def _rows_fwd(x_local: Tensor, z_local: Tensor, x: Tensor, z: Tensor, r0: int, r1: int, local: bool,
+              bandwidth: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(pair sums of the scaled rows [r0, r1) against all columns, factors (sx, sz)).
+
+    x, z: the gathered batch (no gradient); x_local, z_local: this rank's rows of it, the
+    inputs that receive the gradient."""
     prims = ops.backends.primitives(backend, x.device.type)
-    operands, means = _iso_operands(prims, x, z)
+    operands, kwargs, scales = _iso_operands(prims, x, z)
+    inv_two_h2 = ops._inv_two_h2(z, local, bandwidth, scales[1])
     n = x.shape[0]
-    return prims.iso_forward_sums(*operands, r0, r1, 0, n, inv_two_h2, **means)
+    return prims.iso_forward_sums(*operands, r0, r1, 0, n, inv_two_h2, **kwargs), scales
 
 
 @_rows_fwd.register_fake
-def _(x, z, r0, r1, inv_two_h2, backend):
-    return x.new_empty((4,), dtype=torch.float64)
+def _(x_local, z_local, x, z, r0, r1, local, bandwidth, backend):
+    return x.new_empty((4,), dtype=torch.float64), x.new_empty((2,), dtype=torch.float64)
 
 
 @torch.library.custom_op("gsd::isometry_rows_bwd", mutates_args=())
-def _rows_bwd(grad_sums: Tensor, x: Tensor, z: Tensor, r0: int, r1: int, inv_two_h2: float,
-              backend: str) -> tuple[Tensor, Tensor]:
-    # sums = [W, S_xx, S_xz, S_zz]: dS_xx/d delta = 2 w delta, dS_xz/d delta = w dz, and the
-    # same for dz; W carries no gradient (weights are constants).
-    _, g_xx, g_xz, g_zz = grad_sums.tolist()
-    coefficients = (2.0 * g_xx, g_xz, 2.0 * g_zz, g_xz)
+def _rows_bwd(grad_sums: Tensor, x: Tensor, z: Tensor, r0: int, r1: int, local: bool, bandwidth: float,
+              need_x: bool, need_z: bool, backend: str) -> tuple[Tensor, Tensor]:
     prims = ops.backends.primitives(backend, x.device.type)
-    operands, means = _iso_operands(prims, x, z)
+    operands, kwargs, scales = _iso_operands(prims, x, z)
+    inv_two_h2 = ops._inv_two_h2(z, local, bandwidth, scales[1])
     n = x.shape[0]
-    # pairs (i in rows, j anywhere): d/dx_i from the row side, d/dx_j from the column side
-    gx_rows, gz_rows = prims.iso_backward_rows(*operands, r0, r1, 0, n, inv_two_h2, *coefficients, **means)
-    gx, gz = prims.iso_backward_rows(*operands, 0, n, r0, r1, inv_two_h2, *coefficients, **means)
-    gx[r0:r1] += gx_rows
-    gz[r0:r1] += gz_rows
+    gx, gz = prims.iso_backward_rows(*operands, r0, r1, 0, n, inv_two_h2, _rows_coefficients(grad_sums),
+                                     need_x=need_x, need_z=need_z, **kwargs)
+    # gradients of the scaled operands -> of x and z (the sums are those of x * sx, z * sz)
+    gx = ops._apply_factor(gx, scales[0]) if need_x else x.new_empty((0,))
+    gz = ops._apply_factor(gz, scales[1]) if need_z else z.new_empty((0,))
     return gx, gz
 
 
 @_rows_bwd.register_fake
-def _(grad_sums, x, z, r0, r1, inv_two_h2, backend):
-    return torch.empty_like(x), torch.empty_like(z)
+def _(grad_sums, x, z, r0, r1, local, bandwidth, need_x, need_z, backend):
+    rows = r1 - r0
+    return (x.new_empty((rows, x.shape[1])) if need_x else x.new_empty((0,)),
+            z.new_empty((rows, z.shape[1])) if need_z else z.new_empty((0,)))
 
 
 def _rows_setup(ctx, inputs, output):
-    x, z, r0, r1, inv_two_h2, backend = inputs
+    x_local, z_local, x, z, r0, r1, local, bandwidth, backend = inputs
     ctx.save_for_backward(x, z)
-    ctx.args = (r0, r1, inv_two_h2, backend)
+    ctx.args = (r0, r1, local, bandwidth)
+    ctx.backend = backend
+    ctx.shapes = (x_local.shape, z_local.shape)
 
 
-def _rows_backward(ctx, grad_sums):
+def _rows_backward(ctx, grad_sums, grad_scales):
     x, z = ctx.saved_tensors
-    gx, gz = _rows_bwd(grad_sums, x, z, *ctx.args)
-    return gx, gz, None, None, None, None
+    need_x, need_z = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    gx, gz = _rows_bwd(grad_sums, x, z, *ctx.args, need_x, need_z, ctx.backend)
+    gx = gx.reshape(ctx.shapes[0]) if need_x else None
+    gz = gz.reshape(ctx.shapes[1]) if need_z else None
+    return gx, gz, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("gsd::isometry_rows_fwd", _rows_backward, setup_context=_rows_setup)
 
 
-def _reference_row_sums(x: Tensor, z: Tensor, r0: int, r1: int, inv_two_h2: float) -> Tensor:
+def _gather(local: Tensor, group) -> Tensor:
+    """all_gather without autograd (the fused path routes gradients to the local rows)."""
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _reference_row_sums(x: Tensor, z: Tensor, r0: int, r1: int, inv_two_h2: Tensor) -> Tensor:
     """Eager PyTorch form of the row-block sums (builds a (r1-r0) x N block)."""
 
     def distances(a):
@@ -143,31 +175,36 @@ def isometry_loss(x_local, z_local, *, weighting="global", bandwidth=None, scale
         raise ValueError(f"x_local and z_local must have the same first dimension, "
                          f"got {x_local.shape[0]} and {z_local.shape[0]}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    # on the samples' device: NCCL only moves CUDA tensors
-    sizes = [torch.zeros((), dtype=torch.int64, device=x_local.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(x_local.shape[0], dtype=torch.int64, device=x_local.device), group=group)
-    if len({int(s) for s in sizes}) != 1:
-        raise ValueError(f"every rank must hold the same number of samples, got {[int(s) for s in sizes]}")
+    rows = x_local.shape[0]
+    key = (id(group), rows)
+    if key not in _CHECKED_SIZES:
+        # on the samples' device: NCCL only moves CUDA tensors
+        sizes = [torch.zeros((), dtype=torch.int64, device=x_local.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.full((), rows, dtype=torch.int64, device=x_local.device), group=group)
+        if len({int(s) for s in sizes}) != 1:
+            raise ValueError(f"every rank must hold the same number of samples, got {[int(s) for s in sizes]}")
+        _CHECKED_SIZES.add(key)
 
     dtype = compute_dtype(x_local, z_local)
-    x = _AllGather.apply(flatten_rows(x_local, dtype), group)
-    z = _AllGather.apply(flatten_rows(z_local, dtype), group)
-    validation.check_isometry_args(x, z, weighting, bandwidth, scale)
-    name = _resolve(backend, x.device.type)
-
-    rows = x_local.shape[0]
+    x_rows, z_rows = flatten_rows(x_local, dtype), flatten_rows(z_local, dtype)
+    local = weighting == "local"
+    bw = 0.0 if bandwidth is None else float(bandwidth)
+    fixed = -1.0 if isinstance(scale, str) else float(scale)
     r0, r1 = rank * rows, (rank + 1) * rows
-    if weighting == "local":
-        h2 = float(bandwidth) ** 2 if bandwidth is not None else ops._local_h2(z)
-        inv_two_h2 = 0.5 / h2 if h2 > 0 else 0.0
-    else:
-        inv_two_h2 = 0.0
+    name = _resolve(backend, x_rows.device.type)
     if name == "reference":
-        local_sums = _reference_row_sums(x, z, r0, r1, inv_two_h2)
+        x = _AllGather.apply(x_rows, group)
+        z = _AllGather.apply(z_rows, group)
+        validation.check_isometry_args(x, z, weighting, bandwidth, scale)
+        ones = torch.ones(2, dtype=torch.float64, device=x.device)
+        local_sums = _reference_row_sums(x, z, r0, r1, ops._inv_two_h2(z, local, bw, ones[1]))
+        scales = ones
     else:
-        local_sums = _rows_fwd(x, z, r0, r1, inv_two_h2, name)
+        x, z = _gather(x_rows.detach(), group), _gather(z_rows.detach(), group)
+        validation.check_isometry_args(x, z, weighting, bandwidth, scale)
+        local_sums, scales = _rows_fwd(x_rows, z_rows, x, z, r0, r1, local, bw, name)
     sums = _all_reduce_constant_grad(local_sums, group)
-    return _loss_from_sums(sums, -1.0 if isinstance(scale, str) else float(scale)).to(dtype)
+    return _loss_from_sums(sums, scales, fixed).to(dtype)
 
 
 __all__ = ["isometry_loss"]

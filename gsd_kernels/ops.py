@@ -15,95 +15,153 @@ from . import backends, reference, validation
 from .reference import compute_dtype, flatten_rows
 
 # ----------------------------------------------------------------------------- isometry
-
-
-def _centred(t: Tensor) -> Tensor:
-    # Distances are translation invariant, so centring is free and keeps the Gram trick exact-ish.
-    return (t - t.mean(0, keepdim=True)).contiguous()
+#
+# No host synchronisation anywhere below: every scalar that comes from data (1/(2 h^2), the
+# backward coefficients, the power-of-two factors, grad_output) stays a device tensor and
+# reaches the kernels as such (docs/design.md, "Primitives"). So the ops can be captured
+# in CUDA graphs, and the host never waits for the device inside them.
 
 
 def _sq_norms(t: Tensor) -> Tensor:
     return (t * t).sum(1)
 
 
+def _pow2_factor(spread: Tensor, dtype: torch.dtype) -> Tensor:
+    """2^-e as a 0-dim float64 tensor, where spread = m 2^e with m in [0.5, 1).
+
+    Multiplying by it is exact (a power of two) and brings the centred data to magnitude
+    <= 1, so neither the squared norms overflow (|x| ~ 1e20 in fp32) nor the squares lose
+    their digits to underflow (|x| ~ 1e-22). 1 when spread is 0 or not finite (NaN and inf
+    then reach the loss unchanged). e is clamped so that the factor is a normal number of
+    `dtype`."""
+    lim = 126 if dtype == torch.float32 else 1022
+    ok = torch.isfinite(spread) & (spread > 0)
+    e = torch.frexp(torch.where(ok, spread, torch.ones_like(spread))).exponent.to(torch.int64)
+    e = torch.where(ok, e.clamp(-lim, lim), torch.zeros_like(e))
+    return torch.bitwise_left_shift(1023 - e, 52).view(torch.float64)  # the bits of 2^-e
+
+
+def _centring(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Column means for centring (distances are translation invariant, and centred data keep
+    the Gram trick accurate) and the power-of-two factor of the centred data.
+
+    A constant column gets its own value as the mean, so a batch of identical rows centres
+    to exactly zero rows, which the close-pair rule then leaves alone (docs/design.md)."""
+    lo, hi = torch.aminmax(t, dim=0)
+    mean = torch.where(lo == hi, lo, t.mean(0))
+    spread = (hi.double() - lo.double()).amax()
+    return mean, _pow2_factor(spread, t.dtype)
+
+
 def _iso_operands(prims, x: Tensor, z: Tensor):
-    """(x, z, xn2, zn2) and keyword arguments for the isometry primitives of `prims`.
+    """(x, z, xn2, zn2), keyword arguments for the isometry primitives of `prims`, and
+    the factors (sx, sz) (float64 [2]) the primitives' operands carry: they see
+    x' = (x - mean_x) * sx and z' = (z - mean_z) * sz.
 
     Backends whose kernels centre while packing (`centres_in_kernel`, the CPU kernels) get
-    the uncentred rows and the column means, and compute the norms themselves: no centred
-    (N, D) copies. The others (Triton, CUDA) get centred copies and their squared norms.
+    the rows as given with the column means and the factors: no (N, D) copies. The others
+    (Triton, CUDA) get centred, scaled copies and their squared norms.
     """
+    x, z = x.contiguous(), z.contiguous()
+    mean_x, sx = _centring(x)
+    mean_z, sz = _centring(z)
+    scales = torch.stack([sx, sz])
     if getattr(prims, "centres_in_kernel", False):
-        x, z = x.contiguous(), z.contiguous()
-        return (x, z, None, None), {"mean_x": x.mean(0), "mean_z": z.mean(0)}
-    xc, zc = _centred(x), _centred(z)
-    return (xc, zc, _sq_norms(xc), _sq_norms(zc)), {}
+        return (x, z, None, None), {"mean_x": mean_x, "mean_z": mean_z, "scale_x": sx, "scale_z": sz}, scales
+    xc = (x - mean_x).mul_(sx.to(x.dtype))
+    zc = (z - mean_z).mul_(sz.to(z.dtype))
+    return (xc, zc, _sq_norms(xc), _sq_norms(zc)), {}, scales
 
 
 _H2_CHUNK_ROWS = 1024
 
 
-def _local_h2(z: Tensor) -> float:
-    """The closed form of SPEC §2.1 for h^2 (as reference.local_bandwidth_sq), in float64,
-    over chunks of rows so that no float64 (or centred) copy of the whole z is made."""
+def _local_h2(z: Tensor, sz: Tensor) -> Tensor:
+    """h^2 of the closed form of SPEC §2.1 (as reference.local_bandwidth_sq) for the scaled
+    latents z * sz, a 0-dim float64 device tensor; over chunks of rows so that no float64
+    (or centred) copy of the whole z is made."""
     z = z.detach()
     n = z.shape[0]
     chunks = [z[i:i + _H2_CHUNK_ROWS] for i in range(0, n, _H2_CHUNK_ROWS)]
-    mean = sum(c.double().sum(0) for c in chunks) / n
+    mean = sum(c.double().sum(0) for c in chunks) * sz / n
     sq = z.new_zeros((), dtype=torch.float64)
     col = torch.zeros_like(mean)
     for chunk in chunks:
-        c = chunk.double() - mean
+        c = chunk.double() * sz - mean
         sq += (c * c).sum()
         col += c.sum(0)
     col /= n  # the mean of the centred rows: ~0, kept as the reference keeps it
-    return float((2.0 * n / (n - 1)) * (sq / n - (col * col).sum()))
+    return (2.0 * n / (n - 1)) * (sq / n - (col * col).sum())
 
 
-def _inv_two_h2(z: Tensor, local: bool, bandwidth: float) -> float:
-    """1 / (2 h^2) for local weighting (0.0: global). z may be uncentred."""
+def _inv_two_h2(z: Tensor, local: bool, bandwidth: float, sz: Tensor) -> Tensor:
+    """1 / (2 h^2) in the frame of the scaled latents z * sz (0-dim float64 on z's device;
+    0: global weighting)."""
     if not local:
-        return 0.0
-    h2 = bandwidth * bandwidth if bandwidth > 0 else _local_h2(z)
-    return 0.5 / h2 if h2 > 0 else 0.0
+        return torch.zeros((), dtype=torch.float64, device=z.device)
+    if bandwidth > 0:
+        b = sz * bandwidth
+        h2 = b * b
+    else:
+        h2 = _local_h2(z, sz)
+    positive = h2 > 0
+    return torch.where(positive, 0.5 / torch.where(positive, h2, torch.ones_like(h2)), torch.zeros_like(h2))
 
 
-def _loss_from_sums(sums: Tensor, scale: float) -> Tensor:
+def _loss_from_sums(sums: Tensor, scales: Tensor, scale: float) -> Tensor:
+    """The loss from the pair sums of the scaled operands and their factors (sx, sz).
+
+    Optimal scale: invariant to scaling x and z separately, so the scaled sums give it
+    directly. It is 1 exactly when S_xx S_zz == 0 (every pair at distance 0 in x or in z);
+    NaN is not "degenerate": a NaN or inf input gives a NaN loss. Fixed scale c: in the
+    scaled frame the scale is c' = c sx / sz and the loss carries a factor 1 / sx^2."""
     w, s_xx, s_xz, s_zz = sums.unbind()
-    if scale <= 0:  # optimal scale
-        denom = s_xx * s_zz
-        safe = denom > 0
-        return torch.where(safe, 1.0 - s_xz * s_xz / torch.where(safe, denom, torch.ones_like(denom)),
-                           torch.ones_like(denom))
-    return (s_xx - 2.0 * scale * s_xz + scale * scale * s_zz) / w
-
-
-def _pair_coefficients(sums: Tensor, scale: float, grad: float):
-    """p, q, r, s of docs/design.md, with grad_output and the symmetric factor 2 folded in.
-
-    None when the loss is the constant 1 (degenerate optimal scale): zero gradient.
-    """
-    w, s_xx, s_xz, s_zz = sums.tolist()
-    k = 2.0 * grad
     if scale <= 0:
-        if not s_xx * s_zz > 0:
-            return None
-        q = -2.0 * s_xz / (s_xx * s_zz)
-        p = 2.0 * s_xz * s_xz / (s_xx * s_xx * s_zz)
-        r = 2.0 * s_xz * s_xz / (s_xx * s_zz * s_zz)
-        return k * p, k * q, k * r, k * q
-    c = scale
-    return k * 2.0 / w, k * -2.0 * c / w, k * 2.0 * c * c / w, k * -2.0 * c / w
+        denom = s_xx * s_zz
+        degenerate = denom == 0
+        ratio = s_xz * s_xz / torch.where(degenerate, torch.ones_like(denom), denom)
+        return torch.where(degenerate, torch.ones_like(denom), 1.0 - ratio)
+    sx, sz = scales.unbind()
+    c = scale * sx / sz
+    return (s_xx - 2.0 * c * s_xz + c * c * s_zz) / w / sx / sx
+
+
+def _pair_coefficients(sums: Tensor, scales: Tensor, scale: float, grad: Tensor):
+    """(coef, gmul): p, q, r, s of docs/design.md for the scaled operands (float64 [4], with
+    grad_output and the symmetric factor 2 folded in; zeros when the loss is the constant
+    1), and the factors (float64 [2]) that turn the primitive's gradients of the scaled
+    operands into those of x and z. All on the device: no host branch, no sync."""
+    w, s_xx, s_xz, s_zz = sums.unbind()
+    k = 2.0 * grad.reshape(()).to(torch.float64)
+    if scale <= 0:
+        denom = s_xx * s_zz
+        ok = denom != 0
+        one = torch.ones_like(denom)
+        q = -2.0 * s_xz / torch.where(ok, denom, one)
+        p = -q * s_xz / torch.where(ok, s_xx, one)
+        r = -q * s_xz / torch.where(ok, s_zz, one)
+        coef = torch.where(ok, torch.stack([p, q, r, q]) * k, torch.zeros(4, dtype=torch.float64, device=sums.device))
+        return coef, scales
+    sx, sz = scales.unbind()
+    c = scale * sx / sz
+    coef = torch.stack([2.0 / w, -2.0 * c / w, 2.0 * c * c / w, -2.0 * c / w]) * k
+    # the loss is (that of c' in the scaled frame) / sx^2: d/dx = sx / sx^2 d/dx', d/dz = sz / sx^2 d/dz'
+    return coef, torch.stack([1.0 / sx, sz / sx / sx])
+
+
+def _apply_factor(g: Tensor, factor: Tensor) -> Tensor:
+    return g.mul_(factor.to(g.dtype))
 
 
 @torch.library.custom_op("gsd::isometry_fwd", mutates_args=())
 def _isometry_fwd(x: Tensor, z: Tensor, local: bool, bandwidth: float, scale: float,
                   backend: str) -> tuple[Tensor, Tensor]:
     prims = backends.primitives(backend, x.device.type)
-    operands, means = _iso_operands(prims, x, z)
+    operands, kwargs, scales = _iso_operands(prims, x, z)
     n = x.shape[0]
-    sums = prims.iso_forward_sums(*operands, 0, n, 0, n, _inv_two_h2(z, local, bandwidth), **means)
-    return _loss_from_sums(sums, scale).to(x.dtype), sums
+    inv_two_h2 = _inv_two_h2(z, local, bandwidth, scales[1])
+    sums = prims.iso_forward_sums(*operands, 0, n, 0, n, inv_two_h2, **kwargs)
+    return _loss_from_sums(sums, scales, scale).to(x.dtype), sums
 
 
 @_isometry_fwd.register_fake
@@ -113,32 +171,39 @@ def _(x, z, local, bandwidth, scale, backend):
 
 @torch.library.custom_op("gsd::isometry_bwd", mutates_args=())
 def _isometry_bwd(grad: Tensor, x: Tensor, z: Tensor, sums: Tensor, local: bool, bandwidth: float,
-                  scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    coefficients = _pair_coefficients(sums, scale, float(grad))
-    if coefficients is None:
-        return torch.zeros_like(x), torch.zeros_like(z)
+                  scale: float, need_x: bool, need_z: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(gx, gz); an input that needs no gradient gets an empty (0,) tensor and none of its
+    work is done (no apply GEMM, no output)."""
     prims = backends.primitives(backend, x.device.type)
-    inv_two_h2 = _inv_two_h2(z, local, bandwidth)
-    operands, means = _iso_operands(prims, x, z)
+    operands, kwargs, scales = _iso_operands(prims, x, z)  # the forward's factors, recomputed
+    coef, gmul = _pair_coefficients(sums, scales, scale, grad)
+    inv_two_h2 = _inv_two_h2(z, local, bandwidth, scales[1])
     n = x.shape[0]
-    return prims.iso_backward_rows(*operands, 0, n, 0, n, inv_two_h2, *coefficients, **means)
+    gx, gz = prims.iso_backward_rows(*operands, 0, n, 0, n, inv_two_h2, coef,
+                                     need_x=need_x, need_z=need_z, **kwargs)
+    gx = _apply_factor(gx, gmul[0]) if need_x else x.new_empty((0,))
+    gz = _apply_factor(gz, gmul[1]) if need_z else z.new_empty((0,))
+    return gx, gz
 
 
 @_isometry_bwd.register_fake
-def _(grad, x, z, sums, local, bandwidth, scale, backend):
-    return torch.empty_like(x), torch.empty_like(z)
+def _(grad, x, z, sums, local, bandwidth, scale, need_x, need_z, backend):
+    return (torch.empty_like(x) if need_x else x.new_empty((0,)),
+            torch.empty_like(z) if need_z else z.new_empty((0,)))
 
 
 def _isometry_setup(ctx, inputs, output):
     x, z, local, bandwidth, scale, backend = inputs
     ctx.save_for_backward(x, z, output[1])
-    ctx.args = (local, bandwidth, scale, backend)
+    ctx.args = (local, bandwidth, scale)
+    ctx.backend = backend
 
 
 def _isometry_backward(ctx, grad_loss, grad_sums):
     x, z, sums = ctx.saved_tensors
-    gx, gz = _isometry_bwd(grad_loss, x, z, sums, *ctx.args)
-    return gx, gz, None, None, None, None
+    need_x, need_z = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    gx, gz = _isometry_bwd(grad_loss, x, z, sums, *ctx.args, need_x, need_z, ctx.backend)
+    return (gx if need_x else None), (gz if need_z else None), None, None, None, None
 
 
 torch.library.register_autograd("gsd::isometry_fwd", _isometry_backward, setup_context=_isometry_setup)
@@ -165,7 +230,7 @@ def _(x_g, y_real, y_fake, alpha, backend):
 def _sid_bwd(grad: Tensor, x_g: Tensor, y_real: Tensor, y_fake: Tensor, w_n: Tensor, valid_n: Tensor,
              alpha: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     prims = backends.primitives(backend, x_g.device.type)
-    scale = float(grad) / x_g.shape[0]
+    scale = grad.reshape(()).to(torch.float64) / x_g.shape[0]  # stays on the device
     return prims.sid_backward(x_g.contiguous(), y_real.contiguous(), y_fake.contiguous(), alpha,
                               w_n, valid_n, scale)
 
@@ -215,11 +280,15 @@ def _(y_fake, x, sigma, sigma_data, backend):
 
 @torch.library.custom_op("gsd::fake_score_bwd", mutates_args=())
 def _fake_bwd(grad: Tensor, y_fake: Tensor, x: Tensor, sigma: Tensor, sq_n: Tensor, valid_n: Tensor,
-              sigma_data: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+              sigma_data: float, need_x: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(g_fake, g_x, g_sigma); g_x is an empty (0,) tensor when x needs no gradient (the
+    generator's samples are detached when the fake score is trained)."""
     prims = backends.primitives(backend, x.device.type)
     per_sample = grad.double() / x.shape[0]
     coef_n = _masked_weight(sigma, valid_n, sigma_data) * per_sample
-    g_fake, g_x = prims.fake_backward(y_fake.contiguous(), x.contiguous(), coef_n)
+    g_fake, g_x = prims.fake_backward(y_fake.contiguous(), x.contiguous(), coef_n, need_x=need_x)
+    if not need_x:
+        g_x = x.new_empty((0,))
     # d lambda / d sigma = -2 / sigma^3 (lambda = 1/sd^2 + 1/sigma^2)
     s = sigma.double()
     g_sigma = torch.where(valid_n, -2.0 / (s * s * s) * sq_n * per_sample, torch.zeros_like(s))
@@ -227,8 +296,9 @@ def _fake_bwd(grad: Tensor, y_fake: Tensor, x: Tensor, sigma: Tensor, sq_n: Tens
 
 
 @_fake_bwd.register_fake
-def _(grad, y_fake, x, sigma, sq_n, valid_n, sigma_data, backend):
-    return torch.empty_like(y_fake), torch.empty_like(x), torch.empty_like(sigma)
+def _(grad, y_fake, x, sigma, sq_n, valid_n, sigma_data, need_x, backend):
+    return (torch.empty_like(y_fake), torch.empty_like(x) if need_x else x.new_empty((0,)),
+            torch.empty_like(sigma))
 
 
 def _fake_setup(ctx, inputs, output):
@@ -239,8 +309,10 @@ def _fake_setup(ctx, inputs, output):
 
 def _fake_backward(ctx, grad_loss, grad_sq, grad_valid):
     y_fake, x, sigma, sq_n, valid_n = ctx.saved_tensors
-    g_fake, g_x, g_sigma = _fake_bwd(grad_loss, y_fake, x, sigma, sq_n, valid_n, *ctx.args)
-    return g_fake, g_x, g_sigma, None, None
+    sigma_data, backend = ctx.args
+    need_x = bool(ctx.needs_input_grad[1])
+    g_fake, g_x, g_sigma = _fake_bwd(grad_loss, y_fake, x, sigma, sq_n, valid_n, sigma_data, need_x, backend)
+    return g_fake, (g_x if need_x else None), g_sigma, None, None
 
 
 torch.library.register_autograd("gsd::fake_score_fwd", _fake_backward, setup_context=_fake_setup)

@@ -20,6 +20,19 @@ def flatten_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).to(dtype)
 
 
+def pow2_factor(t: torch.Tensor) -> torch.Tensor:
+    """2^-e (0-dim float64, no gradient) with max |t| = m 2^e, m in [0.5, 1): scaling by it is
+    exact and keeps squares of fp32 data ~1e20 from overflowing and of ~1e-22 from
+    underflowing. 1 when t is all zero or not finite; e clamped to a normal factor of t's
+    dtype. (The fused ops use the same rule on the spread of each column.)"""
+    amax = t.detach().abs().amax().double()
+    lim = 126 if t.dtype == torch.float32 else 1022
+    ok = torch.isfinite(amax) & (amax > 0)
+    e = torch.frexp(torch.where(ok, amax, torch.ones_like(amax))).exponent.to(torch.int64)
+    e = torch.where(ok, e.clamp(-lim, lim), torch.zeros_like(e))
+    return torch.bitwise_left_shift(1023 - e, 52).view(torch.float64)
+
+
 def local_bandwidth_sq(z: torch.Tensor) -> torch.Tensor:
     """Mean of ||z_i - z_j||^2 over i != j, in closed form (SPEC §2.1), without gradient."""
     # Centre first: for z = 50 + randn the uncentred form cancels away fp32's digits.
@@ -50,13 +63,21 @@ def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal"):
     x2 = flatten_rows(x, dtype)
     z2 = flatten_rows(z, dtype)
     n = x2.shape[0]
+    # Exact power-of-two rescaling of x and z (each its own factor): the optimal-scale loss
+    # does not change, and fixed scale / bandwidth are carried into the scaled frame below.
+    sx, sz = pow2_factor(x2), pow2_factor(z2)
+    x2 = x2 * sx.to(dtype)
+    z2 = z2 * sz.to(dtype)
     delta = _pair_distances(x2)
     dz = _pair_distances(z2)
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x2.device)
 
     if weighting == "local":
-        h2 = torch.as_tensor(float(bandwidth) ** 2, dtype=dtype, device=x2.device) if bandwidth is not None \
-            else local_bandwidth_sq(z2)
+        if bandwidth is not None:
+            b = (sz * float(bandwidth)).to(dtype)
+            h2 = b * b
+        else:
+            h2 = local_bandwidth_sq(z2)
         # h2 == 0 only when every latent is the same point; all dz are 0 then and the weight is moot.
         inv_two_h2 = torch.where(h2 > 0, 0.5 / torch.where(h2 > 0, h2, torch.ones_like(h2)), torch.zeros_like(h2))
         w = torch.exp(-dz.detach() ** 2 * inv_two_h2)
@@ -69,11 +90,14 @@ def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal"):
         s_xx = (w * delta * delta).sum()
         s_zz = (w * dz * dz).sum()
         denom = s_xx * s_zz
-        safe = denom > 0
-        ratio = s_xz * s_xz / torch.where(safe, denom, torch.ones_like(denom))
-        return torch.where(safe, 1.0 - ratio, torch.ones_like(ratio))
-    c = float(scale)
-    return (w * (delta - c * dz) ** 2).sum() / w.sum()
+        # 1 only when every pair is at distance 0 in x or z; NaN/inf inputs give NaN
+        degenerate = denom == 0
+        ratio = s_xz * s_xz / torch.where(degenerate, torch.ones_like(denom), denom)
+        return torch.where(degenerate, torch.ones_like(ratio), 1.0 - ratio)
+    c = (float(scale) * sx / sz).to(dtype)  # the fixed scale in the scaled frame
+    # loss of the unscaled data = that of the scaled data / sx^2 (two steps: no underflow)
+    inv_sx = (1.0 / sx).to(dtype)
+    return (w * (delta - c * dz) ** 2).sum() / w.sum() * inv_sx * inv_sx
 
 
 def _valid_rows(*rows: torch.Tensor) -> torch.Tensor:
@@ -94,14 +118,23 @@ def sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2):
     n = xg.shape[0]
     valid = _valid_rows(xg, yr, yf)
     xg, yr, yf = (_zero_invalid(t, valid) for t in (xg, yr, yf))
-    w = (xg - yr).abs().mean(dim=1).clamp_min(1e-5).detach()
+    # One exact power-of-two factor for all three (the loss is homogeneous of degree 1 in
+    # them, the weight floor scales along): no fp32 overflow of the products at |x| ~ 1e20.
+    s = pow2_factor(torch.stack([xg.detach().abs().amax(), yr.detach().abs().amax(),
+                                 yf.detach().abs().amax()])).to(dtype)
+    xg, yr, yf = xg * s, yr * s, yf * s
+    w = torch.maximum((xg - yr).abs().mean(dim=1), 1e-5 * s).detach()
     a = yr - yf
-    per_sample = (a * ((yr - xg) - alpha * a)).sum(dim=1) / w
+    per_sample = (a * ((yr - xg) - alpha * a)).sum(dim=1) / w / s
     return torch.where(valid, per_sample, torch.zeros_like(per_sample)).sum() / n
 
 
 def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    """lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1/sigma^2 + 1/sigma_data^2,
+    in the second form: no Python float is squared (1e200 ** 2 raises OverflowError)."""
+    inv_sd = 1.0 / sigma_data
+    inv_s = 1.0 / sigma
+    return inv_s * inv_s + inv_sd * inv_sd
 
 
 def fake_score_loss(y_fake, x, sigma, *, sigma_data=0.5):

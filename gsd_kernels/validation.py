@@ -1,17 +1,25 @@
 """Input checks for the public ops (SPEC §2.4).
 
-Everything here runs before any kernel and only looks at metadata (shape, dtype,
-device), so it also works on the fake tensors of `torch.compile`.
+Everything here runs before any kernel and looks at metadata (shape, dtype, device) and
+Python numbers, so it also works on the fake tensors of `torch.compile`. The one value
+check on a tensor, `sigma > 0` of `fake_score_loss`, runs only for CPU tensors outside
+`torch.compile`: on a GPU it would make the host wait for the device.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
 WEIGHTINGS = ("global", "local")
+
+# Scalars that the ops square (scale, bandwidth, sigma_data) must have a finite, non-zero
+# float64 square: beyond these bounds the formulas overflow (or underflow to 0).
+SQUARE_MAX = math.sqrt(sys.float_info.max)   # ~1.34e154
+SQUARE_MIN = math.sqrt(sys.float_info.min)   # ~1.49e-154
 
 
 def check_tensor(name: str, t) -> None:
@@ -37,14 +45,22 @@ def check_features(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} has no elements per sample (shape {tuple(t.shape)})")
 
 
-def check_finite_number(name: str, value, *, positive: bool = False) -> float:
+def check_finite_number(name: str, value, *, positive: bool = False, squared: bool = False) -> float:
+    """`squared`: the value is squared by the ops, so its magnitude must lie in
+    [SQUARE_MIN, SQUARE_MAX] (a ValueError here instead of an OverflowError or inf later)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{name} must be finite, got {value!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    if squared and value != 0 and not SQUARE_MIN <= abs(value) <= SQUARE_MAX:
+        raise ValueError(f"{name} must be between {SQUARE_MIN:.3g} and {SQUARE_MAX:.3g} in magnitude "
+                         f"(its square must be a finite float64), got {value:g}")
     return value
 
 
@@ -63,11 +79,11 @@ def check_isometry_args(x, z, weighting, bandwidth, scale) -> None:
     if bandwidth is not None:
         if weighting != "local":
             raise ValueError("bandwidth only applies to weighting='local'")
-        check_finite_number("bandwidth", bandwidth, positive=True)
+        check_finite_number("bandwidth", bandwidth, positive=True, squared=True)
     if not (isinstance(scale, str) and scale == "optimal"):
         if isinstance(scale, str):
             raise ValueError(f"scale must be 'optimal' or a positive float, got {scale!r}")
-        check_finite_number("scale", scale, positive=True)
+        check_finite_number("scale", scale, positive=True, squared=True)
 
 
 def check_sid_args(x_g, y_real, y_fake, alpha) -> None:
@@ -96,4 +112,18 @@ def check_fake_score_args(y_fake, x, sigma, sigma_data) -> None:
     shape_ok = sigma.dim() >= 1 and sigma.shape[0] == n and all(s == 1 for s in sigma.shape[1:])
     if not shape_ok:
         raise ValueError(f"sigma must have shape (N,) or (N, 1, ..., 1) with N = {n}, got {tuple(sigma.shape)}")
-    check_finite_number("sigma_data", sigma_data, positive=True)
+    check_finite_number("sigma_data", sigma_data, positive=True, squared=True)
+    check_sigma_values(sigma)
+
+
+def check_sigma_values(sigma: torch.Tensor) -> None:
+    """sigma must be finite and > 0 (lambda = 1/sigma^2 + 1/sigma_data^2 and its derivative
+    divide by sigma). Checked for CPU tensors only, and not while torch.compile traces: on a
+    GPU reading the values would make the host wait for the device inside the op (the
+    documented contract there is: the caller passes positive noise levels)."""
+    if sigma.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    ok = torch.isfinite(sigma) & (sigma > 0)
+    if not bool(ok.all()):
+        bad = sigma.reshape(-1)[~ok.reshape(-1)][0]
+        raise ValueError(f"sigma must be finite and > 0 for every sample, got {bad.item():g}")

@@ -68,12 +68,23 @@ def centred(n, k, dtype, device, offset=0.0):
     return t.to(device)
 
 
-def run_iso(P, x, z, ranges, inv_two_h2, pqrs=(0.7, -1.3, 0.4, -0.9)):
+def f64(v, device):
+    """A 0-dim float64 tensor on the device: how the contract passes inv_two_h2 and scale."""
+    return torch.full((), float(v), dtype=torch.float64, device=device)
+
+
+def coef4(pqrs, device):
+    return torch.tensor(pqrs, dtype=torch.float64).to(device)
+
+
+def run_iso(P, x, z, ranges, inv_two_h2, pqrs=(0.7, -1.3, 0.4, -0.9), need_x=True, need_z=True):
     xn2 = (x * x).sum(1)
     zn2 = (z * z).sum(1)
     r0, r1, c0, c1 = ranges
-    sums = P.iso_forward_sums(x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2)
-    gx, gz = P.iso_backward_rows(x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, *pqrs)
+    h = f64(inv_two_h2, x.device)
+    sums = P.iso_forward_sums(x, z, xn2, zn2, r0, r1, c0, c1, h)
+    gx, gz = P.iso_backward_rows(x, z, xn2, zn2, r0, r1, c0, c1, h, coef4(pqrs, x.device),
+                                 need_x=need_x, need_z=need_z)
     return sums, gx, gz
 
 
@@ -234,7 +245,7 @@ def test_sid_primitives(device, dtype, N, K, alpha):
     xg, yr, yf = sid_inputs(N, K, dtype, device)
     scale = 0.37
     loss, w, valid = P.sid_forward(xg, yr, yf, alpha)
-    g = P.sid_backward(xg, yr, yf, alpha, w, valid, scale)
+    g = P.sid_backward(xg, yr, yf, alpha, w, valid, f64(scale, device))
     ref = sid_oracle(xg, yr, yf, alpha, scale)
     assert loss.dtype == torch.float64 and w.dtype == torch.float64 and valid.dtype == torch.bool
     assert valid.all()
@@ -256,7 +267,7 @@ def test_sid_invalid_rows(device, dtype, K):
     loss, w, valid = P.sid_forward(xg, yr, yf, 1.2)
     assert valid.cpu().tolist() == [True, False, True, False, False, True]
     assert torch.all(loss[~valid] == 0) and torch.all(w[~valid] == 1)
-    g = P.sid_backward(xg, yr, yf, 1.2, w, valid, 0.5)
+    g = P.sid_backward(xg, yr, yf, 1.2, w, valid, f64(0.5, device))
     ref = sid_oracle(xg, yr, yf, 1.2, 0.5)
     assert rel(loss, ref[0]) < tol(dtype)
     for got, want in zip(g, ref[3:]):
@@ -300,7 +311,7 @@ def test_fake_primitives(device, dtype, N, K):
     assert torch.all(sq.cpu()[~ok] == 0)
     assert rel(sq, want_sq) < tol(dtype)
     coef = torch.rand(N, dtype=torch.float64) * ok.double()
-    g_fake, g_x = P.fake_backward(yf_d, x_d, coef.to(device))
+    g_fake, g_x = P.fake_backward(yf_d, x_d, coef.to(device), need_x=True)
     diff0 = torch.where(ok[:, None], diff, torch.zeros_like(diff))
     want = 2 * coef[:, None] * diff0
     assert g_fake.dtype == dtype and g_x.dtype == dtype
@@ -341,9 +352,10 @@ def run_iso_means(P, x, z, ranges, inv_two_h2, pqrs=(0.7, -1.3, 0.4, -0.9)):
     """The primitives on uncentred rows plus column means; the norms are left to the kernel."""
     mx, mz = x.mean(0), z.mean(0)
     r0, r1, c0, c1 = ranges
-    sums = P.iso_forward_sums(x, z, None, None, r0, r1, c0, c1, inv_two_h2, mean_x=mx, mean_z=mz)
-    gx, gz = P.iso_backward_rows(x, z, None, None, r0, r1, c0, c1, inv_two_h2, *pqrs,
-                                 mean_x=mx, mean_z=mz)
+    h = f64(inv_two_h2, x.device)
+    sums = P.iso_forward_sums(x, z, None, None, r0, r1, c0, c1, h, mean_x=mx, mean_z=mz)
+    gx, gz = P.iso_backward_rows(x, z, None, None, r0, r1, c0, c1, h, coef4(pqrs, x.device),
+                                 need_x=True, need_z=True, mean_x=mx, mean_z=mz)
     return sums, gx, gz
 
 

@@ -26,6 +26,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -44,17 +45,21 @@ namespace {
 constexpr int64_t kKC = GSD_KC;  // k-chunk of the gram kernel (panels stay in L1/L2)
 constexpr size_t kAlign = 64;
 
+// Pairs recomputed exactly since the last reset (tests of the refine predicate).
+std::atomic<long long> g_refined{0};
+
 inline size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------ packing
-// Pack rows [base, base + M) of X (row-major, K columns), centred by `mean` when given,
-// into Mpad = ntiles * kTile rows (zero rows past M). n2out[row] gets the squared norm of
+// Pack rows [base, base + M) of X (row-major, K columns), centred by `mean` when given and
+// multiplied by `sc` (a power of two from the Python layer, 1 by default: exact), into
+// Mpad = ntiles * kTile rows (zero rows past M). n2out[row] gets the squared norm of
 // the packed (centred) row: n2in[base + row] when given, else summed here in double in a
 // fixed order; 0 for the padding rows.
 template <class T>
-void pack_rows(const T* X, const T* mean, const T* n2in, int64_t K, int64_t base, int64_t M,
-               int64_t Mpad, T* P, T* n2out) {
+void pack_rows(const T* X, const T* mean, T sc, const T* n2in, int64_t K, int64_t base,
+               int64_t M, int64_t Mpad, T* P, T* n2out) {
   constexpr int BW = block_width<T>();
   const int64_t nblk = Mpad / BW;
   const bool want_norms = (n2in == nullptr);
@@ -73,9 +78,9 @@ void pack_rows(const T* X, const T* mean, const T* n2in, int64_t K, int64_t base
         }
         const T* src = X + (base + row) * K;
         if (mean != nullptr) {
-          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = src[k] - mean[k];
+          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = (src[k] - mean[k]) * sc;
         } else {
-          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = src[k];
+          for (int64_t k = k0; k < k1; ++k) Pb[k * BW + l] = src[k] * sc;
         }
         if (want_norms) {  // 4 partial sums (k mod 4), then in order: deterministic
           double s4[4] = {0.0, 0.0, 0.0, 0.0};
@@ -95,14 +100,14 @@ void pack_rows(const T* X, const T* mean, const T* n2in, int64_t K, int64_t base
 }
 
 // Gradient rows [0, M) of the output (row-major, K columns), in place:
-//   out[row][k] = (X[base + row][k] - mean[k]) * rs[row] - G[row][k]   (mean 0 when null)
+//   out[row][k] = (X[base + row][k] - mean[k]) * sc * rs[row] - G[row][k]   (mean 0 when null)
 // where G is the packed accumulator: rows of the full tiles (row < Mfull = M / kTile *
 // kTile) are packed in the bytes of out itself (each block of BW rows in its own rows'
 // bytes: copied to the thread's `scratch` of BW * K before being overwritten), the rows of
 // the last partial tile in Gtail.
 template <class T>
-void unpack_grad(const T* X, const T* mean, int64_t K, int64_t base, int64_t M, const T* Gtail,
-                 const double* rs, T* out, T* scratch) {
+void unpack_grad(const T* X, const T* mean, T sc, int64_t K, int64_t base, int64_t M,
+                 const T* Gtail, const double* rs, T* out, T* scratch) {
   constexpr int BW = block_width<T>();
   const int64_t nblk = cdiv(M, BW);
   const int64_t Mfull = M / kTile * kTile;
@@ -125,9 +130,10 @@ void unpack_grad(const T* X, const T* mean, int64_t K, int64_t base, int64_t M, 
         T* dst = out + row * K;
         const T r = T(rs[row]);
         if (mean != nullptr) {
-          for (int64_t k = k0; k < k1; ++k) dst[k] = (src[k] - mean[k]) * r - Gb[k * BW + l];
+          for (int64_t k = k0; k < k1; ++k)
+            dst[k] = ((src[k] - mean[k]) * sc) * r - Gb[k * BW + l];
         } else {
-          for (int64_t k = k0; k < k1; ++k) dst[k] = src[k] * r - Gb[k * BW + l];
+          for (int64_t k = k0; k < k1; ++k) dst[k] = (src[k] * sc) * r - Gb[k * BW + l];
         }
       }
     }
@@ -290,8 +296,8 @@ template <class T> Layout<T> make_layout(const IsoArgs& a, bool backward, int nt
   } else {
     L.pairs = take(size_t(L.nTR) * L.nTC * 4 * sizeof(double));
   }
-  // Per thread: Cx, Cz, At, Bt, A^T, B^T tiles + 4 vectors of kTile (row/col sums).
-  L.per_thread = align_up((6 * kTile * kTile + 4 * kTile) * ts);
+  // Per thread: Cx, Cz, At, Bt, A^T, B^T tiles + 4 double vectors of kTile (row/col sums).
+  L.per_thread = align_up(6 * kTile * kTile * ts + 4 * kTile * sizeof(double));
   L.scratch = take(L.per_thread * size_t(std::max(nthreads, 1)));
   // Per thread, backward: one block of BW packed gradient rows while it is unpacked.
   L.unpack_per_thread =
@@ -308,23 +314,41 @@ struct Scratch {
 };
 
 template <class T> struct ThreadBufs {
-  T *Cx, *Cz, *At, *Bt, *Atr, *Btr, *rsa, *rsb, *csa, *csb;
+  T *Cx, *Cz, *At, *Bt, *Atr, *Btr;
+  double *rsa, *rsb, *csa, *csb;
   ThreadBufs(void* ws, const Layout<T>& L, int tid) {
     T* p = Scratch::at<T>(ws, L.scratch + L.per_thread * size_t(tid));
     const int64_t t2 = int64_t(kTile) * kTile;
     Cx = p; Cz = p + t2; At = p + 2 * t2; Bt = p + 3 * t2; Atr = p + 4 * t2; Btr = p + 5 * t2;
-    T* v = p + 6 * t2;
+    double* v = reinterpret_cast<double*>(p + 6 * t2);  // 6 t2 T's: a multiple of 8 bytes
     rsa = v; rsb = v + kTile; csa = v + 2 * kTile; csb = v + 3 * kTile;
   }
 };
 
 // ------------------------------------------------------------------ epilogues
+// sum_k ((a_k - b_k) * sc)^2: the exact squared distance of two rows as given, in the
+// scaled frame of the packed rows.
+template <class T> inline T sq_dist_exact_scaled(const T* a, const T* b, int64_t K, T sc) {
+  T s0 = T(0), s1 = T(0);
+  int64_t k = 0;
+  for (; k + 1 < K; k += 2) {
+    const T u = (a[k] - b[k]) * sc, v = (a[k + 1] - b[k + 1]) * sc;
+    s0 += u * u;
+    s1 += v * v;
+  }
+  if (k < K) {
+    const T u = (a[k] - b[k]) * sc;
+    s0 += u * u;
+  }
+  return s0 + s1;
+}
+
 // Dot-product tile -> squared-distance tile (clamped), with the pairs where the Gram trick
 // cancels recomputed exactly from the rows of X (row-major, K columns, centred or not:
-// a difference of two rows does not depend on the centring).
+// a difference of two rows does not depend on the centring), times the scale sc.
 template <class T>
-void dots_to_sq(T* Ct, const T* nI, const T* nJ, const T* X, int64_t K, int64_t gi0, int64_t ni,
-                int64_t gj0, int64_t nj) {
+void dots_to_sq(T* Ct, const T* nI, const T* nJ, const T* X, T sc, int64_t K, int64_t gi0,
+                int64_t ni, int64_t gj0, int64_t nj) {
   for (int64_t j = 0; j < kTile; ++j) {
     T* c = Ct + j * kTile;
     const T nj_ = nJ[j];
@@ -337,29 +361,35 @@ void dots_to_sq(T* Ct, const T* nI, const T* nJ, const T* X, int64_t K, int64_t 
     }
     if (cnt == 0 || j >= nj) continue;
     const T* xj = X + (gj0 + j) * K;
+    long long done = 0;
     for (int64_t i = 0; i < ni; ++i)
-      if (sq_dist_unreliable(c[i], nI[i], nj_)) c[i] = sq_dist_exact(X + (gi0 + i) * K, xj, K);
+      if (sq_dist_unreliable(c[i], nI[i], nj_)) {
+        c[i] = sq_dist_exact_scaled(X + (gi0 + i) * K, xj, K, sc);
+        ++done;
+      }
+    g_refined.fetch_add(done, std::memory_order_relaxed);
   }
 }
 
-// Forward sums of one tile pair (tiles hold squared distances), accumulated in T per column j and in double across j.
+// Forward sums of one tile pair (tiles hold squared distances); the pair epilogue and all
+// sums in double (gsd/iso_math.h, EpT).
 template <class T>
 void tile_sums(const ThreadBufs<T>& tb, int64_t gi0, int64_t ni, int64_t gj0, int64_t nj,
-               T inv_two_h2, double* out4) {
+               double inv_two_h2, double* out4) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   for (int64_t j = 0; j < nj; ++j) {
     const T* cx = tb.Cx + j * kTile;
     const T* cz = tb.Cz + j * kTile;
     const int64_t gj = gj0 + j;
-    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
     for (int64_t i = 0; i < ni; ++i) {
-      const IsoPair<T> p = iso_pair_sq(cx[i], cz[i], inv_two_h2);
+      const IsoPair p = iso_pair_sq(cx[i], cz[i], inv_two_h2);
       const bool valid = (gi0 + i) != gj;
-      a0 += valid ? p.w : T(0);
-      a1 += valid ? p.w * p.delta2 : T(0);
-      a2 += valid ? p.w * p.delta * p.dz : T(0);
-      a3 += valid ? p.w * p.dz2 : T(0);
+      a0 += valid ? p.w : 0.0;
+      a1 += valid ? p.w * p.delta2 : 0.0;
+      a2 += valid ? p.w * p.delta * p.dz : 0.0;
+      a3 += valid ? p.w * p.dz2 : 0.0;
     }
     s0 += a0; s1 += a1; s2 += a2; s3 += a3;
   }
@@ -368,36 +398,38 @@ void tile_sums(const ThreadBufs<T>& tb, int64_t gi0, int64_t ni, int64_t gj0, in
 
 // Backward coefficients of one tile pair: At[j][i] = a_ij, Bt[j][i] = b_ij (0 outside the
 // ranges and on i == j), row sums (over j) into tb.rsa/rsb, column sums into tb.csa/csb.
+// The coefficients are formed in double and rounded to T once; the row and column sums add
+// up those rounded values (in double), so x_i * rowsum(a) and (A @ X)_i use the same a_ij.
 template <class T>
 void tile_coefs(const ThreadBufs<T>& tb, int64_t gi0, int64_t ni, int64_t gj0, int64_t nj,
-                T inv_two_h2, T p, T q, T r, T s) {
-  for (int i = 0; i < kTile; ++i) tb.rsa[i] = tb.rsb[i] = T(0);
+                double inv_two_h2, double p, double q, double r, double s) {
+  for (int i = 0; i < kTile; ++i) tb.rsa[i] = tb.rsb[i] = 0.0;
   for (int64_t j = 0; j < kTile; ++j) {
     T* at = tb.At + j * kTile;
     T* bt = tb.Bt + j * kTile;
     if (j >= nj) {
       for (int i = 0; i < kTile; ++i) at[i] = bt[i] = T(0);
-      tb.csa[j] = tb.csb[j] = T(0);
+      tb.csa[j] = tb.csb[j] = 0.0;
       continue;
     }
     const T* cx = tb.Cx + j * kTile;
     const T* cz = tb.Cz + j * kTile;
     const int64_t gj = gj0 + j;
-    T ca = 0, cb = 0;
+    double ca = 0, cb = 0;
 #pragma omp simd reduction(+ : ca, cb)
     for (int64_t i = 0; i < kTile; ++i) {
-      const IsoPair<T> pr = iso_pair_sq(cx[i], cz[i], inv_two_h2);
-      T av, bv;
-      iso_coefs(pr, p, q, r, s, &av, &bv);
+      const IsoPair pr = iso_pair_sq(cx[i], cz[i], inv_two_h2);
+      double ad, bd;
+      iso_coefs(pr, p, q, r, s, &ad, &bd);
       const bool valid = (i < ni) & ((gi0 + i) != gj);
-      av = valid ? av : T(0);
-      bv = valid ? bv : T(0);
+      const T av = valid ? T(ad) : T(0);
+      const T bv = valid ? T(bd) : T(0);
       at[i] = av;
       bt[i] = bv;
-      tb.rsa[i] += av;
-      tb.rsb[i] += bv;
-      ca += av;
-      cb += bv;
+      tb.rsa[i] += double(av);
+      tb.rsb[i] += double(bv);
+      ca += double(av);
+      cb += double(bv);
     }
     tb.csa[j] = ca;
     tb.csb[j] = cb;
@@ -431,17 +463,18 @@ void iso_forward_impl(const IsoArgs& a, double* out4, void* ws, int nthreads) {
   T* nCx = Scratch::at<T>(ws, L.nCx);
   T* nCz = Scratch::at<T>(ws, L.nCz);
   double* pairs = Scratch::at<double>(ws, L.pairs);
-  const T h = T(a.inv_two_h2);
+  const double h = a.inv_two_h2 ? *a.inv_two_h2 : 0.0;
+  const T sx = a.scale_x ? T(*a.scale_x) : T(1), sz = a.scale_z ? T(*a.scale_z) : T(1);
   const int64_t D = a.D, d = a.d;
   const int64_t npairs = L.nTR * L.nTC;
 
 #pragma omp parallel num_threads(nthreads)
   {
-    pack_rows(x, mx, xn2, D, a.r0, L.R, L.Rpad, PRx, nRx);
-    pack_rows(z, mz, zn2, d, a.r0, L.R, L.Rpad, PRz, nRz);
+    pack_rows(x, mx, sx, xn2, D, a.r0, L.R, L.Rpad, PRx, nRx);
+    pack_rows(z, mz, sz, zn2, d, a.r0, L.R, L.Rpad, PRz, nRz);
     if (!L.sym) {
-      pack_rows(x, mx, xn2, D, a.c0, L.C, L.Cpad, PCx, nCx);
-      pack_rows(z, mz, zn2, d, a.c0, L.C, L.Cpad, PCz, nCz);
+      pack_rows(x, mx, sx, xn2, D, a.c0, L.C, L.Cpad, PCx, nCx);
+      pack_rows(z, mz, sz, zn2, d, a.c0, L.C, L.Cpad, PCz, nCz);
     }
     // (implicit barrier after each omp for)
     ThreadBufs<T> tb(ws, L, omp_get_thread_num());
@@ -454,8 +487,8 @@ void iso_forward_impl(const IsoArgs& a, double* out4, void* ws, int nthreads) {
       const int64_t nj = std::min<int64_t>(kTile, a.c1 - gj0);
       gram_tile(PRx + I * kTile * D, PCx + J * kTile * D, D, tb.Cx);
       gram_tile(PRz + I * kTile * d, PCz + J * kTile * d, d, tb.Cz);
-      dots_to_sq(tb.Cx, nRx + I * kTile, nCx + J * kTile, x, D, gi0, ni, gj0, nj);
-      dots_to_sq(tb.Cz, nRz + I * kTile, nCz + J * kTile, z, d, gi0, ni, gj0, nj);
+      dots_to_sq(tb.Cx, nRx + I * kTile, nCx + J * kTile, x, sx, D, gi0, ni, gj0, nj);
+      dots_to_sq(tb.Cz, nRz + I * kTile, nCz + J * kTile, z, sz, d, gi0, ni, gj0, nj);
       tile_sums(tb, gi0, ni, gj0, nj, h, pairs + 4 * t);
     }
   }
@@ -471,8 +504,11 @@ void iso_forward_impl(const IsoArgs& a, double* out4, void* ws, int nthreads) {
 }
 
 template <class T>
-void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double s_, T* gx,
-                       T* gz, void* ws, int nthreads) {
+void iso_backward_impl(const IsoArgs& a, const IsoGrad& g, void* ws, int nthreads) {
+  // gx (gz) is null when it is not needed: then its apply GEMMs, accumulators and unpack
+  // are skipped (the x distances are still needed for the z coefficients and vice versa).
+  T* gx = g.need_x ? static_cast<T*>(g.gx) : nullptr;
+  T* gz = g.need_z ? static_cast<T*>(g.gz) : nullptr;
   const Layout<T> L = make_layout<T>(a, true, nthreads);
   const T* x = static_cast<const T*>(a.x);
   const T* z = static_cast<const T*>(a.z);
@@ -492,7 +528,9 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
   T* Gtz = Scratch::at<T>(ws, L.Gtz);
   double* rsa = Scratch::at<double>(ws, L.rsa);
   double* rsb = Scratch::at<double>(ws, L.rsb);
-  const T h = T(a.inv_two_h2), p = T(p_), q = T(q_), r = T(r_), s = T(s_);
+  const double h = a.inv_two_h2 ? *a.inv_two_h2 : 0.0;
+  const double p = g.coef4[0], q = g.coef4[1], r = g.coef4[2], s = g.coef4[3];
+  const T sx = a.scale_x ? T(*a.scale_x) : T(1), sz = a.scale_z ? T(*a.scale_z) : T(1);
   const int64_t D = a.D, d = a.d;
   // Packed accumulator of row tile t: in gx / gz itself for a full tile, else the tail one.
   auto Gx = [&](int64_t t) { return t < L.nFullR ? gx + t * kTile * D : Gtx; };
@@ -506,20 +544,24 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
     const int64_t nj = std::min<int64_t>(kTile, a.c1 - gj0);
     gram_tile(PRx + I * kTile * D, PCx + J * kTile * D, D, tb.Cx);
     gram_tile(PRz + I * kTile * d, PCz + J * kTile * d, d, tb.Cz);
-    dots_to_sq(tb.Cx, nRx + I * kTile, nCx + J * kTile, x, D, gi0, ni, gj0, nj);
-    dots_to_sq(tb.Cz, nRz + I * kTile, nCz + J * kTile, z, d, gi0, ni, gj0, nj);
-    tile_coefs(tb, gi0, ni, gj0, nj, h, p, q, r, s);
-    apply_tile(tb.At, PCx + J * kTile * D, D, Gx(I));
-    apply_tile(tb.Bt, PCz + J * kTile * d, d, Gz(I));
+    dots_to_sq(tb.Cx, nRx + I * kTile, nCx + J * kTile, x, sx, D, gi0, ni, gj0, nj);
+    dots_to_sq(tb.Cz, nRz + I * kTile, nCz + J * kTile, z, sz, d, gi0, ni, gj0, nj);
+    tile_coefs<T>(tb, gi0, ni, gj0, nj, h, p, q, r, s);
+    if (gx) apply_tile(tb.At, PCx + J * kTile * D, D, Gx(I));
+    if (gz) apply_tile(tb.Bt, PCz + J * kTile * d, d, Gz(I));
     for (int i = 0; i < kTile; ++i) {
       rsa[I * kTile + i] += tb.rsa[i];
       rsb[I * kTile + i] += tb.rsb[i];
     }
     if (both) {  // symmetric, I != J: the same tile feeds the rows of J through A^T
-      transpose_tile(tb.At, tb.Atr);
-      transpose_tile(tb.Bt, tb.Btr);
-      apply_tile(tb.Atr, PRx + I * kTile * D, D, Gx(J));
-      apply_tile(tb.Btr, PRz + I * kTile * d, d, Gz(J));
+      if (gx) {
+        transpose_tile(tb.At, tb.Atr);
+        apply_tile(tb.Atr, PRx + I * kTile * D, D, Gx(J));
+      }
+      if (gz) {
+        transpose_tile(tb.Bt, tb.Btr);
+        apply_tile(tb.Btr, PRz + I * kTile * d, d, Gz(J));
+      }
       for (int j = 0; j < kTile; ++j) {
         rsa[J * kTile + j] += tb.csa[j];
         rsb[J * kTile + j] += tb.csb[j];
@@ -529,16 +571,16 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
 
 #pragma omp parallel num_threads(nthreads)
   {
-    pack_rows(x, mx, xn2, D, a.r0, L.R, L.Rpad, PRx, nRx);
-    pack_rows(z, mz, zn2, d, a.r0, L.R, L.Rpad, PRz, nRz);
+    pack_rows(x, mx, sx, xn2, D, a.r0, L.R, L.Rpad, PRx, nRx);
+    pack_rows(z, mz, sz, zn2, d, a.r0, L.R, L.Rpad, PRz, nRz);
     if (!L.sym) {
-      pack_rows(x, mx, xn2, D, a.c0, L.C, L.Cpad, PCx, nCx);
-      pack_rows(z, mz, zn2, d, a.c0, L.C, L.Cpad, PCz, nCz);
+      pack_rows(x, mx, sx, xn2, D, a.c0, L.C, L.Cpad, PCx, nCx);
+      pack_rows(z, mz, sz, zn2, d, a.c0, L.C, L.Cpad, PCz, nCz);
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < L.nTR; ++t) {
-      std::memset(Gx(t), 0, sizeof(T) * kTile * D);
-      std::memset(Gz(t), 0, sizeof(T) * kTile * d);
+      if (gx) std::memset(Gx(t), 0, sizeof(T) * kTile * D);
+      if (gz) std::memset(Gz(t), 0, sizeof(T) * kTile * d);
       for (int i = 0; i < kTile; ++i) rsa[t * kTile + i] = rsb[t * kTile + i] = 0.0;
     }
     ThreadBufs<T> tb(ws, L, omp_get_thread_num());
@@ -569,8 +611,8 @@ void iso_backward_impl(const IsoArgs& a, double p_, double q_, double r_, double
         for (int64_t J = 0; J < L.nTC; ++J) do_pair(tb, I, J, false);
     }
     T* up = Scratch::at<T>(ws, L.unpack + L.unpack_per_thread * size_t(omp_get_thread_num()));
-    unpack_grad(x, mx, D, a.r0, L.R, Gtx, rsa, gx, up);
-    unpack_grad(z, mz, d, a.r0, L.R, Gtz, rsb, gz, up);
+    if (gx) unpack_grad(x, mx, sx, D, a.r0, L.R, Gtx, rsa, gx, up);
+    if (gz) unpack_grad(z, mz, sz, d, a.r0, L.R, Gtz, rsb, gz, up);
   }
 }
 
@@ -608,24 +650,28 @@ void cpu_iso_forward_sums(const IsoArgs& a, double* out4, void* ws, size_t ws_by
     cpu::iso_forward_impl<double>(a, out4, ws, nthreads);
 }
 
-void cpu_iso_backward_rows(const IsoArgs& a, double p, double q, double r, double s, void* gx,
-                           void* gz, void* ws, size_t ws_bytes, int nthreads) {
+void cpu_iso_backward_rows(const IsoArgs& a, const IsoGrad& g, void* ws, size_t ws_bytes,
+                           int nthreads) {
   if (nthreads < 1) nthreads = 1;
   if (ws_bytes < cpu_iso_workspace_size(a, true, nthreads))
     throw std::invalid_argument("iso_backward_rows: workspace too small");
-  if (a.r1 <= a.r0) return;
+  if (a.r1 <= a.r0 || !(g.need_x || g.need_z)) return;
+  if ((g.need_x && a.D > 0 && g.gx == nullptr) || (g.need_z && a.d > 0 && g.gz == nullptr) ||
+      g.coef4 == nullptr)
+    throw std::invalid_argument("iso_backward_rows: missing output or coefficients");
   if (a.c1 <= a.c0) {  // no pairs: zero gradient
     const size_t ts = a.dtype == kFloat32 ? 4 : 8;
-    std::memset(gx, 0, ts * size_t(a.r1 - a.r0) * a.D);
-    std::memset(gz, 0, ts * size_t(a.r1 - a.r0) * a.d);
+    if (g.need_x) std::memset(g.gx, 0, ts * size_t(a.r1 - a.r0) * a.D);
+    if (g.need_z) std::memset(g.gz, 0, ts * size_t(a.r1 - a.r0) * a.d);
     return;
   }
   if (a.dtype == kFloat32)
-    cpu::iso_backward_impl<float>(a, p, q, r, s, static_cast<float*>(gx), static_cast<float*>(gz),
-                                  ws, nthreads);
+    cpu::iso_backward_impl<float>(a, g, ws, nthreads);
   else
-    cpu::iso_backward_impl<double>(a, p, q, r, s, static_cast<double*>(gx),
-                                   static_cast<double*>(gz), ws, nthreads);
+    cpu::iso_backward_impl<double>(a, g, ws, nthreads);
 }
+
+long long cpu_refine_count() { return cpu::g_refined.load(); }
+void cpu_reset_refine_count() { cpu::g_refined.store(0); }
 
 }  // namespace gsd

@@ -29,11 +29,15 @@ inline void sid_slice(const T* xg, const T* yr, const T* yf, int64_t k0, int64_t
                       double& term, double& abss, int& bad) {
   for (int64_t c0 = k0; c0 < k1; c0 += kChunk) {
     const int64_t c1 = std::min(k1, c0 + kChunk);
-    T t = 0, s = 0;
+    // The loss term in double: for |inputs| ~ 1e20 its products overflow fp32 although the
+    // loss itself is representable.
+    double t = 0;
+    T s = 0;
     int b = 0;
+    const double al = double(alpha);
 #pragma omp simd reduction(+ : t, s) reduction(| : b)
     for (int64_t k = c0; k < c1; ++k) {
-      t += sid_term(xg[k], yr[k], yf[k], alpha);
+      t += sid_term(double(xg[k]), double(yr[k]), double(yf[k]), al);
       s += sid_absdiff(xg[k], yr[k]);
       b |= finite3(xg[k], yr[k], yf[k]) ? 0 : 1;
     }
@@ -47,11 +51,11 @@ template <class T>
 inline void fake_slice(const T* yf, const T* x, int64_t k0, int64_t k1, double& sq, int& bad) {
   for (int64_t c0 = k0; c0 < k1; c0 += kChunk) {
     const int64_t c1 = std::min(k1, c0 + kChunk);
-    T t = 0;
+    double t = 0;  // in double: (y - x)^2 overflows fp32 first
     int b = 0;
 #pragma omp simd reduction(+ : t) reduction(| : b)
     for (int64_t k = c0; k < c1; ++k) {
-      t += fake_sq(yf[k], x[k]);
+      t += fake_sq(double(yf[k]), double(x[k]));
       b |= (is_finite(yf[k]) & is_finite(x[k])) ? 0 : 1;
     }
     sq += t;
@@ -103,9 +107,10 @@ void sid_forward_impl(const T* xg, const T* yr, const T* yf, int64_t N, int64_t 
 
 template <class T>
 void sid_backward_impl(const T* xg, const T* yr, const T* yf, int64_t N, int64_t K, double alpha,
-                       const double* w, const uint8_t* valid, double scale, T* gxg, T* gre,
-                       T* gfa, int nthreads) {
+                       const double* w, const uint8_t* valid, const double* scale_ptr, T* gxg,
+                       T* gre, T* gfa, int nthreads) {
   const T al = T(alpha);
+  const double scale = *scale_ptr;
   const int64_t nch = (K + kChunk - 1) / kChunk;
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
@@ -163,12 +168,17 @@ void fake_backward_impl(const T* yf, const T* x, int64_t N, int64_t K, const dou
       const T c = T(coef[n]);
       const int64_t k0 = ch * kChunk, k1 = std::min(K, k0 + kChunk);
       const T *a = yf + n * K, *b = x + n * K;
-      T *o1 = gf + n * K, *o2 = gx + n * K;
+      T *o1 = gf + n * K, *o2 = gx ? gx + n * K : nullptr;  // gx null: g_x not needed
+      if (o2 != nullptr) {
 #pragma omp simd
-      for (int64_t k = k0; k < k1; ++k) {
-        const T g = c != T(0) ? fake_grad(a[k], b[k], c) : T(0);
-        o1[k] = g;
-        o2[k] = -g;
+        for (int64_t k = k0; k < k1; ++k) {
+          const T g = c != T(0) ? fake_grad(a[k], b[k], c) : T(0);
+          o1[k] = g;
+          o2[k] = -g;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t k = k0; k < k1; ++k) o1[k] = c != T(0) ? fake_grad(a[k], b[k], c) : T(0);
       }
     }
   }
@@ -196,7 +206,7 @@ void cpu_sid_forward(const void* xg, const void* yr, const void* yf, int64_t N, 
 }
 
 void cpu_sid_backward(const void* xg, const void* yr, const void* yf, int64_t N, int64_t K,
-                      double alpha, const double* w, const uint8_t* valid, double scale,
+                      double alpha, const double* w, const uint8_t* valid, const double* scale,
                       void* g_xg, void* g_real, void* g_fake, int dtype, int nthreads) {
   cpu::check(N, K, dtype);
   nthreads = std::max(nthreads, 1);

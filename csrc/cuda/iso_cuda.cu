@@ -1,5 +1,11 @@
 // Isometry-loss primitives in CUDA: tiled shared-memory kernels in plain FMA arithmetic
-// (fp32 or fp64), never an N x N matrix. Per-pair arithmetic from gsd/iso_math.h.
+// (fp32 or fp64), never an N x N matrix. Per-pair arithmetic from gsd/iso_math.h (the pair
+// epilogue in double). This is the portable FP32 SIMT *fallback* (no tensor cores, no
+// cp.async pipelining): on H100 it is estimated at ~0.5x the eager reference at N=8192,
+// D=d=3072 (docs/design.md, "CUDA backend"); `auto` prefers the Triton kernels on CUDA.
+//
+// Scalars computed from data (1/(2h^2), the coefficients p, q, r, s) are read by the kernels
+// from device memory, so no launch waits for a value on the host.
 //
 // Forward: one block per tile pair (only I <= J for the full square, off-diagonal tile
 // pairs counted twice); each block writes its partial sums (double) to the workspace and
@@ -31,8 +37,12 @@ template <> struct Cfg<double> { static constexpr int BM = 32; };
 
 template <class T> struct Smem {
   static constexpr int BM = Cfg<T>::BM;
-  T a[kKC][BM];      // staged rows of the row tile (k-major)
-  T b[kKC][BM];      // staged rows of the column tile
+  // Staged rows (k-major), each k-row padded by 4 elements: the 16 lanes that stage one row
+  // write kk*(BM+4) + row, which spreads them over banks (4*kk + row) mod 32 (at most 2-way)
+  // instead of one bank (16-way conflict with BM = 64); (BM+4)*sizeof(T) stays a multiple
+  // of 16 bytes, so the compute loop keeps its 128-bit shared loads.
+  T a[kKC][BM + 4];  // staged rows of the row tile
+  T b[kKC][BM + 4];  // staged rows of the column tile
   T coef[BM][BM + 1];  // coefficient tile a_ij (or b_ij), [i][j]
   T xc[BM][BM + 1];    // chunk of BM columns of X_J, [j][col]
 };
@@ -78,9 +88,9 @@ __device__ inline void dot_tile(const T* __restrict__ X, int64_t K, int64_t gi0,
 
 // Squared distances of one pair from the dot products, refined where the Gram trick cancels.
 template <class T>
-__device__ inline IsoPair<T> pair_from_dots(const T* __restrict__ x, const T* __restrict__ z,
-                                            int64_t D, int64_t d, int64_t gi, int64_t gj, T xni,
-                                            T xnj, T dotx, T zni, T znj, T dotz, T inv_two_h2) {
+__device__ inline IsoPair pair_from_dots(const T* __restrict__ x, const T* __restrict__ z,
+                                         int64_t D, int64_t d, int64_t gi, int64_t gj, T xni,
+                                         T xnj, T dotx, T zni, T znj, T dotz, double inv_two_h2) {
   T dx2 = sq_dist(xni, xnj, dotx);
   if (sq_dist_unreliable(dx2, xni, xnj)) dx2 = sq_dist_exact(x + gi * D, x + gj * D, D);
   T dz2 = sq_dist(zni, znj, dotz);
@@ -101,8 +111,8 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
 iso_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ xn2,
                    const T* __restrict__ zn2, int64_t D, int64_t d, int64_t r0, int64_t r1,
-                   int64_t c0, int64_t c1, int64_t nTC, bool sym, T inv_two_h2,
-                   double* __restrict__ partial) {
+                   int64_t c0, int64_t c1, int64_t nTC, bool sym,
+                   const double* __restrict__ inv_two_h2_ptr, double* __restrict__ partial) {
   constexpr int BM = Cfg<T>::BM;
   constexpr int TM = BM / 16;
   __shared__ Smem<T> sm;
@@ -115,11 +125,12 @@ iso_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __
     J = blockIdx.x % nTC;
   }
   const int64_t gi0 = r0 + I * BM, gj0 = c0 + J * BM;
+  const double inv_two_h2 = *inv_two_h2_ptr;
   T ax[TM][TM], az[TM][TM];
   dot_tile(x, D, gi0, r1, gj0, c1, sm, ax);
   dot_tile(z, d, gi0, r1, gj0, c1, sm, az);
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma unroll
   for (int m = 0; m < TM; ++m) {
     const int64_t gi = gi0 + ty * TM + m;
@@ -129,8 +140,8 @@ iso_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __
     for (int n = 0; n < TM; ++n) {
       const int64_t gj = gj0 + tx * TM + n;
       if (gj >= c1 || gj == gi) continue;
-      const IsoPair<T> p = pair_from_dots(x, z, D, d, gi, gj, xni, xn2[gj], ax[m][n], zni,
-                                          zn2[gj], az[m][n], inv_two_h2);
+      const IsoPair p = pair_from_dots(x, z, D, d, gi, gj, xni, xn2[gj], ax[m][n], zni,
+                                       zn2[gj], az[m][n], inv_two_h2);
       s0 += p.w;
       s1 += p.w * p.delta2;
       s2 += p.w * p.delta * p.dz;
@@ -138,10 +149,10 @@ iso_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __
     }
   }
   const double f = (sym && I != J) ? 2.0 : 1.0;
-  const double t0 = block_sum(double(s0), scratch);
-  const double t1 = block_sum(double(s1), scratch);
-  const double t2 = block_sum(double(s2), scratch);
-  const double t3 = block_sum(double(s3), scratch);
+  const double t0 = block_sum(s0, scratch);
+  const double t1 = block_sum(s1, scratch);
+  const double t2 = block_sum(s2, scratch);
+  const double t3 = block_sum(s3, scratch);
   if (threadIdx.x == 0) {
     double* o = partial + 4 * int64_t(blockIdx.x);
     o[0] = f * t0;
@@ -212,12 +223,14 @@ __device__ inline void apply_coef(const T* __restrict__ X, int64_t K, int64_t gj
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)  // 1 CTA/SM anyway (> 128 registers in fp32); without
+// the explicit 1 ptxas caps the fp64 variant at 80 registers and spills
 iso_backward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ xn2,
                     const T* __restrict__ zn2, int64_t D, int64_t d, int64_t r0, int64_t r1,
-                    int64_t c0, int64_t c1, int64_t nTC, T inv_two_h2, T p, T q, T r, T s,
-                    T* __restrict__ Px, T* __restrict__ Pz, double* __restrict__ RSa,
-                    double* __restrict__ RSb) {
+                    int64_t c0, int64_t c1, int64_t nTC,
+                    const double* __restrict__ inv_two_h2_ptr, const double* __restrict__ coef4,
+                    bool need_x, bool need_z, T* __restrict__ Px, T* __restrict__ Pz,
+                    double* __restrict__ RSa, double* __restrict__ RSb) {
   constexpr int BM = Cfg<T>::BM;
   constexpr int TM = BM / 16;
   __shared__ Smem<T> sm;
@@ -226,9 +239,11 @@ iso_backward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* _
   const int64_t R = r1 - r0;
   const int64_t gi0 = r0 + I * BM;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  T* px = Px + split * R * D;
-  T* pz = Pz + split * R * d;
-  double rsa[TM], rsb[TM];
+  const double inv_two_h2 = *inv_two_h2_ptr;
+  const double p = coef4[0], q = coef4[1], r = coef4[2], s = coef4[3];
+  T* px = need_x ? Px + split * R * D : nullptr;
+  T* pz = need_z ? Pz + split * R * d : nullptr;
+  double rsa[TM], rsb[TM];  // row sums of the T-rounded coefficients
 #pragma unroll
   for (int m = 0; m < TM; ++m) rsa[m] = rsb[m] = 0.0;
 
@@ -248,9 +263,12 @@ iso_backward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* _
         const int64_t gj = gj0 + tx * TM + n;
         T av = T(0), bv = T(0);
         if (row_ok && gj < c1 && gj != gi) {
-          const IsoPair<T> pr = pair_from_dots(x, z, D, d, gi, gj, xni, xn2[gj], ax[m][n], zni,
-                                               zn2[gj], az[m][n], inv_two_h2);
-          iso_coefs(pr, p, q, r, s, &av, &bv);
+          const IsoPair pr = pair_from_dots(x, z, D, d, gi, gj, xni, xn2[gj], ax[m][n], zni,
+                                            zn2[gj], az[m][n], inv_two_h2);
+          double ad, bd;
+          iso_coefs(pr, p, q, r, s, &ad, &bd);
+          av = T(ad);  // rounded once: the row sums add the values the apply uses
+          bv = T(bd);
         }
         ax[m][n] = av;
         az[m][n] = bv;
@@ -258,20 +276,25 @@ iso_backward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* _
         rsb[m] += double(bv);
       }
     }
+    // need_x / need_z are uniform over the grid: skipping keeps the barriers uniform.
     // x: A @ X_J
+    if (need_x) {
 #pragma unroll
-    for (int m = 0; m < TM; ++m)
+      for (int m = 0; m < TM; ++m)
 #pragma unroll
-      for (int n = 0; n < TM; ++n) sm.coef[ty * TM + m][tx * TM + n] = ax[m][n];
-    __syncthreads();
-    apply_coef(x, D, gj0, c1, I * BM, R, sm, px);
+        for (int n = 0; n < TM; ++n) sm.coef[ty * TM + m][tx * TM + n] = ax[m][n];
+      __syncthreads();
+      apply_coef(x, D, gj0, c1, I * BM, R, sm, px);
+    }
     // z: B @ Z_J (apply_coef ends with a barrier, so coef can be overwritten)
+    if (need_z) {
 #pragma unroll
-    for (int m = 0; m < TM; ++m)
+      for (int m = 0; m < TM; ++m)
 #pragma unroll
-      for (int n = 0; n < TM; ++n) sm.coef[ty * TM + m][tx * TM + n] = az[m][n];
-    __syncthreads();
-    apply_coef(z, d, gj0, c1, I * BM, R, sm, pz);
+        for (int n = 0; n < TM; ++n) sm.coef[ty * TM + m][tx * TM + n] = az[m][n];
+      __syncthreads();
+      apply_coef(z, d, gj0, c1, I * BM, R, sm, pz);
+    }
   }
   // Row sums: reduce over the 16 threads (tx) sharing a row; they sit in one warp.
 #pragma unroll
@@ -355,15 +378,17 @@ void forward_impl(const IsoArgs& a, const Plan& P, double* out4, char* ws, cudaS
   iso_forward_kernel<T><<<unsigned(P.nblocks), kThreads, 0, st>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.z), static_cast<const T*>(a.xn2),
       static_cast<const T*>(a.zn2), a.D, a.d, a.r0, a.r1, a.c0, a.c1, P.nTC, P.sym,
-      T(a.inv_two_h2), partial);
+      a.inv_two_h2, partial);
   check_launch("iso_forward_sums");
   reduce_partials_kernel<<<1, kThreads, 0, st>>>(partial, P.nblocks, out4);
   check_launch("iso_forward_sums (reduce)");
 }
 
 template <class T>
-void backward_impl(const IsoArgs& a, const Plan& P, double p, double q, double r, double s,
-                   T* gx, T* gz, char* ws, cudaStream_t st) {
+void backward_impl(const IsoArgs& a, const Plan& P, const IsoGrad& g, char* ws,
+                   cudaStream_t st) {
+  T* gx = static_cast<T*>(g.gx);
+  T* gz = static_cast<T*>(g.gz);
   T* Px = reinterpret_cast<T*>(ws + P.off_px);
   T* Pz = reinterpret_cast<T*>(ws + P.off_pz);
   double* RSa = reinterpret_cast<double*>(ws + P.off_rsa);
@@ -373,17 +398,17 @@ void backward_impl(const IsoArgs& a, const Plan& P, double p, double q, double r
   dim3 grid(unsigned(P.nTR), unsigned(P.S));
   iso_backward_kernel<T><<<grid, kThreads, 0, st>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.z), static_cast<const T*>(a.xn2),
-      static_cast<const T*>(a.zn2), a.D, a.d, a.r0, a.r1, a.c0, a.c1, P.nTC, T(a.inv_two_h2),
-      T(p), T(q), T(r), T(s), Px, Pz, RSa, RSb);
+      static_cast<const T*>(a.zn2), a.D, a.d, a.r0, a.r1, a.c0, a.c1, P.nTC, a.inv_two_h2,
+      g.coef4, g.need_x, g.need_z, Px, Pz, RSa, RSb);
   check_launch("iso_backward_rows");
   auto blocks = [](int64_t total) {
     int64_t b = cdiv(total, kThreads);
     return unsigned(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
   };
-  if (P.R * a.D > 0)
+  if (g.need_x && P.R * a.D > 0)
     finalize_kernel<T><<<blocks(P.R * a.D), kThreads, 0, st>>>(
         static_cast<const T*>(a.x), a.D, a.r0, P.R, P.S, Px, RSa, gx);
-  if (P.R * a.d > 0)
+  if (g.need_z && P.R * a.d > 0)
     finalize_kernel<T><<<blocks(P.R * a.d), kThreads, 0, st>>>(
         static_cast<const T*>(a.z), a.d, a.r0, P.R, P.S, Pz, RSb, gz);
   check_launch("iso_backward_rows (finalize)");
@@ -395,7 +420,8 @@ void backward_impl(const IsoArgs& a, const Plan& P, double p, double q, double r
 // The CUDA kernels take centred inputs with their squared norms (the Python layer makes
 // them); in-kernel centring (IsoArgs::mean_x / mean_z) is a CPU-only feature.
 static void require_centred(const IsoArgs& a, const char* what) {
-  if (a.mean_x != nullptr || a.mean_z != nullptr || a.xn2 == nullptr || a.zn2 == nullptr)
+  if (a.mean_x != nullptr || a.mean_z != nullptr || a.scale_x != nullptr ||
+      a.scale_z != nullptr || a.xn2 == nullptr || a.zn2 == nullptr)
     throw std::invalid_argument(std::string(what) +
                                 ": the CUDA kernels take centred x, z and their squared norms "
                                 "(no column means)");
@@ -415,26 +441,26 @@ void cuda_iso_forward_sums(const IsoArgs& a, double* out4, void* ws, size_t ws_b
     cuda::check(cudaMemsetAsync(out4, 0, 4 * sizeof(double), st), "iso_forward_sums (memset)");
     return;
   }
+  if (a.inv_two_h2 == nullptr) throw std::invalid_argument("iso_forward_sums: inv_two_h2 missing");
   if (a.dtype == kFloat32)
     cuda::forward_impl<float>(a, P, out4, static_cast<char*>(ws), st);
   else
     cuda::forward_impl<double>(a, P, out4, static_cast<char*>(ws), st);
 }
 
-void cuda_iso_backward_rows(const IsoArgs& a, double p, double q, double r, double s, void* gx,
-                            void* gz, void* ws, size_t ws_bytes, uintptr_t stream) {
+void cuda_iso_backward_rows(const IsoArgs& a, const IsoGrad& g, void* ws, size_t ws_bytes,
+                            uintptr_t stream) {
   require_centred(a, "iso_backward_rows");
   const cuda::Plan P = cuda::make_plan(a, true);
   if (ws_bytes < P.total) throw std::invalid_argument("iso_backward_rows: workspace too small");
-  if (P.R == 0) return;
+  if (P.R == 0 || !(g.need_x || g.need_z)) return;
+  if (g.coef4 == nullptr || a.inv_two_h2 == nullptr ||
+      (g.need_x && a.D > 0 && g.gx == nullptr) || (g.need_z && a.d > 0 && g.gz == nullptr))
+    throw std::invalid_argument("iso_backward_rows: missing output, coefficients or inv_two_h2");
   if (a.dtype == kFloat32)
-    cuda::backward_impl<float>(a, P, p, q, r, s, static_cast<float*>(gx),
-                               static_cast<float*>(gz), static_cast<char*>(ws),
-                               cuda::as_stream(stream));
+    cuda::backward_impl<float>(a, P, g, static_cast<char*>(ws), cuda::as_stream(stream));
   else
-    cuda::backward_impl<double>(a, P, p, q, r, s, static_cast<double*>(gx),
-                                static_cast<double*>(gz), static_cast<char*>(ws),
-                                cuda::as_stream(stream));
+    cuda::backward_impl<double>(a, P, g, static_cast<char*>(ws), cuda::as_stream(stream));
 }
 
 }  // namespace gsd

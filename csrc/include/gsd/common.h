@@ -24,7 +24,8 @@ template <> struct Limits<double> { GSD_HD static constexpr double max() { retur
 // Valid as long as the code is not compiled with -ffinite-math-only / -ffast-math (it is not).
 template <class T> GSD_HD inline bool is_finite(T v) { return std::fabs(v) <= Limits<T>::max(); }
 
-template <class T> GSD_HD inline T clamp_min0(T v) { return v > T(0) ? v : T(0); }
+// max(v, 0) that keeps NaN: a NaN input must reach the loss, not turn into a distance 0.
+template <class T> GSD_HD inline T clamp_min0(T v) { return v < T(0) ? T(0) : v; }
 
 // 1/v for v > 0, else 0 (the "coefficient 0 when the distance is 0" rule).
 template <class T> GSD_HD inline T inv_or_zero(T v) { return v > T(0) ? T(1) / v : T(0); }
