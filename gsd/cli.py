@@ -139,6 +139,62 @@ def check_memory(nbytes: float, what: str, hint: str = "") -> None:
                          + (f"; {hint}" if hint else ""))
 
 
+_KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def check_output_file(path, flag: str = "--out") -> str:
+    """Raise UsageError (one line) unless a file can be written at `path`; returns the expanded path.
+
+    Nothing is created. `path` must not be a folder or inside /proc, /sys or /dev; the nearest
+    existing folder above it must be a writable folder (missing folders below it are created
+    by the writers)."""
+    import os
+
+    path = os.path.expanduser(os.fspath(path))
+    if not path:
+        raise UsageError(f"{flag} is empty")
+    full = os.path.abspath(path)
+    real = os.path.realpath(full)
+    for kernel in _KERNEL_FILE_SYSTEMS:
+        if real == kernel or real.startswith(kernel + os.sep):
+            raise UsageError(f"{flag} {path} is inside {kernel}, a kernel file system; choose a file on disk")
+    if os.path.isdir(full):
+        raise UsageError(f"{flag} {path} is a folder, expected a file name")
+    anc = os.path.dirname(full)
+    while not os.path.lexists(anc) and os.path.dirname(anc) != anc:
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        what = "a file" if os.path.exists(anc) else "a broken link"
+        raise UsageError(f"{flag} {path}: {anc} is {what}, not a folder")
+    try:
+        read_only = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    if read_only or not os.access(anc, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: folder {anc} is not writable")
+    return path
+
+
+def check_image_output(path, flag: str = "--out", suffixes: Sequence[str] | None = None) -> str:
+    """check_output_file, and the file name's extension is an image format PIL writes
+    (or one of `suffixes` when given, e.g. ('.png',))."""
+    import os
+
+    path = check_output_file(path, flag)
+    ext = os.path.splitext(path)[1].lower()
+    if suffixes is not None:
+        if ext not in suffixes:
+            raise UsageError(f"{flag} must name a {' or '.join(suffixes)} file, got {path!r}")
+        return path
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{flag} {path}: {ext or 'no extension'} is not an image format that can be written "
+                         f"(use .png)")
+    return path
+
+
 def irl_scale(text: str):
     """`optimal` or a positive float (SPEC §2.1)."""
     if text == "optimal":
@@ -177,7 +233,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run; auto picks cuda when available")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_int, default=0, help=f"random seed (0 to {MAX_SEED})")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory")
 
 
@@ -191,8 +247,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
                         "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
-    p.add_argument("--batch", type=positive_int, default=64, help="generator batch size")
-    p.add_argument("--iters", type=positive_int, default=None,
+    p.add_argument("--batch", type=count_int, default=64, help="generator batch size")
+    p.add_argument("--iters", type=count_int, default=None,
                    help="distillation iterations (default depends on the dataset)")
     p.add_argument("--alpha", type=float, default=1.2, help="SiD alpha")
     p.add_argument("--sigma-init", type=positive_float, default=2.5,

@@ -20,10 +20,11 @@ from typing import Sequence
 
 import torch
 
-from gsd.cli import (UsageError, add_data_args, add_runtime_args, make_parser, nonnegative_float,
-                     positive_float, positive_int, run_main)
+from gsd.cli import (UsageError, add_data_args, add_runtime_args, check_image_output, check_memory,
+                     check_output_file, count_int, make_parser, nonnegative_float, positive_float, run_main)
 from gsd.data import Dataset, load_dataset
-from gsd.networks import EDMPrecond, build_denoiser, default_config, load_denoiser, save_denoiser
+from gsd.networks import (EDMPrecond, build_denoiser, default_config, load_denoiser, read_denoiser_metadata,
+                          save_denoiser)
 from gsd.progress import progress_bar
 
 __all__ = ["default_teacher_recipe", "edm_loss", "train_teacher", "get_teacher", "teacher_cache_path",
@@ -110,6 +111,9 @@ def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, b
         config = default_config(dataset.name, dataset.sample_shape, 0)
     if iters < 1 or batch < 1 or not lr > 0:
         raise UsageError(f"bad teacher recipe: iters={iters}, batch={batch}, lr={lr}")
+    # Adam's first step is lr / (1 - beta1) = 10 lr, a float32 scalar: larger cannot even be applied
+    if not 10 * lr <= torch.finfo(torch.float32).max:
+        raise UsageError(f"teacher learning rate {lr:g} overflows float32 arithmetic in Adam; lower --lr")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_denoiser(config)
@@ -173,10 +177,13 @@ def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, b
             history.append((it + 1, sum(window) / len(window)))
             window = []
             bar.set_postfix(loss=f"{history[-1][1]:.4f}", refresh=False)
+            if not math.isfinite(history[-1][1]):
+                # zeroed gradients cannot bring a non-finite network back: stop now, not after all iters
+                bar.close()
+                raise UsageError(f"teacher training on {dataset.name} produced a non-finite loss by iteration "
+                                 f"{it + 1} (lr {lr:g}); lower --lr")
         bar.update(1)
     bar.close()
-    if not all(math.isfinite(v) for _, v in history):
-        raise RuntimeError(f"teacher training on {dataset.name} produced a non-finite loss")
     ema.train_history = history
     return ema
 
@@ -322,9 +329,9 @@ def build_parser():
             action.metavar = "PATH"
             action.help = ("output .safetensors file (an existing folder gets <dataset>-<hash>.safetensors); "
                            "default: the teacher cache")
-    p.add_argument("--iters", type=positive_int, default=None,
+    p.add_argument("--iters", type=count_int, default=None,
                    help=f"training iterations (None = per dataset; {_recipe_help()})")
-    p.add_argument("--batch", type=positive_int, default=None, help="batch size (None = per dataset)")
+    p.add_argument("--batch", type=count_int, default=None, help="batch size (None = per dataset)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak Adam learning rate (None = per dataset)")
     p.add_argument("--ema-halflife", type=nonnegative_float, default=None,
                    help="EMA half-life of the teacher, in images (None = 5%% of all training images; 0 = no EMA)")
@@ -336,32 +343,70 @@ def build_parser():
     return p
 
 
+def check_teacher_out(path: str) -> str:
+    """The file `--out` names (a folder gets the cache file name later); refuses, in one line,
+    a place no file can be written and an existing file that is not a gsd denoiser file:
+    `--out` replaces an old teacher, never anything else."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return path
+    check_output_file(path, "--out")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"output folder {folder} does not exist")
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            raise UsageError(f"--out {path} exists and is not a regular file; refusing to replace it")
+        try:
+            read_denoiser_metadata(path)
+        except UsageError:
+            raise UsageError(f"--out {path} exists and is not a gsd teacher file; refusing to overwrite it "
+                             f"(choose another name or remove it)") from None
+    return path
+
+
+def _check_batch_memory(dataset: Dataset, batch: int) -> None:
+    # A lower bound: the batch, its noise and the noisy input, in float32. The network's
+    # activations come on top, so a batch refused here could never have run.
+    numel = math.prod(dataset.sample_shape)
+    check_memory(3 * 4 * batch * numel, f"a training batch of {batch} samples of shape "
+                 f"{tuple(dataset.sample_shape)}", "lower --batch")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # every flag is checked before the data set is loaded and before training starts
+    out = check_teacher_out(args.out) if args.out is not None else None
+    if args.grid is not None:
+        check_image_output(args.grid, "--grid")
+        if args.dataset == "gmm":
+            raise UsageError("--grid needs an image data set (digits, cifar10, folder), not gmm")
+    if args.cache_dir is not None and os.path.exists(os.path.expanduser(args.cache_dir)) \
+            and not os.path.isdir(os.path.expanduser(args.cache_dir)):
+        raise UsageError(f"--cache-dir {args.cache_dir} is a file, not a folder")
+    device = resolve_device(args.device)
     dataset = load_dataset(args.dataset, data_root=args.data_root, resolution=args.resolution,
                            download=args.download)
-    device = resolve_device(args.device)
+    if args.grid is not None and len(dataset.sample_shape) != 3:
+        raise UsageError("--grid needs an image data set")
     recipe = _full_recipe(dataset.name, dict(iters=args.iters, batch=args.batch, lr=args.lr,
                                              ema_halflife_images=args.ema_halflife))
+    _check_batch_memory(dataset, recipe["batch"])
     config = default_config(dataset.name, dataset.sample_shape, 0)
-    if args.out is None:
+    if out is None:
         path = teacher_cache_path(dataset, config, recipe, args.seed, args.cache_dir)
         existed = os.path.exists(path)
         net = get_teacher(dataset, cache_dir=args.cache_dir, device=device, seed=args.seed,
                           progress=not args.no_progress, config=config, recipe=recipe)
         print(f"teacher ({'cached' if existed else 'trained'}): {path}")
     else:
-        path = os.path.expanduser(args.out)
+        path = out
         if os.path.isdir(path):
-            path = os.path.join(path, os.path.basename(teacher_cache_path(dataset, config, recipe, args.seed, ".")))
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise UsageError(f"output folder {folder} does not exist")
+            path = check_teacher_out(os.path.join(
+                path, os.path.basename(teacher_cache_path(dataset, config, recipe, args.seed, "."))))
         net = _train_and_save(dataset, config, recipe, args.seed, device, not args.no_progress, path)
         print(f"teacher (trained in {net.train_seconds:.1f} s): {path}")
     if args.grid is not None:
-        if len(dataset.sample_shape) != 3:
-            raise UsageError("--grid needs an image data set")
         from gsd.samplers import heun_sample, latents_for_seeds
 
         latents = latents_for_seeds(range(64), dataset.sample_shape, device=device)

@@ -172,3 +172,105 @@ def test_training_progress_in_a_log_is_a_few_plain_lines(gmm, capsys):
     assert "loss=" in lines[-1]
     train_teacher(gmm, SMALL_MLP, iters=5, batch=16, lr=1e-3, device="cpu", seed=0, progress=False)
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- review D4 / D9: flags checked first
+
+from tests.cli_checks import assert_one_line_error  # noqa: E402
+
+
+def _run_cli(argv, capsys):
+    """(exit code, stderr) of `python -m gsd.teacher argv`, in process; argparse errors included."""
+    try:
+        code = run_main(main, argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Training must not start: every case below is refused before it."""
+    def boom(*a, **k):
+        raise AssertionError("training started before the flags were checked")
+    monkeypatch.setattr(teacher_mod, "train_teacher", boom)
+    monkeypatch.setattr(teacher_mod, "load_dataset", boom)
+
+
+def test_out_refuses_an_existing_file_that_is_not_a_teacher(tmp_path, capsys, no_training):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious\n")
+    code, err = _run_cli(["--dataset", "gmm", "--iters", "5", "--out", str(precious)], capsys)
+    assert_one_line_error(code, err, "precious.txt", "not a gsd teacher")
+    assert precious.read_text() == "precious\n"
+    fake = tmp_path / "fake.safetensors"  # the right name but not ours
+    fake.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    code, err = _run_cli(["--dataset", "gmm", "--iters", "5", "--out", str(fake)], capsys)
+    assert_one_line_error(code, err, "fake.safetensors")
+    assert fake.read_bytes().startswith(b"\x08")
+
+
+def test_out_replaces_an_existing_teacher_file(tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    for iters in ("3", "4"):
+        code, err = _run_cli(["--dataset", "gmm", "--iters", iters, "--batch", "8", "--out", str(out),
+                              "--no-progress", "--device", "cpu"], capsys)
+        assert code == 0, err
+        assert load_denoiser(out).metadata["recipe"]["iters"] == int(iters)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--grid", "GRID/g.png"], ["--grid", "image data set"]),                # gmm has no images
+    (["--dataset", "digits", "--grid", "/proc/g.png"], ["--grid", "/proc"]),
+    (["--dataset", "digits", "--grid", "GRID/g.txt"], ["--grid", ".txt"]),
+    (["--dataset", "digits", "--grid", "GRID"], ["--grid", "folder"]),
+    (["--out", "/proc/t.safetensors"], ["--out", "/proc"]),
+    (["--out", "FILE/t.safetensors"], ["--out", "not a folder"]),
+    (["--cache-dir", "FILE"], ["--cache-dir"]),
+    (["--iters", str(10 ** 20)], ["--iters"]),
+    (["--batch", str(10 ** 20)], ["--batch"]),
+    (["--seed", str(10 ** 20)], ["--seed"]),
+    (["--seed", str(2 ** 64)], ["--seed"]),
+    (["--lr", "nan"], ["--lr"]),
+])
+def test_every_flag_is_checked_before_training(tmp_path, capsys, no_training, extra, needles):
+    (tmp_path / "FILE").write_text("x")
+    argv = ["--dataset", "gmm", "--iters", "5"] + [a.replace("GRID", str(tmp_path)).replace("FILE", str(tmp_path / "FILE"))
+                                                    for a in extra]
+    code, err = _run_cli(argv, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert (tmp_path / "FILE").read_text() == "x"
+
+
+def test_grid_is_checked_before_writing_out(tmp_path, capsys, monkeypatch):
+    # the review's case: training ran, the teacher replaced --out, then --grid was refused
+    def boom(*a, **k):
+        raise AssertionError("trained")
+    monkeypatch.setattr(teacher_mod, "train_teacher", boom)
+    out = tmp_path / "t.safetensors"
+    code, err = _run_cli(["--dataset", "gmm", "--no-progress", "--iters", "300", "--grid", str(tmp_path / "g.png"),
+                          "--out", str(out)], capsys)
+    assert_one_line_error(code, err, "--grid")
+    assert not out.exists()
+
+
+def test_huge_batch_is_refused_by_its_memory_estimate(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "1")
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    code, err = _run_cli(["--dataset", "gmm", "--batch", str(10 ** 9), "--out", str(tmp_path / "t.safetensors")],
+                         capsys)
+    assert_one_line_error(code, err, "GB", "--batch")
+
+
+def test_diverging_lr_is_one_line_and_stops_early(tmp_path, capsys, gmm):
+    code, err = _run_cli(["--dataset", "gmm", "--iters", "400", "--batch", "8", "--lr", "1e30", "--no-progress",
+                          "--device", "cpu", "--out", str(tmp_path / "t.safetensors")], capsys)
+    assert_one_line_error(code, err, "non-finite loss", "--lr")
+    assert "iteration 50 " in err  # the first loss window, not after all 400 iterations
+    assert not (tmp_path / "t.safetensors").exists()
+    with pytest.raises(UsageError, match="non-finite"):
+        train_teacher(gmm, SMALL_MLP, iters=60, batch=8, lr=1e30, device="cpu", progress=False, log_every=10)
+    # 1e308 cannot even be applied by Adam in float32 (the review's RuntimeError traceback)
+    code, err = _run_cli(["--dataset", "gmm", "--iters", "400", "--batch", "8", "--lr", "1e308", "--no-progress",
+                          "--device", "cpu", "--out", str(tmp_path / "t.safetensors")], capsys)
+    assert_one_line_error(code, err, "overflows float32", "--lr")
