@@ -60,10 +60,13 @@ RESUME_FREE = ("iters", "device", "out", "resume", "log_every", "ckpt_every", "k
 
 # The stop rule of a run that goes wrong (--max-bad-iters): an iteration is bad when a loss
 # is non-finite, when one of its two steps dropped every sample, or when the loss explodes:
-# |loss_fake| + |loss_gen| above EXPLODE_FACTOR x max(1, that sum in the first iteration of
-# this start). The run stops after DEFAULT_MAX_BAD_ITERS such iterations in a row.
+# the median of |loss_fake| + |loss_gen| over the last EXPLODE_WINDOW iterations is above
+# EXPLODE_FACTOR x max(1, the first loss of this start computed before any update: loss_fake,
+# or loss_gen without SiD). The median ignores the spread that the random noise levels give
+# single iterations. The run stops after DEFAULT_MAX_BAD_ITERS bad iterations in a row.
 DEFAULT_MAX_BAD_ITERS = 10
 EXPLODE_FACTOR = 1e4
+EXPLODE_WINDOW = 10
 
 # DistillConfig fields that may differ from a checkpoint's own copy on --resume
 CKPT_FREE = ("backend", "compile", "grad_checkpoint")
@@ -113,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad-iters", type=nonnegative_int, default=DEFAULT_MAX_BAD_ITERS, metavar="K",
                    help="stop the run (one line, exit 2, the last checkpoint kept) after K consecutive bad "
                         "iterations: a loss is non-finite, or one of the two steps dropped every sample (non-finite "
-                        "generator samples or network outputs), or the loss has exploded (|loss_fake| + |loss_gen| "
-                        f"above {EXPLODE_FACTOR:g} x max(1, its value in the first iteration)); 0 never stops")
+                        "generator samples or network outputs), or the loss has exploded (the median of "
+                        f"|loss_fake| + |loss_gen| over the last {EXPLODE_WINDOW} iterations above "
+                        f"{EXPLODE_FACTOR:g} x max(1, the first iteration's loss_fake, or loss_gen without SiD)); "
+                        "0 never stops")
     p.add_argument("--ckpt-every", type=positive_int, default=None,
                    help="iterations between checkpoints (default per dataset)")
     p.add_argument("--keep-every", type=nonnegative_int, default=None,
@@ -620,6 +625,7 @@ class _StopRule:
         self.limit = limit
         self.streak = 0
         self.reference: float | None = None
+        self.recent: list[float] = []
         self.reason = ""
 
     def update(self, out: dict, device, world: int) -> bool:
@@ -630,12 +636,17 @@ class _StopRule:
         elif out.get("all_dropped"):
             reason = "a step dropped every sample (non-finite generator samples, teacher or fake-score outputs)"
         else:
-            size = abs(losses.get("loss_fake", 0.0)) + abs(losses.get("loss_gen", 0.0))
             if self.reference is None:
-                self.reference = max(1.0, size)
-            elif size > EXPLODE_FACTOR * self.reference:
-                reason = (f"the loss exploded (|loss_fake| + |loss_gen| = {size:.3g} > {EXPLODE_FACTOR:g} x "
-                          f"{self.reference:.3g} of the first iteration)")
+                # computed before this start's first update (loss_gen of a SiD iteration follows
+                # the fake-score step, which a diverging lr has already spoilt)
+                first = losses["loss_fake"] if "loss_fake" in losses else losses.get("loss_gen", 0.0)
+                self.reference = max(1.0, abs(first))
+            self.recent = (self.recent + [abs(losses.get("loss_fake", 0.0)) + abs(losses.get("loss_gen", 0.0))])
+            self.recent = self.recent[-EXPLODE_WINDOW:]
+            size = sorted(self.recent)[len(self.recent) // 2]
+            if size > EXPLODE_FACTOR * self.reference:
+                reason = (f"the loss exploded (median |loss_fake| + |loss_gen| of the last {len(self.recent)} "
+                          f"iterations {size:.3g} > {EXPLODE_FACTOR:g} x {self.reference:.3g} at the start)")
         bad = reason is not None
         if world > 1:  # one verdict for every rank, or some would stop and the others wait
             flag = torch.tensor([int(bad)], dtype=torch.int64, device=device)
