@@ -19,8 +19,13 @@ from typing import Sequence
 
 import torch
 
-from gsd.cli import (UsageError, add_data_args, add_guidance_args, add_runtime_args, make_parser,
-                     positive_int, run_main)
+from gsd.cli import (UsageError, add_data_args, add_guidance_args, add_runtime_args, bounded_int,
+                     check_image_output, check_memory, count_int, format_bytes, make_parser, run_main)
+
+# Sampling keeps a few float32 copies of the whole set at once (latents, the current x,
+# the denoised estimate); guidance adds gradients of the same size.
+SAMPLER_COPIES = 3
+MAX_SCALE = 1024  # PNG pixel upscaling; the grid size check bounds scale * grid further
 
 __all__ = ["build_parser", "main"]
 
@@ -42,21 +47,26 @@ def build_parser():
                    help="allow --teacher to be an EDM .pkl (only EDM's allow-listed classes are read)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="teacher / classifier cache folder (None = $GSD_CACHE or ~/.cache/gsd)")
-    p.add_argument("--num", type=positive_int, default=16, help="number of samples")
-    p.add_argument("--steps", type=positive_int, default=30, help="sampler steps (= network evaluations)")
+    p.add_argument("--num", type=count_int, default=16, help="number of samples")
+    p.add_argument("--steps", type=count_int, default=30, help="sampler steps (= network evaluations)")
     add_guidance_args(p)
-    p.add_argument("--scale", type=positive_int, default=4, help="pixel upscaling of the PNG")
+    p.add_argument("--scale", type=bounded_int(1, MAX_SCALE), default=4, help="pixel upscaling of the PNG")
     return p
 
 
-def _validate(args, dataset) -> None:
+def _validate_out(args) -> None:
+    """Checks that need no data set: before anything is loaded."""
     if args.out is None:
         raise UsageError("--out PNG is required")
-    if not str(args.out).lower().endswith(".png"):
-        raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    check_image_output(args.out, "--out", suffixes=(".png",))
     folder = os.path.dirname(os.path.abspath(os.path.expanduser(args.out)))
     if not os.path.isdir(folder):
         raise UsageError(f"output folder {folder} does not exist")
+
+
+def _validate(args, dataset) -> None:
+    from gsd.teacher import check_grid_size
+
     if len(dataset.sample_shape) != 3:
         raise UsageError(f"--dataset {dataset.name} is not an image data set; gsd.sample writes image grids")
     if args.target_class is not None:
@@ -70,10 +80,25 @@ def _validate(args, dataset) -> None:
         raise UsageError("--guidance class needs a classifier; one exists for --dataset digits only")
     if args.guidance == "inpaint" and args.num > len(dataset) // 5:
         raise UsageError(f"--num {args.num} exceeds the {len(dataset) // 5} held-out images to inpaint")
+    one_copy = 4 * args.num * math.prod(dataset.sample_shape)  # float32
+    check_memory(SAMPLER_COPIES * one_copy,
+                 f"sampling --num {args.num} samples of shape {tuple(dataset.sample_shape)} "
+                 f"({format_bytes(one_copy)} per copy, {SAMPLER_COPIES} copies)", "lower --num")
+    if args.guidance == "inpaint":  # reference, result and original per sample
+        check_grid_size(3 * args.num, dataset.sample_shape, nrow=3 * _inpaint_cols(args.num), scale=args.scale,
+                        what=f"the grid of --num {args.num} inpaintings at --scale {args.scale}")
+    else:
+        check_grid_size(args.num, dataset.sample_shape, scale=args.scale,
+                        what=f"the grid of --num {args.num} samples at --scale {args.scale}")
+
+
+def _inpaint_cols(n: int) -> int:
+    return max(1, min(n, round(math.sqrt(n / 3)) or 1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _validate_out(args)
     from gsd.data import load_dataset
 
     dataset = load_dataset(args.dataset, data_root=args.data_root, resolution=args.resolution,
@@ -117,8 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         obs = ((x - ref).square() * m).flatten(1).sum(1) / m.flatten(1).sum(1)
         masked = ref * m  # hidden pixels 0 = grey
         tiles = torch.stack([masked, x, ref], dim=1).flatten(0, 1)
-        cols = max(1, min(n, round(math.sqrt(n / 3)) or 1))
-        save_image_grid(tiles, out, nrow=3 * cols, scale=args.scale)
+        save_image_grid(tiles, out, nrow=3 * _inpaint_cols(n), scale=args.scale)
         print(f"inpaint ({method}{setting}, {args.steps} steps): MSE on the observed region "
               f"{obs.mean().item():.4f} over {n} held-out images")
     else:

@@ -28,7 +28,7 @@ from gsd.networks import (EDMPrecond, build_denoiser, default_config, load_denoi
 from gsd.progress import progress_bar
 
 __all__ = ["default_teacher_recipe", "edm_loss", "train_teacher", "get_teacher", "teacher_cache_path",
-           "default_cache_dir", "resolve_device", "main"]
+           "default_cache_dir", "resolve_device", "save_image_grid", "grid_layout", "check_grid_size", "main"]
 
 P_MEAN, P_STD = -1.2, 1.2
 CACHE_VERSION = 1  # bump when training changes in a way the cache key does not capture
@@ -290,15 +290,44 @@ def get_teacher(dataset: Dataset, *, teacher_path=None, cache_dir=None, device="
 # ----------------------------------------------------------------------------------------
 # Sample grids (quick visual check).
 
+def grid_layout(n: int, h: int, w: int, nrow: int | None = None) -> tuple[int, int, int, int]:
+    """(images per row, rows, height, width) of save_image_grid's grid of n h x w images, before scaling."""
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    return nrow, ncol, ncol * (h + 1) + 1, nrow * (w + 1) + 1
+
+
+def max_grid_pixels() -> int:
+    """Largest grid written: PIL refuses to open images above twice its MAX_IMAGE_PIXELS
+    (its decompression-bomb check), so a larger PNG could not even be read back."""
+    from PIL import Image
+
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def check_grid_size(n: int, sample_shape, nrow: int | None = None, scale: int = 1, what: str = "the grid") -> None:
+    """UsageError (one line) when save_image_grid(n images, nrow, scale) would be too big to read
+    back or to hold in memory."""
+    from gsd.cli import check_memory
+
+    c, h, w = (int(v) for v in sample_shape)
+    _, _, gh, gw = grid_layout(n, h, w, nrow)
+    height, width = gh * scale, gw * scale
+    limit = max_grid_pixels()
+    if height * width > limit:
+        raise UsageError(f"{what} would be {width} x {height} pixels, more than the {limit} pixels image readers "
+                         f"(PIL) accept; lower --num or --scale")
+    check_memory(c * gh * gw * 4 + c * height * width, what)
+
+
 def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1) -> str:
     """Write (N, C, H, W) images in [-1, 1] as one PNG grid (1-pixel gaps)."""
     from PIL import Image
 
     images = images.detach().to("cpu", torch.float32).clamp(-1, 1)
     n, c, h, w = images.shape
-    nrow = nrow or int(math.ceil(math.sqrt(n)))
-    ncol = int(math.ceil(n / nrow))
-    grid = torch.full((c, ncol * (h + 1) + 1, nrow * (w + 1) + 1), 1.0)
+    nrow, ncol, gh, gw = grid_layout(n, h, w, nrow)
+    grid = torch.full((c, gh, gw), 1.0)
     for i in range(n):
         r, col = divmod(i, nrow)
         grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = images[i]

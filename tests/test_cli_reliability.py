@@ -150,3 +150,73 @@ def test_progress_module_imports_no_command():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.startswith("gsd") or n == "" or n.startswith(".")], names
+
+
+# ---------------------------------------------------------------- review D9: one line, exit 2
+
+from tests.cli_checks import assert_one_line_error  # noqa: E402
+
+
+def _cli(main, argv, capsys):
+    from gsd.cli import run_main
+
+    try:
+        code = run_main(main, argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """The refusals below must come before a teacher is loaded or trained."""
+    import gsd.teacher
+
+    def boom(*a, **k):
+        raise AssertionError("a teacher was loaded before the flags were checked")
+    monkeypatch.setattr(gsd.teacher, "get_teacher", boom)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--num", str(10 ** 20)], ["--num"]),
+    (["--num", str(10 ** 8)], ["--num 100000000", "25.6 GB", "limit"]),   # the review's 25.6 GB allocation
+    (["--scale", "100000"], ["--scale"]),                                  # was a MemoryError
+    (["--num", "16", "--scale", "1000"], ["--scale 1000", "pixels"]),
+    (["--num", "4000000", "--scale", "1"], ["--num 4000000", "pixels"]),
+    (["--seed", str(10 ** 20)], ["--seed"]),
+    (["--steps", str(10 ** 20)], ["--steps"]),
+    (["--out", "/proc/x.png"], ["/proc"]),
+    (["--out", "FILE/x.png"], ["not a folder"]),
+    (["--out", "TMP"], ["folder"]),
+    (["--out", "TMP/x.jpg"], [".png"]),
+])
+def test_sample_refuses_in_one_line(tmp_path, capsys, monkeypatch, nothing_loads, argv, needles):
+    from gsd.sample import main
+
+    monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "12")  # the review machine's half of 23 GB
+    (tmp_path / "FILE").write_text("x")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")).replace("TMP", str(tmp_path)) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "g.png")]
+    code, err = _cli(main, ["--dataset", "digits"] + argv, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_sample_grid_check_matches_the_written_grid(tmp_path):
+    # the size check computes the same layout as the writer (guards against the two drifting apart)
+    from PIL import Image
+
+    from gsd.teacher import grid_layout, save_image_grid
+
+    for n, nrow, scale in [(1, None, 1), (7, None, 2), (12, 6, 1), (5, 3, 3)]:
+        path = tmp_path / f"g{n}.png"
+        save_image_grid(torch_rand(n), str(path), nrow=nrow, scale=scale)
+        _, _, gh, gw = grid_layout(n, 8, 8, nrow)
+        assert Image.open(path).size == (gw * scale, gh * scale)
+
+
+def torch_rand(n):
+    import torch
+
+    return torch.rand(n, 1, 8, 8) * 2 - 1
