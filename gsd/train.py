@@ -490,6 +490,9 @@ def _run(config, *, explicit, nan_hook) -> Path:
                         saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
                     if interrupts.requested:  # Ctrl-C during this iteration: it is complete now
                         raise KeyboardInterrupt
+        except TrainingStopped:
+            bar.close()
+            raise
         except KeyboardInterrupt:
             bar.close()
             logger.close()
