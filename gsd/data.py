@@ -358,6 +358,36 @@ def _unpickle(path: str) -> dict:
     return data
 
 
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_image_resolution(resolution, count: int, what: str) -> int:
+    """The resolution as an int, refused (with the reason) when not positive or when `count`
+    float32 RGB images of that size would not fit in this machine's memory."""
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
+        raise DataError(f"--resolution must be an integer, got {resolution!r}")
+    res = int(resolution)
+    if res < 1:
+        raise DataError(f"--resolution must be positive, got {res}")
+    need = count * 3 * res * res * 4
+    total = _memory_bytes()
+    if total is not None and need > total:
+        raise DataError(f"--resolution {res}: {count} {what} of 3x{res}x{res} float32 need {need / 1e9:.1f} GB, "
+                        f"more than this machine's {total / 1e9:.1f} GB of memory")
+    return res
+
+
+def _check_root(root: str, what: str, hint: str = "") -> None:
+    if not os.path.exists(root):
+        raise DataError(f"{what} {root} does not exist{hint}")
+    if not os.path.isdir(root):
+        raise DataError(f"{what} {root} is not a directory")
+
+
 def _cifar_folder(root: str) -> str:
     for cand in (os.path.join(root, CIFAR10_DIR), root):
         if all(os.path.isfile(os.path.join(cand, f)) for f in CIFAR10_TRAIN_FILES):
@@ -391,13 +421,14 @@ def load_cifar10(data_root, resolution=None, download: bool = False) -> Dataset:
             torchvision.datasets.CIFAR10(root, train=True, download=True)
         except Exception as exc:
             raise DataError(f"could not download CIFAR-10 into {root}: {' '.join(str(exc).split())}") from None
-    if not os.path.isdir(root):
-        raise DataError(f"CIFAR-10 root {root} does not exist (pass --download to fetch it)")
+    _check_root(root, "CIFAR-10 root", " (pass --download to fetch it)")
     folder = _cifar_folder(root)
     missing = [f for f in CIFAR10_TRAIN_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise DataError(f"CIFAR-10 not found under {root}: missing {', '.join(missing)} in {folder} "
                         "(pass --download to fetch it)")
+    if resolution is not None:
+        _check_image_resolution(resolution, 1, "image")  # the cheap checks before reading anything
     arrays, labels = [], []
     for name in CIFAR10_TRAIN_FILES:
         entry = _unpickle(os.path.join(folder, name))
@@ -416,29 +447,57 @@ def load_cifar10(data_root, resolution=None, download: bool = False) -> Dataset:
     meta_path = os.path.join(folder, "batches.meta")
     if os.path.isfile(meta_path):
         label_names = _unpickle(meta_path).get("label_names")
-    res = 32 if resolution is None else int(resolution)
+    res = 32 if resolution is None else _check_image_resolution(resolution, data.shape[0], "CIFAR-10 images")
     data = _resize_images(data, res)
     return Dataset("cifar10", data.contiguous(), torch.tensor(labels, dtype=torch.int64), 10, (3, res, res), None,
                    {"root": folder, "label_names": label_names})
 
 
 def _list_images(root: str) -> list[str]:
-    found = []
+    """Image files under root, sorted per folder. Symbolic links are followed, but every real
+    folder and every real file is taken once: a link loop (self -> .) or two links to the same
+    place would otherwise repeat images (or, with two loops, never end)."""
+    found, seen_dirs, seen_files = [], set(), set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
         for fname in sorted(filenames):
             if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
-                found.append(os.path.join(dirpath, fname))
+                path = os.path.join(dirpath, fname)
+                real_file = os.path.realpath(path)
+                if real_file not in seen_files:
+                    seen_files.add(real_file)
+                    found.append(path)
     return found
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _load_image(path: str, resolution: int) -> np.ndarray:
+    """(R, R, 3) float32 in [0, 255]: RGB, shorter side resized to R, centre-cropped.
+
+    16-bit greyscale images keep their full range (scaled by 255/65535); converting them to
+    8-bit RGB the plain way would clip every value above 255 to white."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.draft("RGB", (resolution, resolution))  # cheap JPEG downscale, never below target
-            img = img.convert("RGB")
+            if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+                values = np.asarray(img, dtype=np.float64)
+                if values.size and (values.min() < 0 or values.max() > 65535):
+                    raise DataError(f"image {path} has 32-bit integer values outside 0..65535 (unsupported)")
+                img = Image.fromarray((values * (255.0 / 65535.0)).astype(np.float32), mode="F")
+            elif img.mode == "F":
+                raise DataError(f"image {path} is a floating-point image (mode F): its value range is unknown, "
+                                f"convert it to 8 or 16 bits")
+            else:
+                img = img.convert("RGB")
             w, h = img.size
             scale = resolution / min(w, h)
             new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -446,9 +505,16 @@ def _load_image(path: str, resolution: int) -> np.ndarray:
                 img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
             left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
             img = img.crop((left, top, left + resolution, top + resolution))
-            return np.asarray(img, dtype=np.uint8)
-    except Exception as exc:
-        raise DataError(f"cannot read image {path}: {' '.join(str(exc).split())}") from None
+            out = np.asarray(img, dtype=np.float32)
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"cannot read image {path}: out of memory at resolution {resolution}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+    if out.ndim == 2:  # the 16-bit path is single-channel: grey -> RGB
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    return np.clip(out, 0.0, 255.0)  # bicubic overshoot in the float path
 
 
 def load_folder(data_root, resolution=None) -> Dataset:
@@ -456,17 +522,17 @@ def load_folder(data_root, resolution=None) -> Dataset:
     if data_root is None:
         raise DataError("--dataset folder needs --data-root (a folder of images)")
     root = os.path.expanduser(os.fspath(data_root))
-    if not os.path.isdir(root):
-        raise DataError(f"image folder {root} does not exist")
-    res = 32 if resolution is None else int(resolution)
-    if res < 1:
-        raise DataError(f"resolution must be positive, got {res}")
+    _check_root(root, "image folder")
+    if resolution is not None:
+        _check_image_resolution(resolution, 1, "image")  # the cheap checks before walking the folder
     files = _list_images(root)
     if not files:
         raise DataError(f"image folder {root} holds no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)})")
-    arrays = np.stack([_load_image(p, res) for p in files])  # (N, R, R, 3) uint8
-    data = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
-    return Dataset("folder", data.contiguous(), None, 0, (3, res, res), None, {"root": root, "files": len(files)})
+    res = 32 if resolution is None else _check_image_resolution(resolution, len(files), "images")
+    data = torch.empty(len(files), 3, res, res)
+    for i, path in enumerate(files):
+        data[i] = torch.from_numpy(_load_image(path, res)).permute(2, 0, 1) / 127.5 - 1.0
+    return Dataset("folder", data, None, 0, (3, res, res), None, {"root": root, "files": len(files)})
 
 
 def load_dataset(name: str, data_root=None, resolution=None, download: bool = False) -> Dataset:

@@ -553,3 +553,85 @@ def test_diffusers_bad_files_via_the_import_cli(tmp_path, capsys):
         folder, _ = _unet_folder(tmp_path, name=f"u{i}", **kw)
         code = run_main(import_teacher.main, [str(folder)])
         assert_one_line_error(code, capsys.readouterr().err, needle)
+
+
+# ----------------------------------------------------------------------------------------
+# D8: --dataset folder
+
+def _png16(path, array):
+    from PIL import Image
+
+    Image.fromarray(np.asarray(array, dtype=np.uint16)).save(path)
+
+
+def test_folder_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    _png16(tmp_path / "grey.png", np.full((8, 8), 32768))
+    ramp = np.tile(np.linspace(0, 65535, 16).round(), (16, 1))
+    _png16(tmp_path / "ramp16.png", ramp)
+    Image.fromarray((ramp / 257).round().astype(np.uint8)).save(tmp_path / "ramp8.png")
+    assert Image.open(tmp_path / "grey.png").mode.startswith("I")  # really a 16-bit file
+    ds = load_dataset("folder", data_root=str(tmp_path), resolution=8)
+    grey, ramp16, ramp8 = ds.data  # sorted file names
+    assert (grey - (32768 / 65535 * 2 - 1)).abs().max() < 1e-3  # ~0, not +1 (white)
+    assert abs(float(ramp16.mean())) < 0.02
+    assert (ramp16 - ramp8).abs().max() < 0.02  # same picture as its 8-bit version
+    assert torch.equal(ramp16[0], ramp16[1]) and torch.equal(ramp16[0], ramp16[2])  # grey -> RGB
+
+
+def test_folder_symlink_loops_and_duplicate_links_do_not_duplicate_images(tmp_path, monkeypatch):
+    from PIL import Image
+
+    real_walk = os.walk
+
+    def bounded_walk(*args, **kwargs):  # two loops make an unguarded walk exponential
+        for i, entry in enumerate(real_walk(*args, **kwargs)):
+            if i > 200:
+                raise BombBuilt("the folder walk does not end")
+            yield entry
+    monkeypatch.setattr(os, "walk", bounded_walk)
+
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(tmp_path / "sub" / "b.png")
+    os.symlink(".", tmp_path / "self")                 # a loop to itself
+    os.symlink("..", tmp_path / "sub" / "up")          # a loop to an ancestor
+    os.symlink("sub", tmp_path / "sub_again")          # the same folder twice
+    os.symlink("a.png", tmp_path / "a_link.png")       # the same file twice
+    ds = load_dataset("folder", data_root=str(tmp_path), resolution=8)
+    assert ds.info["files"] == 2 and len(ds) == 2
+    assert sorted(float(x.mean()) for x in ds.data) == [-1.0, 1.0]
+
+
+def test_folder_data_root_that_is_a_file_says_so(tmp_path):
+    f = tmp_path / "afile.png"
+    f.write_bytes(b"x")
+    for name in ("folder", "cifar10"):
+        with pytest.raises(DataError) as info:
+            load_dataset(name, data_root=str(f))
+        assert "not a directory" in str(info.value) and "afile.png" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["folder", "cifar10"])
+def test_absurd_resolution_is_refused_with_a_reason_before_allocating(tmp_path, monkeypatch, name):
+    from PIL import Image
+
+    if name == "folder":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    else:
+        _write_cifar(tmp_path)
+
+    def no_resize(*args, **kwargs):
+        raise BombBuilt("an image was resized to the absurd resolution")
+    monkeypatch.setattr(Image.Image, "resize", no_resize)
+    monkeypatch.setattr(torch.nn.functional, "interpolate", no_resize)
+    start = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        load_dataset(name, data_root=str(tmp_path), resolution=100_000)
+    msg = str(info.value)
+    assert "100000" in msg and "GB" in msg and "memory" in msg and "\n" not in msg, msg
+    assert time.perf_counter() - start < 5
+    for bad in (0, -3):
+        with pytest.raises(DataError, match="resolution"):
+            load_dataset(name, data_root=str(tmp_path), resolution=bad)
