@@ -36,12 +36,17 @@ def rel(a, b):
     return ((a - b).norm() / nb).item()
 
 
+def f64(v):
+    """A float64 device scalar, as the primitives take inv_two_h2 / scale / coef."""
+    return torch.tensor(v, dtype=torch.float64, device=DEVICE)
+
+
 @pytest.fixture
 def knobs():
     """Restore the module-level tuning knobs after a test changes them."""
     saved = {k: getattr(tb, k) for k in
              ("SMALL_DIM", "DIRECT_MAX", "FORCE_NO_DOT", "SLAB_ROWS", "SID_BLOCK",
-              "SID_TARGET_PROGRAMS")}
+              "SID_TARGET_PROGRAMS", "DOT_PRECISION", "TILES", "LARGE_TILE_MIN_ROWS")}
     yield tb
     for k, v in saved.items():
         setattr(tb, k, v)
@@ -97,22 +102,28 @@ def make(n, D, d, dtype, seed=0, offset=0.0):
     return x.to(dtype).to(DEVICE), z.to(dtype).to(DEVICE)
 
 
-def check_iso(x, z, ranges, inv_two_h2, dtype, coefs=None):
-    n = x.shape[0]
+def check_iso(x, z, ranges, inv_two_h2, dtype, coefs=None, need=(True, True)):
     r0, r1, c0, c1 = ranges
     xc, zc, xn2, zn2 = prepare(x, z)
-    got = tb.iso_forward_sums(xc, zc, xn2, zn2, r0, r1, c0, c1, inv_two_h2)
+    got = tb.iso_forward_sums(xc, zc, xn2, zn2, r0, r1, c0, c1, f64(inv_two_h2))
     assert got.dtype == torch.float64 and got.shape == (4,)
     assert got.device.type == x.device.type
     want = ref_sums(x, z, r0, r1, c0, c1, inv_two_h2)
     assert rel(got, want) < TOL[dtype], (got, want)
     p, q, r, s = coefs if coefs is not None else loss_coefs(x, z, inv_two_h2)
-    gx, gz = tb.iso_backward_rows(xc, zc, xn2, zn2, r0, r1, c0, c1, inv_two_h2, p, q, r, s)
-    assert gx.shape == (r1 - r0, x.shape[1]) and gz.shape == (r1 - r0, z.shape[1])
-    assert gx.dtype == dtype and gz.dtype == dtype
+    gx, gz = tb.iso_backward_rows(xc, zc, xn2, zn2, r0, r1, c0, c1, f64(inv_two_h2),
+                                  f64([p, q, r, s]), need_x=need[0], need_z=need[1])
     wx, wz = ref_rows(x, z, r0, r1, c0, c1, inv_two_h2, p, q, r, s)
-    assert rel(gx, wx) < TOL[dtype]
-    assert rel(gz, wz) < TOL[dtype]
+    if need[0]:
+        assert gx.shape == (r1 - r0, x.shape[1]) and gx.dtype == dtype
+        assert rel(gx, wx) < TOL[dtype]
+    else:
+        assert gx is None
+    if need[1]:
+        assert gz.shape == (r1 - r0, z.shape[1]) and gz.dtype == dtype
+        assert rel(gz, wz) < TOL[dtype]
+    else:
+        assert gz is None
     return got, gx, gz
 
 
@@ -184,16 +195,177 @@ def test_iso_kernel_paths(dtype, knobs):
 def test_iso_empty_and_scaling():
     x, z = make(10, 4, 4, torch.float64, seed=6)
     xc, zc, xn2, zn2 = prepare(x, z)
-    s = tb.iso_forward_sums(xc, zc, xn2, zn2, 3, 3, 0, 10, 0.0)
+    h0 = f64(0.0)
+    s = tb.iso_forward_sums(xc, zc, xn2, zn2, 3, 3, 0, 10, h0)
     assert torch.equal(s, torch.zeros(4, dtype=torch.float64, device=s.device))
-    gx, gz = tb.iso_backward_rows(xc, zc, xn2, zn2, 3, 3, 0, 10, 0.0, 1.0, 1.0, 1.0, 1.0)
+    gx, gz = tb.iso_backward_rows(xc, zc, xn2, zn2, 3, 3, 0, 10, h0, f64([1.0] * 4))
     assert gx.shape == (0, 4) and gz.shape == (0, 4)
     # the result is linear in (p, q, r, s): a wrong coefficient wiring would show here
-    g1 = tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 10, 0, 10, 0.0, 1.0, 0.0, 0.0, 1.0)
-    g2 = tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 10, 0, 10, 0.0, 0.0, 1.0, 1.0, 0.0)
-    g3 = tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 10, 0, 10, 0.0, 2.0, 3.0, 5.0, 7.0)
+    g1 = tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 10, 0, 10, h0, f64([1.0, 0.0, 0.0, 1.0]))
+    g2 = tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 10, 0, 10, h0, f64([0.0, 1.0, 1.0, 0.0]))
+    g3 = tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 10, 0, 10, h0, f64([2.0, 3.0, 5.0, 7.0]))
     assert rel(g3[0], 2 * g1[0] + 3 * g2[0]) < 1e-12
     assert rel(g3[1], 7 * g1[1] + 5 * g2[1]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("need", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("small", [True, False])
+def test_iso_need_flags(need, small, dtype, knobs):
+    """need_x / need_z False: that gradient is None (nothing computed or allocated) and the
+    other one is unchanged, in the flash-style and in the slab backward."""
+    knobs.SMALL_DIM, knobs.SLAB_ROWS = (64, None) if small else (0, 32)
+    x, z = make(45, 20, 24, dtype, seed=11)
+    check_iso(x, z, (0, 45, 0, 45), 0.1, dtype, coefs=(0.3, -0.7, 0.2, -0.5), need=need)
+    check_iso(x, z, (7, 30, 0, 45), 0.0, dtype, coefs=(0.3, -0.7, 0.2, -0.5), need=need)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_iso_identical_rows(dtype):
+    """A collapsed batch (all samples identical): every distance is 0, the sums and the
+    gradients are exactly 0, nothing is NaN."""
+    x = torch.randn(1, 40, dtype=torch.float64).repeat(33, 1).to(dtype).to(DEVICE)
+    z = torch.randn(33, 24, dtype=torch.float64).to(dtype).to(DEVICE)
+    _, zc, _, zn2 = prepare(x, z)
+    xc = x - x[:1]  # identical rows centre to exact zeros (ops.py centres them so)
+    xn2 = (xc * xc).sum(1)
+    s = tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 33, 0, 33, f64(0.0))
+    assert s[1].item() == 0.0 and s[2].item() == 0.0 and s[0].item() == 33 * 32
+    gx, gz = tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 33, 0, 33, f64(0.0),
+                                  f64([0.3, -0.7, 0.2, -0.5]))
+    assert torch.equal(gx, torch.zeros_like(gx))
+    assert torch.isfinite(gz).all()
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_iso_nan_propagates(small, knobs):
+    """A NaN input gives NaN sums (the clamp at 0 must not turn NaN into 0)."""
+    knobs.SMALL_DIM, knobs.SLAB_ROWS = (64, None) if small else (0, None)
+    x, z = make(20, 40, 24, torch.float32, seed=17)
+    xc, zc, xn2, zn2 = prepare(x, z)
+    xc[4, 7] = float("nan")
+    xn2 = (xc * xc).sum(1)
+    s = tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 20, 0, 20, f64(0.0))
+    assert torch.isnan(s[1]) and torch.isnan(s[2])
+    gx, _ = tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 20, 0, 20, f64(0.0),
+                                 f64([0.3, -0.7, 0.2, -0.5]))
+    assert torch.isnan(gx[4]).any()
+
+
+def test_refine_predicate_needs_nonzero_norms():
+    """The close-pair test d2 <= tol (|x_i|^2 + |x_j|^2) is false when the norm sum is 0:
+    zero rows give d2 = 0 exactly, and a collapsed batch must not recompute all N^2 pairs
+    (review S8). White-box: norms passed as 0 for rows that are not zero make the Gram
+    distances max(-2 x_i.x_j, 0); a recompute would replace them by the true distances,
+    so the sums tell whether the predicate fired."""
+    x, z = make(20, 40, 24, torch.float64, seed=12)
+    xc, zc, _, zn2 = prepare(x, z)
+    x0 = xc[:1].repeat(20, 1) * torch.linspace(1, 2, 20, dtype=torch.float64)[:, None]
+    zero_norms = torch.zeros(20, dtype=torch.float64, device=DEVICE)
+    got = tb.iso_forward_sums(x0, zc, zero_norms, zn2, 0, 20, 0, 20, f64(0.0))
+    dots = x0 @ x0.T  # all > 0 (parallel rows): Gram d2 = max(-2 dot, 0) = 0 for every pair
+    assert (dots > 0).all()
+    assert got[1].item() == 0.0  # no pair was recomputed from differences
+
+
+def gram_sums(x, z):
+    """Global-weighting sums in float64 from centred Gram matrices (no N x N x D tensor)."""
+    def d2(a):
+        a = a.double().cpu()
+        a = a - a.mean(0)
+        n2 = (a * a).sum(1)
+        out = (n2[:, None] + n2[None, :] - 2 * a @ a.T).clamp_min(0)
+        return out.fill_diagonal_(0)
+    dx, dz = d2(x), d2(z)
+    return torch.stack([torch.tensor(float(x.shape[0] * (x.shape[0] - 1)), dtype=torch.float64),
+                        dx.sum(), (dx.sqrt() * dz.sqrt()).sum(), dz.sum()])
+
+
+def test_iso_fp64_pair_epilogue_high_dim():
+    """fp32 inputs at D = d = 12288: the loss 1 - S_xz^2 / (S_xx S_zz) is ~1e-4, so S_xz
+    must be accurate to ~1e-9 relative. A fp32 sqrt of the pair distances biases it by
+    ~2e-9 (review W1), L by ~1e-4 relative (8.5e-5 for these inputs, emulated in torch);
+    the float64 epilogue leaves < 1e-6."""
+    n, D = 64, 12288
+    x, z = make(n, D, D, torch.float32, seed=13)
+    xc, zc, xn2, zn2 = prepare(x, z)
+    got = tb.iso_forward_sums(xc, zc, xn2, zn2, 0, n, 0, n, f64(0.0))
+    want = gram_sums(x, z)
+
+    def loss(S):
+        return 1.0 - S[2].item() ** 2 / (S[1].item() * S[3].item())
+
+    L, L0 = loss(got), loss(want)
+    assert 1e-5 < L0 < 1e-3
+    assert abs(L - L0) / L0 < 1e-5, (L, L0)
+
+
+def test_iso_device_scalar_contract():
+    """inv_two_h2 / coef are float64 device tensors: a Python float (a host copy per call)
+    or another dtype is refused with a one-line error."""
+    x, z = make(10, 4, 4, torch.float64, seed=6)
+    xc, zc, xn2, zn2 = prepare(x, z)
+    with pytest.raises(TypeError, match="inv_two_h2"):
+        tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 10, 0, 10, 0.0)
+    with pytest.raises(ValueError, match="inv_two_h2"):
+        tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 10, 0, 10, torch.tensor(0.0, device=DEVICE))
+    with pytest.raises(ValueError, match="coef"):
+        tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 10, 0, 10, f64(0.0), f64([1.0, 2.0]))
+    with pytest.raises(ValueError, match="mean_x"):
+        tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 10, 0, 10, f64(0.0), mean_x=xc.mean(0))
+    with pytest.raises(TypeError, match="scale"):
+        tb.sid_backward(x, x, x, 1.2, f64([1.0] * 10), torch.ones(10, dtype=torch.bool,
+                        device=DEVICE), 0.5)
+
+
+@pytest.mark.parametrize("preset", sorted(tb.TILE_PRESETS) if _ok else [])
+def test_iso_tile_presets(preset, knobs):
+    """Every tile preset of the large-batch path (64x64 .. 128x128 tiles) at awkward sizes:
+    ragged last tiles, a partial last slab, odd N (the table is switched on for small N)."""
+    knobs.TILES, knobs.LARGE_TILE_MIN_ROWS = preset, 0
+    knobs.SMALL_DIM, knobs.SLAB_ROWS = 0, 128  # slab backward, two slabs for N = 131
+    x, z = make(131, 40, 24, torch.float32, seed=14)
+    check_iso(x, z, (0, 131, 0, 131), 0.05, torch.float32)
+    check_iso(x, z, (3, 131, 0, 97), 0.0, torch.float32, coefs=(0.3, -0.7, 0.2, -0.5),
+              need=(True, False))
+
+
+def test_dot_precision_and_tiles_are_validated(knobs):
+    x, z = make(10, 40, 24, torch.float32, seed=6)
+    xc, zc, xn2, zn2 = prepare(x, z)
+    knobs.DOT_PRECISION = "tf16"
+    with pytest.raises(ValueError, match="GSD_TRITON_DOT"):
+        tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 10, 0, 10, f64(0.0))
+    for ok in ("tf32", "tf32x3", "ieee", "tf32:tf32x3"):
+        knobs.DOT_PRECISION = ok
+        tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 10, 0, 10, f64(0.0))
+    knobs.DOT_PRECISION, knobs.TILES, knobs.LARGE_TILE_MIN_ROWS = "tf32x3", "huge", 0
+    with pytest.raises(ValueError, match="GSD_TRITON_TILES"):
+        tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 10, 0, 10, f64(0.0))
+
+
+def test_split3_is_exact():
+    """A float64 Python scalar reaches the kernels as three fp32 parts summing exactly."""
+    g = torch.Generator().manual_seed(15)
+    vals = [1.2, 0.1, 1.0 / 3.0, -2.0 ** -40 * 3.3, 1e30 / 7] + \
+        (torch.randn(200, generator=g, dtype=torch.float64) * 10).tolist()
+    for v in vals:
+        parts = tb._split3(v)
+        assert all(torch.tensor(p, dtype=torch.float32).item() == p for p in parts)
+        assert (parts[0] + parts[1]) + parts[2] == v
+
+
+def test_sid_fp64_alpha_keeps_all_digits():
+    """alpha = 1/3 is not an fp32 number: passed as one fp32 kernel argument it would move
+    the float64 loss by ~1e-8 relative; the split keeps it at rounding level."""
+    xg, yr, yf = make_sid(6, 300, torch.float64, seed=16)
+    alpha = 1.0 / 3.0
+    loss, w, valid = tb.sid_forward(xg, yr, yf, alpha)
+    rl, rw, rv = ref_sid(xg, yr, yf, alpha)
+    assert rel(loss, rl) < 1e-13
+    grads = tb.sid_backward(xg, yr, yf, alpha, w, valid, f64(0.7))
+    for got, want in zip(grads, ref_sid_grads(xg, yr, yf, alpha, rw, rv, 0.7)):
+        assert rel(got, want) < 1e-13
 
 
 # ------------------------------------------------------------------------ SiD oracle
@@ -236,7 +408,7 @@ def test_sid(n, K, alpha, dtype):
     assert torch.equal(valid.cpu(), rv)
     assert rel(loss, rl) < TOL[dtype] and rel(w, rw) < TOL[dtype]
     scale = 0.37 / n
-    grads = tb.sid_backward(xg, yr, yf, alpha, w, valid, scale)
+    grads = tb.sid_backward(xg, yr, yf, alpha, w, valid, f64(scale))
     for got, want in zip(grads, ref_sid_grads(xg, yr, yf, alpha, rw, rv, scale)):
         assert got.dtype == dtype and got.shape == (n, K)
         assert rel(got, want) < TOL[dtype]
@@ -262,7 +434,7 @@ def test_sid_nonfinite_rows(dtype, knobs):
     assert (loss.cpu()[~rv] == 0).all() and (w.cpu()[~rv] == 1).all()
     assert w.cpu()[3].item() == pytest.approx(1e-5)
     assert rel(loss, rl) < TOL[dtype] and rel(w, rw) < TOL[dtype]
-    grads = tb.sid_backward(xg, yr, yf, 1.2, w, valid, 0.25)
+    grads = tb.sid_backward(xg, yr, yf, 1.2, w, valid, f64(0.25))
     for got, want in zip(grads, ref_sid_grads(xg, yr, yf, 1.2, rw, rv, 0.25)):
         assert torch.isfinite(got).all()
         assert (got.cpu()[~rv] == 0).all()
@@ -295,6 +467,9 @@ def test_fake(n, K, dtype, knobs):
     assert gf.dtype == dtype and gx.dtype == dtype
     assert torch.isfinite(gf).all() and torch.isfinite(gx).all()
     assert rel(gf, want) < TOL[dtype] and rel(gx, -want) < TOL[dtype]
+    # x detached (as in training): no g_x is computed or allocated
+    gf2, gx2 = tb.fake_backward(y, x, coef.to(DEVICE), need_x=False)
+    assert gx2 is None and torch.equal(gf2, gf)
 
 
 # ------------------------------------------------------------------- availability
