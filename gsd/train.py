@@ -290,17 +290,18 @@ def _run(config, *, explicit, nan_hook) -> Path:
         run_dir = resume_dir
         try:  # config.json may have been damaged by hand: one line that names the value
             cfg = resolve_config({k: v for k, v in saved.items() if k in vars(build_parser().parse_args([]))})
-            for key in RESUME_FREE:
-                if key in given and given[key] is not None and key not in ("resume", "out"):
-                    cfg[key] = given[key]
             cfg["resume"] = None
             cfg["out"] = str(resume_dir)
             _validate(cfg, resuming=True)
         except UsageError as exc:
-            raise UsageError(f"--resume {run_dir}: {exc} ({runs.CONFIG_NAME} damaged?)") from None
+            raise UsageError(f"--resume {run_dir}: its {runs.CONFIG_NAME} is damaged: {exc}") from None
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise UsageError(f"--resume {run_dir}: {runs.CONFIG_NAME} is damaged ({type(exc).__name__}: "
+            raise UsageError(f"--resume {run_dir}: its {runs.CONFIG_NAME} is damaged ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())})") from None
+        for key in RESUME_FREE:  # then the flags a resume may change, checked as given
+            if key in given and given[key] is not None and key not in ("resume", "out"):
+                cfg[key] = given[key]
+        _validate(cfg, resuming=True)
         step, ckpt_note = runs.find_checkpoint(run_dir)
         if cfg["iters"] < step:
             raise UsageError(f"--resume {run_dir} --iters {cfg['iters']}: the run has already reached iteration "
