@@ -144,3 +144,65 @@ def test_resume_is_bit_exact(tmp_path):
     assert json.loads((resumed / "config.json").read_text())["iters"] == 6
     its = [r["iteration"] for r in runs.read_log(resumed)]
     assert its == list(range(1, 7))
+
+
+def test_find_checkpoint_falls_back_to_newest_complete(tmp_path):
+    for step in (2, 4, 6):
+        runs.save_checkpoint(tmp_path, step, _weights(step), {"x": step}, keep_every=2)
+    assert runs.find_checkpoint(tmp_path) == (6, None)
+    (tmp_path / "checkpoints" / "ckpt-00000006.pt").unlink()
+    step, note = runs.find_checkpoint(tmp_path)
+    assert step == 4 and "6" in note and "\n" not in note
+    (tmp_path / "checkpoints" / "latest.json").unlink()  # a kill before the first latest.json
+    step, note = runs.find_checkpoint(tmp_path)
+    assert step == 4 and "latest.json" in note
+    # a new checkpoint after a fallback supersedes the one resumed from (4 is kept: periodic)
+    runs.save_checkpoint(tmp_path, 5, _weights(5), {"x": 5}, keep_every=2)
+    assert runs.find_checkpoint(tmp_path) == (5, None)
+    assert runs.complete_steps(tmp_path) == [2, 4, 5]
+
+
+def test_restartable_run_dirs(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    runs.write_json_atomic(run / "config.json", {"dataset": "gmm"})
+    (run / "log.jsonl").write_text("")
+    (run / "teacher.safetensors").write_bytes(b"x")
+    # what a kill during the first checkpoint leaves: one half, temp files
+    (run / "checkpoints" / "ckpt-00000005.safetensors").write_bytes(b"x")
+    (run / "checkpoints" / ".ckpt-00000005.pt.tmp123").write_bytes(b"x")
+    assert runs.restartable(run)
+    assert runs.prepare_run_dir(run, {"dataset": "digits"}, allow_restart=True) == run
+    with pytest.raises(UsageError, match="different run"):
+        runs.prepare_run_dir(run, {"dataset": "digits"})  # only when asked for
+    (run / "notes.txt").write_text("mine")
+    assert not runs.restartable(run)  # never empties a folder holding other files
+    with pytest.raises(UsageError):
+        runs.clear_dead_run(run)
+    (run / "notes.txt").unlink()
+    runs.clear_dead_run(run)
+    assert run.is_dir() and not any(run.iterdir())
+    runs.write_json_atomic(run / "config.json", {"dataset": "gmm"})
+    runs.save_checkpoint(run, 1, _weights(1), {})
+    assert not runs.restartable(run)  # a checkpoint is training worth keeping
+
+
+def test_check_out_path(tmp_path):
+    runs.check_out_path(tmp_path / "new" / "deeper")  # creatable: fine, nothing created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "f").write_text("x")
+    for bad, needle in ((tmp_path / "f" / "run", "is a file"), (tmp_path / "f", "not a directory"),
+                        ("/proc/x", "/proc"), ("/sys/kernel/x", "/sys")):
+        with pytest.raises(UsageError, match=needle):
+            runs.check_out_path(bad)
+
+
+def test_stale_temp_files_of_dead_writers_only(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    mine = tmp_path / f".config.json.tmp{os.getpid()}"
+    dead = tmp_path / "checkpoints" / ".latest.json.tmp4194305"  # above Linux's largest pid
+    other = tmp_path / "checkpoints" / "ckpt-00000001.pt"
+    for p in (mine, dead, other):
+        p.write_bytes(b"x")
+    assert runs.remove_stale_temp_files(tmp_path) == [dead]
+    assert mine.exists() and other.exists()
