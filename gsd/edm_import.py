@@ -825,5 +825,8 @@ def export_edm_pickle(path, out, *, trust_pickle: bool = False) -> tuple[EDMPrec
     info = dict(net.import_info)
     meta = {"kind": "teacher", "source": "edm-pickle", "sample_shape": list(net.sample_shape), **info}
     meta.pop("model_config", None)
-    save_denoiser(out, net, extra_metadata=meta)
+    try:
+        save_denoiser(out, net, extra_metadata=meta)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out} ({exc.strerror or _one_line(exc)})") from None
     return net, meta

@@ -635,3 +635,39 @@ def test_absurd_resolution_is_refused_with_a_reason_before_allocating(tmp_path, 
     for bad in (0, -3):
         with pytest.raises(DataError, match="resolution"):
             load_dataset(name, data_root=str(tmp_path), resolution=bad)
+
+
+# ----------------------------------------------------------------------------------------
+# D9: gsd.import_teacher --out checks come first
+
+@pytest.mark.parametrize("case", ["dir", "under-file", "proc", "existing-file"])
+def test_import_teacher_bad_out_is_one_line_before_loading(tmp_path, capsys, monkeypatch, case):
+    from gsd import edm_import, import_teacher
+
+    if case == "proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux /proc")
+    path, _, _ = _edm_pickle(tmp_path)
+    (tmp_path / "afile").write_text("precious")
+    out = {"dir": tmp_path, "under-file": tmp_path / "afile" / "t.safetensors",
+           "proc": Path("/proc/gsd-import-test.safetensors"), "existing-file": tmp_path / "afile"}[case]
+
+    def never(*args, **kwargs):
+        raise BombBuilt("the pickle was loaded before --out was checked")
+    monkeypatch.setattr(edm_import, "export_edm_pickle", never)
+    code = run_main(import_teacher.main, [str(path), "--trust-pickle", "--out", str(out)])
+    assert_one_line_error(code, capsys.readouterr().err, "--out")
+    assert (tmp_path / "afile").read_text() == "precious"
+
+
+def test_import_teacher_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    from gsd import import_teacher, networks
+
+    path, _, _ = _edm_pickle(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(networks, "save_denoiser", full_disk)
+    import gsd.edm_import as edm_import
+    monkeypatch.setattr(edm_import, "save_denoiser", full_disk)
+    code = run_main(import_teacher.main, [str(path), "--trust-pickle", "--out", str(tmp_path / "t.safetensors")])
+    assert_one_line_error(code, capsys.readouterr().err, "t.safetensors", "No space left")
