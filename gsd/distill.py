@@ -327,7 +327,7 @@ class Distiller:
         was = net.training
         net.eval()
         try:
-            return self._gen(net, eps.to(self.device), class_labels, amp=False)
+            return self._gen(net, eps.to(device=self.device, dtype=torch.float32), class_labels, amp=False)
         finally:
             net.train(was)
 

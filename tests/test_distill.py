@@ -248,6 +248,7 @@ def test_networks_are_float32_whatever_the_teacher_dtype(dtype):
         for st in opt.state.values():
             assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
     assert d.generate(torch.randn(3, 2)).dtype == torch.float32
+    assert d.generate(torch.randn(3, 2, dtype=torch.float64)).dtype == torch.float32
 
 
 class _InfRows(torch.nn.Module):

@@ -313,6 +313,17 @@ def test_bad_numbers_are_one_line_before_loading(tmp_path, capsys, no_loading, e
     assert not out.exists()
 
 
+def test_batch_or_eval_samples_beyond_memory_is_one_line_before_writing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "_memory_bytes", lambda device: 2 ** 30)  # a 1 GiB machine
+    out = tmp_path / "never"
+    for extra, needle in ((["--batch", str(2 ** 24)], "--batch"), (["--eval-samples", str(2 ** 26)], "--eval-samples")):
+        code, err, _ = cli(base_args(tmp_path, out, *extra), capsys)
+        assert_one_line_error(code, err, needle, "GiB")
+        assert not out.exists()
+    code, err, _ = cli(base_args(tmp_path, out, "--batch", str(2 ** 10)), capsys)  # fits
+    assert code == 0, err
+
+
 def test_bad_out_is_one_line_before_loading(tmp_path, capsys, no_loading):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
