@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import os
 import sys
 import tempfile
@@ -68,8 +69,9 @@ MAX_IMG_RESOLUTION = 8192  # no pixel-space diffusion network is larger; also bo
 
 
 def check_int(name: str, value, lo: int = 1, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
     if value < lo or (hi is not None and value > hi):
         raise ValueError(f"{name} must be at least {lo}, got {value}" if hi is None
                          else f"{name} must be in [{lo}, {hi}], got {value}")
