@@ -43,17 +43,19 @@ def _grads(fn, *tensors):
     return out.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)]
 
 
-def check_against_oracle(value, grads, oracle_value, oracle_grads, tol):
-    """Relative error below tol; values that are exactly 0 in exact arithmetic (the loss of
-    N = 2 points, which are always isometric up to scale) are held to an absolute floor."""
+def check_against_oracle(value, grads, oracle_value, oracle_grads, tol, floor=1e-30):
+    """Relative error below tol. Only values that are exactly 0 in exact arithmetic (the
+    optimal-scale loss of N = 2 points, which are always isometric up to scale, and its
+    gradient) need an absolute `floor` (pass floor=1e-2 for them); everything else is
+    relative, however small: high-dimensional data have L ~ 1e-4 (review T4)."""
     assert torch.isfinite(value).all()
-    value_scale = max(abs(float(oracle_value)), 1e-2)
+    value_scale = max(abs(float(oracle_value)), floor)
     assert abs(float(value) - float(oracle_value)) < tol * value_scale, (float(value), float(oracle_value))
     for g, og in zip(grads, oracle_grads):
         assert g.shape == og.shape
         assert torch.isfinite(g).all()
         err = float((g.double() - og).norm())
-        assert err < tol * max(float(og.norm()), 1e-2), (err, float(og.norm()))
+        assert err < tol * max(float(og.norm()), floor), (err, float(og.norm()))
 
 
 # --------------------------------------------------------------------------- isometry
@@ -105,7 +107,8 @@ def test_isometry_matches_oracle(device, backend, n, xs, zs, dtype, weighting, b
     assert val.dtype == dtype and val.dim() == 0
     assert grads[0].dtype == dtype and grads[0].shape == x.shape
     check_against_oracle(val.cpu(), [g.cpu() for g in grads], ref_val, ref_grads,
-                         FP32_TOL if dtype == torch.float32 else FP64_TOL)
+                         FP32_TOL if dtype == torch.float32 else FP64_TOL,
+                         floor=1e-2 if n == 2 and scale == "optimal" else 1e-30)
 
 
 @pytest.mark.parametrize("device,backend", ALL)
