@@ -467,7 +467,9 @@ def _to_float32_checked(unet: nn.Module, where: str, stored: set) -> None:
     precision must not become the training precision, and a note says so), and every weight
     finite after the cast."""
     others = sorted(set(stored) - {"float32"})
-    unet.to(torch.float32)
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in list(unet.parameters()) + list(unet.buffers())):
+        # torch's own .to: diffusers' override warns about keep-in-fp32 modules on every cast
+        nn.Module.to(unet, torch.float32)
     for name, t in list(unet.named_parameters()) + list(unet.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UsageError(f"{where}: the weights have non-finite values in {name}")

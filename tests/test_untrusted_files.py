@@ -549,7 +549,9 @@ def test_diffusers_bad_files_via_the_import_cli(tmp_path, capsys):
 
     for i, (kw, needle) in enumerate([(dict(config=dict(in_channels="abc")), "in_channels"),
                                       (dict(scheduler=dict(num_train_timesteps=10 ** 12)), "num_train_timesteps"),
-                                      (dict(scheduler=dict(beta_start="x")), "beta_start")]):
+                                      (dict(scheduler=dict(beta_start="x")), "beta_start"),
+                                      (dict(edit_weights=lambda u: next(u.parameters()).view(-1).fill_(float("nan"))),
+                                       "non-finite")]):
         folder, _ = _unet_folder(tmp_path, name=f"u{i}", **kw)
         code = run_main(import_teacher.main, [str(folder)])
         assert_one_line_error(code, capsys.readouterr().err, needle)
