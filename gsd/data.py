@@ -376,8 +376,8 @@ def _check_image_resolution(resolution, count: int, what: str) -> int:
     need = count * 3 * res * res * 4
     total = _memory_bytes()
     if total is not None and need > total:
-        raise DataError(f"--resolution {res}: {count} {what} of 3x{res}x{res} float32 need {need / 1e9:.1f} GB, "
-                        f"more than this machine's {total / 1e9:.1f} GB of memory")
+        raise DataError(f"--resolution {res}: {count} {what} at 3x{res}x{res} would take {need / 1e9:.1f} GB as "
+                        f"float32, more than this machine's {total / 1e9:.1f} GB of memory")
     return res
 
 
