@@ -630,6 +630,8 @@ def min_tensor_count(arch, model_kwargs) -> int:
     counts alone (nothing is built). Loaders compare it with the tensors a file really holds
     before building anything, so that a few bytes of config (num_blocks 10**7) cannot make them
     build without bound. 0 when the arguments are not usable (the constructor then says why)."""
+    if isinstance(arch, str) and arch not in ARCHITECTURES:
+        import gsd.edm_import  # noqa: F401 - registers NCSNppUNet and DhariwalUNet (as build_denoiser does)
     cls = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
     if cls is None or not isinstance(model_kwargs, dict):
         return 0

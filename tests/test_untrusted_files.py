@@ -271,6 +271,17 @@ def test_safetensors_config_bombs_fail_fast_before_building(tmp_path, no_bomb_bu
     assert no_bomb_builds["blocks"] <= 50  # nothing beyond a meta build of a small tree
 
 
+def test_block_count_bound_knows_the_edm_architectures_in_a_fresh_process():
+    # NCSNppUNet / DhariwalUNet register themselves when gsd.edm_import is imported; the bound
+    # must not silently be 0 (no check) before that
+    code = ("from gsd.networks import min_tensor_count as m; "
+            "print(m('DhariwalUNet', {'num_blocks': 10}), m('NCSNppUNet', {'num_blocks': 10}))")
+    p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [int(v) for v in p.stdout.split()] == [8 * 4 * 21, 8 * 4 * 21]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_safetensors_teacher_dtypes_load_as_float32(tmp_path, capsys, dtype):
     from gsd.networks import load_denoiser
