@@ -263,7 +263,7 @@ def _check_unet_config(cfg: dict, where: str) -> None:
     in_ch, out_ch = _cfg_int(cfg, "in_channels", 3, where), _cfg_int(cfg, "out_channels", 3, where)
     size = cfg.get("sample_size")
     if isinstance(size, (list, tuple)) and len(size) == 2:
-        for i, v in enumerate(size):
+        for v in size:
             _cfg_int({"sample_size": v}, "sample_size", None, where, hi=MAX_SAMPLE_SIZE)
     elif size is not None:
         _cfg_int(cfg, "sample_size", None, where, hi=MAX_SAMPLE_SIZE)

@@ -58,7 +58,7 @@ from gsd import networks as _networks
 from gsd.cli import UsageError
 from gsd.networks import (Conv2d, EDMPrecond, GroupNorm, Linear, PositionalEmbedding, SongUNet, UNetBlock,
                           build_on_meta, check_int, check_sigma_data, check_unet_args, min_tensor_count,
-                          save_denoiser, to_float32_state)
+                          note_float32_cast, save_denoiser, to_float32_state)
 
 __all__ = ["PickleRefused", "PersistentRecord", "ObjectRecord", "restricted_load", "load_edm_pickle",
            "records_to_denoiser", "export_edm_pickle", "NCSNppUNet", "DhariwalUNet", "FourierEmbedding",
@@ -747,7 +747,8 @@ def records_to_denoiser(ema, what: str = "EDM pickle") -> tuple[EDMPrecond, dict
         if not value.is_floating_point():
             raise UsageError(f"{what}: tensor {key} has dtype {value.dtype}, expected floating point")
     # float32 whatever the pickle stores; finiteness is checked after the cast (1e300 -> inf)
-    state, _ = to_float32_state(mapped, what)
+    state, others = to_float32_state(mapped, what)
+    note_float32_cast(others, what)
     net = net.to_empty(device="cpu")
     with torch.no_grad():
         net.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)

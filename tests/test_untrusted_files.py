@@ -400,11 +400,12 @@ def test_edm_sigma_data_must_be_finite_and_positive(tmp_path, value):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_edm_weights_of_any_float_dtype_load_as_float32(tmp_path, dtype):
+def test_edm_weights_of_any_float_dtype_load_as_float32(tmp_path, capsys, dtype):
     from gsd.edm_import import load_edm_pickle
 
     path, _, net = _edm_pickle(tmp_path, tensors=lambda t: t.to(dtype))
     loaded = load_edm_pickle(path, trust_pickle=True)
+    assert str(dtype).replace("torch.", "") in capsys.readouterr().err  # said, not silent
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a.to(dtype).to(torch.float32), b), k
