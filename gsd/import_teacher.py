@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from gsd.cli import UsageError, make_parser, run_main
+from gsd.cli import UsageError, check_output_file, make_parser, run_main
 from gsd.runs import TEACHER_FOLDER_NAME, TEACHER_NAME
 
 __all__ = ["load_teacher_any", "teacher_kind", "check_teacher_path", "save_run_teacher", "load_run_teacher",
@@ -155,12 +154,11 @@ def _verify(net, path: str) -> float:
         return float((net(x, sigma, labels) - again(x, sigma, labels)).abs().max())
 
 
-def check_out_file(out: str, flag: str = "--out") -> None:
-    """Refuse, before any work, an output path that cannot be written: a directory, a path under
-    a file, a folder without write access, or an existing file that is not a gsd teacher (it
-    would be overwritten). UsageError (one line)."""
-    if os.path.isdir(out):
-        raise UsageError(f"{flag} {out} is a directory; give the path of a .safetensors file")
+def check_out_file(out: str, flag: str = "--out") -> str:
+    """Refuse, before any work, an output path that cannot be written (`gsd.cli.check_output_file`:
+    a folder, a path under a file, /proc, a read-only folder) or an existing file that is not a gsd
+    teacher (it would be overwritten). UsageError (one line); returns the expanded path."""
+    out = check_output_file(out, flag)
     if os.path.exists(out):
         from gsd.networks import read_denoiser_metadata
 
@@ -169,22 +167,7 @@ def check_out_file(out: str, flag: str = "--out") -> None:
         except UsageError:
             raise UsageError(f"{flag} {out} exists and is not a gsd teacher file; it would be overwritten "
                              f"(remove it or choose another path)") from None
-    folder = os.path.dirname(os.path.abspath(out))
-    ancestor = folder
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise UsageError(f"{flag} {out}: {ancestor} is not a directory")
-    if ancestor == folder:
-        # a real write probe: os.access says yes to root even where writing fails (/proc, read-only mounts)
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".gsd-write-test-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise UsageError(f"{flag} {out}: cannot write in {folder} ({exc.strerror or exc})") from None
-    elif not os.access(ancestor, os.W_OK):
-        raise UsageError(f"{flag} {out}: cannot create folders in {ancestor} (no write access)")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or os.path.splitext(source)[0] + ".safetensors"
     if os.path.abspath(out) == os.path.abspath(source):
         raise UsageError("--out must differ from the source file")
-    check_out_file(out)
+    out = check_out_file(out)
     start = time.perf_counter()
     net, meta = export_edm_pickle(source, out, trust_pickle=args.trust_pickle)
     n_params = sum(p.numel() for p in net.parameters())
