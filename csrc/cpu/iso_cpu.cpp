@@ -362,8 +362,8 @@ void dots_to_sq(T* Ct, const T* nI, const T* nJ, const T* X, T sc, int64_t K, in
     if (cnt == 0 || j >= nj) continue;
     const T* xj = X + (gj0 + j) * K;
     long long done = 0;
-    for (int64_t i = 0; i < ni; ++i)
-      if (sq_dist_unreliable(c[i], nI[i], nj_)) {
+    for (int64_t i = 0; i < ni; ++i)  // i == j (a row with itself) is never summed: skip it
+      if (gi0 + i != gj0 + j && sq_dist_unreliable(c[i], nI[i], nj_)) {
         c[i] = sq_dist_exact_scaled(X + (gi0 + i) * K, xj, K, sc);
         ++done;
       }
