@@ -170,7 +170,8 @@ def test_sampling(benchmark, record, request, case, variant):
     cpu = _run(benchmark, fn, rounds=rounds)
     in_bytes = eps.numel() * eps.element_size()
     record(op="sampling", variant=variant, shape=(BATCH, *shape), dtype=eps.dtype, flops=flops,
-           bytes_moved=nfe * (_param_bytes(net) + 2 * in_bytes), peak_extra_bytes=peak)
+           bytes_moved=nfe * (_param_bytes(net) + 2 * in_bytes), peak_extra_bytes=peak,
+           backends={})  # sampling runs the network only, none of the loss ops
     info = benchmark.extra_info
     info.update(case=case, batch=BATCH, nfe=nfe, params=sum(p.numel() for p in net.parameters()),
                 label_dim=net.label_dim)
@@ -230,7 +231,8 @@ def test_distill_iteration(benchmark, record, request, case, variant):
     # network evaluations per iteration: fake step G fwd, f_psi fwd+bwd; generator step G fwd+bwd,
     # f_phi and f_psi fwd+bwd (input gradients) -> ~8 passes over one network's weights
     record(op="distill_iteration", variant=variant, shape=(BATCH, *shape), dtype=torch.float32, flops=flops,
-           bytes_moved=8 * (nets + 2 * in_bytes), peak_extra_bytes=peak)
+           bytes_moved=8 * (nets + 2 * in_bytes), peak_extra_bytes=peak,
+           backends=_resolved_backends(VARIANT_BACKEND[variant]))
     info = benchmark.extra_info
     info.update(case=case, batch=BATCH, backend=VARIANT_BACKEND[variant], lambda_irl=1.0,
                 resolved_backend=_resolved_backend(VARIANT_BACKEND[variant]), images_per_iteration=2 * BATCH)
@@ -257,6 +259,13 @@ def _resolved_backend(name: str) -> str:
     from gsd_kernels import backends
 
     return backends.resolve(name, DEVICE)
+
+
+def _resolved_backends(name: str) -> dict:
+    """{op: backend} that the distillation step's loss ops run with `backend=name`."""
+    import gsd_kernels
+
+    return gsd_kernels.resolved_backends(DEVICE, backend=name)
 
 
 # ------------------------------------------- (c) one iteration across the scale-out options
@@ -319,7 +328,7 @@ def test_distill_iteration_options(benchmark, record, request, case, option):
     saved = -1 if OPTIONS[option]["compile"] else _autograd_saved_bytes(d.step)
     cpu = _run(benchmark, d.step, rounds=5)
     record(op="distill_iteration_options", variant=option, shape=(BATCH, *shape), dtype=torch.float32, flops=-1,
-           bytes_moved=-1, peak_extra_bytes=peak)
+           bytes_moved=-1, peak_extra_bytes=peak, backends=_resolved_backends(OPTIONS[option]["backend"]))
     median = _median(benchmark)
     if median is None:
         return
