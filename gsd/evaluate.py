@@ -39,7 +39,8 @@ from typing import Sequence
 import torch
 
 from . import runs
-from .cli import UsageError, format_value, make_parser, nonnegative_int, positive_int, run_main, sampler_table
+from .cli import (MAX_COUNT, UsageError, bounded_int, check_memory, count_int, format_value, make_parser,
+                  nonnegative_int, run_main, sampler_table, seed_int)
 
 __all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
            "evaluate_loaded", "format_table", "machine_info", "build_parser", "main", "default_num_samples"]
@@ -53,6 +54,10 @@ REQUIRED_CONFIG_KEYS = ("dataset", "sigma_init", "alpha", "tmax", "lambda_sid", 
 _FORMAT_KEYS = ("run_format", "gsd_format", "format", "format_version")
 ISOMETRY_SEED_OFFSET = 10_000_000
 SEED_STRIDE = 100_000_000
+# FD samples use latent seeds base + [0, ISOMETRY_SEED_OFFSET), the isometry latents the rest of the stride
+_SEED_RANGE_WHY = "each --seed owns 1e8 latent seeds, 1e7 for the samples and the rest for the isometry latents"
+# float32 copies of the sample set held at once: latents, one-step samples, teacher samples, features
+EVAL_COPIES = 4
 
 
 def default_num_samples(dataset_name: str, dataset_len: int) -> int:
@@ -319,6 +324,13 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
         num_samples = default_num_samples(ds.name, len(ds))
     if num_samples < 2:
         raise UsageError(f"--num-samples must be >= 2, got {num_samples}")
+    if num_samples > ISOMETRY_SEED_OFFSET:
+        raise UsageError(f"--num-samples must be <= {ISOMETRY_SEED_OFFSET} ({_SEED_RANGE_WHY}), got {num_samples}")
+    numel = math.prod(shape)
+    check_memory(EVAL_COPIES * 4 * num_samples * numel,
+                 f"evaluating --num-samples {num_samples} samples of shape {tuple(shape)}", "lower --num-samples")
+    check_memory(EVAL_COPIES * 4 * max(isometry_latents, latency_batch) * numel,
+                 f"--isometry-latents {isometry_latents} / --latency-batch {latency_batch}", "lower them")
 
     # FID availability first: a missing file must fail before minutes of sampling
     fid_reason = None
@@ -465,22 +477,19 @@ def evaluate_run(run_dir, *, device="auto", step: int | None = None, write: bool
 
 
 def _json_clean(obj):
-    """JSON-safe copy: tensors/arrays to lists, numpy scalars to Python, non-finite floats to strings."""
+    """What eval.json holds: plain Python values, non-finite numbers as null.
+
+    The non-finite rule is runs' JSON sanitiser (the one write_json_atomic applies); this only
+    adds numpy arrays, which it does not take."""
     import numpy as np
 
     if isinstance(obj, dict):
         return {str(k): _json_clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_clean(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _json_clean(obj.detach().cpu().tolist())
     if isinstance(obj, np.ndarray):
         return _json_clean(obj.tolist())
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
+    return runs._jsonable(obj)
 
 
 # --------------------------------------------------------------------------- table
@@ -520,14 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "PPL, isometry defect, latency of the one-step generator vs the 35-NFE Heun teacher; "
                     "writes RUN_DIR/eval.json.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by python -m gsd.train")
-    p.add_argument("--num-samples", type=positive_int, default=None,
+    p.add_argument("--num-samples", type=bounded_int(2, ISOMETRY_SEED_OFFSET, _SEED_RANGE_WHY), default=None,
                    help="samples per Frechet distance / FID (default: %(default)s = 1797 for digits, 4000 for gmm, "
                         "2000 otherwise)")
-    p.add_argument("--ppl-samples", type=nonnegative_int, default=512,
+    p.add_argument("--ppl-samples", type=bounded_int(0, MAX_COUNT), default=512,
                    help="latent pairs of the PPL estimate (0 skips PPL)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run; auto picks cuda when available")
-    p.add_argument("--seed", type=nonnegative_int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="random seed of the latents (sample i uses seed*1e8 + i) and of the PPL draws")
     p.add_argument("--step", type=nonnegative_int, default=None, help="checkpoint step to evaluate (default: %(default)s = the latest)")
     p.add_argument("--fid-weights", default=None, metavar="PATH",
@@ -535,13 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the torch hub cache, <torch hub dir>/checkpoints)")
     p.add_argument("--require-fid", action="store_true",
                    help="fail (exit 2) when no Inception weights are at hand instead of recording fid: null")
-    p.add_argument("--latency-batch", type=positive_int, default=64, help="batch size of the latency measurement")
-    p.add_argument("--latency-repeats", type=positive_int, default=7, help="timed repeats (median reported)")
-    p.add_argument("--isometry-latents", type=positive_int, default=512,
+    p.add_argument("--latency-batch", type=count_int, default=64, help="batch size of the latency measurement")
+    p.add_argument("--latency-repeats", type=count_int, default=7, help="timed repeats (median reported)")
+    p.add_argument("--isometry-latents", type=bounded_int(2, SEED_STRIDE - ISOMETRY_SEED_OFFSET, _SEED_RANGE_WHY),
+                   default=512,
                    help="held-out latents of the isometry defect")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="cache of the digits classifier (default: %(default)s = $GSD_CACHE or ~/.cache/gsd)")
-    p.add_argument("--classifier-epochs", type=positive_int, default=30, help=argparse.SUPPRESS)
+    p.add_argument("--classifier-epochs", type=count_int, default=30, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True, help=argparse.SUPPRESS)
     return p
 

@@ -154,7 +154,7 @@ def test_progress_module_imports_no_command():
 
 # ---------------------------------------------------------------- review D9: one line, exit 2
 
-from tests.cli_checks import assert_one_line_error  # noqa: E402
+from cli_checks import assert_one_line_error  # noqa: E402
 
 
 def _cli(main, argv, capsys):

@@ -254,3 +254,48 @@ def test_float64_heun_matches_sampler():
     got = ppl.heun_sample_float64(ppl.float64_copy(net), z.double())
     assert got.dtype == torch.float64
     assert torch.allclose(got.float(), ref, atol=2e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- review D9, D11
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--num-samples", str(10 ** 20)], ["--num-samples"]),
+    (["--num-samples", str(10 ** 7 + 1)], ["--num-samples", "1e7"]),  # would reuse the isometry latents' seeds
+    (["--seed", str(10 ** 20)], ["--seed"]),
+    (["--seed", str(2 ** 64)], ["--seed"]),
+    (["--isometry-latents", str(10 ** 20)], ["--isometry-latents"]),
+    (["--latency-batch", str(10 ** 20)], ["--latency-batch"]),
+    (["--ppl-samples", str(10 ** 20)], ["--ppl-samples"]),
+])
+def test_huge_numbers_are_one_line_errors(tmp_path, capsys, argv, needles):
+    code, _, err = _run([str(tmp_path), *argv, *FAST], capsys)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_sample_count_beyond_memory_is_one_line(tiny_runs, capsys, no_hub_weights, monkeypatch):
+    monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "0.1")
+    code, _, err = _run([str(tiny_runs["digits"]), "--num-samples", str(10 ** 7), "--cache-dir",
+                         str(tiny_runs["cache"]), *FAST], capsys)
+    assert_one_line_error(code, err, "--num-samples 10000000", "GB", "limit")
+    assert not (tiny_runs["digits"] / "eval.json").exists() or "10000000" not in (tiny_runs["digits"] / "eval.json").read_text()
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_json_is_standard_json_with_null_for_non_finite(tmp_path, monkeypatch):
+    import numpy as np
+
+    result = {"one_step": {"fd": float("nan"), "ppl": float("inf"), "isometry_defect": np.float32("nan"),
+                           "latency_ms": 1.5},
+              "teacher": {"fd": -float("inf"), "curve": torch.tensor([1.0, float("nan")]),
+                          "arr": np.array([2.0, np.inf])}}
+    monkeypatch.setattr(evaluate, "load_run", lambda *a, **k: object())
+    monkeypatch.setattr(evaluate, "evaluate_loaded", lambda run, **kw: (result, {}))
+    evaluate.evaluate_run(tmp_path, device="cpu")
+    saved = _strict_json((tmp_path / evaluate.EVAL_NAME).read_text())
+    assert saved["one_step"] == {"fd": None, "ppl": None, "isometry_defect": None, "latency_ms": 1.5}
+    assert saved["teacher"] == {"fd": None, "curve": [1.0, None], "arr": [2.0, None]}

@@ -176,7 +176,7 @@ def test_training_progress_in_a_log_is_a_few_plain_lines(gmm, capsys):
 
 # ---------------------------------------------------------------- review D4 / D9: flags checked first
 
-from tests.cli_checks import assert_one_line_error  # noqa: E402
+from cli_checks import assert_one_line_error  # noqa: E402
 
 
 def _run_cli(argv, capsys):
