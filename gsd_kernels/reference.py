@@ -54,8 +54,8 @@ def _pair_distances(a: torch.Tensor) -> torch.Tensor:
     gram = centred @ centred.T
     sq_norms = torch.diagonal(gram)
     d2 = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_min(0.0)
-    positive = d2 > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+    zero = d2 == 0  # not `d2 > 0`: a NaN distance (NaN/inf input) must stay NaN
+    return torch.where(zero, torch.zeros_like(d2), torch.sqrt(torch.where(zero, torch.ones_like(d2), d2)))
 
 
 def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal"):
