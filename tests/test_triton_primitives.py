@@ -441,6 +441,21 @@ def test_sid_nonfinite_rows(dtype, knobs):
         assert rel(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_sid_and_fake_forward_of_huge_fp32_inputs(scale, knobs):
+    """Per-element products of fp32 inputs of size 1e20 overflow fp32 (1e40): the forward
+    kernels form and sum them in float64, so loss_n / sq_n stay finite and exact."""
+    knobs.SID_BLOCK, knobs.SID_TARGET_PROGRAMS = 16, 12  # several splits: finishing kernel too
+    xg, yr, yf = make_sid(5, 70, torch.float64, seed=18)
+    loss, w, valid = tb.sid_forward(*(t * scale for t in (xg, yr, yf)), 1.2)
+    got = tb.sid_forward(*((t * scale).float() for t in (xg, yr, yf)), 1.2)
+    assert bool(got[2].all()) and torch.isfinite(got[0]).all()
+    assert rel(got[0], loss) < 1e-6 and rel(got[1], w) < 1e-6
+    sq, _ = tb.fake_forward((yf * scale).float(), (xg * scale).float())
+    want = (((yf - xg) * scale) ** 2).sum(1)
+    assert torch.isfinite(sq).all() and rel(sq, want) < 1e-6
+
+
 # ---------------------------------------------------------------- fake-score tests
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,K", [(1, 1), (6, 67), (4, 2500)])

@@ -554,15 +554,16 @@ if triton is not None:
                         K, CHUNK, NS, BLOCK: tl.constexpr, FINAL: tl.constexpr):
         n = tl.program_id(0)
         sp = tl.program_id(1)
-        DT = g_ptr.dtype.element_ty
-        alpha = tl.cast(a0, DT) + tl.cast(a1, DT) + tl.cast(a2, DT)  # exact in float64 (_split3)
+        # float64 arithmetic per element: products of large fp32 inputs (|x| ~ 1e20) would
+        # overflow fp32, and the kernel is memory bound, so the fp64 FLOPs are free
+        alpha = tl.cast(a0, tl.float64) + tl.cast(a1, tl.float64) + tl.cast(a2, tl.float64)
         base = n.to(tl.int64) * K
         offs = tl.arange(0, BLOCK)
         start = sp * CHUNK
         end = tl.minimum(start + CHUNK, K)
         bad = tl.zeros((BLOCK,), dtype=tl.int32)
-        s_abs = tl.zeros((BLOCK,), dtype=DT)
-        s_l = tl.zeros((BLOCK,), dtype=DT)
+        s_abs = tl.zeros((BLOCK,), dtype=tl.float64)
+        s_l = tl.zeros((BLOCK,), dtype=tl.float64)
         for k0 in range(start, end, BLOCK):
             kk = k0 + offs
             m = kk < end
@@ -571,13 +572,14 @@ if triton is not None:
             f = tl.load(f_ptr + base + kk, mask=m, other=0.0)
             fin = _finite(g) & _finite(r) & _finite(f)
             bad += tl.where(fin, 0, 1)
-            a = r - f
-            b = r - g
+            r = r.to(tl.float64)
+            a = r - f.to(tl.float64)
+            b = r - g.to(tl.float64)
             s_abs += tl.abs(b)
             s_l += a * (b - alpha * a)
         nbad = tl.sum(bad, axis=0)
-        t_abs = tl.sum(s_abs, axis=0).to(tl.float64)
-        t_l = tl.sum(s_l, axis=0).to(tl.float64)
+        t_abs = tl.sum(s_abs, axis=0)
+        t_l = tl.sum(s_l, axis=0)
         if FINAL:  # one split per row: this program has the whole row
             _sid_row_results(nbad, t_abs, t_l, tl.maximum(K, 1).to(tl.float64), n,
                              loss_ptr, w_ptr, valid_ptr)
@@ -649,7 +651,7 @@ if triton is not None:
         start = sp * CHUNK
         end = tl.minimum(start + CHUNK, K)
         bad = tl.zeros((BLOCK,), dtype=tl.int32)
-        s_sq = tl.zeros((BLOCK,), dtype=y_ptr.dtype.element_ty)
+        s_sq = tl.zeros((BLOCK,), dtype=tl.float64)
         for k0 in range(start, end, BLOCK):
             kk = k0 + offs
             m = kk < end
@@ -657,10 +659,10 @@ if triton is not None:
             x = tl.load(x_ptr + base + kk, mask=m, other=0.0)
             fin = _finite(y) & _finite(x)
             bad += tl.where(fin, 0, 1)
-            e = y - x
+            e = y.to(tl.float64) - x.to(tl.float64)  # fp64: e * e of fp32 inputs can overflow
             s_sq += e * e
         nbad = tl.sum(bad, axis=0)
-        t_sq = tl.sum(s_sq, axis=0).to(tl.float64)
+        t_sq = tl.sum(s_sq, axis=0)
         if FINAL:
             valid = nbad == 0
             tl.store(sq_ptr + n, tl.where(valid, t_sq, 0.0))
@@ -748,6 +750,8 @@ def _device_scalars(t, name: str, n: int, device: torch.device) -> torch.Tensor:
 def _split3(value) -> tuple[float, float, float]:
     """Three fp32 values whose float64 sum is exactly `value` (a Python float): Triton
     passes a float kernel argument as fp32, and the fp64 kernels need all 53 bits."""
+    if isinstance(value, torch.Tensor):  # float(tensor) would read it back: a host sync
+        raise TypeError("alpha must be a Python float, not a tensor")
     v = float(value)
 
     def f32(u):
