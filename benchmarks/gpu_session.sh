@@ -5,7 +5,7 @@
 #   device tool:  run(command="bash benchmarks/gpu_session.sh", timeout_s=570)
 #   rerun some stages on the still-warm machine (the in-place build is kept there):
 #                 STAGES="ops_iso variants" GSD_GPU_BUDGET=240 bash benchmarks/gpu_session.sh
-#   dry run here: GSD_GPU_DRY=1 bash benchmarks/gpu_session.sh   (no GPU: stubs, --small)
+#   dry run here: GSD_GPU_DRY=1 TRITON_INTERPRET=1 bash benchmarks/gpu_session.sh (stubs, --small)
 #
 # Stages, in order of value; each runs under min(its cap, time left before the shared
 # deadline), logs as it goes (never through `| tail`), and is skipped when too little time
@@ -17,14 +17,18 @@
 #   accuracy   benchmarks/gpu_accuracy.py: fp32 triton (tf32x3, tf32) and cuda vs float64
 #              at the benchmark shapes incl. D=d=12288; host syncs per op; bit-identical
 #              rerun; torch.compile(mode="reduce-overhead") capture of a distillation-like step
-#   ops_iso    isometry benchmarks, N=8192 D=d=3072: fused vs eager vs torch.compile
+#   ops_iso    isometry benchmarks, N=8192 D=d=3072: fused backends vs eager reference
 #   ops_elem   SiD / fake-score benchmarks, N=4096 3x64x64 (vs measured copy bandwidth)
+#   ops_compiled  the torch.compile(reference) baseline of ops_iso (separate JSON: a
+#              session killed at its cap writes none, and the compiles are the slow part)
 #   pipeline   one distillation iteration and sampling (no --compile options)
 #   variants   Triton dot precision x tile preset timings of the isometry fwd+bwd
 #   sanitizer  compute-sanitizer memcheck + racecheck of the CUDA kernels (Firecracker only)
 #
-# Files under $OUT (at most 8): machine.txt run.log tests.xml accuracy.txt ops_iso.json
-# ops_elem.json pipeline.json sanitizer.txt   (variants go to accuracy.txt, builds to run.log)
+# Files under $OUT (at most 8): machine.txt run.log accuracy.txt ops_iso.json ops_elem.json
+# ops_compiled.json pipeline.json sanitizer.txt (test results and the build are in run.log,
+# variants in accuracy.txt). If late stages were skipped, rerun them within the machine's
+# 30 s warm period: STAGES="variants sanitizer" GSD_GPU_BUDGET=200 (timeout_s 230).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,10 +38,10 @@ export OUT PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export GSD_CUDA=on GSD_CUDA_ARCHS=${GSD_CUDA_ARCHS:-90}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 BUDGET=${GSD_GPU_BUDGET:-540}   # seconds for the whole script; timeout_s a little above it
-STAGES=${STAGES:-"info build tests accuracy ops_iso ops_elem pipeline variants sanitizer"}
+STAGES=${STAGES:-"info build tests accuracy ops_iso ops_elem ops_compiled pipeline variants sanitizer"}
 DRY=${GSD_GPU_DRY:-0}           # 1: no GPU here; stages run stubs or their --small forms
 LOG=$OUT/run.log
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU image has python3 only
 : > "$LOG"
 
 log() { echo "$*" | tee -a "$LOG"; }
@@ -73,7 +77,7 @@ tests() {
   local files="tests/test_native_primitives.py tests/test_triton_primitives.py tests/test_ops.py tests/test_ops_api.py"
   for f in tests/test_kernel_*.py; do [[ -e $f ]] && files="$files $f"; done
   if [[ $DRY == 1 ]]; then echo "dry run: would run pytest on $files"; return 0; fi
-  $PY -m pytest -q -n 8 -p no:cacheprovider -rfE --timeout=120 --junitxml="$OUT/tests.xml" $files
+  $PY -m pytest -q -n 8 -p no:cacheprovider -rfE --timeout=120 $files
 }
 accuracy() {
   local small=; [[ $DRY == 1 ]] && small=--small
@@ -85,7 +89,12 @@ ops_iso() {
     return
   fi
   $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-only \
-    -k "isometry and 8192" --benchmark-json="$OUT/ops_iso.json"
+    -k "isometry and 8192 and not compiled" --benchmark-json="$OUT/ops_iso.json"
+}
+ops_compiled() {  # its own session: two Inductor compiles, and the JSON is written at the end
+  if [[ $DRY == 1 ]]; then echo "dry run: torch.compile baseline skipped"; return 0; fi
+  $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-only \
+    -k "isometry and 8192 and compiled" --benchmark-json="$OUT/ops_compiled.json"
 }
 ops_elem() {
   if [[ $DRY == 1 ]]; then
@@ -122,14 +131,15 @@ torch.autograd.grad(g.fake_score_loss(a, b, s, backend="cuda"), (a, b)); torch.c
   done | tee "$OUT/sanitizer.txt"
 }
 
-export -f info build tests accuracy ops_iso ops_elem variants pipeline sanitizer
+export -f info build tests accuracy ops_iso ops_compiled ops_elem variants pipeline sanitizer
 export DRY PY ROOT
 stage info 30 'info | tee "$OUT/machine.txt"'
 stage build 150 build
 stage tests 150 tests
 stage accuracy 100 accuracy
-stage ops_iso 150 ops_iso
+stage ops_iso 100 ops_iso
 stage ops_elem 60 ops_elem
+stage ops_compiled 120 ops_compiled
 stage pipeline 90 pipeline
 stage variants 90 variants
 stage sanitizer 60 sanitizer
