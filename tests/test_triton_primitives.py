@@ -318,6 +318,31 @@ def test_iso_device_scalar_contract():
                         device=DEVICE), 0.5)
 
 
+def test_primitives_never_read_device_values_back(monkeypatch, knobs):
+    """No host synchronisation (review C1/S6): no primitive reads a tensor's value on the
+    host (.item, .tolist, float(t), bool(t), ...) or builds a tensor from Python values
+    (torch.tensor(..., device=cuda) is a blocking copy). On a GPU the sync-debug mode of
+    benchmarks/gpu_accuracy.py checks the same; here every such call raises."""
+    x, z = make(40, 30, 20, torch.float32, seed=19)
+    xc, zc, xn2, zn2 = prepare(x, z)
+    h, cf, sc = f64(0.1), f64([1.0, 2.0, 3.0, 4.0]), f64(0.5)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a primitive read a tensor value back to the host")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    monkeypatch.setattr(torch, "tensor", boom)
+    tb.iso_forward_sums(xc, zc, xn2, zn2, 0, 40, 0, 40, h)
+    tb.iso_backward_rows(xc, zc, xn2, zn2, 0, 40, 0, 40, h, cf)
+    knobs.SMALL_DIM = 0  # the slab backward too
+    tb.iso_backward_rows(xc, zc, xn2, zn2, 3, 40, 0, 33, h, cf, need_x=True, need_z=False)
+    loss, w, valid = tb.sid_forward(x, x + 1, x - 1, 1.2)
+    tb.sid_backward(x, x + 1, x - 1, 1.2, w, valid, sc)
+    tb.fake_forward(x, x + 1)
+    tb.fake_backward(x, x + 1, w, need_x=False)
+
+
 @pytest.mark.parametrize("preset", sorted(tb.TILE_PRESETS) if _ok else [])
 def test_iso_tile_presets(preset, knobs):
     """Every tile preset of the large-batch path (64x64 .. 128x128 tiles) at awkward sizes:
