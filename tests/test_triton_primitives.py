@@ -318,6 +318,8 @@ def test_iso_device_scalar_contract():
                         device=DEVICE), 0.5)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU torch.cuda.set_sync_debug_mode checks this "
+                    "(tests/test_kernel_gpu_sync.py, benchmarks/gpu_accuracy.py)")
 def test_primitives_never_read_device_values_back(monkeypatch, knobs):
     """No host synchronisation (review C1/S6): no primitive reads a tensor's value on the
     host (.item, .tolist, float(t), bool(t), ...) or builds a tensor from Python values
