@@ -535,7 +535,7 @@ def test_availability_and_object():
 @pytest.mark.slow
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CUDA run compiles the kernels anyway")
 @pytest.mark.skipif(os.environ.get("GSD_TRITON_COMPILE_CHECK") != "1",
-                    reason="about 2 minutes on 2 cores; set GSD_TRITON_COMPILE_CHECK=1")
+                    reason="86 variants, ~8 minutes on 2 busy cores; set GSD_TRITON_COMPILE_CHECK=1")
 def test_kernels_compile_for_sm90():
     """Without a GPU: every kernel variant the launchers pick compiles for sm_90 (Triton
     frontend, MLIR lowering and ptxas), in a process without TRITON_INTERPRET."""
