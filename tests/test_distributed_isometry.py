@@ -33,12 +33,24 @@ def _worker(rank, world, port, backend, x, z, out_dir):
     try:
         rows = x.shape[0] // world
         results = []
+        # record the collectives of the backward pass (fused: none; review S11)
+        all_reduce, backward_collectives = dist.all_reduce, []
+
+        def recording_all_reduce(tensor, *args, **kwargs):
+            backward_collectives.append(tuple(tensor.shape))
+            return all_reduce(tensor, *args, **kwargs)
+
         for kw in CASES:
             xl = x[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
             zl = z[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
             loss = distributed.isometry_loss(xl, zl, backend=backend, **kw)
-            gx, gz = torch.autograd.grad(loss, (xl, zl))
-            results.append((loss.detach(), gx, gz))
+            dist.all_reduce = recording_all_reduce
+            try:
+                gx, gz = torch.autograd.grad(loss, (xl, zl))
+            finally:
+                dist.all_reduce = all_reduce
+            results.append((loss.detach(), gx, gz, list(backward_collectives)))
+            backward_collectives.clear()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -62,7 +74,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path, backend):
         loss = gsd_kernels.isometry_loss(xf, zf, backend="reference", **kw)
         gx, gz = torch.autograd.grad(loss, (xf, zf))
         for r in range(world):
-            rank_loss, rank_gx, rank_gz = per_rank[r][i]
+            rank_loss, rank_gx, rank_gz, collectives = per_rank[r][i]
+            if backend != "reference":  # symmetric backward: no (N, D) gradient all-reduce
+                assert collectives == [], (kw, collectives)
+            else:  # the autograd all-gather's backward does: the recorder sees it
+                assert (46, 75) in collectives, collectives
             assert abs(float(rank_loss) - float(loss.detach())) <= 1e-5 * abs(float(loss.detach())), kw
             rows = slice(r * 23, (r + 1) * 23)
             for got, want in ((rank_gx, gx[rows]), (rank_gz, gz[rows])):
