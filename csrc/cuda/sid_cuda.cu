@@ -56,17 +56,22 @@ sid_backward_kernel(const T* __restrict__ xg, const T* __restrict__ yr, const T*
                     int64_t N, int64_t K, T alpha, const double* __restrict__ w,
                     const uint8_t* __restrict__ valid, const double* __restrict__ scale_ptr,
                     T* __restrict__ gxg, T* __restrict__ gre, T* __restrict__ gfa) {
-  const int64_t total = N * K;
   const double scale = *scale_ptr;  // grad_output / N, a device value: no host sync
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = idx / K;
+  // 2-D grid (review S9): rows along y, the row's elements along x, so the row
+  // coefficient c_n (an fp64 division) is formed once per row and thread, and no
+  // element needs an int64 division to find its row.
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const T c = valid[n] ? T(scale / w[n]) : T(0);
-    T g1 = T(0), g2 = T(0), g3 = T(0);
-    if (c != T(0)) sid_grads(xg[idx], yr[idx], yf[idx], alpha, c, &g1, &g2, &g3);
-    gxg[idx] = g1;
-    gre[idx] = g2;
-    gfa[idx] = g3;
+    const int64_t base = n * K;
+    for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < K;
+         k += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t idx = base + k;
+      T g1 = T(0), g2 = T(0), g3 = T(0);
+      if (c != T(0)) sid_grads(xg[idx], yr[idx], yf[idx], alpha, c, &g1, &g2, &g3);
+      gxg[idx] = g1;
+      gre[idx] = g2;
+      gfa[idx] = g3;
+    }
   }
 }
 
@@ -97,19 +102,27 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
 fake_backward_kernel(const T* __restrict__ yf, const T* __restrict__ x, int64_t N, int64_t K,
                      const double* __restrict__ coef, T* __restrict__ gf, T* __restrict__ gx) {
-  const int64_t total = N * K;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const T c = T(coef[idx / K]);
-    const T g = c != T(0) ? fake_grad(yf[idx], x[idx], c) : T(0);
-    gf[idx] = g;
-    if (gx != nullptr) gx[idx] = -g;  // null: g_x not needed
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // 2-D grid as sid_backward_kernel
+    const T c = T(coef[n]);
+    const int64_t base = n * K;
+    for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < K;
+         k += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t idx = base + k;
+      const T g = c != T(0) ? fake_grad(yf[idx], x[idx], c) : T(0);
+      gf[idx] = g;
+      if (gx != nullptr) gx[idx] = -g;  // null: g_x not needed
+    }
   }
 }
 
-unsigned elementwise_blocks(int64_t total) {
-  const int64_t b = cdiv(total, kThreads);
-  return unsigned(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
+// Grid of the per-row elementwise kernels: x over a row's K elements, y over rows (both
+// grid-strided, so any N, K fit the launch limits), about <= 2^22 blocks in all.
+dim3 row_grid(int64_t N, int64_t K) {
+  int64_t bx = cdiv(K, kThreads);
+  bx = bx < 1 ? 1 : (bx > 1024 ? 1024 : bx);
+  int64_t by = N < 1 ? 1 : (N > 65535 ? 65535 : N);
+  if (bx * by > (int64_t(1) << 22)) bx = (int64_t(1) << 22) / by > 0 ? (int64_t(1) << 22) / by : 1;
+  return dim3(unsigned(bx), unsigned(by));
 }
 
 void check_sizes(int64_t N, int64_t K, int dtype) {
@@ -146,7 +159,7 @@ void cuda_sid_backward(const void* xg, const void* yr, const void* yf, int64_t N
   check_sizes(N, K, dtype);
   if (N * K == 0) return;
   cudaStream_t st = as_stream(stream);
-  const unsigned blocks = elementwise_blocks(N * K);
+  const dim3 blocks = row_grid(N, K);
   if (dtype == kFloat32)
     sid_backward_kernel<float><<<blocks, kThreads, 0, st>>>(
         static_cast<const float*>(xg), static_cast<const float*>(yr),
@@ -181,7 +194,7 @@ void cuda_fake_backward(const void* yf, const void* x, int64_t N, int64_t K, con
   check_sizes(N, K, dtype);
   if (N * K == 0) return;
   cudaStream_t st = as_stream(stream);
-  const unsigned blocks = elementwise_blocks(N * K);
+  const dim3 blocks = row_grid(N, K);
   if (dtype == kFloat32)
     fake_backward_kernel<float><<<blocks, kThreads, 0, st>>>(
         static_cast<const float*>(yf), static_cast<const float*>(x), N, K, coef,
