@@ -330,28 +330,36 @@ def main(argv=None):
     S = Setup(args.small)
     info = torch.cuda.get_device_name(S.dev) if S.gpu else "cpu"
     say("INFO", f"device {info}, backends {S.backends}, torch {torch.__version__}")
+    def section(fn, *a, **k):  # one section's crash is a FAIL line, not the end of the run
+        try:
+            fn(S, *a, **k)
+        except Exception as e:
+            say("FAIL", f"{fn.__name__}{a}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        if S.gpu:
+            torch.cuda.empty_cache()
+
     if args.only_variants:
-        variants(S)
+        section(variants)
     elif args.small:
-        iso_case(S, 256, 96, 80)
-        iso_case(S, 65, 3, 70, "dup")
-        iso_case(S, 2, 1, 1, floor=1e-2)
-        sid_case(S, 8, 3, 8, 8)
-        syncs_and_determinism(S)
-        graphs(S)
+        section(iso_case, 256, 96, 80)
+        section(iso_case, 65, 3, 70, "dup")
+        section(iso_case, 2, 1, 1, floor=1e-2)
+        section(sid_case, 8, 3, 8, 8)
+        section(syncs_and_determinism)
+        section(graphs)
     else:
-        iso_case(S, 2048, 3072, 3072)
-        iso_case(S, 2048, 3072, 3072, "offset")
-        iso_case(S, 1024, 3072, 3072, "dup")
-        iso_case(S, 512, 12288, 12288)
-        syncs_and_determinism(S)
-        graphs(S)
-        sid_case(S, 1024, 3, 64, 64)
-        iso_case(S, 4097, 20, 3)  # odd N, small dims: direct / flash-style paths
-        iso_case(S, 2, 1, 1, floor=1e-2)
-        iso_case(S, 8192, 3072, 3072, grads=False)
+        section(iso_case, 2048, 3072, 3072)
+        section(iso_case, 2048, 3072, 3072, "offset")
+        section(iso_case, 1024, 3072, 3072, "dup")
+        section(iso_case, 512, 12288, 12288)
+        section(syncs_and_determinism)
+        section(graphs)
+        section(sid_case, 1024, 3, 64, 64)
+        section(iso_case, 4097, 20, 3)  # odd N, small dims: direct / flash-style paths
+        section(iso_case, 2, 1, 1, floor=1e-2)
+        section(iso_case, 8192, 3072, 3072, grads=False)
         if args.variants:
-            variants(S)
+            section(variants)
     print(f"== {len(FAILS)} FAIL line(s)", flush=True)
     return 1 if FAILS else 0
 
