@@ -96,8 +96,8 @@ def test_newcomer_path_runs_the_compiled_kernels_from_the_clone_root(tmp_path):
     clone = _clone(tmp_path)
     assert not list((clone / "gsd_kernels").glob("_C*")), "a fresh clone has no compiled module"
     out = tmp_path / "run"
-    done = _run(clone, tmp_path, "--fused", "--dataset", "gmm", "--iters", "3", "--eval-samples", "0",
-                "--out", str(out))
+    done = _run(clone, tmp_path, "--fused", "--dataset", "gmm", "--iters", "3", "--eval-samples", "256",
+                "--latency-repeats", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     for record in ("config.json", "metrics.json"):
         backends = json.loads((out / record).read_text())["backends"]
