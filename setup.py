@@ -1,7 +1,7 @@
 """Build of gsd (pure Python packages) plus the compiled core gsd_kernels._C.
 
 The extension is built by CMake (ninja generator) with pybind11; PyTorch is not needed at
-build time (SPEC 2.5). Environment knobs:
+build time (docs/definitions.md §2.5). Environment knobs:
 
   GSD_CUDA=auto|on|off   compile the CUDA kernels when nvcc is found / require it / skip
   GSD_CUDA_ARCHS="80;90" CUDA architectures (sm_80 and sm_90 by default)

@@ -1,4 +1,4 @@
-"""Benchmark helpers shared by the suites (SPEC §4).
+"""Benchmark helpers shared by the suites (docs/definitions.md §4).
 
 - every timed callable synchronises CUDA before it returns;
 - warm-up (compilation, autotuning) happens before timing;

@@ -1,4 +1,4 @@
-"""Fused backends vs the eager reference vs torch.compile(reference), per op (SPEC §4).
+"""Fused backends vs the eager reference vs torch.compile(reference), per op (docs/definitions.md §4).
 
     pytest benchmarks/ --benchmark-only                 # full grid for this device
     pytest benchmarks/ --benchmark-only -k isometry     # one op

@@ -1,4 +1,4 @@
-"""Pipeline benchmarks (SPEC §3.6 latency, §4 protocol): whole networks, not single ops.
+"""Pipeline benchmarks (docs/definitions.md §3.6 latency, §4 protocol): whole networks, not single ops.
 
     pytest benchmarks/test_bench_pipeline.py --benchmark-only       # full grid for this device
     pytest benchmarks/test_bench_pipeline.py --benchmark-disable    # smoke: smallest case, run once

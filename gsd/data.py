@@ -1,4 +1,4 @@
-"""Data sets (SPEC §3.5): digits, gmm, cifar10, folder.
+"""Data sets (docs/definitions.md §3.5): digits, gmm, cifar10, folder.
 
 Images are float32 (N, C, H, W) in [-1, 1]; the Gaussian mixture is float32 (N, dim).
 `GaussianMixture` also gives the exact EDM denoiser of the mixture (posterior mean of
@@ -536,7 +536,7 @@ def load_folder(data_root, resolution=None) -> Dataset:
 
 
 def load_dataset(name: str, data_root=None, resolution=None, download: bool = False) -> Dataset:
-    """Load a data set by name (SPEC §3.5); DataError with a one-line message on failure."""
+    """Load a data set by name (docs/definitions.md §3.5); DataError with a one-line message on failure."""
     if name == "digits":
         _check_resolution(name, resolution, 8)
         return load_digits()

@@ -1,4 +1,4 @@
-"""Denoiser networks: EDM preconditioning (SPEC §3.1), a DDPM++-style U-Net, an MLP.
+"""Denoiser networks: EDM preconditioning (docs/definitions.md §3.1), a DDPM++-style U-Net, an MLP.
 
 `EDMPrecond` wraps a raw network F into the EDM denoiser
 
@@ -521,7 +521,7 @@ ARCHITECTURES = {"SongUNet": SongUNet, "MLPDenoiserNet": MLPDenoiserNet}
 # EDM preconditioning.
 
 def edm_coefficients(sigma, sigma_data: float = 0.5):
-    """(c_skip, c_out, c_in, c_noise) of SPEC §3.1 for a tensor (or float) sigma."""
+    """(c_skip, c_out, c_in, c_noise) of docs/definitions.md §3.1 for a tensor (or float) sigma."""
     sigma = torch.as_tensor(sigma)
     sd = sigma_data
     c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)

@@ -1,4 +1,4 @@
-"""EDM samplers (SPEC §3.2): deterministic Heun (the multi-step baseline), Euler, the
+"""EDM samplers (docs/definitions.md §3.2): deterministic Heun (the multi-step baseline), Euler, the
 stochastic "churn" sampler, and a stochastic ancestral (DDPM-like) sampler with optional
 loss guidance: DSG (Diffusion with Spherical Gaussian constraint, Yang et al. 2024) and
 plain DPS-style loss guidance (`guided_sample`, `dsg_step`).

@@ -1,4 +1,4 @@
-"""Fused ops for Geometric Score Distillation (SPEC §2).
+"""Fused ops for Geometric Score Distillation (docs/definitions.md §2).
 
     isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", backend="auto")
     sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2, backend="auto")

@@ -1,4 +1,4 @@
-"""The isometry loss over a global batch split across processes (SPEC §3.4).
+"""The isometry loss over a global batch split across processes (docs/definitions.md §3.4).
 
 Each rank holds its own samples `x_local`, `z_local`. The batch is all-gathered; each rank
 computes the four weighted pair sums of its own rows against all columns (so the N^2 work

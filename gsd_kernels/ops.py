@@ -84,7 +84,7 @@ _H2_CHUNK_ROWS = 1024
 
 
 def _local_h2(z: Tensor, sz: Tensor) -> Tensor:
-    """h^2 of the closed form of SPEC §2.1 (as reference.local_bandwidth_sq) for the scaled
+    """h^2 of the closed form of docs/definitions.md §2.1 (as reference.local_bandwidth_sq) for the scaled
     latents z * sz, a 0-dim float64 device tensor; over chunks of rows so that no float64
     (or centred) copy of the whole z is made."""
     z = z.detach()
@@ -333,7 +333,7 @@ def _resolve(backend: str, device_type: str) -> str:
 
 
 def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", backend="auto") -> Tensor:
-    """Isometric regularisation loss between samples x (N, ...) and latents z (N, ...). SPEC §2.1."""
+    """Isometric regularisation loss between samples x (N, ...) and latents z (N, ...). docs/definitions.md §2.1."""
     validation.check_isometry_args(x, z, weighting, bandwidth, scale)
     name = _resolve(backend, x.device.type)
     if name == "reference":
@@ -346,7 +346,7 @@ def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", 
 
 
 def sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2, backend="auto") -> Tensor:
-    """SiD generator loss (SPEC §2.2); samples with non-finite values are dropped."""
+    """SiD generator loss (docs/definitions.md §2.2); samples with non-finite values are dropped."""
     validation.check_sid_args(x_g, y_real, y_fake, alpha)
     name = _resolve(backend, x_g.device.type)
     if name == "reference":
@@ -358,7 +358,7 @@ def sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2, backend="auto") -> Ten
 
 
 def fake_score_loss(y_fake, x, sigma, *, sigma_data=0.5, backend="auto") -> Tensor:
-    """EDM denoising loss of the fake score on generated samples (SPEC §2.3)."""
+    """EDM denoising loss of the fake score on generated samples (docs/definitions.md §2.3)."""
     validation.check_fake_score_args(y_fake, x, sigma, sigma_data)
     name = _resolve(backend, x.device.type)
     if name == "reference":

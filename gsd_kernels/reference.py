@@ -1,4 +1,4 @@
-"""Plain-PyTorch definitions of the three ops (SPEC §2.1-2.3).
+"""Plain-PyTorch definitions of the three ops (docs/definitions.md §2.1-2.3).
 
 These are the oracle every fused backend is tested against (run them in float64) and the
 eager baseline every speed claim is measured against. Autograd supplies the gradients.
@@ -34,7 +34,7 @@ def pow2_factor(t: torch.Tensor) -> torch.Tensor:
 
 
 def local_bandwidth_sq(z: torch.Tensor) -> torch.Tensor:
-    """Mean of ||z_i - z_j||^2 over i != j, in closed form (SPEC §2.1), without gradient."""
+    """Mean of ||z_i - z_j||^2 over i != j, in closed form (docs/definitions.md §2.1), without gradient."""
     # Centre first: for z = 50 + randn the uncentred form cancels away fp32's digits.
     z = z.detach()
     z = z - z.mean(0)

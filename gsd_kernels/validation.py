@@ -1,4 +1,4 @@
-"""Input checks for the public ops (SPEC §2.4).
+"""Input checks for the public ops (docs/definitions.md §2.4).
 
 Everything here runs before any kernel and looks at metadata (shape, dtype, device) and
 Python numbers, so it also works on the fake tensors of `torch.compile`. The one value

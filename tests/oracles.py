@@ -1,6 +1,6 @@
 """Float64 brute-force definitions of the ops, written independently of gsd_kernels.
 
-They follow SPEC §2 literally (explicit pairwise differences, explicit loops over the
+They follow docs/definitions.md §2 literally (explicit pairwise differences, explicit loops over the
 definition) so that they can check the reference implementation as well as the kernels.
 Only for small N: they build N x N x D tensors.
 """

@@ -1,6 +1,6 @@
 """The public ops against float64 brute-force definitions, for every available backend.
 
-Forward values and gradients of every backend are compared with `oracles` (SPEC §2
+Forward values and gradients of every backend are compared with `oracles` (docs/definitions.md §2
 written out literally, in float64) on fresh random inputs, including awkward sizes,
 large common offsets, duplicate points and non-finite samples.
 """
@@ -13,7 +13,7 @@ from gsd_kernels import reference
 
 import oracles
 
-FP32_TOL = 1e-4  # SPEC §2.1: relative error of fp32 inputs against a float64 evaluation
+FP32_TOL = 1e-4  # docs/definitions.md §2.1: relative error of fp32 inputs against a float64 evaluation
 FP64_TOL = 1e-9
 
 

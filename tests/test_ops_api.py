@@ -1,4 +1,4 @@
-"""Bad input, backend selection and torch.compile for the public ops (SPEC §2, §2.4)."""
+"""Bad input, backend selection and torch.compile for the public ops (docs/definitions.md §2, §2.4)."""
 
 
 import pytest
