@@ -176,11 +176,11 @@ def check_out_path(out, flag: str = "--out") -> None:
     """Raise UsageError (one line) unless a run directory can be created at `out`.
 
     Nothing is created: the nearest existing folder must be a writable folder on a disk
-    (not /proc or /sys, not a read-only file system, not a file).
+    (not /proc, /sys or /dev, not a read-only file system, not a file).
     """
     path = Path(os.path.abspath(out))
     real = Path(os.path.realpath(path))
-    for pseudo in ("/proc", "/sys"):
+    for pseudo in ("/proc", "/sys", "/dev"):
         if real == Path(pseudo) or Path(pseudo) in real.parents:
             raise UsageError(f"{flag} {out} is inside {pseudo}, a kernel file system; choose a folder on disk")
     anc = path

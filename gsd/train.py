@@ -592,34 +592,30 @@ def _check_against_checkpoint(cfg: dict, state: dict, run_dir, step: int) -> Non
                          f"it was edited: put back the checkpoint's values")
 
 
-def _memory_bytes(device: torch.device) -> int | None:
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return None
-
-
 def _check_memory(cfg: dict, sample_shape, device: torch.device, world: int) -> None:
-    """Refuse a batch / evaluation whose sample tensors alone cannot fit in the device's memory
-    (a lower bound: ~16 batch-sized float32 tensors per step, 4 per evaluated sample)."""
-    total = _memory_bytes(device)
-    if not total:
-        return
+    """Refuse a batch / evaluation whose sample tensors alone cannot fit (a lower bound: ~16
+    batch-sized float32 tensors per step, 4 per evaluated sample). On CPU the limit is
+    cli.check_memory's (half the machine, GSD_MEMORY_LIMIT_GB overrides it); on CUDA the
+    device's memory."""
+    from .cli import check_memory, format_bytes
+
     numel = math.prod(int(d) for d in sample_shape)
     per_rank = cfg.get("batch_per_gpu") or -(-cfg["batch"] // max(1, world))
-    gib = 2.0 ** 30
-    need = 16 * 4 * numel * per_rank
-    if need > total:
-        raise UsageError(f"--batch {cfg['batch']} needs more than {need / gib:.3g} GiB for its {device.type} sample "
-                         f"tensors alone, the {device.type} memory is {total / gib:.3g} GiB; use a smaller --batch "
-                         "(or --batch-per-gpu with accumulation)")
     n_eval = cfg.get("eval_samples") or 0
-    need = 4 * 4 * numel * n_eval
-    if need > total:
-        raise UsageError(f"--eval-samples {n_eval} needs more than {need / gib:.3g} GiB for its samples alone, "
-                         f"the {device.type} memory is {total / gib:.3g} GiB; use fewer")
+    needs = ((16 * 4 * numel * per_rank, f"--batch {cfg['batch']}",
+              "use a smaller --batch (or --batch-per-gpu with gradient accumulation)"),
+             (4 * 4 * numel * n_eval, f"--eval-samples {n_eval}", "use fewer"))
+    for nbytes, what, hint in needs:
+        if device.type != "cuda":
+            check_memory(nbytes, what, hint)
+            continue
+        try:
+            total = int(torch.cuda.get_device_properties(device).total_memory)
+        except (RuntimeError, AssertionError, ValueError):
+            continue
+        if nbytes > total:
+            raise UsageError(f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(total)} of "
+                             f"{device}; {hint}")
 
 
 class _StopRule:

@@ -314,11 +314,11 @@ def test_bad_numbers_are_one_line_before_loading(tmp_path, capsys, no_loading, e
 
 
 def test_batch_or_eval_samples_beyond_memory_is_one_line_before_writing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "_memory_bytes", lambda device: 2 ** 30)  # a 1 GiB machine
+    monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "1")  # the limit of every gsd command
     out = tmp_path / "never"
     for extra, needle in ((["--batch", str(2 ** 24)], "--batch"), (["--eval-samples", str(2 ** 26)], "--eval-samples")):
         code, err, _ = cli(base_args(tmp_path, out, *extra), capsys)
-        assert_one_line_error(code, err, needle, "GiB")
+        assert_one_line_error(code, err, needle, "GB")
         assert not out.exists()
     code, err, _ = cli(base_args(tmp_path, out, "--batch", str(2 ** 10)), capsys)  # fits
     assert code == 0, err
