@@ -100,6 +100,23 @@ def count_int(text: str) -> int:
     return bounded_int(1, MAX_COUNT, "larger counts cannot be meant")(text)
 
 
+def bounded_float(lo: float, hi: float, why: str = "", *, lo_open: bool = True) -> Callable[[str], float]:
+    """argparse type: a finite number in (lo, hi] ([lo, hi] with lo_open=False); `why` explains hi."""
+    what = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not ((value > lo if lo_open else value >= lo) and value <= hi):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"expected {what}{f' ({why})' if why else ''}, got {text}")
+        return value
+
+    parse.__name__ = "bounded_float"
+    return parse
+
+
 def format_bytes(n: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
         if abs(n) < 1000 or unit == "PB":

@@ -49,12 +49,16 @@ import numpy as np
 import torch
 
 from . import runs
-from .cli import UsageError, add_runtime_args, make_parser, positive_float, positive_int, run_main
+from .cli import MAX_SEED, UsageError, add_runtime_args, bounded_float, check_memory, count_int, make_parser, run_main
 
 __all__ = ["load_generator", "slerp", "fit_direction", "find_directions", "filtered_mean", "edit_metrics",
            "DEFAULT_ALPHAS", "write_figures", "build_parser", "main"]
 
 DEFAULT_ALPHAS = (0.125, 0.25, 0.5)
+# Edits are fractions of the typical latent norm; 100 norms away the generator sees latents far
+# outside anything it was trained on, and much larger steps overflow float32 latents.
+MAX_ALPHA = 100.0
+_ALPHA_WHY = "an edit step is a fraction of the typical latent norm"
 DEFAULT_NUM = 2000
 PERCENTILES = (1.0, 99.0)
 MIN_POSITIVES = 5          # a class needs this many labelled samples (and non-samples) to fit a boundary
@@ -274,11 +278,18 @@ def edit_metrics(run_dir, *, num: int = DEFAULT_NUM, alphas: Sequence[float] = D
     """
     t0 = time.perf_counter()
     alphas = [float(a) for a in alphas]
-    if not alphas or any(not (math.isfinite(a) and a > 0) for a in alphas):
-        raise UsageError(f"alphas must be finite numbers > 0, got {alphas}")
+    if not alphas or any(not (math.isfinite(a) and 0 < a <= MAX_ALPHA) for a in alphas):
+        raise UsageError(f"alphas must be numbers in (0, {MAX_ALPHA:g}] ({_ALPHA_WHY}), got {alphas}")
     if num < 2 or num_edit < 1 or path_steps < 1:
         raise UsageError("need num >= 2, num_edit >= 1, path_steps >= 1")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise UsageError(f"seed must be in [0, {MAX_SEED}], got {seed}")
     generate, info = load_generator(run_dir, device)
+    d = int(np.prod(info["sample_shape"]))
+    # float64 latents of the fitting set and of one class's edit paths, float32 samples of each
+    check_memory(12 * max(num, num_edit * (path_steps + 1)) * d,
+                 f"--num {num} / --num-edit {num_edit} x --path-steps {path_steps} latents of dimension {d}",
+                 "lower them")
     lab = _labeller(info, info["device"])
     num_classes = lab["num_classes"]
     if target_classes is None:
@@ -433,12 +444,12 @@ def build_parser():
                     "Latent editing with a run's one-step generator: slerp strips, class directions "
                     "(linear boundaries on z), edit grids, edit success rate and path smoothness.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a gsd.train run directory")
-    p.add_argument("--num", type=positive_int, default=DEFAULT_NUM,
+    p.add_argument("--num", type=count_int, default=DEFAULT_NUM,
                    help="labelled samples G(z) used to fit the class boundaries")
-    p.add_argument("--num-edit", type=positive_int, default=256, help="held-out source latents that are edited")
-    p.add_argument("--alphas", type=positive_float, nargs="+", default=list(DEFAULT_ALPHAS),
+    p.add_argument("--num-edit", type=count_int, default=256, help="held-out source latents that are edited")
+    p.add_argument("--alphas", type=bounded_float(0, MAX_ALPHA, _ALPHA_WHY), nargs="+", default=list(DEFAULT_ALPHAS),
                    help="edit steps, as fractions of the typical latent norm sigma_init*sqrt(D)")
-    p.add_argument("--path-steps", type=positive_int, default=8,
+    p.add_argument("--path-steps", type=count_int, default=8,
                    help="segments of each edit path for the smoothness measure")
     p.add_argument("--target-class", type=int, default=None,
                    help="edit towards this class only (None: every class)")
@@ -477,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else run_dir
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
+    runs.check_out_path(out_dir)  # /proc, under a file, read-only: before minutes of fitting
     targets = None if args.target_class is None else [args.target_class]
     result = edit_metrics(run_dir, num=args.num, alphas=args.alphas, seed=args.seed, device=args.device,
                           target_classes=targets, num_edit=args.num_edit, path_steps=args.path_steps,

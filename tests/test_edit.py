@@ -150,3 +150,40 @@ def test_cli_subprocess_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "gsd.edit", str(tmp_path / "nope")], env=env, capture_output=True,
                        text=True, timeout=120)
     _one_line(p.returncode, p.stderr, "nope")
+
+
+def test_huge_numbers_and_bad_out_are_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    # review D9: --alphas 1e308 and --seed 1e20 were tracebacks (OverflowError, scikit-learn)
+    (tmp_path / "FILE").write_text("x")
+    monkeypatch.setattr(edit, "load_generator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cases = [
+        (["--alphas", "1e308"], "--alphas"),
+        (["--alphas", "0.1", "inf"], "--alphas"),
+        (["--alphas", "nan"], "--alphas"),
+        (["--alphas", "101"], "--alphas"),
+        (["--seed", str(10 ** 20)], "--seed"),
+        (["--seed", str(2 ** 32)], "--seed"),
+        (["--num", str(10 ** 20)], "--num"),
+        (["--path-steps", str(10 ** 20)], "--path-steps"),
+        (["--out", "/proc/edits"], "/proc"),
+        (["--out", str(tmp_path / "FILE" / "sub")], "--out"),
+    ]
+    for argv, needle in cases:
+        try:
+            code = run_main(edit.main, [str(tiny_run), *argv])
+        except SystemExit as exc:
+            code = exc.code
+        _one_line(code, capsys.readouterr().err, needle)
+    with pytest.raises(edit.UsageError, match="alphas"):
+        edit.edit_metrics(tiny_run, alphas=[1e308])
+    with pytest.raises(edit.UsageError, match="seed"):
+        edit.edit_metrics(tiny_run, seed=10 ** 20)
+
+
+def test_sizes_beyond_memory_are_one_line(tiny_run, capsys, monkeypatch):
+    monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "0.01")
+    try:
+        code = run_main(edit.main, [str(tiny_run), "--num-edit", "100000", "--path-steps", "100"])
+    except SystemExit as exc:
+        code = exc.code
+    _one_line(code, capsys.readouterr().err, "GB")
