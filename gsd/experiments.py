@@ -44,8 +44,8 @@ from typing import Sequence
 import torch
 
 from . import runs
-from .cli import (UsageError, make_parser, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                  run_main)
+from .cli import (UsageError, make_parser, nonnegative_float, positive_float, positive_int,
+                  run_main, seed_int)
 from .cli import format_value as fmt  # short: results.md formats dozens of numbers inline
 
 __all__ = ["VARIANTS", "plan_runs", "run_experiments", "build_parser", "main", "guidance_section",
@@ -803,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="teacher checkpoint (.safetensors) (default: %(default)s = the cached default teacher, trained "
                         "if missing)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed of training and evaluation")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed of training and evaluation")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run; auto picks cuda when available")
     p.add_argument("--jobs", type=positive_int, default=None,
@@ -831,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else None
+    runs.check_out_path(args.root, "--root")  # a file, /proc, read-only: one line before any run starts
     if args.jobs is None:
         wants_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.jobs = 1 if (wants_gpu or args.tiny or (os.cpu_count() or 1) < 2) else 2

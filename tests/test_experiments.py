@@ -115,3 +115,23 @@ def test_edit_section_guards(monkeypatch, tmp_path):
     monkeypatch.setattr(gsd, "edit", sys.modules["gsd.edit"], raising=False)
     status, md = experiments.edit_section({"full": tmp_path}, device="cpu", seed=0)
     assert status == "unavailable"
+
+
+def test_root_and_seed_are_checked_first(tmp_path, capsys, monkeypatch):
+    # review D9: --root FILE was a traceback (mkdir on a file)
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    monkeypatch.setattr(experiments, "run_experiments", lambda args: (_ for _ in ()).throw(AssertionError("ran")))
+    for argv, needle in ((["--root", str(afile)], "--root"),
+                         (["--root", str(afile / "sub")], "--root"),
+                         (["--root", "/proc/exp"], "/proc"),
+                         (["--root", str(tmp_path / "r"), "--seed", str(10 ** 20)], "--seed")):
+        try:
+            code = run_main(experiments.main, ["--tiny", *argv])
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, err
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert afile.read_text() == "keep"
