@@ -1,6 +1,6 @@
 """Command-line plumbing shared by every `gsd` command.
 
-One definition of each flag (SPEC §3.7: the same flag means the same thing in every
+One definition of each flag (docs/definitions.md §3.7: the same flag means the same thing in every
 command) and one way to fail: a `UsageError` becomes a one-line message on stderr and
 exit code 2, never a traceback.
 """
@@ -213,7 +213,7 @@ def check_image_output(path, flag: str = "--out", suffixes: Sequence[str] | None
 
 
 def irl_scale(text: str):
-    """`optimal` or a positive float (SPEC §2.1)."""
+    """`optimal` or a positive float (docs/definitions.md §2.1)."""
     if text == "optimal":
         return "optimal"
     try:
@@ -257,7 +257,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     fused = p.add_mutually_exclusive_group()
     fused.add_argument("--fused", dest="fused", action="store_true", default=False,
-                       help="use the fused gsd_kernels ops (backend=auto)")
+                       help="run the loss ops on the fastest fused gsd_kernels backend for the device; "
+                            "stop with one line where none can serve it")
     fused.add_argument("--no-fused", dest="fused", action="store_false", default=argparse.SUPPRESS,
                        help="use the reference (eager PyTorch) ops: the default, and the eager baseline")
     p.add_argument("--teacher", default=None, metavar="PATH",

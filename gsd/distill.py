@@ -1,4 +1,4 @@
-"""SiD + IRL distillation of an EDM teacher into a one-step generator (SPEC §3.3-3.4).
+"""SiD + IRL distillation of an EDM teacher into a one-step generator (docs/definitions.md §3.3-3.4).
 
     G(eps) = D_theta(sigma_init * eps; sigma_init)                 one-step generator
     f_phi  = the teacher denoiser (frozen)

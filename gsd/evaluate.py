@@ -1,4 +1,4 @@
-"""`python -m gsd.evaluate RUN_DIR`: evaluate a distillation run (SPEC §3.6), write eval.json.
+"""`python -m gsd.evaluate RUN_DIR`: evaluate a distillation run (docs/definitions.md §3.6), write eval.json.
 
     python -m gsd.evaluate runs/digits-20250101-120000
     python -m gsd.evaluate RUN --fid-weights ~/pt_inception-2015-12-05-6726825d.pth --require-fid

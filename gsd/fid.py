@@ -1,4 +1,4 @@
-"""FID with pytorch-fid's Inception weights, offline (SPEC §3.6).
+"""FID with pytorch-fid's Inception weights, offline (docs/definitions.md §3.6).
 
 No machine of this project can download anything, so the Inception network is built
 here without `pytorch_fid.inception.fid_inception_v3` (which fetches its weights): it is

@@ -1,6 +1,6 @@
 """Evaluation pieces shared by `gsd.train`, `gsd.evaluate`, `gsd.experiments`, `gsd.edit`.
 
-Everything here is a plain function of tensors / arrays (SPEC §3.6):
+Everything here is a plain function of tensors / arrays (docs/definitions.md §3.6):
 
 - `frechet_distance`: Frechet distance between two feature sets (or their moments).
 - `sliced_wasserstein`, `mmd`, `mode_coverage`: distances to a known distribution (gmm).
@@ -332,7 +332,7 @@ def classifier_features(model: nn.Module, x: torch.Tensor, batch: int = 512) -> 
 @torch.no_grad()
 def isometry_defect(generator: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, *,
                     backend: str = "reference", weighting: str = "global") -> float:
-    """Optimal-scale isometry loss (SPEC §2.1) of `generator` on held-out `latents`.
+    """Optimal-scale isometry loss (docs/definitions.md §2.1) of `generator` on held-out `latents`.
 
     0 means pairwise output distances are exactly proportional to latent distances.
     Samples with non-finite outputs are left out.

@@ -1,4 +1,4 @@
-"""Multi-process training under `torchrun` (SPEC §3.4): process group, rank helpers, DDP.
+"""Multi-process training under `torchrun` (docs/definitions.md §3.4): process group, rank helpers, DDP.
 
     torchrun --nproc_per_node=K -m gsd.train ...     # gloo on CPU, NCCL on GPUs
 

@@ -1,4 +1,4 @@
-"""Perceptual path length (SPEC §3.6).
+"""Perceptual path length (docs/definitions.md §3.6).
 
     PPL = E[ d(G(slerp(z1, z2; t)), G(slerp(z1, z2; t + eps))) / eps^2 ],
     z1, z2 ~ N(0, I), t ~ U(0, 1), eps = 1e-4,

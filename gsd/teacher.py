@@ -1,4 +1,4 @@
-"""Teacher training (SPEC §3.1 EDM loss) and the teacher cache.
+"""Teacher training (docs/definitions.md §3.1 EDM loss) and the teacher cache.
 
     python -m gsd.teacher --dataset digits            # train (or find) the cached teacher
     python -m gsd.teacher --dataset gmm --out t.safetensors --iters 2000
@@ -68,7 +68,7 @@ def default_cache_dir() -> str:
 
 def edm_loss(net, y: torch.Tensor, labels=None, *, generator: torch.Generator | None = None,
              sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """EDM loss (SPEC §3.1): mean over the batch of lambda(sigma) ||D(y + sigma eps; sigma) - y||^2.
+    """EDM loss (docs/definitions.md §3.1): mean over the batch of lambda(sigma) ||D(y + sigma eps; sigma) - y||^2.
 
     ln sigma ~ N(-1.2, 1.2^2) unless `sigma` is given; eps ~ N(0, I) unless `noise` is.
     """
