@@ -43,6 +43,8 @@ from typing import Sequence
 
 import torch
 
+import gsd_kernels
+
 from . import runs
 from .cli import (UsageError, make_parser, nonnegative_float, positive_float, positive_int,
                   run_main, seed_int)
@@ -700,6 +702,11 @@ def run_experiments(args) -> Path:
         torch.set_num_threads(args.threads)
     dev = _device(args.device)
     args.device = str(dev) if args.device == "auto" else args.device
+    if not args.no_fused:  # the training subprocesses run gsd.train --fused: refuse before writing
+        try:
+            gsd_kernels.fused_backend(dev)
+        except ValueError as exc:
+            raise UsageError(f"--fused training runs: {' '.join(str(exc).split())}") from None
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     sz = sizes(args)

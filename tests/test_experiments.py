@@ -135,3 +135,19 @@ def test_root_and_seed_are_checked_first(tmp_path, capsys, monkeypatch):
         lines = [l for l in err.strip().splitlines() if l.strip()]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
     assert afile.read_text() == "keep"
+
+
+def test_fused_runs_without_a_fused_backend_stop_before_writing(tmp_path, capsys, monkeypatch):
+    """Training runs are `gsd.train --fused` subprocesses: where no fused backend can serve the
+    device, the command says so in one line before it creates the results folder."""
+    def unavailable(device):
+        raise ValueError("no fused backend can run on cpu: cpu: gsd_kernels._C is stale (...)")
+
+    monkeypatch.setattr(experiments.gsd_kernels, "fused_backend", unavailable)
+    root = tmp_path / "results"
+    code = run_main(experiments.main, ["--tiny", "--root", str(root), "--device", "cpu"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "no fused backend" in lines[0] and "stale" in lines[0]
+    assert not root.exists()
