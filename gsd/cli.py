@@ -159,6 +159,33 @@ def check_memory(nbytes: float, what: str, hint: str = "") -> None:
 _KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
 
 
+def check_creatable(path, start, flag: str) -> None:
+    """Raise UsageError (one line) unless something can be created at `path`: it is not inside
+    /proc, /sys or /dev, and the nearest existing folder at or above `start` is a writable
+    folder on a writable file system. Nothing is created. Shared by output files
+    (check_output_file) and run directories (gsd.runs.check_out_path)."""
+    import os
+
+    real = os.path.realpath(os.path.abspath(path))
+    for kernel in _KERNEL_FILE_SYSTEMS:
+        if real == kernel or real.startswith(kernel + os.sep):
+            raise UsageError(f"{flag} {path} is inside {kernel}, a kernel file system; choose a place on disk")
+    anc = os.path.abspath(start)
+    while not os.path.lexists(anc) and os.path.dirname(anc) != anc:
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        what = "a file" if os.path.exists(anc) else "a broken link"
+        raise UsageError(f"{flag} {path}: {anc} is {what}, not a folder")
+    try:
+        read_only = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    if read_only:
+        raise UsageError(f"{flag} {path}: {anc} is on a read-only file system")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: folder {anc} is not writable")
+
+
 def check_output_file(path, flag: str = "--out") -> str:
     """Raise UsageError (one line) unless a file can be written at `path`; returns the expanded path.
 
@@ -170,25 +197,9 @@ def check_output_file(path, flag: str = "--out") -> str:
     path = os.path.expanduser(os.fspath(path))
     if not path:
         raise UsageError(f"{flag} is empty")
-    full = os.path.abspath(path)
-    real = os.path.realpath(full)
-    for kernel in _KERNEL_FILE_SYSTEMS:
-        if real == kernel or real.startswith(kernel + os.sep):
-            raise UsageError(f"{flag} {path} is inside {kernel}, a kernel file system; choose a file on disk")
-    if os.path.isdir(full):
+    check_creatable(path, os.path.dirname(os.path.abspath(path)), flag)
+    if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder, expected a file name")
-    anc = os.path.dirname(full)
-    while not os.path.lexists(anc) and os.path.dirname(anc) != anc:
-        anc = os.path.dirname(anc)
-    if not os.path.isdir(anc):
-        what = "a file" if os.path.exists(anc) else "a broken link"
-        raise UsageError(f"{flag} {path}: {anc} is {what}, not a folder")
-    try:
-        read_only = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        read_only = False
-    if read_only or not os.access(anc, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: folder {anc} is not writable")
     return path
 
 

@@ -43,7 +43,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .cli import UsageError
+from .cli import UsageError, check_creatable
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
@@ -173,33 +173,12 @@ def _describe(keys: list[str], saved: dict, given: dict) -> str:
 
 
 def check_out_path(out, flag: str = "--out") -> None:
-    """Raise UsageError (one line) unless a run directory can be created at `out`.
-
-    Nothing is created: the nearest existing folder must be a writable folder on a disk
-    (not /proc, /sys or /dev, not a read-only file system, not a file).
-    """
-    path = Path(os.path.abspath(out))
-    real = Path(os.path.realpath(path))
-    for pseudo in ("/proc", "/sys", "/dev"):
-        if real == Path(pseudo) or Path(pseudo) in real.parents:
-            raise UsageError(f"{flag} {out} is inside {pseudo}, a kernel file system; choose a folder on disk")
-    anc = path
-    while not os.path.lexists(anc) and anc != anc.parent:
-        anc = anc.parent
-    if anc.exists() and not anc.is_dir():
-        if anc == path:
-            raise UsageError(f"{flag} {out} exists and is not a directory")
-        raise UsageError(f"{flag} {out}: {anc} is a file, not a folder")
-    if not anc.exists():
-        raise UsageError(f"{flag} {out}: {anc} is a broken link")
-    try:
-        read_only = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only:
-        raise UsageError(f"{flag} {out}: {anc} is on a read-only file system")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {out}: {anc} is not writable")
+    """Raise UsageError (one line) unless a run directory can be created at `out`: not a
+    file, and (gsd.cli.check_creatable) not in /proc, /sys or /dev, with a writable folder
+    on a writable file system at or above it. Nothing is created."""
+    check_creatable(out, out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out)), flag)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UsageError(f"{flag} {out} exists and is not a directory")
 
 
 _TMP_RE = re.compile(r"^\..+\.tmp(\d+)$")
