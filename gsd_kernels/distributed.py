@@ -23,11 +23,11 @@ from torch import Tensor
 
 from . import ops, validation
 from .ops import _iso_operands, _loss_from_sums, _resolve
+from .reference import compute_dtype, flatten_rows
 
 # (group, rows per rank) already checked to be equal on every rank: the check reads a
 # gathered value on the host, which is done once, not on every step.
 _CHECKED_SIZES: set = set()
-from .reference import compute_dtype, flatten_rows
 
 
 def _distributed(group) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends, reference, validation
-from .reference import compute_dtype, flatten_rows
+from .reference import compute_dtype, flatten_rows, pow2_factor_of
 
 # ----------------------------------------------------------------------------- isometry
 #
@@ -33,21 +33,6 @@ def _sq_norms(t: Tensor) -> Tensor:
     return (t * t).sum(1)
 
 
-def _pow2_factor(spread: Tensor, dtype: torch.dtype) -> Tensor:
-    """2^-e as a 0-dim float64 tensor, where spread = m 2^e with m in [0.5, 1).
-
-    Multiplying by it is exact (a power of two) and brings the centred data to magnitude
-    <= 1, so neither the squared norms overflow (|x| ~ 1e20 in fp32) nor the squares lose
-    their digits to underflow (|x| ~ 1e-22). 1 when spread is 0 or not finite (NaN and inf
-    then reach the loss unchanged). e is clamped so that the factor is a normal number of
-    `dtype`."""
-    lim = 126 if dtype == torch.float32 else 1022
-    ok = torch.isfinite(spread) & (spread > 0)
-    e = torch.frexp(torch.where(ok, spread, torch.ones_like(spread))).exponent.to(torch.int64)
-    e = torch.where(ok, e.clamp(-lim, lim), torch.zeros_like(e))
-    return torch.bitwise_left_shift(1023 - e, 52).view(torch.float64)  # the bits of 2^-e
-
-
 def _centring(t: Tensor) -> tuple[Tensor, Tensor]:
     """Column means for centring (distances are translation invariant, and centred data keep
     the Gram trick accurate) and the power-of-two factor of the centred data.
@@ -57,7 +42,7 @@ def _centring(t: Tensor) -> tuple[Tensor, Tensor]:
     lo, hi = t.amin(0), t.amax(0)  # (torch.aminmax(dim=0) is ~20x slower on CPU)
     mean = torch.where(lo == hi, lo, t.mean(0))
     spread = (hi.double() - lo.double()).amax()
-    return mean, _pow2_factor(spread, t.dtype)
+    return mean, pow2_factor_of(spread, t.dtype)
 
 
 def _iso_operands(prims, x: Tensor, z: Tensor):

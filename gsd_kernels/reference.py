@@ -20,17 +20,24 @@ def flatten_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).to(dtype)
 
 
-def pow2_factor(t: torch.Tensor) -> torch.Tensor:
-    """2^-e (0-dim float64, no gradient) with max |t| = m 2^e, m in [0.5, 1): scaling by it is
-    exact and keeps squares of fp32 data ~1e20 from overflowing and of ~1e-22 from
-    underflowing. 1 when t is all zero or not finite; e clamped to a normal factor of t's
-    dtype. (The fused ops use the same rule on the spread of each column.)"""
-    amax = t.detach().abs().amax().double()
-    lim = 126 if t.dtype == torch.float32 else 1022
-    ok = torch.isfinite(amax) & (amax > 0)
-    e = torch.frexp(torch.where(ok, amax, torch.ones_like(amax))).exponent.to(torch.int64)
+def pow2_factor_of(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^-e as a 0-dim float64 tensor, where magnitude = m 2^e with m in [0.5, 1).
+
+    Multiplying data of that magnitude by it is exact and brings it to <= 1, so neither the
+    squares of fp32 data ~1e20 overflow nor those of ~1e-22 lose their digits. 1 when the
+    magnitude is 0 or not finite (NaN and inf then reach the loss unchanged); e is clamped so
+    that the factor is a normal number of `dtype`."""
+    lim = 126 if dtype == torch.float32 else 1022
+    ok = torch.isfinite(magnitude) & (magnitude > 0)
+    e = torch.frexp(torch.where(ok, magnitude, torch.ones_like(magnitude))).exponent.to(torch.int64)
     e = torch.where(ok, e.clamp(-lim, lim), torch.zeros_like(e))
-    return torch.bitwise_left_shift(1023 - e, 52).view(torch.float64)
+    return torch.bitwise_left_shift(1023 - e, 52).view(torch.float64)  # the bits of 2^-e
+
+
+def pow2_factor(t: torch.Tensor) -> torch.Tensor:
+    """pow2_factor_of max |t| (no gradient). The fused ops use the same rule on the spread of
+    each column."""
+    return pow2_factor_of(t.detach().abs().amax().double(), t.dtype)
 
 
 def local_bandwidth_sq(z: torch.Tensor) -> torch.Tensor:
