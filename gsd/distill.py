@@ -118,8 +118,8 @@ class DistillConfig:
                              f"got {self.sigma_init}")
         if not (isinstance(self.tmax, int) and 1 <= self.tmax <= 1000):
             raise UsageError(f"--tmax must be an integer in [1, 1000], got {self.tmax}")
-        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or not 1 <= self.batch <= MAX_COUNT:
-            raise UsageError(f"--batch must be an integer in [1, {MAX_COUNT}], got {self.batch!r}")
+        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or not 1 <= self.batch <= MAX_ROWS:
+            raise UsageError(f"--batch must be an integer in [1, {MAX_ROWS}], got {self.batch!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1024:
             raise UsageError(f"--seed must be an integer in [0, 2^63 - 1024), got {self.seed!r}")
         if self.lambda_irl > 0 and self.batch < 2:
@@ -192,7 +192,7 @@ class DistillConfig:
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _F32_MAX = float(torch.finfo(torch.float32).max)
-MAX_COUNT = 2 ** 31 - 1   # largest batch / sample count: torch indexes rows with int32 in places
+MAX_ROWS = 2 ** 31 - 1   # largest batch / sample count: torch indexes rows with int32 in places
 
 
 def sigma_schedule(t: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:

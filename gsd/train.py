@@ -42,7 +42,7 @@ import torch
 from . import parallel, runs
 from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, format_value, make_parser,
                   nonnegative_int, positive_int, run_main, sampler_table)
-from .distill import MAX_COUNT, DistillConfig, Distiller
+from .distill import MAX_ROWS, DistillConfig, Distiller
 
 # Per-dataset defaults for the flags whose default is "depends on the dataset".
 DATASET_DEFAULTS = {
@@ -202,8 +202,8 @@ def _validate(cfg: dict, resuming: bool = False) -> None:
     distill_config(cfg).validate().accum_steps(parallel.env_world_size())
     for key in ("eval_samples", "batch_per_gpu"):
         v = cfg.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT):
-            raise UsageError(f"--{key.replace('_', '-')} must be an integer in [0, {MAX_COUNT}], got {v!r}")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_ROWS):
+            raise UsageError(f"--{key.replace('_', '-')} must be an integer in [0, {MAX_ROWS}], got {v!r}")
     for key, low in (("iters", 0), ("log_every", 1), ("ckpt_every", 1), ("keep_every", 0), ("max_bad_iters", 0)):
         v = cfg.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
