@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gsd.cli import UsageError
+from gsd.networks import build_on_meta, check_sigma_data, note_float32_cast
 
 __all__ = ["DiffusersTeacher", "load_diffusers_teacher", "save_diffusers_teacher", "vp_betas",
            "is_diffusers_folder", "DEFAULT_SCHEDULE"]
@@ -129,8 +129,6 @@ class DiffusersTeacher(nn.Module):
         self.unet = unet
         self.prediction_type = prediction_type
         try:
-            from gsd.networks import check_sigma_data
-
             self.sigma_data = check_sigma_data(sigma_data)
         except ValueError as exc:
             raise UsageError(f"{source or 'diffusers teacher'}: {exc}") from None
@@ -342,7 +340,6 @@ def _check_weights_match_config(unet_cls, cfg: dict, unet_dir: str) -> set:
     """Refuse a config.json that does not describe the weights beside it, before diffusers
     builds anything: a config of a few bytes (layers_per_block 100000) would otherwise make it
     allocate without bound. A cheap block count first, then a build on the meta device."""
-    from gsd.networks import build_on_meta
 
     shapes, dtypes = _weight_shapes(unet_dir)
     odd = sorted(d for d in dtypes if d not in ("float16", "bfloat16", "float32", "float64"))
@@ -473,8 +470,7 @@ def _to_float32_checked(unet: nn.Module, where: str, stored: set) -> None:
     for name, t in list(unet.named_parameters()) + list(unet.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UsageError(f"{where}: the weights have non-finite values in {name}")
-    if others:
-        print(f"note: {where} stores {', '.join(others)} weights; loaded as float32", file=sys.stderr, flush=True)
+    note_float32_cast(others, where)
 
 
 def save_diffusers_teacher(net: DiffusersTeacher, folder) -> str:
