@@ -86,14 +86,31 @@ def _local_h2(z: Tensor, sz: Tensor) -> Tensor:
     return (2.0 * n / (n - 1)) * (sq / n - (col * col).sum())
 
 
-def _inv_two_h2(z: Tensor, local: bool, bandwidth: float, sz: Tensor) -> Tensor:
+def _local_h2_grouped(z: Tensor, sz: Tensor, g: int) -> Tensor:
+    """h^2 over the included pairs of groups of g consecutive rows (as
+    reference.local_bandwidth_sq_grouped) for the scaled latents z * sz: the mean over groups of
+    each group's closed form, over chunks of whole groups in float64 (no copy of all of z)."""
+    z = z.detach()
+    n = z.shape[0]
+    step = max(1, _H2_CHUNK_ROWS // g) * g
+    sq = z.new_zeros((), dtype=torch.float64)
+    for i in range(0, n, step):
+        blocks = (z[i:i + step].double() * sz).reshape(-1, g, z.shape[1])
+        c = blocks - blocks.mean(1, keepdim=True)
+        sq += (c * c).sum()
+    return (2.0 * g / ((g - 1) * n)) * sq
+
+
+def _inv_two_h2(z: Tensor, local: bool, bandwidth: float, sz: Tensor, groups: int = 0) -> Tensor:
     """1 / (2 h^2) in the frame of the scaled latents z * sz (0-dim float64 on z's device;
-    0: global weighting)."""
+    0: global weighting). groups > 0: the closed-form h^2 is over the included pairs only."""
     if not local:
         return torch.zeros((), dtype=torch.float64, device=z.device)
     if bandwidth > 0:
         b = sz * bandwidth
         h2 = b * b
+    elif groups:
+        h2 = _local_h2_grouped(z, sz, groups)
     else:
         h2 = _local_h2(z, sz)
     positive = h2 > 0
@@ -145,57 +162,65 @@ def _apply_factor(g: Tensor, factor: Tensor) -> Tensor:
     return g.mul_(factor.to(g.dtype))
 
 
+def _group_kwargs(groups: int) -> dict:
+    """The primitives' `groups=` keyword only when pairs are grouped, so that the
+    all-pairs calls stay exactly those of before."""
+    return {"groups": groups} if groups else {}
+
+
 @torch.library.custom_op("gsd::isometry_fwd", mutates_args=())
 def _isometry_fwd(x: Tensor, z: Tensor, local: bool, bandwidth: float, scale: float,
-                  backend: str) -> tuple[Tensor, Tensor]:
+                  backend: str, groups: int = 0) -> tuple[Tensor, Tensor]:
+    """groups = 0: all pairs; g >= 2: only pairs within blocks of g consecutive rows."""
     prims = backends.primitives(backend, x.device.type)
     operands, kwargs, scales = _iso_operands(prims, x, z)
     n = x.shape[0]
-    inv_two_h2 = _inv_two_h2(z, local, bandwidth, scales[1])
-    sums = prims.iso_forward_sums(*operands, 0, n, 0, n, inv_two_h2, **kwargs)
+    inv_two_h2 = _inv_two_h2(z, local, bandwidth, scales[1], groups)
+    sums = prims.iso_forward_sums(*operands, 0, n, 0, n, inv_two_h2, **kwargs, **_group_kwargs(groups))
     return _loss_from_sums(sums, scales, scale).to(x.dtype), sums
 
 
 @_isometry_fwd.register_fake
-def _(x, z, local, bandwidth, scale, backend):
+def _(x, z, local, bandwidth, scale, backend, groups=0):
     return x.new_empty(()), x.new_empty((4,), dtype=torch.float64)
 
 
 @torch.library.custom_op("gsd::isometry_bwd", mutates_args=())
 def _isometry_bwd(grad: Tensor, x: Tensor, z: Tensor, sums: Tensor, local: bool, bandwidth: float,
-                  scale: float, need_x: bool, need_z: bool, backend: str) -> tuple[Tensor, Tensor]:
+                  scale: float, need_x: bool, need_z: bool, backend: str, groups: int = 0) -> tuple[Tensor, Tensor]:
     """(gx, gz); an input that needs no gradient gets an empty (0,) tensor and none of its
     work is done (no apply GEMM, no output)."""
     prims = backends.primitives(backend, x.device.type)
     operands, kwargs, scales = _iso_operands(prims, x, z)  # the forward's factors, recomputed
     coef, gmul = _pair_coefficients(sums, scales, scale, grad)
-    inv_two_h2 = _inv_two_h2(z, local, bandwidth, scales[1])
+    inv_two_h2 = _inv_two_h2(z, local, bandwidth, scales[1], groups)
     n = x.shape[0]
     gx, gz = prims.iso_backward_rows(*operands, 0, n, 0, n, inv_two_h2, coef,
-                                     need_x=need_x, need_z=need_z, **kwargs)
+                                     need_x=need_x, need_z=need_z, **kwargs, **_group_kwargs(groups))
     gx = _apply_factor(gx, gmul[0]) if need_x else x.new_empty((0,))
     gz = _apply_factor(gz, gmul[1]) if need_z else z.new_empty((0,))
     return gx, gz
 
 
 @_isometry_bwd.register_fake
-def _(grad, x, z, sums, local, bandwidth, scale, need_x, need_z, backend):
+def _(grad, x, z, sums, local, bandwidth, scale, need_x, need_z, backend, groups=0):
     return (torch.empty_like(x) if need_x else x.new_empty((0,)),
             torch.empty_like(z) if need_z else z.new_empty((0,)))
 
 
 def _isometry_setup(ctx, inputs, output):
-    x, z, local, bandwidth, scale, backend = inputs
+    x, z, local, bandwidth, scale, backend, *rest = inputs
     ctx.save_for_backward(x, z, output[1])
     ctx.args = (local, bandwidth, scale)
     ctx.backend = backend
+    ctx.groups = rest[0] if rest else 0
 
 
 def _isometry_backward(ctx, grad_loss, grad_sums):
     x, z, sums = ctx.saved_tensors
     need_x, need_z = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-    gx, gz = _isometry_bwd(grad_loss, x, z, sums, *ctx.args, need_x, need_z, ctx.backend)
-    return (gx if need_x else None), (gz if need_z else None), None, None, None, None
+    gx, gz = _isometry_bwd(grad_loss, x, z, sums, *ctx.args, need_x, need_z, ctx.backend, ctx.groups)
+    return (gx if need_x else None), (gz if need_z else None), None, None, None, None, None
 
 
 torch.library.register_autograd("gsd::isometry_fwd", _isometry_backward, setup_context=_isometry_setup)
@@ -317,16 +342,33 @@ def _resolve(backend: str, device_type: str) -> str:
     return backends.resolve(backend, torch.device(device_type))
 
 
-def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", backend="auto") -> Tensor:
-    """Isometric regularisation loss between samples x (N, ...) and latents z (N, ...). docs/definitions.md §2.1."""
-    validation.check_isometry_args(x, z, weighting, bandwidth, scale)
+# Fused backends whose isometry primitives take `groups=` (pairs within blocks of rows).
+GROUPED_BACKENDS = frozenset()
+
+
+def check_grouped_backend(name: str, groups) -> None:
+    """A fused backend without grouped kernels refuses groups (never a silent fallback)."""
+    if groups is not None and name != "reference" and name not in GROUPED_BACKENDS:
+        raise ValueError(f"isometry_loss(groups=...) is not implemented for backend {name!r}; "
+                         f"use one of {sorted(GROUPED_BACKENDS | {'reference'})}")
+
+
+def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", groups=None,
+                  backend="auto") -> Tensor:
+    """Isometric regularisation loss between samples x (N, ...) and latents z (N, ...). docs/definitions.md §2.1.
+
+    groups=None: all ordered pairs; groups=g: only pairs within consecutive blocks of g rows."""
+    validation.check_isometry_args(x, z, weighting, bandwidth, scale, groups)
     name = _resolve(backend, x.device.type)
+    groups = None if groups is None else int(groups)
     if name == "reference":
-        return reference.isometry_loss(x, z, weighting=weighting, bandwidth=bandwidth, scale=scale)
+        return reference.isometry_loss(x, z, weighting=weighting, bandwidth=bandwidth, scale=scale, groups=groups)
+    check_grouped_backend(name, groups)
     dtype = compute_dtype(x, z)
+    extra = (groups,) if groups is not None else ()  # all pairs: the op's call is unchanged
     loss, _ = _isometry_fwd(flatten_rows(x, dtype), flatten_rows(z, dtype), weighting == "local",
                             0.0 if bandwidth is None else float(bandwidth),
-                            -1.0 if isinstance(scale, str) else float(scale), name)
+                            -1.0 if isinstance(scale, str) else float(scale), name, *extra)
     return loss
 
 

@@ -3,7 +3,8 @@
 These are the oracle every fused backend is tested against (run them in float64) and the
 eager baseline every speed claim is measured against. Autograd supplies the gradients.
 The isometry loss here builds N x N matrices on purpose: that is what an eager
-implementation does.
+implementation does. With `groups=g` it builds one g x g block per group instead (batched
+Gram matrices), never N x N.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def local_bandwidth_sq(z: torch.Tensor) -> torch.Tensor:
     return (2.0 * n / (n - 1)) * (mean_sq_norm - (mean * mean).sum())
 
 
+def local_bandwidth_sq_grouped(z: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean of ||z_i - z_j||^2 over the included pairs (i != j in one group of `groups`
+    consecutive rows), without gradient: every group has g (g - 1) ordered pairs, so this is
+    the mean over groups of each group's closed form, 2g/((g-1) N) sum_i ||z_i - mean of its group||^2."""
+    z = z.detach()
+    n, g = z.shape[0], groups
+    blocks = z.reshape(n // g, g, -1)
+    centred = blocks - blocks.mean(1, keepdim=True)
+    return (2.0 * g / ((g - 1) * n)) * (centred * centred).sum()
+
+
 def _pair_distances(a: torch.Tensor) -> torch.Tensor:
     """||a_i - a_j|| for all pairs via the Gram matrix of the centred batch.
 
@@ -65,7 +77,21 @@ def _pair_distances(a: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(d2), torch.sqrt(torch.where(zero, torch.ones_like(d2), d2)))
 
 
-def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal"):
+def _group_distances(a: torch.Tensor, g: int) -> torch.Tensor:
+    """||a_i - a_j|| within each group of g consecutive rows: (N/g, g, g), each group centred
+    on its own mean (distances are translation invariant)."""
+    blocks = a.reshape(a.shape[0] // g, g, a.shape[1])
+    centred = blocks - blocks.mean(1, keepdim=True)
+    gram = centred @ centred.transpose(1, 2)
+    sq_norms = torch.diagonal(gram, dim1=1, dim2=2)
+    d2 = (sq_norms[:, :, None] + sq_norms[:, None, :] - 2.0 * gram).clamp_min(0.0)
+    zero = d2 == 0
+    return torch.where(zero, torch.zeros_like(d2), torch.sqrt(torch.where(zero, torch.ones_like(d2), d2)))
+
+
+def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", groups=None):
+    """groups=None: all ordered pairs i != j; groups=g: only pairs within one block of g
+    consecutive rows (docs/definitions.md §2.1); the sums below run over the pair axes either way."""
     dtype = compute_dtype(x, z)
     x2 = flatten_rows(x, dtype)
     z2 = flatten_rows(z, dtype)
@@ -75,14 +101,21 @@ def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal"):
     sx, sz = pow2_factor(x2), pow2_factor(z2)
     x2 = x2 * sx.to(dtype)
     z2 = z2 * sz.to(dtype)
-    delta = _pair_distances(x2)
-    dz = _pair_distances(z2)
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x2.device)
+    if groups is None:
+        delta = _pair_distances(x2)
+        dz = _pair_distances(z2)
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x2.device)
+    else:
+        delta = _group_distances(x2, int(groups))
+        dz = _group_distances(z2, int(groups))
+        off_diagonal = ~torch.eye(int(groups), dtype=torch.bool, device=x2.device)  # broadcast over groups
 
     if weighting == "local":
         if bandwidth is not None:
             b = (sz * float(bandwidth)).to(dtype)
             h2 = b * b
+        elif groups is not None:
+            h2 = local_bandwidth_sq_grouped(z2, int(groups))
         else:
             h2 = local_bandwidth_sq(z2)
         # h2 == 0 only when every latent is the same point; all dz are 0 then and the weight is moot.

@@ -64,7 +64,19 @@ def check_finite_number(name: str, value, *, positive: bool = False, squared: bo
     return value
 
 
-def check_isometry_args(x, z, weighting, bandwidth, scale) -> None:
+def check_groups(groups, n: int) -> None:
+    """groups=None (all pairs) or an int g >= 2 that divides N (rows in consecutive blocks of g)."""
+    if groups is None:
+        return
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise ValueError(f"groups must be None or an int >= 2, got {groups!r}")
+    if groups < 2:
+        raise ValueError(f"groups must be >= 2 (a group needs a pair i != j), got {groups}")
+    if n % groups != 0:
+        raise ValueError(f"groups = {groups} must divide the number of samples N = {n}")
+
+
+def check_isometry_args(x, z, weighting, bandwidth, scale, groups=None) -> None:
     check_tensor("x", x)
     check_tensor("z", z)
     check_same_device(x=x, z=z)
@@ -84,6 +96,7 @@ def check_isometry_args(x, z, weighting, bandwidth, scale) -> None:
         if isinstance(scale, str):
             raise ValueError(f"scale must be 'optimal' or a positive float, got {scale!r}")
         check_finite_number("scale", scale, positive=True, squared=True)
+    check_groups(groups, x.shape[0])
 
 
 def check_sid_args(x_g, y_real, y_fake, alpha) -> None:

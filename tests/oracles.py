@@ -14,13 +14,17 @@ def _safe_norm(diff):
     return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def isometry(x, z, weighting="global", bandwidth=None, scale="optimal"):
+def isometry(x, z, weighting="global", bandwidth=None, scale="optimal", groups=None):
+    """groups=g: only the pairs i != j with i // g == j // g count (a masked N x N)."""
     n = x.shape[0]
     x = x.reshape(n, -1).double()
     z = z.reshape(n, -1).double()
     delta = _safe_norm(x[:, None, :] - x[None, :, :])
     dz = _safe_norm(z[:, None, :] - z[None, :, :])
     off = ~torch.eye(n, dtype=torch.bool)
+    if groups is not None:
+        block = torch.arange(n) // groups
+        off = off & (block[:, None] == block[None, :])
     if weighting == "local":
         if bandwidth is None:
             h2 = (dz.detach() ** 2)[off].mean()

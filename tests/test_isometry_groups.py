@@ -1,0 +1,144 @@
+"""isometry_loss(groups=g): pairs only within blocks of g consecutive rows (docs/definitions.md §2.1).
+
+Every backend is checked against the float64 oracle of tests/oracles.py (a masked N x N,
+written independently of gsd_kernels) on fresh random inputs at awkward sizes, with a
+large common offset; plus bad input, the no-N x N property of the grouped reference, the
+custom op's fake implementation / opcheck, torch.compile, and the issue-12 measurement
+that grouped pairs see a high-frequency wiggle that random pairs do not.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import gsd_kernels
+from gsd_kernels import ops, reference
+
+import oracles
+
+FP32_TOL = 1e-4
+FP64_TOL = 1e-9
+
+# (N, D, d, g): N = 2; odd N with g = 3 and 5; one group holding the whole batch; D, d off every tile
+SIZES = [(2, 37, 5, 2), (15, 37, 5, 3), (15, 37, 5, 5), (12, 37, 5, 12), (70, 131, 9, 7)]
+WEIGHTINGS = ["global", "local"]
+SCALES = ["optimal", 0.7]
+
+
+def _cpu_backends():
+    names = ["reference"] + [b for b in gsd_kernels.available_backends("cpu") if b != "reference"]
+    if os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in names:
+        names.append("triton")
+    return [b for b in names if b == "reference" or b in ops.GROUPED_BACKENDS]
+
+
+def _inputs(n, d_x, d_z, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = 50.0 + torch.randn(n, d_x, generator=gen, dtype=torch.float64)  # large common offset
+    z = torch.randn(n, d_z, generator=gen, dtype=torch.float64)
+    return x.to(dtype), z.to(dtype)
+
+
+def _value_and_grads(fn, x, z):
+    x = x.detach().clone().requires_grad_(True)
+    z = z.detach().clone().requires_grad_(True)
+    out = fn(x, z)
+    gx, gz = torch.autograd.grad(out, (x, z))
+    return out.detach().double(), gx.double(), gz.double()
+
+
+def _check(got, want, tol, floor):
+    """Relative error below tol; `floor` is an absolute scale for values exactly 0 in exact
+    arithmetic (N = 2 with the optimal scale: one pair is always isometric up to scale)."""
+    for a, b in zip(got, want):
+        err = float((a - b).norm())
+        assert err < tol * max(float(b.norm()), floor), (err, float(b.norm()))
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("n,d_x,d_z,g", SIZES)
+def test_grouped_loss_and_gradients_match_float64_oracle(backend, weighting, scale, n, d_x, d_z, g):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
+    x, z = _inputs(n, d_x, d_z, dtype, seed=1000 * n + 10 * g + d_z)
+    got = _value_and_grads(lambda a, b: gsd_kernels.isometry_loss(
+        a, b, weighting=weighting, scale=scale, groups=g, backend=backend), x, z)
+    want = _value_and_grads(lambda a, b: oracles.isometry(
+        a, b, weighting=weighting, scale=scale, groups=g), x.double(), z.double())
+    floor = 1e-2 if (n == g == 2 and scale == "optimal") else 1e-30
+    _check(got, want, tol, floor)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_grouped_fixed_bandwidth_matches_oracle(backend):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
+    x, z = _inputs(15, 37, 5, dtype, seed=7)
+    got = _value_and_grads(lambda a, b: gsd_kernels.isometry_loss(
+        a, b, weighting="local", bandwidth=1.3, groups=5, backend=backend), x, z)
+    want = _value_and_grads(lambda a, b: oracles.isometry(
+        a, b, weighting="local", bandwidth=1.3, groups=5), x.double(), z.double())
+    _check(got, want, tol, 1e-30)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_one_group_of_all_rows_equals_all_pairs(backend, weighting):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
+    x, z = _inputs(12, 37, 5, dtype, seed=3)
+    grouped = _value_and_grads(lambda a, b: gsd_kernels.isometry_loss(
+        a, b, weighting=weighting, groups=12, backend=backend), x, z)
+    plain = _value_and_grads(lambda a, b: gsd_kernels.isometry_loss(
+        a, b, weighting=weighting, backend=backend), x, z)
+    _check(grouped, plain, tol, 1e-30)
+
+
+def test_grouped_bandwidth_is_the_mean_over_included_pairs():
+    x, z = _inputs(15, 4, 5, torch.float64, seed=11)
+    n, g = 15, 3
+    block = torch.arange(n) // g
+    mask = (block[:, None] == block[None, :]) & ~torch.eye(n, dtype=torch.bool)
+    dz2 = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+    want = dz2[mask].mean()
+    assert abs(float(reference.local_bandwidth_sq_grouped(z, g)) - float(want)) < 1e-12 * float(want)
+    got = ops._local_h2_grouped(z, torch.tensor(1.0, dtype=torch.float64), g)
+    assert abs(float(got) - float(want)) < 1e-12 * float(want)
+
+
+def test_grouped_reference_never_builds_n_by_n():
+    """N = 65536 rows: an N x N float32 matrix alone would be 16 GiB; the grouped reference
+    builds (N/g, g, g) blocks and finishes in well under a second."""
+    n, g = 65536, 4
+    x, z = _inputs(n, 3, 2, torch.float32, seed=5)
+    x.requires_grad_(True)
+    loss = gsd_kernels.isometry_loss(x, z, weighting="local", groups=g, backend="reference")
+    (gx,) = torch.autograd.grad(loss, (x,))
+    assert torch.isfinite(loss) and torch.isfinite(gx).all()
+    # and it still is the grouped loss: the first 64 rows alone are 16 whole groups
+    small = oracles.isometry(x[:64].detach(), z[:64], groups=g)
+    part = gsd_kernels.isometry_loss(x[:64].detach(), z[:64], groups=g, backend="reference")
+    assert abs(float(part) - float(small)) < FP32_TOL * float(small)
+
+
+@pytest.mark.parametrize("groups,message", [
+    (1, "groups must be >= 2"),
+    (0, "groups must be >= 2"),
+    (-3, "groups must be >= 2"),
+    (4, "must divide the number of samples N = 15"),
+    (30, "must divide the number of samples N = 15"),
+    (True, "groups must be None or an int"),
+    (3.0, "groups must be None or an int"),
+    ("3", "groups must be None or an int"),
+])
+def test_bad_groups_raise_one_line_value_error(groups, message, monkeypatch):
+    x, z = _inputs(15, 4, 3, torch.float32, seed=0)
+    # raised before any work: no backend is even resolved
+    monkeypatch.setattr(ops, "_resolve", lambda *a: pytest.fail("resolved a backend before validating"))
+    with pytest.raises(ValueError, match=message) as info:
+        gsd_kernels.isometry_loss(x, z, groups=groups)
+    assert "\n" not in str(info.value)
