@@ -13,6 +13,7 @@ Everything here is a plain function of tensors / arrays (docs/definitions.md §3
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -346,6 +347,71 @@ def isometry_defect(generator: Callable[[torch.Tensor], torch.Tensor], latents: 
     x = x[valid].float()
     z = latents[valid].to(x.device, torch.float32)
     return float(gsd_kernels.isometry_loss(x, z, weighting=weighting, scale="optimal", backend=backend))
+
+
+# --------------------------------------------------------------------------- local isometry defect
+
+# Fixed settings of the evaluation's local isometry defect, independent of any training flag.
+LOCAL_ISOMETRY = {"anchors": 256, "neighbours": 3, "radius": 0.5}
+# Latent seeds: base + this offset + i for anchor i (the samples use base + [0, 1e7), the global
+# isometry latents base + 1e7 + i, i < 8e7); the directions u come from their own generator.
+LOCAL_ISOMETRY_SEED_OFFSET = 90_000_000
+LOCAL_DIRECTION_SEED = 0x15E7
+
+
+def neighbour_latents(anchors: torch.Tensor, *, neighbours: int = 3, radius: float = 0.5,
+                      seed: int = LOCAL_DIRECTION_SEED) -> torch.Tensor:
+    """(A * (K+1), ...) latents in groups of K+1 consecutive rows: each anchor, then its K
+    neighbours `anchor + radius * u`, u uniform on the unit sphere of the latent's dimension
+    (torch.Generator `seed`, on the CPU, so every device draws the same u)."""
+    if int(neighbours) < 1:
+        raise ValueError(f"neighbours must be >= 1, got {neighbours}")
+    if not (math.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be finite and > 0, got {radius}")
+    a = anchors.shape[0]
+    flat = anchors.reshape(a, -1)
+    u = torch.randn((a, int(neighbours), flat.shape[1]), generator=torch.Generator().manual_seed(int(seed)),
+                    dtype=torch.float64)
+    u = u / u.norm(dim=2, keepdim=True)
+    z = flat.to(torch.float64)[:, None, :] + float(radius) * torch.cat([torch.zeros_like(u[:, :1]), u], 1).to(flat.device)
+    return z.reshape(a * (int(neighbours) + 1), *anchors.shape[1:]).to(anchors.dtype)
+
+
+@torch.no_grad()
+def local_isometry_defect(generate: Callable, anchors: torch.Tensor, *, neighbours: int = 3, radius: float = 0.5,
+                          labels: torch.Tensor | None = None, seed: int = LOCAL_DIRECTION_SEED,
+                          backend: str = "reference", batch: int = 512) -> float:
+    """The grouped optimal-scale isometry loss on held-out anchors and their neighbours.
+
+    Each anchor z_a gets K = `neighbours` neighbours z_a + radius * u (`neighbour_latents`);
+    the loss `1 - S_{delta,dz}^2 / (S_{delta,delta} S_{dz,dz})` (docs/definitions.md §2.1)
+    is summed over the ordered pairs within each group of K+1 only
+    (`gsd_kernels.isometry_loss(..., groups=K+1)`), so it measures how G bends space near
+    each latent, not how evenly it spreads a random batch. It is scale-free, so plain eps
+    latents stand for sigma_init * eps. 0: every group is mapped by an exact scaled isometry
+    (one scale for all groups).
+
+    generate(z) -> samples, or generate(z, labels) when `labels` (one per anchor) are given;
+    a group's members share its anchor's label. Groups with a non-finite output are left
+    out; nan when none is left.
+    """
+    import gsd_kernels
+
+    k = int(neighbours)
+    g = k + 1
+    z = neighbour_latents(anchors, neighbours=k, radius=radius, seed=seed)
+    lab = None if labels is None else labels.repeat_interleave(g)
+    outs = []
+    for i in range(0, len(z), batch * g):
+        zz = z[i:i + batch * g]
+        outs.append(generate(zz) if lab is None else generate(zz, lab[i:i + batch * g]))
+    x = torch.cat(outs).reshape(len(z), -1).double()
+    ok = torch.isfinite(x).reshape(-1, g, x.shape[1]).all(2).all(1)
+    if not bool(ok.any()):
+        return float("nan")
+    keep = ok.repeat_interleave(g).to(x.device)
+    return float(gsd_kernels.isometry_loss(x[keep], z.reshape(len(z), -1)[keep.to(z.device)].double().to(x.device),
+                                           groups=g, weighting="global", scale="optimal", backend=backend))
 
 
 # --------------------------------------------------------------------------- latency

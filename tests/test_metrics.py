@@ -112,3 +112,66 @@ def test_digits_classifier_progress_in_a_log_is_plain_lines(tmp_path, capsys):
     lines = [l for l in err.splitlines() if "digits classifier" in l]
     assert "\r" not in err and 2 <= len(lines) <= 4, err
     assert lines[-1].startswith("digits classifier: 2/2")
+
+
+def _grouped_loss_float64(x, z, g):
+    """The optimal-scale isometry loss over ordered pairs within groups of g rows, written out."""
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+    sdd = szz = sdz = 0.0
+    for i in range(len(x)):
+        for j in range(len(x)):
+            if i != j and i // g == j // g:
+                a, b = np.linalg.norm(x[i] - x[j]), np.linalg.norm(z[i] - z[j])
+                sdd += a * a
+                szz += b * b
+                sdz += a * b
+    return 1.0 - sdz * sdz / (sdd * szz)
+
+
+def test_neighbour_latents_are_on_the_sphere_around_each_anchor():
+    a = torch.randn(5, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    z = metrics.neighbour_latents(a, neighbours=3, radius=0.5, seed=1)
+    assert z.shape == (20, 1, 3, 3)
+    grp = z.reshape(5, 4, -1)
+    assert torch.equal(grp[:, 0], a.reshape(5, -1))
+    dist = (grp[:, 1:] - grp[:, :1]).norm(dim=2)
+    assert torch.allclose(dist, torch.full_like(dist, 0.5), atol=1e-6)
+    assert torch.equal(z, metrics.neighbour_latents(a, neighbours=3, radius=0.5, seed=1))
+    for bad in (dict(neighbours=0), dict(radius=0.0), dict(radius=float("inf"))):
+        with pytest.raises(ValueError):
+            metrics.neighbour_latents(a, **bad)
+
+
+def test_local_isometry_defect():
+    d = 6
+    anchors = torch.randn(33, d, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(torch.randn(9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    lin = lambda e: 2.5 * e.double() @ q[:d] + 1.0  # noqa: E731 - an exact scaled isometry
+    assert metrics.local_isometry_defect(lin, anchors) == pytest.approx(0.0, abs=1e-10)
+    # a local wiggle that random pairs of the whole batch barely see
+    w = torch.randn(d, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    wig = lambda e: lin(e) + 0.05 * torch.sin(8.0 * e.double() @ w)  # noqa: E731
+    local = metrics.local_isometry_defect(wig, anchors)
+    assert local > 1e-3 and local > 10 * metrics.isometry_defect(wig, anchors)
+    # against the grouped loss written out in float64
+    z = metrics.neighbour_latents(anchors, neighbours=3, radius=0.5)
+    assert local == pytest.approx(_grouped_loss_float64(wig(z), z, 4), rel=1e-8)
+    # the same seeds give the same value; another direction seed another one
+    assert metrics.local_isometry_defect(wig, anchors) == local
+    assert metrics.local_isometry_defect(wig, anchors, seed=5) != local
+    # labels reach the generator, one per group member; a group with a NaN output is left out
+    seen = []
+
+    def labelled(e, lab):
+        seen.append(lab.clone())
+        out = wig(e)
+        out[lab == 0] = float("nan")
+        return out
+
+    lab = torch.arange(33) % 3
+    v = metrics.local_isometry_defect(labelled, anchors, labels=lab, neighbours=2)
+    assert torch.equal(torch.cat(seen), lab.repeat_interleave(3))
+    keep = (lab != 0).repeat_interleave(3)
+    z3 = metrics.neighbour_latents(anchors, neighbours=2, radius=0.5)
+    assert v == pytest.approx(_grouped_loss_float64(wig(z3)[keep], z3[keep], 3), rel=1e-8)
