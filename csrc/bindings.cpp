@@ -28,11 +28,12 @@ namespace {
 
 template <class P> P* ptr(uintptr_t v) { return reinterpret_cast<P*>(v); }
 
+// `groups`: 0 = all pairs of the ranges, g > 0 = only pairs within blocks of g rows.
 // A pointer argument of 0 is a null pointer (xn2, zn2, mean_x, mean_z, scale_x, scale_z
 // are optional). inv_two_h2 is the address of a 0-dim float64 tensor on the inputs' device.
 IsoArgs iso_args(uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
                  uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
-                 int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                 int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t groups,
                  uintptr_t inv_two_h2, int dtype) {
   IsoArgs a;
   a.x = ptr<const void>(x);
@@ -45,6 +46,7 @@ IsoArgs iso_args(uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr
   a.scale_z = ptr<const double>(scale_z);
   a.N = N; a.D = D; a.d = d;
   a.r0 = r0; a.r1 = r1; a.c0 = c0; a.c1 = c1;
+  a.groups = groups;
   a.inv_two_h2 = ptr<const double>(inv_two_h2);
   a.dtype = dtype;
   return a;
@@ -81,30 +83,33 @@ PYBIND11_MODULE(_C, m) {
   // ------------------------------------------------------------------ CPU
   m.def("cpu_iso_workspace_size",
         [](int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
-           int dtype, bool backward, int nthreads) {
-          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0, dtype);
+           int64_t groups, int dtype, bool backward, int nthreads) {
+          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, groups, 0, dtype);
           return gsd::cpu_iso_workspace_size(a, backward, nthreads);
         },
         py::arg("N"), py::arg("D"), py::arg("d"), py::arg("r0"), py::arg("r1"), py::arg("c0"),
-        py::arg("c1"), py::arg("dtype"), py::arg("backward"), py::arg("nthreads"));
+        py::arg("c1"), py::arg("groups"), py::arg("dtype"), py::arg("backward"),
+        py::arg("nthreads"));
   m.def("cpu_iso_forward_sums",
         [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
            uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
-           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uintptr_t inv_two_h2,
+           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t groups,
+           uintptr_t inv_two_h2,
            uintptr_t out4, uintptr_t ws, size_t ws_bytes, int dtype, int nthreads) {
           IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z, N, D, d, r0,
-                               r1, c0, c1, inv_two_h2, dtype);
+                               r1, c0, c1, groups, inv_two_h2, dtype);
           gsd::cpu_iso_forward_sums(a, ptr<double>(out4), ptr<void>(ws), ws_bytes, nthreads);
         },
         nogil);
   m.def("cpu_iso_backward_rows",
         [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
            uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
-           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uintptr_t inv_two_h2,
+           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t groups,
+           uintptr_t inv_two_h2,
            uintptr_t coef4, bool need_x, bool need_z, uintptr_t gx, uintptr_t gz, uintptr_t ws,
            size_t ws_bytes, int dtype, int nthreads) {
           IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z, N, D, d, r0,
-                               r1, c0, c1, inv_two_h2, dtype);
+                               r1, c0, c1, groups, inv_two_h2, dtype);
           gsd::IsoGrad g{ptr<const double>(coef4), need_x, need_z, ptr<void>(gx), ptr<void>(gz)};
           gsd::cpu_iso_backward_rows(a, g, ptr<void>(ws), ws_bytes, nthreads);
         },
@@ -148,30 +153,32 @@ PYBIND11_MODULE(_C, m) {
   // ------------------------------------------------------------------ CUDA
   m.def("cuda_iso_workspace_size",
         [](int64_t N, int64_t D, int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
-           int dtype, bool backward) {
-          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, 0, dtype);
+           int64_t groups, int dtype, bool backward) {
+          IsoArgs a = iso_args(0, 0, 0, 0, 0, 0, 0, 0, N, D, d, r0, r1, c0, c1, groups, 0, dtype);
           return gsd::cuda_iso_workspace_size(a, backward);
         },
         py::arg("N"), py::arg("D"), py::arg("d"), py::arg("r0"), py::arg("r1"), py::arg("c0"),
-        py::arg("c1"), py::arg("dtype"), py::arg("backward"));
+        py::arg("c1"), py::arg("groups"), py::arg("dtype"), py::arg("backward"));
   m.def("cuda_iso_forward_sums",
         [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
            uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
-           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uintptr_t inv_two_h2,
+           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t groups,
+           uintptr_t inv_two_h2,
            uintptr_t out4, uintptr_t ws, size_t ws_bytes, int dtype, uintptr_t stream) {
           IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z, N, D, d, r0,
-                               r1, c0, c1, inv_two_h2, dtype);
+                               r1, c0, c1, groups, inv_two_h2, dtype);
           gsd::cuda_iso_forward_sums(a, ptr<double>(out4), ptr<void>(ws), ws_bytes, stream);
         },
         nogil);
   m.def("cuda_iso_backward_rows",
         [](uintptr_t x, uintptr_t z, uintptr_t xn2, uintptr_t zn2, uintptr_t mean_x,
            uintptr_t mean_z, uintptr_t scale_x, uintptr_t scale_z, int64_t N, int64_t D,
-           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uintptr_t inv_two_h2,
+           int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t groups,
+           uintptr_t inv_two_h2,
            uintptr_t coef4, bool need_x, bool need_z, uintptr_t gx, uintptr_t gz, uintptr_t ws,
            size_t ws_bytes, int dtype, uintptr_t stream) {
           IsoArgs a = iso_args(x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z, N, D, d, r0,
-                               r1, c0, c1, inv_two_h2, dtype);
+                               r1, c0, c1, groups, inv_two_h2, dtype);
           gsd::IsoGrad g{ptr<const double>(coef4), need_x, need_z, ptr<void>(gx), ptr<void>(gz)};
           gsd::cuda_iso_backward_rows(a, g, ptr<void>(ws), ws_bytes, stream);
         },

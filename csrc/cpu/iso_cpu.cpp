@@ -1,6 +1,7 @@
 // Isometry-loss primitives on the CPU (C++ / OpenMP), see docs/design.md.
 //
-// Never builds an N x N matrix. Rows are packed into blocks of BW rows stored k-major
+// Never builds an N x N matrix. Grouped pairs (IsoArgs::groups > 0) have their own direct
+// kernels at the end ("grouped pairs"). Rows are packed into blocks of BW rows stored k-major
 // (P[block][k][row-in-block]), so that one packed buffer serves as the vector operand
 // (BW consecutive rows at one k) and as the broadcast operand (one row at kNB
 // consecutive k) of the two register-blocked GEMM micro-kernels:
@@ -616,11 +617,108 @@ void iso_backward_impl(const IsoArgs& a, const IsoGrad& g, void* ws, int nthread
   }
 }
 
+// ------------------------------------------------------------------ grouped pairs
+// IsoArgs::groups = g > 0: row i pairs only with its own block of g rows (group_columns).
+// Direct kernels, O(R g (D + d)): each squared distance is sum_k ((a_k - b_k) sc)^2 summed
+// in double from the rows as given (no centring needed, no Gram cancellation, so no
+// close-pair refine); the pair epilogue is the shared one (iso_pair_sq, iso_coefs). Each
+// row is owned by one thread (it sums its own pairs (i, j) over j), so the results do not
+// depend on the thread count.
+template <class T> inline double diff_sq(const T* a, const T* b, int64_t K, T sc) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < K; ++k) {
+    const double u = double((a[k] - b[k]) * sc);
+    s += u * u;
+  }
+  return s;
+}
+
+size_t grouped_workspace_size(const IsoArgs& a, bool backward) {
+  return backward ? 0 : size_t(std::max<int64_t>(a.r1 - a.r0, 0)) * 4 * sizeof(double);
+}
+
+template <class T>
+void iso_grouped_forward_impl(const IsoArgs& a, double* out4, void* ws, int nthreads) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* z = static_cast<const T*>(a.z);
+  const T sx = a.scale_x ? T(*a.scale_x) : T(1), sz = a.scale_z ? T(*a.scale_z) : T(1);
+  const double h = a.inv_two_h2 ? *a.inv_two_h2 : 0.0;
+  const int64_t D = a.D, d = a.d, R = a.r1 - a.r0;
+  double* rows = static_cast<double*>(ws);  // 4 sums per row, reduced in order below
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t t = 0; t < R; ++t) {
+    const int64_t i = a.r0 + t;
+    int64_t lo, hi;
+    group_columns(i, a.groups, a.c0, a.c1, &lo, &hi);
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t j = lo; j < hi; ++j) {
+      if (j == i) continue;
+      const IsoPair pr = iso_pair_sq(diff_sq(x + i * D, x + j * D, D, sx),
+                                     diff_sq(z + i * d, z + j * d, d, sz), h);
+      s0 += pr.w;
+      s1 += pr.w * pr.delta2;
+      s2 += pr.w * pr.delta * pr.dz;
+      s3 += pr.w * pr.dz2;
+    }
+    rows[4 * t] = s0; rows[4 * t + 1] = s1; rows[4 * t + 2] = s2; rows[4 * t + 3] = s3;
+  }
+  double s[4] = {0, 0, 0, 0};
+  for (int64_t t = 0; t < R; ++t)
+    for (int c = 0; c < 4; ++c) s[c] += rows[4 * t + c];
+  for (int c = 0; c < 4; ++c) out4[c] = s[c];
+}
+
+// gx_i = sum_j a_ij (x'_i - x'_j), x' = x * sx (the centring cancels in the difference);
+// a_ij rounded to T once, as in the tiled kernels. gz likewise with b_ij.
+template <class T>
+void iso_grouped_backward_impl(const IsoArgs& a, const IsoGrad& g, int nthreads) {
+  T* gx = g.need_x ? static_cast<T*>(g.gx) : nullptr;
+  T* gz = g.need_z ? static_cast<T*>(g.gz) : nullptr;
+  const T* x = static_cast<const T*>(a.x);
+  const T* z = static_cast<const T*>(a.z);
+  const T sx = a.scale_x ? T(*a.scale_x) : T(1), sz = a.scale_z ? T(*a.scale_z) : T(1);
+  const double h = a.inv_two_h2 ? *a.inv_two_h2 : 0.0;
+  const double p = g.coef4[0], q = g.coef4[1], r = g.coef4[2], s = g.coef4[3];
+  const int64_t D = a.D, d = a.d, R = a.r1 - a.r0;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t t = 0; t < R; ++t) {
+    const int64_t i = a.r0 + t;
+    T* gxi = gx ? gx + t * D : nullptr;
+    T* gzi = gz ? gz + t * d : nullptr;
+    if (gxi) std::fill(gxi, gxi + D, T(0));
+    if (gzi) std::fill(gzi, gzi + d, T(0));
+    int64_t lo, hi;
+    group_columns(i, a.groups, a.c0, a.c1, &lo, &hi);
+    const T* xi = x + i * D;
+    const T* zi = z + i * d;
+    for (int64_t j = lo; j < hi; ++j) {
+      if (j == i) continue;
+      const T* xj = x + j * D;
+      const T* zj = z + j * d;
+      const IsoPair pr = iso_pair_sq(diff_sq(xi, xj, D, sx), diff_sq(zi, zj, d, sz), h);
+      double ad, bd;
+      iso_coefs(pr, p, q, r, s, &ad, &bd);
+      if (gxi) {
+        const T av = T(ad);
+#pragma omp simd
+        for (int64_t k = 0; k < D; ++k) gxi[k] += av * ((xi[k] - xj[k]) * sx);
+      }
+      if (gzi) {
+        const T bv = T(bd);
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) gzi[k] += bv * ((zi[k] - zj[k]) * sz);
+      }
+    }
+  }
+}
+
 void check_args(const IsoArgs& a) {
   if (a.N < 0 || a.D < 0 || a.d < 0) throw std::invalid_argument("negative size");
   if (!(0 <= a.r0 && a.r0 <= a.r1 && a.r1 <= a.N && 0 <= a.c0 && a.c0 <= a.c1 && a.c1 <= a.N))
     throw std::invalid_argument("pair ranges must satisfy 0 <= r0 <= r1 <= N, 0 <= c0 <= c1 <= N");
   if (a.dtype != kFloat32 && a.dtype != kFloat64) throw std::invalid_argument("bad dtype code");
+  if (a.groups < 0) throw std::invalid_argument("groups must be >= 0 (0: all pairs)");
 }
 
 }  // namespace
@@ -631,6 +729,7 @@ int cpu_default_threads() { return omp_get_max_threads(); }
 
 size_t cpu_iso_workspace_size(const IsoArgs& a, bool backward, int nthreads) {
   cpu::check_args(a);
+  if (a.groups > 0) return cpu::grouped_workspace_size(a, backward);
   return a.dtype == kFloat32 ? cpu::make_layout<float>(a, backward, nthreads).total
                              : cpu::make_layout<double>(a, backward, nthreads).total;
 }
@@ -642,6 +741,13 @@ void cpu_iso_forward_sums(const IsoArgs& a, double* out4, void* ws, size_t ws_by
     throw std::invalid_argument("iso_forward_sums: workspace too small");
   if (a.r1 <= a.r0 || a.c1 <= a.c0) {
     for (int c = 0; c < 4; ++c) out4[c] = 0.0;
+    return;
+  }
+  if (a.groups > 0) {
+    if (a.dtype == kFloat32)
+      cpu::iso_grouped_forward_impl<float>(a, out4, ws, nthreads);
+    else
+      cpu::iso_grouped_forward_impl<double>(a, out4, ws, nthreads);
     return;
   }
   if (a.dtype == kFloat32)
@@ -663,6 +769,13 @@ void cpu_iso_backward_rows(const IsoArgs& a, const IsoGrad& g, void* ws, size_t 
     const size_t ts = a.dtype == kFloat32 ? 4 : 8;
     if (g.need_x) std::memset(g.gx, 0, ts * size_t(a.r1 - a.r0) * a.D);
     if (g.need_z) std::memset(g.gz, 0, ts * size_t(a.r1 - a.r0) * a.d);
+    return;
+  }
+  if (a.groups > 0) {
+    if (a.dtype == kFloat32)
+      cpu::iso_grouped_backward_impl<float>(a, g, nthreads);
+    else
+      cpu::iso_grouped_backward_impl<double>(a, g, nthreads);
     return;
   }
   if (a.dtype == kFloat32)

@@ -11,6 +11,8 @@
 // pairs counted twice); each block writes its partial sums (double) to the workspace and
 // a second kernel reduces them in a fixed order (deterministic).
 //
+// Grouped pairs (IsoArgs::groups > 0): direct one-block-per-row kernels ("grouped pairs").
+//
 // Backward: row-stationary. Block (I, s) owns row tile I and the column tiles
 // J = s, s + S, s + 2S, ...; per column tile it recomputes the dot products, forms the
 // coefficient tile in shared memory and accumulates (A @ X_J) for its rows into its own
@@ -331,6 +333,93 @@ finalize_kernel(const T* __restrict__ X, int64_t K, int64_t r0, int64_t R, int64
   }
 }
 
+// ---------------------------------------------------------------- grouped pairs
+// IsoArgs::groups = g > 0: row i pairs only with its own block of g rows (group_columns).
+// One block per row: each squared distance is a block sum of (a_k - b_k)^2 in double from
+// the centred rows (no Gram trick, no close-pair refine), the pair epilogue is the shared
+// one; O(R g (D + d)) work, deterministic (fixed reduction order, each row owned by one block).
+template <class T>
+__device__ inline double block_diff_sq(const T* __restrict__ a, const T* __restrict__ b, int64_t K,
+                                       double* scratch) {
+  double s = 0.0;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    const double u = double(a[k] - b[k]);
+    s += u * u;
+  }
+  return block_sum(s, scratch);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+iso_grouped_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, int64_t D, int64_t d,
+                           int64_t r0, int64_t c0, int64_t c1, int64_t groups,
+                           const double* __restrict__ inv_two_h2_ptr, double* __restrict__ rows) {
+  __shared__ double scratch[32];
+  const int64_t t = blockIdx.x, i = r0 + t;
+  const double h = *inv_two_h2_ptr;
+  int64_t lo, hi;
+  group_columns(i, groups, c0, c1, &lo, &hi);
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  for (int64_t j = lo; j < hi; ++j) {
+    if (j == i) continue;
+    const double dx2 = block_diff_sq(x + i * D, x + j * D, D, scratch);
+    const double dz2 = block_diff_sq(z + i * d, z + j * d, d, scratch);
+    const IsoPair pr = iso_pair_sq(dx2, dz2, h);
+    s0 += pr.w;
+    s1 += pr.w * pr.delta2;
+    s2 += pr.w * pr.delta * pr.dz;
+    s3 += pr.w * pr.dz2;
+  }
+  if (threadIdx.x == 0) {
+    rows[4 * t] = s0;
+    rows[4 * t + 1] = s1;
+    rows[4 * t + 2] = s2;
+    rows[4 * t + 3] = s3;
+  }
+}
+
+// gx_i = sum_j a_ij (x_i - x_j), gz_i = sum_j b_ij (z_i - z_j); every thread updates the same
+// elements k of the block's own output row for every j (no races, no atomics).
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+iso_grouped_backward_kernel(const T* __restrict__ x, const T* __restrict__ z, int64_t D, int64_t d,
+                            int64_t r0, int64_t c0, int64_t c1, int64_t groups,
+                            const double* __restrict__ inv_two_h2_ptr,
+                            const double* __restrict__ coef4, bool need_x, bool need_z,
+                            T* __restrict__ gx, T* __restrict__ gz) {
+  __shared__ double scratch[32];
+  const int64_t t = blockIdx.x, i = r0 + t;
+  const double h = *inv_two_h2_ptr;
+  const double p = coef4[0], q = coef4[1], r = coef4[2], s = coef4[3];
+  const T* xi = x + i * D;
+  const T* zi = z + i * d;
+  T* gxi = need_x ? gx + t * D : nullptr;
+  T* gzi = need_z ? gz + t * d : nullptr;
+  if (gxi)
+    for (int64_t k = threadIdx.x; k < D; k += blockDim.x) gxi[k] = T(0);
+  if (gzi)
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) gzi[k] = T(0);
+  int64_t lo, hi;
+  group_columns(i, groups, c0, c1, &lo, &hi);
+  for (int64_t j = lo; j < hi; ++j) {
+    if (j == i) continue;
+    const T* xj = x + j * D;
+    const T* zj = z + j * d;
+    const IsoPair pr =
+        iso_pair_sq(block_diff_sq(xi, xj, D, scratch), block_diff_sq(zi, zj, d, scratch), h);
+    double ad, bd;
+    iso_coefs(pr, p, q, r, s, &ad, &bd);
+    if (gxi) {
+      const T av = T(ad);
+      for (int64_t k = threadIdx.x; k < D; k += blockDim.x) gxi[k] += av * (xi[k] - xj[k]);
+    }
+    if (gzi) {
+      const T bv = T(bd);
+      for (int64_t k = threadIdx.x; k < d; k += blockDim.x) gzi[k] += bv * (zi[k] - zj[k]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- host side
 struct Plan {
   int64_t BM, nTR, nTC, R, C, S, nblocks;
@@ -344,6 +433,7 @@ Plan make_plan(const IsoArgs& a, bool backward) {
   if (a.dtype != kFloat32 && a.dtype != kFloat64) throw std::invalid_argument("bad dtype code");
   if (!(0 <= a.r0 && a.r0 <= a.r1 && a.r1 <= a.N && 0 <= a.c0 && a.c0 <= a.c1 && a.c1 <= a.N))
     throw std::invalid_argument("pair ranges must satisfy 0 <= r0 <= r1 <= N, 0 <= c0 <= c1 <= N");
+  if (a.groups < 0) throw std::invalid_argument("groups must be >= 0 (0: all pairs)");
   Plan P{};
   P.BM = a.dtype == kFloat32 ? Cfg<float>::BM : Cfg<double>::BM;
   const size_t ts = a.dtype == kFloat32 ? 4 : 8;
@@ -353,7 +443,14 @@ Plan make_plan(const IsoArgs& a, bool backward) {
   P.nTC = cdiv(P.C, P.BM);
   P.sym = (a.r0 == a.c0 && a.r1 == a.c1);
   size_t off = 0;
-  if (backward) {
+  if (a.groups > 0) {  // grouped kernels: one block per row; the forward keeps 4 sums per row
+    P.nblocks = P.R;
+    P.S = 1;
+    if (!backward) {
+      P.off_partial = off;
+      off += align256(size_t(P.R) * 4 * sizeof(double));
+    }
+  } else if (backward) {
     // Enough blocks to fill a large GPU, at most 4 partial slices.
     int64_t S = P.nTR > 0 ? cdiv(264, P.nTR) : 1;
     S = S < 1 ? 1 : (S > 4 ? 4 : S);
@@ -382,6 +479,29 @@ void forward_impl(const IsoArgs& a, const Plan& P, double* out4, char* ws, cudaS
   check_launch("iso_forward_sums");
   reduce_partials_kernel<<<1, kThreads, 0, st>>>(partial, P.nblocks, out4);
   check_launch("iso_forward_sums (reduce)");
+}
+
+template <class T>
+void grouped_forward_impl(const IsoArgs& a, const Plan& P, double* out4, char* ws,
+                          cudaStream_t st) {
+  double* rows = reinterpret_cast<double*>(ws + P.off_partial);
+  if (P.R > 0x7fffffffLL) throw std::invalid_argument("too many rows for the CUDA grid");
+  iso_grouped_forward_kernel<T><<<unsigned(P.R), kThreads, 0, st>>>(
+      static_cast<const T*>(a.x), static_cast<const T*>(a.z), a.D, a.d, a.r0, a.c0, a.c1,
+      a.groups, a.inv_two_h2, rows);
+  check_launch("iso_forward_sums (grouped)");
+  reduce_partials_kernel<<<1, kThreads, 0, st>>>(rows, P.R, out4);
+  check_launch("iso_forward_sums (grouped reduce)");
+}
+
+template <class T>
+void grouped_backward_impl(const IsoArgs& a, const Plan& P, const IsoGrad& g, cudaStream_t st) {
+  if (P.R > 0x7fffffffLL) throw std::invalid_argument("too many rows for the CUDA grid");
+  iso_grouped_backward_kernel<T><<<unsigned(P.R), kThreads, 0, st>>>(
+      static_cast<const T*>(a.x), static_cast<const T*>(a.z), a.D, a.d, a.r0, a.c0, a.c1,
+      a.groups, a.inv_two_h2, g.coef4, g.need_x, g.need_z, static_cast<T*>(g.gx),
+      static_cast<T*>(g.gz));
+  check_launch("iso_backward_rows (grouped)");
 }
 
 template <class T>
@@ -442,6 +562,13 @@ void cuda_iso_forward_sums(const IsoArgs& a, double* out4, void* ws, size_t ws_b
     return;
   }
   if (a.inv_two_h2 == nullptr) throw std::invalid_argument("iso_forward_sums: inv_two_h2 missing");
+  if (a.groups > 0) {
+    if (a.dtype == kFloat32)
+      cuda::grouped_forward_impl<float>(a, P, out4, static_cast<char*>(ws), st);
+    else
+      cuda::grouped_forward_impl<double>(a, P, out4, static_cast<char*>(ws), st);
+    return;
+  }
   if (a.dtype == kFloat32)
     cuda::forward_impl<float>(a, P, out4, static_cast<char*>(ws), st);
   else
@@ -457,6 +584,13 @@ void cuda_iso_backward_rows(const IsoArgs& a, const IsoGrad& g, void* ws, size_t
   if (g.coef4 == nullptr || a.inv_two_h2 == nullptr ||
       (g.need_x && a.D > 0 && g.gx == nullptr) || (g.need_z && a.d > 0 && g.gz == nullptr))
     throw std::invalid_argument("iso_backward_rows: missing output, coefficients or inv_two_h2");
+  if (a.groups > 0) {
+    if (a.dtype == kFloat32)
+      cuda::grouped_backward_impl<float>(a, P, g, cuda::as_stream(stream));
+    else
+      cuda::grouped_backward_impl<double>(a, P, g, cuda::as_stream(stream));
+    return;
+  }
   if (a.dtype == kFloat32)
     cuda::backward_impl<float>(a, P, g, static_cast<char*>(ws), cuda::as_stream(stream));
   else

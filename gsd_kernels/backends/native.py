@@ -110,7 +110,7 @@ class NativePrimitives:
         return torch.cuda.current_stream(t.device).cuda_stream
 
     def _iso_prep(self, x, z, xn2, zn2, mean_x, mean_z, r0, r1, c0, c1, inv_two_h2,
-                  scale_x=None, scale_z=None):
+                  scale_x=None, scale_z=None, groups=0):
         """Checks; returns the kernels' pointer arguments, the operand tensors behind them
         (the caller keeps them alive until the kernel has run) and the sizes."""
         assert (mean_x is None) == (mean_z is None), "give both column means or neither"
@@ -139,24 +139,27 @@ class NativePrimitives:
             assert mean_x.numel() == x.shape[1] and mean_z.numel() == z.shape[1]
         r0, r1, c0, c1 = int(r0), int(r1), int(c0), int(c1)
         assert 0 <= r0 <= r1 <= N and 0 <= c0 <= c1 <= N, "bad pair ranges"
+        groups = int(groups)
+        assert groups == 0 or groups >= 2, "groups: 0 (all pairs) or >= 2"
         operands = (x, z, xn2, zn2, mean_x, mean_z, scale_x, scale_z)
         ptrs = tuple(0 if t is None else t.data_ptr() for t in operands)
-        sizes = (N, x.shape[1], z.shape[1], r0, r1, c0, c1)
+        sizes = (N, x.shape[1], z.shape[1], r0, r1, c0, c1, groups)
         return ptrs, operands + (inv_two_h2,), sizes, inv_two_h2.data_ptr()
 
-    def _workspace(self, x, N, D, d, r0, r1, c0, c1, backward, last):
+    def _workspace(self, x, N, D, d, r0, r1, c0, c1, groups, backward, last):
         code = _code(x)
         if self.device_type == "cpu":
-            nbytes = _C.cpu_iso_workspace_size(N, D, d, r0, r1, c0, c1, code, backward, last)
+            nbytes = _C.cpu_iso_workspace_size(N, D, d, r0, r1, c0, c1, groups, code, backward, last)
         else:
-            nbytes = _C.cuda_iso_workspace_size(N, D, d, r0, r1, c0, c1, code, backward)
+            nbytes = _C.cuda_iso_workspace_size(N, D, d, r0, r1, c0, c1, groups, code, backward)
         return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=x.device), int(nbytes)
 
     # ---------------------------------------------------------------- isometry
     def iso_forward_sums(self, x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, *, mean_x=None,
-                         mean_z=None, scale_x=None, scale_z=None):
+                         mean_z=None, scale_x=None, scale_z=None, groups=0):
+        """groups = g >= 2: only the pairs with i // g == j // g (direct O(N g (D + d)) kernels)."""
         ptrs, operands, sizes, h_ptr = self._iso_prep(x, z, xn2, zn2, mean_x, mean_z, r0, r1,
-                                                      c0, c1, inv_two_h2, scale_x, scale_z)
+                                                      c0, c1, inv_two_h2, scale_x, scale_z, groups)
         x = operands[0]
         out = torch.zeros(4, dtype=torch.float64, device=x.device)
         last = self._last(x)
@@ -168,12 +171,12 @@ class NativePrimitives:
 
     def iso_backward_rows(self, x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, coef, *,
                           need_x: bool, need_z: bool, mean_x=None, mean_z=None, scale_x=None,
-                          scale_z=None):
+                          scale_z=None, groups=0):
         ptrs, operands, sizes, h_ptr = self._iso_prep(x, z, xn2, zn2, mean_x, mean_z, r0, r1,
-                                                      c0, c1, inv_two_h2, scale_x, scale_z)
+                                                      c0, c1, inv_two_h2, scale_x, scale_z, groups)
         x = operands[0]
         coef = _f64_vector(coef, 4, x.device, "coef")
-        _, D, d, r0, r1, _, _ = sizes
+        _, D, d, r0, r1, _, _, _ = sizes
         need_x, need_z = bool(need_x), bool(need_z)
         gx = torch.empty((r1 - r0, D), dtype=x.dtype, device=x.device) if need_x else None
         gz = torch.empty((r1 - r0, d), dtype=x.dtype, device=x.device) if need_z else None

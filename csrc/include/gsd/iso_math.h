@@ -83,4 +83,15 @@ GSD_HD inline void iso_coefs(const IsoPair& pr, EpT p, EpT q, EpT r, EpT s, EpT*
   *b = pr.w * (r * pr.dz + s * pr.delta) * inv_or_zero(pr.dz);
 }
 
+// Grouped pairs (IsoArgs::groups = g > 0, docs/design.md "Grouped pairs"): row i pairs only
+// with the rows of its own block of g consecutive rows, clipped to the column range
+// [c0, c1): the columns [*lo, *hi). Those kernels compute each squared distance directly as
+// sum_k ((a_k - b_k) sc)^2 (no Gram trick, so no close-pair refine): O(g (D + d)) per row.
+GSD_HD inline void group_columns(int64_t i, int64_t g, int64_t c0, int64_t c1, int64_t* lo,
+                                 int64_t* hi) {
+  const int64_t b = (i / g) * g;
+  *lo = b > c0 ? b : c0;
+  *hi = (b + g) < c1 ? (b + g) : c1;
+}
+
 }  // namespace gsd

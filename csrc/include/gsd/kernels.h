@@ -27,6 +27,9 @@ struct IsoArgs {
   const double* scale_z = nullptr;
   int64_t N, D, d;
   int64_t r0, r1, c0, c1;  // pair ranges (global row indices)
+  // 0: every pair (i, j) of the ranges; g > 0: only those with i / g == j / g (grouped pairs,
+  // computed by separate direct kernels in O(N g (D + d)), never the tiled all-pairs ones).
+  int64_t groups = 0;
   // 1/(2 h^2) as a 0-dim float64 tensor on the inputs' device (read by the kernels, so the
   // host never waits for it); 0 => global weighting; nullptr => 0.
   const double* inv_two_h2 = nullptr;
