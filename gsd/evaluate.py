@@ -52,10 +52,12 @@ REQUIRED_CONFIG_KEYS = ("dataset", "sigma_init", "alpha", "tmax", "lambda_sid", 
                         "exact_teacher", "teacher_file", "backend", "ema_halflife", "lr")
 # Names under which a run might record a format/version (checked when present).
 _FORMAT_KEYS = ("run_format", "gsd_format", "format", "format_version")
-ISOMETRY_SEED_OFFSET = 10_000_000
-SEED_STRIDE = 100_000_000
-# FD samples use latent seeds base + [0, ISOMETRY_SEED_OFFSET), the isometry latents the rest of the stride
-_SEED_RANGE_WHY = "each --seed owns 1e8 latent seeds, 1e7 for the samples and the rest for the isometry latents"
+from .metrics import ISOMETRY_SEED_OFFSET, MAX_ISOMETRY_LATENTS, SEED_STRIDE  # noqa: E402 - one seed layout
+
+# FD samples use latent seeds base + [0, ISOMETRY_SEED_OFFSET), the isometry latents the next 8e7, the local
+# isometry anchors the rest of the stride
+_SEED_RANGE_WHY = ("each --seed owns 1e8 latent seeds: 1e7 for the samples, 8e7 for the isometry latents, the rest "
+                   "for the local isometry anchors")
 # float32 copies of the sample set held at once: latents, one-step samples, teacher samples, features
 EVAL_COPIES = 4
 
@@ -215,79 +217,20 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _batched(fn, x: torch.Tensor, labels, batch: int = 500) -> torch.Tensor:
-    out = []
-    for i in range(0, len(x), batch):
-        out.append(fn(x[i:i + batch], None if labels is None else labels[i:i + batch]).float().cpu())
-    return torch.cat(out)
-
-
-def _labels(n: int, num_classes: int, device):
-    return (torch.arange(n, device=device) % num_classes) if num_classes else None
-
-
-def interleaved_latency(fns: dict, device, *, warmup: int = 2, repeats: int = 7) -> dict:
-    """Median ms per callable, repeats interleaved (a load change hits every variant alike).
-
-    Each timed call is `gsd.metrics.measure_latency(fn, warmup=0, repeats=1)` (synchronised on
-    CUDA); `warmup` untimed calls of each first.
-    """
-    from .metrics import measure_latency
-
-    with torch.no_grad():
-        for _ in range(max(warmup, 0)):
-            for fn in fns.values():
-                fn()
-    times = {k: [] for k in fns}
-    for _ in range(max(repeats, 1)):
-        for k, fn in fns.items():
-            times[k].append(measure_latency(fn, device, warmup=0, repeats=1))
-    return {k: float(statistics.median(v)) for k, v in times.items()}
-
-
-class _Features:
-    """The feature spaces of one data set: for the Frechet distance and for PPL."""
-
-    def __init__(self, dataset, device, *, cache_dir=None, classifier_epochs: int = 30, progress: bool = False,
-                 fid_model=None):
-        from .metrics import classifier_features, digits_classifier
-        from .ppl import float64_copy
-
-        self.dataset = dataset
-        self.info: dict = {}
-        self.fd = None      # x -> (N, F) float64 features, or None (no feature space)
-        self.ppl = None     # float64 x -> features (None: identity)
-        if dataset.mixture is not None or len(dataset.sample_shape) == 1:
-            self.fd_name = "raw coordinates"
-            self.fd = lambda x: x.reshape(len(x), -1).double()
-            self.ppl_name = "raw coordinates (identity features)"
-        elif dataset.name == "digits":
-            clf, info = digits_classifier(dataset, cache_dir=cache_dir, device=device, progress=progress,
-                                          epochs=classifier_epochs)
-            self.fd_name = f"{info['feature']} (penultimate layer of a small CNN trained on digits; not FID)"
-            self.info["classifier_test_accuracy"] = info["test_accuracy"]
-            self.fd = lambda x: classifier_features(clf, x)
-            clf64 = float64_copy(clf)
-            self.ppl = lambda x: clf64.features(x.to(next(clf64.parameters()).device, torch.float64))
-            self.ppl_name = f"{info['feature']} (digits CNN penultimate features, squared L2)"
-        elif fid_model is not None:
-            from .fid import FID_FEATURE_NAME
-
-            self.fd_name = None
-            self.ppl = lambda x: fid_model(x.float()).double()
-            self.ppl_name = f"{FID_FEATURE_NAME}, squared L2 (computed in float32)"
-        else:
-            self.fd_name = None
-            self.ppl_name = "raw pixels (no feature network at hand for this data set), squared L2"
+# The evaluation sections live in gsd.metrics (shared with gsd.train's end-of-run evaluation);
+# these names stay for callers of this module.
+from .metrics import FeatureSpace as _Features  # noqa: E402
+from .metrics import batched as _batched  # noqa: E402
+from .metrics import class_labels as _labels  # noqa: E402
+from .metrics import latency_section as interleaved_latency  # noqa: E402
 
 
 # --------------------------------------------------------------------------- evaluation
 
-def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples, seed, ppl_seed, iso_z,
-                  iso_labels, teacher_steps, progress) -> dict:
+def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples, seed, ppl_seed, isometry_latents,
+                  teacher_steps, progress) -> dict:
     """Samples and metrics that depend only on the teacher (shared between runs of one teacher)."""
-    from .metrics import isometry_defect
+    from .metrics import geometry_section
     from .ppl import float64_copy, heun_sample_float64, perceptual_path_length
     from .samplers import heun_sample
 
@@ -300,8 +243,9 @@ def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples,
             lambda z, l=None: heun_sample_float64(t64, z, l, num_steps=teacher_steps), run.sample_shape,
             num=ppl_samples, features=feats.ppl, seed=ppl_seed, device=run.device, batch=128,
             num_classes=run.num_classes)
-    iso = isometry_defect(lambda e: heun_sample(run.teacher, e, iso_labels, num_steps=teacher_steps), iso_z)
-    return {"samples": x, "ppl": ppl, "isometry_defect": iso, "seconds": time.perf_counter() - t0}
+    geo = geometry_section(lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), run.sample_shape,
+                           run.device, run.num_classes, seed=seed, isometry_latents=isometry_latents)
+    return {"samples": x, "ppl": ppl, **geo, "seconds": time.perf_counter() - t0}
 
 
 def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_samples: int = 512, seed: int = 0,
@@ -310,10 +254,13 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
                     classifier_epochs: int = 30, teacher_steps: int = 18, teacher_cache: dict | None = None,
                     progress: bool = False, features: _Features | None = None) -> tuple[dict, dict]:
     """Every metric of a loaded run; returns (result for eval.json, {"one_step": x, "teacher": x} samples)."""
-    from .fid import FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception, locate_fid_weights
-    from .metrics import frechet_distance, isometry_defect, mixture_metrics
+    from .fid import (FID_BOOTSTRAPS, FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception,
+                      locate_fid_weights)
+    from .metrics import real_noise_floor, sample_quality
+    from .metrics import (LATENCY_METHOD, distribution_section, evaluation_latents, geometry_section,
+                          local_isometry_settings)
     from .ppl import float64_copy, perceptual_path_length
-    from .samplers import heun_nfe, heun_sample, latents_for_seeds
+    from .samplers import heun_nfe, heun_sample
 
     t_start = time.perf_counter()
     dev = run.device
@@ -350,11 +297,7 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
                                   progress=progress, fid_model=fid_model)
     nc = run.num_classes
     base = int(seed) * SEED_STRIDE
-    eps = latents_for_seeds(range(base, base + num_samples), shape, dev)
-    labels = _labels(num_samples, nc, dev)
-    iso_z = latents_for_seeds(range(base + ISOMETRY_SEED_OFFSET, base + ISOMETRY_SEED_OFFSET + isometry_latents),
-                              shape, dev)
-    iso_labels = _labels(isometry_latents, nc, dev)
+    eps, labels = evaluation_latents(seed, num_samples, shape, dev, nc)
     ppl_seed = 7919 + int(seed)
 
     gen = run.distiller.generate
@@ -367,7 +310,7 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
         tside = teacher_cache[key]
     else:
         tside = _teacher_side(run, eps, labels, feats, ppl_samples=ppl_samples, seed=seed, ppl_seed=ppl_seed,
-                              iso_z=iso_z, iso_labels=iso_labels, teacher_steps=teacher_steps, progress=progress)
+                              isometry_latents=isometry_latents, teacher_steps=teacher_steps, progress=progress)
         if teacher_cache is not None:
             teacher_cache[key] = tside
     x_teacher = tside["samples"]
@@ -389,28 +332,29 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
 
     # ---- Frechet distance in the run's feature space
     real = ds.data
-    result["fd_feature"] = feats.fd_name or "none (no feature network for this data set; see fid)"
-    if ds.mixture is not None:
-        _, result["true_vs_true"] = mixture_metrics(ds.mixture, num_samples, [(one, x_one), (teach, x_teacher)])
-        result["mmd_samples"] = min(num_samples, 1000)
-    elif feats.fd is not None:
-        f_real = feats.fd(real)
-        for m, x in ((one, x_one), (teach, x_teacher)):
-            m["fd"] = frechet_distance(feats.fd(x), f_real)
-        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
-        half = len(real) // 2
-        result["real_split_fd"] = frechet_distance(f_real[perm[:half]], f_real[perm[half:]])
-        result.update(feats.info)
-    else:
-        one["fd"] = teach["fd"] = None
+    distribution_section(result, ds, feats, [(one, x_one), (teach, x_teacher)], num_samples)
 
     # ---- FID
     if fid_model is not None:
         n_real = min(len(real), max(num_samples, 2))
         idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[:n_real]
         f_real = inception_features(fid_model, real[idx])
-        one["fid"] = fid_from_features(inception_features(fid_model, x_one), f_real)
-        teach["fid"] = fid_from_features(inception_features(fid_model, x_teacher), f_real)
+        # FID with its bootstrap interval, and KID / precision / recall in the Inception space:
+        # under kid/precision/recall when the data set has no other feature space, else
+        # under *_inception keys (FID_BOOTSTRAPS resamples: each costs an n x n SVD)
+        primary = feats.fd is None and ds.mixture is None
+        for m, x in ((one, x_one), (teach, x_teacher)):
+            q = sample_quality(inception_features(fid_model, x), f_real, fd=fid_from_features, fd_key="fid",
+                               bootstraps=FID_BOOTSTRAPS)
+            m["fid"], m["fid_ci"] = q.pop("fid"), q.pop("fid_ci")
+            m.update(q if primary else {f"{k}_inception": v for k, v in q.items()})
+        floor = real_noise_floor(f_real, num_samples, fd=fid_from_features, fd_key="fid", bootstraps=FID_BOOTSTRAPS)
+        if primary:
+            result["noise_floor"] = floor
+            result["kid_feature"] = FID_FEATURE_NAME
+        else:
+            result["noise_floor_inception"] = floor
+        result["fid_bootstraps"] = FID_BOOTSTRAPS
         result["fid"], result["fid_teacher"] = one["fid"], teach["fid"]
         result["fid_feature"] = FID_FEATURE_NAME
         result["fid_real_samples"] = int(n_real)
@@ -441,10 +385,14 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
         one["ppl"] = teach["ppl"] = None
 
     # ---- isometry defect
-    result["isometry_defect"] = isometry_defect(lambda e: gen(e, iso_labels), iso_z)
-    one["isometry_defect"] = result["isometry_defect"]
-    teach["isometry_defect"] = tside["isometry_defect"]
+    geo = geometry_section(gen, shape, dev, nc, seed=seed, isometry_latents=isometry_latents)
+    one.update(geo)
+    result["isometry_defect"] = geo["isometry_defect"]
+    result["local_isometry_defect"] = geo["local_isometry_defect"]
+    for k in geo:
+        teach[k] = tside[k]
     result["isometry_latents"] = int(isometry_latents)
+    result["local_isometry"] = local_isometry_settings(seed)
 
     # ---- latency (batch 64, same latents, interleaved repeats)
     nb = min(latency_batch, num_samples)
@@ -456,7 +404,7 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
     result["latency"] = {"batch": int(nb), "repeats": int(latency_repeats), "one_step_ms": lat["one"],
                          "teacher_ms": lat["teacher"], "speedup": lat["teacher"] / lat["one"],
                          "reduction": 1.0 - lat["one"] / lat["teacher"],
-                         "method": "median of interleaved repeats, warm-up excluded, synchronised on CUDA"}
+                         "method": LATENCY_METHOD}
 
     result["machine"] = machine_info(dev)
     result["seconds"] = round(time.perf_counter() - t_start, 2)
@@ -497,9 +445,10 @@ def _json_clean(obj):
 
 def format_table(result: dict) -> str:
     one, teach = result["one_step"], result["teacher"]
-    cols = ["nfe", "fd", "fid", "ppl", "isometry_defect", "latency_ms"]
+    cols = ["nfe", "fd", "fid", "ppl", "isometry_defect", "local_isometry_defect", "latency_ms"]
     cols += [k for k in ("sliced_wasserstein", "mmd", "modes_covered") if k in one]
     names = {"nfe": "NFE", "fd": "FD", "fid": "FID", "ppl": "PPL", "isometry_defect": "iso. defect",
+             "local_isometry_defect": "local iso. defect",
              "latency_ms": f"ms/batch {result.get('latency', {}).get('batch', '')}",
              "sliced_wasserstein": "sliced W2", "mmd": "MMD^2", "modes_covered": "modes"}
     lines = sampler_table((("one-step G (EMA)", one), (f"teacher Heun ({teach['nfe']} NFE)", teach)), cols, names)
@@ -518,6 +467,10 @@ def format_table(result: dict) -> str:
     if "true_vs_true" in result:
         lines.append(f"true mixture vs true mixture: FD {format_value(result['true_vs_true']['fd'])}, sliced W2 "
                      f"{format_value(result['true_vs_true']['sliced_wasserstein'])}")
+    from .metrics import summary_rows
+
+    lines += ["", "sample quality (value ± stderr or [95% bootstrap interval]; noise: 2 stderr, overlapping "
+                  "intervals, or the noise floor):", summary_rows(result)]
     return "\n".join(lines)
 
 
@@ -546,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (exit 2) when no Inception weights are at hand instead of recording fid: null")
     p.add_argument("--latency-batch", type=count_int, default=64, help="batch size of the latency measurement")
     p.add_argument("--latency-repeats", type=count_int, default=7, help="timed repeats (median reported)")
-    p.add_argument("--isometry-latents", type=bounded_int(2, SEED_STRIDE - ISOMETRY_SEED_OFFSET, _SEED_RANGE_WHY),
+    p.add_argument("--isometry-latents", type=bounded_int(2, MAX_ISOMETRY_LATENTS, _SEED_RANGE_WHY),
                    default=512,
                    help="held-out latents of the isometry defect")
     p.add_argument("--cache-dir", default=None, metavar="DIR",

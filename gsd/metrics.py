@@ -30,7 +30,11 @@ from .cli import UsageError
 __all__ = [
     "frechet_distance", "feature_moments", "sliced_wasserstein", "mmd", "mode_coverage",
     "DigitsClassifier", "digits_classifier", "train_digits_classifier", "classifier_features",
-    "isometry_defect", "measure_latency", "default_cache_dir", "DIGITS_FEATURE_NAME",
+    "isometry_defect", "measure_latency", "default_cache_dir", "DIGITS_FEATURE_NAME", "local_isometry_defect",
+    "neighbour_latents", "LOCAL_ISOMETRY", "batched", "class_labels", "evaluation_latents", "latency_section",
+    "geometry_section", "local_isometry_settings", "sample_quality", "real_noise_floor", "mixture_section",
+    "mixture_metrics", "distribution_section", "FeatureSpace", "noise_verdict", "summary_rows",
+    "evaluate_distillation",
 ]
 
 DIGITS_FEATURE_NAME = "digits-cnn-penultimate-64"
@@ -438,9 +442,25 @@ def measure_latency(fn: Callable[[], object], device="cpu", warmup: int = 2, rep
     return float(statistics.median(times))
 
 
-# --------------------------------------------------------------------------- full evaluation
+# --------------------------------------------------------------------------- evaluation core
+#
+# One public function per section, used by gsd.train's end-of-run evaluation
+# (`evaluate_distillation`) and by gsd.evaluate / gsd.experiments (`evaluate.evaluate_loaded`):
+# the same latent seeds, the same estimators, the same latency method.
 
-def _batched(fn, x: torch.Tensor, labels, batch: int) -> torch.Tensor:
+# Latent seeds of one evaluation with seed s: base = s * SEED_STRIDE; sample i uses base + i
+# (i < ISOMETRY_SEED_OFFSET), global isometry latent i base + ISOMETRY_SEED_OFFSET + i, local
+# isometry anchor i base + LOCAL_ISOMETRY_SEED_OFFSET + i.
+ISOMETRY_SEED_OFFSET = 10_000_000
+SEED_STRIDE = 100_000_000
+MAX_ISOMETRY_LATENTS = LOCAL_ISOMETRY_SEED_OFFSET - ISOMETRY_SEED_OFFSET
+REAL_SPLIT_SEED = 0       # the permutation of the real data behind its two halves
+TRUE_SEEDS = (123456, 654321)  # gmm: the reference true sample and the independent one (noise floor)
+BOOTSTRAP_SEED = 2024
+
+
+def batched(fn: Callable, x: torch.Tensor, labels, batch: int = 500) -> torch.Tensor:
+    """fn(x_chunk, labels_chunk) over chunks of `batch`, concatenated as float32 on the CPU."""
     out = []
     for i in range(0, len(x), batch):
         lab = None if labels is None else labels[i:i + batch]
@@ -448,96 +468,381 @@ def _batched(fn, x: torch.Tensor, labels, batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def mixture_metrics(mixture, num_samples: int, entries) -> tuple[torch.Tensor, dict]:
+_batched = batched
+
+
+def class_labels(n: int, num_classes: int, device):
+    """Label i % num_classes for sample i; None without classes."""
+    return (torch.arange(n, device=device) % num_classes) if num_classes else None
+
+
+def evaluation_latents(seed: int, num: int, shape, device, num_classes: int = 0, *, offset: int = 0):
+    """(latents, labels) of an evaluation: latent i from seed `seed * SEED_STRIDE + offset + i`."""
+    from .samplers import latents_for_seeds
+
+    base = int(seed) * SEED_STRIDE + int(offset)
+    return latents_for_seeds(range(base, base + num), shape, device), class_labels(num, num_classes, device)
+
+
+def latency_section(fns: dict, device, *, warmup: int = 2, repeats: int = 7) -> dict:
+    """Median ms per callable, repeats interleaved (a load change hits every variant alike).
+
+    Each timed call is `measure_latency(fn, warmup=0, repeats=1)` (synchronised on CUDA);
+    `warmup` untimed calls of each first."""
+    with torch.no_grad():
+        for _ in range(max(warmup, 0)):
+            for fn in fns.values():
+                fn()
+    times = {k: [] for k in fns}
+    for _ in range(max(repeats, 1)):
+        for k, fn in fns.items():
+            times[k].append(measure_latency(fn, device, warmup=0, repeats=1))
+    return {k: float(statistics.median(v)) for k, v in times.items()}
+
+
+LATENCY_METHOD = "median of interleaved repeats, warm-up excluded, synchronised on CUDA"
+
+
+def geometry_section(generate: Callable, shape, device, num_classes: int = 0, *, seed: int = 0,
+                     isometry_latents: int = 512, local: dict | None = None) -> dict:
+    """Global and local isometry defects of a map generate(eps, labels) from standard-normal latents.
+
+    `isometry_defect`: the optimal-scale loss over all pairs of `isometry_latents` held-out
+    latents; `local_isometry_defect`: `local_isometry_defect` with the fixed settings
+    `LOCAL_ISOMETRY` (or `local`). Seeds: see `ISOMETRY_SEED_OFFSET`."""
+    loc = dict(LOCAL_ISOMETRY if local is None else local)
+    z, z_lab = evaluation_latents(seed, isometry_latents, shape, device, num_classes, offset=ISOMETRY_SEED_OFFSET)
+    out = {"isometry_defect": isometry_defect(lambda e: generate(e, z_lab), z, backend="reference")}
+    a, a_lab = evaluation_latents(seed, loc["anchors"], shape, device, num_classes,
+                                  offset=LOCAL_ISOMETRY_SEED_OFFSET)
+    out["local_isometry_defect"] = local_isometry_defect(
+        generate if a_lab is not None else (lambda e: generate(e, None)), a, neighbours=loc["neighbours"],
+        radius=loc["radius"], labels=a_lab, seed=LOCAL_DIRECTION_SEED + int(seed))
+    return out
+
+
+def local_isometry_settings(seed: int = 0, local: dict | None = None) -> dict:
+    """What the local isometry defect was computed with (recorded next to its values)."""
+    loc = dict(LOCAL_ISOMETRY if local is None else local)
+    base = int(seed) * SEED_STRIDE + LOCAL_ISOMETRY_SEED_OFFSET
+    return {**loc, "anchor_seeds": [base, base + loc["anchors"] - 1],
+            "direction_seed": LOCAL_DIRECTION_SEED + int(seed),
+            "definition": "optimal-scale isometry loss over ordered pairs within each group of an anchor eps and "
+                          "its neighbours eps + radius * u, u uniform on the unit sphere"}
+
+
+def _finite_rows(f) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(np.asarray(f, dtype=np.float64) if not isinstance(f, torch.Tensor)
+                                               else f)).all())
+
+
+def sample_quality(f_gen, f_ref, *, fd: Callable | None = None, fd_key: str = "fd", bootstraps: int | None = None,
+                   seed: int = BOOTSTRAP_SEED, with_kid_pr: bool = True) -> dict:
+    """FD (key `fd_key`) with its bootstrap interval (`<fd_key>_ci`), and KID / precision /
+    recall of generated features f_gen against reference features f_ref (gsd.feature_metrics).
+
+    Non-finite features leave the interval out (None); precision / recall need more than
+    PR_K points on each side (None otherwise)."""
+    from . import feature_metrics as fm
+
+    fd = fd or frechet_distance
+    nb = fm.FD_BOOTSTRAPS if bootstraps is None else int(bootstraps)
+    out: dict = {fd_key: fd(f_gen, f_ref)}
+    finite = _finite_rows(f_gen) and _finite_rows(f_ref)
+    out[f"{fd_key}_ci"] = fm.fd_bootstrap_interval(f_gen, f_ref, num=nb, seed=seed, fd=fd) if finite and nb >= 2 \
+        else None
+    if with_kid_pr:
+        out["kid"], out["kid_stderr"] = fm.kid(f_gen, f_ref)
+        if finite and min(len(f_gen), len(f_ref)) > fm.PR_K:
+            pr = fm.precision_recall(f_ref, f_gen)
+            out.update(pr)
+        else:
+            out.update(precision=None, recall=None, precision_stderr=None, recall_stderr=None)
+    return out
+
+
+def real_noise_floor(f_real, num_samples: int, *, fd: Callable | None = None, fd_key: str = "fd",
+                     bootstraps: int | None = None, what: str = "real") -> dict:
+    """The sample-quality metrics between two disjoint random subsets of the real features.
+
+    Each subset has min(num_samples, len // 2) points (seeded permutation REAL_SPLIT_SEED),
+    so with more evaluated samples than half the real data the floor is at that half's size
+    (recorded as `size`)."""
+    n = len(f_real)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(REAL_SPLIT_SEED))
+    half = n // 2
+    h = max(min(int(num_samples), half), 0)
+    out = {"what": f"{what} vs {what}: two disjoint random subsets of the {n} {what} samples, {h} each",
+           "size": h}
+    if h < 2:
+        out["what"] += " (too few for a floor)"
+        return out
+    fa, fb = f_real[perm[:h].numpy()], f_real[perm[half:half + h].numpy()]
+    out.update(sample_quality(fa, fb, fd=fd, fd_key=fd_key, bootstraps=bootstraps))
+    return out
+
+
+def mixture_section(mixture, num_samples: int, entries, *, bootstraps: int | None = None) -> dict:
     """Distances of samples to a known mixture, filled into each (metrics dict, samples) entry.
 
-    Adds fd (raw coordinates), sliced_wasserstein, mmd and mode coverage against fresh true
-    samples (fixed seeds, so every caller compares against the same set); returns those true
-    samples and the true-vs-true distances, the noise floor of each number.
+    Against a fresh true sample of the same size (fixed seed TRUE_SEEDS[0], so every caller
+    compares against the same set): fd (raw coordinates) with fd_ci, kid, precision / recall,
+    sliced_wasserstein, mmd, mode coverage, and the exact metrics nll (mean -log p under the
+    true mixture), nll_gap (nll minus that of the true reference sample) and mode_weight_error.
+
+    Returns {"true_sample": x, "true": nll of the reference sample, "true_vs_true": the
+    older floor keys, "noise_floor": every metric for an independent exact-sampler draw
+    (TRUE_SEEDS[1]) of the same size against the reference}.
     """
-    true1, _ = mixture.sample(num_samples, generator=torch.Generator().manual_seed(123456))
-    true2, _ = mixture.sample(num_samples, generator=torch.Generator().manual_seed(654321))
+    from . import feature_metrics as fm
+
+    true1, _ = mixture.sample(num_samples, generator=torch.Generator().manual_seed(TRUE_SEEDS[0]))
+    true2, _ = mixture.sample(num_samples, generator=torch.Generator().manual_seed(TRUE_SEEDS[1]))
     n_mmd = min(num_samples, 1000)
-    for m, x in entries:
-        m["fd"] = frechet_distance(x, true1)
+    t_nll = fm.mixture_nll(mixture, true1)
+    true = {"nll": t_nll["nll"], "nll_stderr": t_nll["nll_stderr"], "size": int(num_samples),
+            "what": f"exact sampler, {num_samples} samples (seed {TRUE_SEEDS[0]}): the reference of every distance"}
+
+    def fill(m, x):
+        m.update(sample_quality(_as_numpy64(x), _as_numpy64(true1), bootstraps=bootstraps))
         m["sliced_wasserstein"] = sliced_wasserstein(x, true1)
         m["mmd"] = mmd(x[:n_mmd], true1[:n_mmd])
         cov = mode_coverage(x, mixture.means, mixture.stds, weights=mixture.weights)
         m["modes_covered"], m["num_modes"] = cov["modes_covered"], cov["num_modes"]
         m["high_quality_fraction"] = cov["high_quality_fraction"]
-    floor = {"fd": frechet_distance(true2, true1), "sliced_wasserstein": sliced_wasserstein(true2, true1),
-             "mmd": mmd(true2[:n_mmd], true1[:n_mmd])}
-    return true1, floor
+        nll = fm.mixture_nll(mixture, x)
+        m["nll"], m["nll_stderr"] = nll["nll"], nll["nll_stderr"]
+        m["nll_gap"] = nll["nll"] - true["nll"]
+        m["mode_weight_error"] = fm.mode_weight_error(mixture, x)
 
+    for m, x in entries:
+        fill(m, x)
+    floor = {"what": f"exact sampler vs truth: an independent true sample (seed {TRUE_SEEDS[1]}) against the "
+                     f"reference, {num_samples} each", "size": int(num_samples)}
+    fill(floor, true2)
+    tvt = {k: floor[k] for k in ("fd", "sliced_wasserstein", "mmd")}
+    return {"true_sample": true1, "true": true, "true_vs_true": tvt, "noise_floor": floor}
+
+
+def mixture_metrics(mixture, num_samples: int, entries) -> tuple[torch.Tensor, dict]:
+    """`mixture_section`'s true sample and true-vs-true floor (older interface)."""
+    sec = mixture_section(mixture, num_samples, entries)
+    return sec["true_sample"], sec["true_vs_true"]
+
+
+def distribution_section(result: dict, dataset, space, entries, num_samples: int, *,
+                         bootstraps: int | None = None) -> torch.Tensor | None:
+    """Sample-quality metrics of each (metrics dict, samples) entry in the data set's feature space.
+
+    gmm: `mixture_section` (adds result["true"], ["true_vs_true"], ["noise_floor"],
+    ["mmd_samples"]); a feature space (`space.fd`): FD / KID / precision / recall against
+    all real samples plus `real_split_fd` and the real-vs-real noise floor; otherwise fd =
+    None. Returns the gmm reference sample (for the panels) or None."""
+    result["fd_feature"] = space.fd_name or "none (no feature network for this data set; see fid)"
+    if dataset.mixture is not None:
+        sec = mixture_section(dataset.mixture, num_samples, entries, bootstraps=bootstraps)
+        result["true_vs_true"], result["true"], result["noise_floor"] = \
+            sec["true_vs_true"], sec["true"], sec["noise_floor"]
+        result["mmd_samples"] = min(num_samples, 1000)
+        result["kid_feature"] = result["fd_feature"]
+        return sec["true_sample"]
+    if space.fd is None:
+        for m, _ in entries:
+            m["fd"] = None
+        return None
+    real = dataset.data
+    f_real = _as_numpy64(space.fd(real))
+    for m, x in entries:
+        m.update(sample_quality(_as_numpy64(space.fd(x)), f_real, bootstraps=bootstraps))
+    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(REAL_SPLIT_SEED))
+    half = len(real) // 2
+    result["real_split_fd"] = frechet_distance(f_real[perm[:half].numpy()], f_real[perm[half:].numpy()])
+    result["noise_floor"] = real_noise_floor(f_real, num_samples, bootstraps=bootstraps)
+    result["kid_feature"] = result["fd_feature"]
+    result["reference_samples"] = len(real)
+    result.update(space.info)
+    return None
+
+
+class FeatureSpace:
+    """The feature spaces of one data set: for the Frechet distance / KID / precision-recall
+    (`fd`, named `fd_name`) and for PPL (`ppl`, named `ppl_name`)."""
+
+    def __init__(self, dataset, device, *, cache_dir=None, classifier_epochs: int = 30, progress: bool = False,
+                 fid_model=None):
+        from .ppl import float64_copy
+
+        self.dataset = dataset
+        self.info: dict = {}
+        self.fd = None      # x -> (N, F) float64 features, or None (no feature space)
+        self.ppl = None     # float64 x -> features (None: identity)
+        if dataset.mixture is not None or len(dataset.sample_shape) == 1:
+            self.fd_name = "raw coordinates"
+            self.fd = lambda x: x.reshape(len(x), -1).double()
+            self.ppl_name = "raw coordinates (identity features)"
+        elif dataset.name == "digits":
+            clf, info = digits_classifier(dataset, cache_dir=cache_dir, device=device, progress=progress,
+                                          epochs=classifier_epochs)
+            self.fd_name = f"{info['feature']} (penultimate layer of a small CNN trained on digits; not FID)"
+            self.info["classifier_test_accuracy"] = info["test_accuracy"]
+            self.fd = lambda x: classifier_features(clf, x)
+            clf64 = float64_copy(clf)
+            self.ppl = lambda x: clf64.features(x.to(next(clf64.parameters()).device, torch.float64))
+            self.ppl_name = f"{info['feature']} (digits CNN penultimate features, squared L2)"
+        elif fid_model is not None:
+            from .fid import FID_FEATURE_NAME
+
+            self.fd_name = None
+            self.ppl = lambda x: fid_model(x.float()).double()
+            self.ppl_name = f"{FID_FEATURE_NAME}, squared L2 (computed in float32)"
+        else:
+            self.fd_name = None
+            self.ppl_name = "raw pixels (no feature network at hand for this data set), squared L2"
+
+
+# --------------------------------------------------------------------------- summary text
+
+# (key, label, kind): kind says how noise is judged: "se" (key_stderr), "ci" (key_ci), "floor"
+_SUMMARY_METRICS = (("fd", "FD", "ci"), ("fid", "FID", "ci"), ("kid", "KID", "se"), ("precision", "precision", "se"),
+                    ("recall", "recall", "se"), ("nll", "NLL", "se"), ("nll_gap", "NLL gap", "se"),
+                    ("mode_weight_error", "mode-weight TV", "floor"), ("sliced_wasserstein", "sliced W2", "floor"),
+                    ("mmd", "MMD^2", "floor"), ("high_quality_fraction", "high-quality frac.", "floor"))
+
+
+def _stderr_of(m: dict, key: str):
+    return m.get("nll_stderr" if key == "nll_gap" else f"{key}_stderr")
+
+
+def _cell(m: dict, key: str, kind: str) -> str:
+    from .cli import format_value
+
+    v = m.get(key)
+    if v is None:
+        return "-"
+    if kind == "ci" and m.get(f"{key}_ci"):
+        lo, hi = m[f"{key}_ci"]
+        return f"{format_value(v)} [{format_value(lo)}, {format_value(hi)}]"
+    se = _stderr_of(m, key)
+    if kind == "se" and se is not None:
+        return f"{format_value(v)} ± {format_value(se)}"
+    return format_value(v)
+
+
+def noise_verdict(a: dict, b: dict, key: str, kind: str, floor: dict | None = None) -> str:
+    """'within noise', 'differs' or '?' for metric `key` of two sections (gsd.feature_metrics.within_noise)."""
+    from .feature_metrics import within_noise
+
+    va, vb = a.get(key), b.get(key)
+    if not isinstance(va, (int, float)) or not isinstance(vb, (int, float)):
+        return "?"
+    if kind == "se":
+        v = within_noise(va, vb, stderr_a=_stderr_of(a, key), stderr_b=_stderr_of(b, key))
+    elif kind == "ci":
+        v = within_noise(va, vb, ci_a=a.get(f"{key}_ci"), ci_b=b.get(f"{key}_ci"))
+    else:
+        f = (floor or {}).get(key)
+        if key == "high_quality_fraction" and isinstance(f, (int, float)):
+            f = 1.0 - f  # a true sample's shortfall from 1
+        v = within_noise(va, vb, floor=f)
+    return {True: "within noise", False: "differs", None: "?"}[v]
+
+
+def summary_rows(metrics: dict) -> str:
+    """The sample-quality part of an evaluation as text: one row per metric with the one-step
+    G, the teacher, the noise floor and whether G and the teacher differ beyond noise
+    (standard errors at 2 sigma, bootstrap intervals overlapping, or the noise floor's value)."""
+    from .cli import format_value
+
+    one, teach = metrics.get("one_step", {}), metrics.get("teacher", {})
+    floor = metrics.get("noise_floor") or {}
+    true = metrics.get("true") or {}
+    rows = [("metric", "one-step G", "teacher", "noise floor", "G vs teacher")]
+    for key, label, kind in _SUMMARY_METRICS:
+        if one.get(key) is None and teach.get(key) is None:
+            continue
+        rows.append((label, _cell(one, key, kind), _cell(teach, key, kind), _cell(floor, key, kind),
+                     noise_verdict(one, teach, key, kind, floor)))
+    for key, label in (("isometry_defect", "isometry defect (global)"),
+                       ("local_isometry_defect", "local isometry defect")):
+        a = one.get(key, metrics.get(key))
+        if a is not None:
+            rows.append((label, format_value(a), format_value(teach.get(key)), "-", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if floor.get("what"):
+        lines.append(f"noise floor: {floor['what']}")
+    if true.get("nll") is not None:
+        lines.append(f"true-sample NLL (reference of the NLL gap): {format_value(true['nll'])} ± "
+                     f"{format_value(true.get('nll_stderr'))}")
+    if metrics.get("kid_feature"):
+        lines.append(f"FD / KID / precision-recall feature space: {metrics['kid_feature']}")
+    loc = metrics.get("local_isometry")
+    if loc:
+        lines.append(f"local isometry defect: {loc['anchors']} anchors, {loc['neighbours']} neighbours at radius "
+                     f"{loc['radius']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- train's end-of-run evaluation
 
 def evaluate_distillation(generate: Callable, teacher, dataset, *, device="cpu", num_samples: int = 1000,
                           num_classes: int = 0, backend: str = "reference", cache_dir=None,
                           latency_repeats: int = 5, latency_batch: int = 64, teacher_steps: int = 18,
                           classifier_epochs: int = 30, isometry_latents: int = 512, progress: bool = False,
-                          **_unused) -> tuple[dict, list]:
+                          seed: int = 0, latency_warmup: int = 2, teacher_geometry: bool = False,
+                          bootstraps: int | None = None, **_unused) -> tuple[dict, list]:
     """One-step generator vs the Heun teacher on the same seeds; returns (metrics, panels).
 
     generate(eps, class_labels) -> samples for standard-normal latents eps (e.g.
     `Distiller.generate`); teacher: the denoiser f_phi sampled with Heun (2*teacher_steps-1
-    NFE). Sample i of both uses the latent of seed i. `panels` are (title, samples) pairs
-    for `gsd.plots.save_samples_png`.
+    NFE). The same sections, seeds and latency method as `gsd.evaluate` with `--seed seed`
+    (sample i uses latent seed seed * 1e8 + i). `teacher_geometry` adds the teacher Heun
+    map's isometry defects (35 NFE per latent: off by default to keep the run short).
+    `panels` are (title, samples) pairs for `gsd.plots.save_samples_png`.
     """
-    from .samplers import heun_nfe, heun_sample, latents_for_seeds
+    from .samplers import heun_nfe, heun_sample
 
     device = torch.device(device)
     shape = tuple(dataset.sample_shape)
-    seeds = list(range(num_samples))
-    eps = latents_for_seeds(seeds, shape, device)
-    labels = (torch.arange(num_samples, device=device) % num_classes) if num_classes else None
+    eps, labels = evaluation_latents(seed, num_samples, shape, device, num_classes)
     nfe_t = heun_nfe(teacher_steps)
 
+    def teacher_map(e, l):
+        return heun_sample(teacher, e, l, num_steps=teacher_steps)
+
     with torch.no_grad():
-        x_one = _batched(lambda e, l: generate(e, l), eps, labels, 500)
-        x_teacher = _batched(lambda e, l: heun_sample(teacher, e, l, num_steps=teacher_steps), eps, labels, 500)
+        x_one = batched(generate, eps, labels)
+        x_teacher = batched(teacher_map, eps, labels)
 
     metrics: dict = {"one_step": {"nfe": 1}, "teacher": {"nfe": nfe_t}, "num_samples": num_samples}
     one, teach = metrics["one_step"], metrics["teacher"]
-    real = dataset.data
-    panels_extra = []
-
-    if dataset.mixture is not None:
-        mix = dataset.mixture
-        metrics["fd_feature"] = "raw coordinates"
-        true1, metrics["true_vs_true"] = mixture_metrics(mix, num_samples, [(one, x_one), (teach, x_teacher)])
-        panels_extra = [("true mixture", true1[:2000])]
-        n_show = 2000
-    elif dataset.name == "digits":
-        clf, info = digits_classifier(dataset, cache_dir=cache_dir, device=device, progress=progress,
-                                      epochs=classifier_epochs)
-        metrics["fd_feature"] = f"{info['feature']} (penultimate layer of a small CNN trained on digits; not FID)"
-        metrics["classifier_test_accuracy"] = info["test_accuracy"]
-        f_real = classifier_features(clf, real)
-        for m, x in ((one, x_one), (teach, x_teacher)):
-            m["fd"] = frechet_distance(classifier_features(clf, x), f_real)
-        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
-        half = len(real) // 2
-        metrics["real_split_fd"] = frechet_distance(f_real[perm[:half]], f_real[perm[half:]])
-        n_show = 64
+    space = FeatureSpace(dataset, device, cache_dir=cache_dir, classifier_epochs=classifier_epochs,
+                         progress=progress)
+    true1 = distribution_section(metrics, dataset, space, [(one, x_one), (teach, x_teacher)], num_samples,
+                                 bootstraps=bootstraps)
+    if true1 is not None:
+        panels_extra, n_show = [("true mixture", true1[:2000])], 2000
     else:
-        metrics["fd_feature"] = "none (no feature network for this data set here; see gsd.evaluate)"
-        one["fd"] = teach["fd"] = None
-        n_show = 64
+        panels_extra, n_show = [], 64
 
-    # latency: one batch of `latency_batch` on the run's device
-    eps_b = eps[:latency_batch]
-    lab_b = None if labels is None else labels[:latency_batch]
-    one["latency_ms"] = measure_latency(lambda: generate(eps_b, lab_b), device, warmup=2,
-                                        repeats=latency_repeats * 4)
-    teach["latency_ms"] = measure_latency(lambda: heun_sample(teacher, eps_b, lab_b, num_steps=teacher_steps),
-                                          device, warmup=1, repeats=latency_repeats)
-    metrics["latency_batch"] = int(eps_b.shape[0])
+    nb = min(latency_batch, num_samples)
+    eps_b, lab_b = eps[:nb], None if labels is None else labels[:nb]
+    lat = latency_section({"one": lambda: generate(eps_b, lab_b), "teacher": lambda: teacher_map(eps_b, lab_b)},
+                          device, warmup=latency_warmup, repeats=latency_repeats)
+    one["latency_ms"], teach["latency_ms"] = lat["one"], lat["teacher"]
+    metrics["latency_batch"] = int(nb)
+    metrics["latency_method"] = LATENCY_METHOD
 
-    # isometry defect of the generator on held-out latents (seeds disjoint from the ones above)
-    iso_seeds = list(range(10_000_000, 10_000_000 + isometry_latents))
-    z = latents_for_seeds(iso_seeds, shape, device)
-    z_lab = (torch.arange(isometry_latents, device=device) % num_classes) if num_classes else None
-    metrics["isometry_defect"] = isometry_defect(lambda e: generate(e, z_lab), z, backend="reference")
+    geo = geometry_section(generate, shape, device, num_classes, seed=seed, isometry_latents=isometry_latents)
+    metrics["isometry_defect"] = geo["isometry_defect"]
+    metrics["local_isometry_defect"] = geo["local_isometry_defect"]
+    one.update(geo)
+    if teacher_geometry:
+        teach.update(geometry_section(teacher_map, shape, device, num_classes, seed=seed,
+                                      isometry_latents=isometry_latents))
     metrics["isometry_latents"] = isometry_latents
+    metrics["local_isometry"] = local_isometry_settings(seed)
 
     panels = [("one-step G (1 NFE)", x_one[:n_show]), (f"teacher Heun ({nfe_t} NFE)", x_teacher[:n_show])]
     panels += panels_extra
