@@ -265,7 +265,19 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="output directory")
 
 
+# The defaults of the isometric regulariser, in one place (DistillConfig and the flags read
+# them): flip them here once the sweeps have chosen a GSD default.
+DISTILL_DEFAULTS = {
+    "lambda_irl": 0.0,        # scale-free weight (see --lambda-irl); 0 = off
+    "lambda_irl_raw": 0.0,    # raw weight of the paper's loss; 0 = off
+    "irl_neighbours": 0,      # K neighbours per anchor latent; 0 = random-batch pairs
+    "irl_radius": 0.5,        # R: neighbour distance in eps units (z-space: R * sigma_init)
+    "irl_estimator": "pairs",
+}
+
+
 def add_distill_args(p: argparse.ArgumentParser) -> None:
+    d = DISTILL_DEFAULTS
     fused = p.add_mutually_exclusive_group()
     fused.add_argument("--fused", dest="fused", action="store_true", default=False,
                        help="run the loss ops on the fastest fused gsd_kernels backend for the device; "
@@ -276,7 +288,9 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
                         "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
-    p.add_argument("--batch", type=count_int, default=64, help="generator batch size")
+    p.add_argument("--batch", type=count_int, default=64,
+                   help="generated samples per iteration, neighbours included: with --irl-neighbours K it is "
+                        "batch / (K+1) anchors x (K+1), so the SiD cost per iteration stays the same")
     p.add_argument("--iters", type=count_int, default=None,
                    help="distillation iterations (default depends on the dataset)")
     p.add_argument("--alpha", type=float, default=1.2, help="SiD alpha")
@@ -286,8 +300,29 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="largest diffusion time (of 1000) in the generator step")
     p.add_argument("--lambda-sid", type=nonnegative_float, default=1.0,
                    help="weight of the SiD loss (0 turns it off)")
-    p.add_argument("--lambda-irl", type=nonnegative_float, default=0.0,
-                   help="weight of the isometric loss (0 turns it off)")
+    p.add_argument("--lambda-irl", type=nonnegative_float, default=d["lambda_irl"], metavar="F",
+                   help="scale-free weight of the isometric loss: on each generator micro-step its gradient at "
+                        "the generator output x_g is rescaled to F x the norm of the SiD term's gradient at x_g "
+                        "(lambda_sid * dL_sid/dx_g, whole micro-batch): L = lambda_sid L_sid + w L_irl with "
+                        "w = F ||lambda_sid dL_sid/dx_g|| / ||dL_irl/dx_g|| (detached; 0 when the latter is 0); "
+                        "needs --lambda-sid > 0; 0 turns it off")
+    p.add_argument("--lambda-irl-raw", type=nonnegative_float, default=d["lambda_irl_raw"], metavar="W",
+                   help="raw weight of the isometric loss, L = lambda_sid L_sid + W L_irl (the papers' form; "
+                        "exclusive with --lambda-irl; 0 turns it off)")
+    p.add_argument("--irl-estimator", choices=["pairs", "jvp"], default=d["irl_estimator"],
+                   help="pairs: the pair-distance isometry loss (random batch pairs, or anchor/neighbour groups "
+                        "with --irl-neighbours); jvp: the relaxed distortion measure of G's Jacobian at the "
+                        "anchors (Gaussian probes; takes --lambda-irl-raw, no neighbours, global weighting)")
+    p.add_argument("--irl-neighbours", type=nonnegative_int, default=d["irl_neighbours"], metavar="K",
+                   help="K > 0: each of batch/(K+1) anchor latents eps gets K neighbours eps + R u (u uniform on "
+                        "the unit sphere, the anchor's class label) and the isometry loss is taken over each "
+                        "anchor's group of K+1; --batch must be a multiple of K+1; 0: pairs over the whole batch")
+    p.add_argument("--irl-radius", type=positive_float, default=d["irl_radius"], metavar="R",
+                   help="distance of each neighbour latent from its anchor, in units of eps (R sigma_init in "
+                        "z = sigma_init eps)")
+    p.add_argument("--dropout", type=unit_interval_float, default=None, metavar="P",
+                   help="dropout probability of the generator and the fake score, in [0, 1) (default: the "
+                        "teacher's; the teacher stays as loaded)")
     p.add_argument("--irl-weighting", choices=["global", "local"], default="global",
                    help="pair weighting of the isometric loss")
     p.add_argument("--irl-scale", type=irl_scale, default="optimal",

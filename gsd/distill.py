@@ -59,7 +59,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .cli import UsageError
+from .cli import DISTILL_DEFAULTS, UsageError
 
 __all__ = ["DistillConfig", "Distiller", "sigma_schedule", "ema_beta"]
 
@@ -70,7 +70,12 @@ class DistillConfig:
     sigma_init: float = 2.5
     tmax: int = 800
     lambda_sid: float = 1.0
-    lambda_irl: float = 0.0
+    lambda_irl: float = DISTILL_DEFAULTS["lambda_irl"]          # scale-free weight (see generator_loss)
+    lambda_irl_raw: float = DISTILL_DEFAULTS["lambda_irl_raw"]  # raw weight: L = lambda_sid L_sid + W L_irl
+    irl_estimator: str = DISTILL_DEFAULTS["irl_estimator"]      # "pairs" or "jvp"
+    irl_neighbours: int = DISTILL_DEFAULTS["irl_neighbours"]    # K neighbours per anchor (0: random pairs)
+    irl_radius: float = DISTILL_DEFAULTS["irl_radius"]          # neighbour distance in eps units
+    dropout: float | None = None          # dropout of G and f_psi (None: the init network's)
     irl_weighting: str = "global"
     irl_bandwidth: float | None = None
     irl_scale: str | float = "optimal"
@@ -80,7 +85,8 @@ class DistillConfig:
     betas: tuple = (0.0, 0.999)
     adam_eps: float = 1e-8
     ema_halflife: float = 0.0             # in images; 0 = no EMA (ema_generator is the generator's copy)
-    ema_rampup: float | None = 0.1        # half-life <= ema_rampup * images seen (EDM-style ramp-up); None = off
+    # half-life <= ema_rampup * images seen (EDM's and SiD's ramp-up ratio 0.05); None = off
+    ema_rampup: float | None = 0.05
     gen_loss_scale: float = 100.0         # SiD's lsg
     fake_loss_scale: float = 1.0
     backend: str = "reference"
@@ -105,10 +111,37 @@ class DistillConfig:
         def f32(v):  # a factor the networks / Adam turn into a float32 must fit in one
             return finite(v) and abs(v) <= _F32_MAX
 
-        if not (finite(self.lambda_sid) and finite(self.lambda_irl)) or self.lambda_sid < 0 or self.lambda_irl < 0:
-            raise UsageError("--lambda-sid and --lambda-irl must be finite and >= 0")
-        if self.lambda_sid == 0 and self.lambda_irl == 0:
+        for name in ("lambda_sid", "lambda_irl", "lambda_irl_raw"):
+            v = getattr(self, name)
+            if not f32(v) or v < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        if self.lambda_irl > 0 and self.lambda_irl_raw > 0:
+            raise UsageError("--lambda-irl (scale-free) and --lambda-irl-raw (raw) are two definitions of one "
+                             "weight: give one of them")
+        if self.lambda_sid == 0 and self.lambda_irl == 0 and self.lambda_irl_raw == 0:
             raise UsageError("--lambda-sid and --lambda-irl are both 0: nothing to train")
+        if self.lambda_irl > 0 and self.lambda_sid == 0:
+            raise UsageError("--lambda-irl is relative to the SiD gradient, which --lambda-sid 0 turns off; "
+                             "weight the isometric loss with --lambda-irl-raw instead")
+        k = self.irl_neighbours
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < MAX_ROWS:
+            raise UsageError(f"--irl-neighbours must be an integer >= 0, got {k!r}")
+        if not f32(self.irl_radius) or self.irl_radius <= 0:
+            raise UsageError(f"--irl-radius must be a finite number > 0, got {self.irl_radius!r}")
+        if self.dropout is not None and not (finite(self.dropout) and 0 <= self.dropout < 1):
+            raise UsageError(f"--dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.irl_estimator not in ("pairs", "jvp"):
+            raise UsageError(f"--irl-estimator must be pairs or jvp, got {self.irl_estimator!r}")
+        if self.irl_estimator == "jvp":
+            # the Jacobian term does not pass through x_g: there is no x_g-gradient to rescale
+            for bad, why in ((self.lambda_irl > 0, "--lambda-irl (scale-free, measured at x_g, which the "
+                              "Jacobian term does not pass through); use --lambda-irl-raw"),
+                             (k > 0, "--irl-neighbours (it probes the Jacobian at the anchors)"),
+                             (self.irl_weighting != "global", "--irl-weighting local"),
+                             (self.irl_scale != "optimal", "a fixed --irl-scale"),
+                             (self.irl_bandwidth is not None, "--irl-bandwidth")):
+                if bad:
+                    raise UsageError(f"--irl-estimator jvp cannot honour {why}")
         if not finite(self.alpha) or self.alpha <= 0:
             raise UsageError(f"--alpha must be a finite number > 0 (SiD uses 1.0-1.2), got {self.alpha}")
         if not finite(self.sigma_min) or not finite(self.sigma_max) or not (0 < self.sigma_min < self.sigma_max):
@@ -122,7 +155,10 @@ class DistillConfig:
             raise UsageError(f"--batch must be an integer in [1, {MAX_ROWS}], got {self.batch!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1024:
             raise UsageError(f"--seed must be an integer in [0, 2^63 - 1024), got {self.seed!r}")
-        if self.lambda_irl > 0 and self.batch < 2:
+        if self.batch % (k + 1):
+            raise UsageError(f"--batch {self.batch} is not a multiple of --irl-neighbours + 1 = {k + 1} (each "
+                             f"anchor comes with its {k} neighbours)")
+        if self.irl_on and self.irl_estimator == "pairs" and self.batch < 2:
             raise UsageError("--lambda-irl > 0 needs --batch >= 2 (the isometry loss is over pairs)")
         for name in ("lr", "lr_fake"):
             v = getattr(self, name)
@@ -169,9 +205,19 @@ class DistillConfig:
         if self.batch % (per * world):
             raise UsageError(f"--batch {self.batch} is not a multiple of --batch-per-gpu {per} x world size "
                              f"{world} = {per * world} (gradient accumulation needs a whole number of steps)")
-        if self.lambda_irl > 0 and per * world < 2:
+        if self.irl_on and self.irl_estimator == "pairs" and per * world < 2:
             raise UsageError("--lambda-irl > 0 needs at least 2 samples per micro-batch over all processes")
+        g = self.irl_neighbours + 1
+        if per % g:
+            # groups never straddle processes or micro-batches
+            raise UsageError(f"{per} samples per process and micro-step (--batch {self.batch} / world size "
+                             f"{world}, or --batch-per-gpu) is not a multiple of --irl-neighbours + 1 = {g}")
         return self.batch // (per * world)
+
+    @property
+    def irl_on(self) -> bool:
+        """Whether the isometric term is part of the generator loss."""
+        return self.lambda_irl > 0 or self.lambda_irl_raw > 0
 
     def local_batch(self, world: int = 1) -> int:
         return self.batch // (world * self.accum_steps(world))
@@ -258,6 +304,10 @@ class Distiller:
         self.teacher = teacher.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
         self.generator = copy.deepcopy(init).to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
         self.fake = copy.deepcopy(init).to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
+        if config.dropout is not None:  # G and f_psi only: the teacher stays as loaded
+            from .networks import set_dropout
+            set_dropout(self.generator, config.dropout)
+            set_dropout(self.fake, config.dropout)
         if config.grad_checkpoint:
             from .networks import set_gradient_checkpointing
             set_gradient_checkpointing(self.generator)
@@ -296,6 +346,24 @@ class Distiller:
         labels = None
         if self.num_classes > 0:
             labels = torch.randint(0, self.num_classes, (n,), generator=self.rng, device=self.device)
+        return eps, labels
+
+    def _generator_latents(self, n: int):
+        """Latents of the generator step. K = irl_neighbours = 0: n independent latents (the
+        same draws as `_latents`). K > 0: n / (K+1) anchors eps, each followed by its K
+        neighbours eps + R u_k, u_k uniform on the unit sphere of dimension prod(sample_shape),
+        with the anchor's class label (rows a(K+1) .. a(K+1)+K are anchor a's group)."""
+        k = self.config.irl_neighbours
+        if k == 0:
+            return self._latents(n)
+        g = k + 1
+        anchors, labels = self._latents(n // g)
+        flat = anchors.reshape(n // g, 1, -1)
+        u = self._randn(n // g, k, flat.shape[-1])
+        u = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+        eps = torch.cat([flat, flat + self.config.irl_radius * u], dim=1).reshape(n, *self.sample_shape)
+        if labels is not None:
+            labels = labels.repeat_interleave(g)
         return eps, labels
 
     def _build_calls(self) -> None:
@@ -359,9 +427,13 @@ class Distiller:
         c = self.config
         n = self.micro_batch
         self.fake.train().requires_grad_(True)
+        # SiD's recipe: the fake score learns from the samples G gives at sampling time (dropout
+        # off); generator_step puts G back in train mode
+        self.generator.eval()
         self.opt_f.zero_grad(set_to_none=True)
         loss_sum, dropped = 0.0, None
         for k in range(self.accum):
+            # independent latents: the neighbour groups serve only the generator's isometry term
             eps, labels = self._latents(n)
             with torch.no_grad():
                 x_g = self._gen(self._call_g, eps, labels)
@@ -390,22 +462,40 @@ class Distiller:
         """The generator objective for given latents (draws t and the noise from self.rng
         unless given: `t` in [0, tmax/1000), `noise` like the samples).
 
-        Returns (L, parts) with L = lambda_sid * L_sid + lambda_irl * L_irl (unscaled). Under
-        DDP, L is what this rank back-propagates: its local SiD mean plus lambda_irl * world *
-        the global-batch isometry loss (DDP averages gradients over ranks); parts["loss_gen"]
-        is the unweighted-by-world value.
+        Returns (L, parts); L.backward() gives the generator's gradient (before gen_loss_scale):
+
+        - raw weight W = lambda_irl_raw (or no isometric term): L = lambda_sid L_sid + W L_irl;
+        - scale-free weight F = lambda_irl: the two terms are evaluated on detached copies of
+          x_g and differentiated once each (the SiD backward passes through teacher and f_psi
+          once, as a plain backward would): g_sid = lambda_sid dL_sid/dx_g, g_irl = dL_irl/dx_g,
+          w = F ||g_sid|| / ||g_irl|| (a detached scalar; 0 when g_irl = 0), and L is a
+          surrogate whose gradient through G is g_sid + w g_irl, i.e. that of lambda_sid L_sid
+          + w L_irl, and whose value is that loss. parts gets irl_weight (w), irl_gnorm_sid
+          (||g_sid||) and irl_gnorm_irl (||g_irl||). Norms are over the whole micro-batch; under
+          DDP the squared norms are summed over ranks, so every rank uses the same w.
+
+        Under DDP, L is what this rank back-propagates: its local SiD mean plus the isometry
+        term, which is world x the global-batch loss (DDP averages gradients over ranks; with
+        neighbour groups it is each rank's own grouped loss, see below); parts["loss_gen"] is
+        the unweighted-by-world value. With irl_neighbours = K > 0 the isometry loss is taken
+        over the groups of K+1 rows (anchor + neighbours); a group that holds a dropped
+        (non-finite) row is dropped from it whole.
         """
         c = self.config
         n = eps.shape[0]
         x_g = self._gen(self._call_g_train, eps, labels)
         x_g = self._apply_hook("generator", x_g)
         valid = _row_valid(x_g)
+        scale_free = c.lambda_irl > 0
+        # scale-free: each term sees its own detached copy of x_g, so that its x_g-gradient can be
+        # measured before the combination goes back through G once
+        x_sid = x_g.detach().requires_grad_(True) if scale_free else x_g
+        x_irl = x_g.detach().requires_grad_(True) if scale_free else x_g
         used = valid  # rows that entered some loss: x_g finite and, for SiD, finite network outputs
-        x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
-        # under DDP every rank must back-propagate through G, even if all its terms drop out
-        total = (x_in * 0).sum() if self.world > 1 else x_g.new_zeros(())
-        reported = 0.0
+        parts: dict = {}
+        l_sid = None
         if c.lambda_sid > 0:
+            x_in = torch.where(_bcast(valid, x_sid), x_sid, torch.zeros_like(x_sid))
             self.fake.eval().requires_grad_(False)
             if t is None:
                 t = torch.rand(n, generator=self.rng, device=self.device) * (c.tmax / 1000.0)
@@ -415,45 +505,110 @@ class Distiller:
             x_t = x_in + _bcast(sigma, x_in) * noise
             y_real = self._net(self._call_teacher, x_t, sigma, labels)
             y_fake = self._net(self._call_f, x_t, sigma, labels)
-            l_sid = _ops().sid_generator_loss(x_g, y_real, y_fake, alpha=c.alpha, backend=c.backend)
+            l_sid = _ops().sid_generator_loss(x_sid, y_real, y_fake, alpha=c.alpha, backend=c.backend)
             used = valid & _row_valid(y_real.detach()) & _row_valid(y_fake.detach())
-            total = total + c.lambda_sid * l_sid
-            sid_value = float(l_sid.detach())
-            reported += c.lambda_sid * sid_value
-        parts = {"nan_samples": int(n - used.sum())}
-        if c.lambda_sid > 0:
-            parts["loss_sid"] = sid_value
-        if c.lambda_irl > 0:
-            z = c.sigma_init * eps
-            n_valid = int(valid.sum())
-            global_batch = self.world > 1
-            if global_batch:
-                # the global-batch loss needs the same number of rows on every rank: fall back
-                # to each rank's own valid rows in an iteration where some rank dropped samples
-                bad = torch.tensor([n - n_valid], dtype=torch.int64, device=self.device)
-                torch.distributed.all_reduce(bad)
-                global_batch = int(bad) == 0
-            if global_batch:
-                from gsd_kernels.distributed import isometry_loss as dist_isometry_loss
-                l_irl = dist_isometry_loss(x_g, z, weighting=c.irl_weighting, bandwidth=c.irl_bandwidth,
-                                           scale=c.irl_scale, backend=c.backend)
-                total = total + (c.lambda_irl * self.world) * l_irl
-                parts["loss_irl"] = float(l_irl.detach())
-                reported += c.lambda_irl * parts["loss_irl"]
-            elif n_valid >= 2:
-                if not bool(valid.all()):
-                    x_v, z_v = x_g[valid], z[valid]
-                else:
-                    x_v, z_v = x_g, z
-                l_irl = _ops().isometry_loss(x_v, z_v, weighting=c.irl_weighting, bandwidth=c.irl_bandwidth,
-                                             scale=c.irl_scale, backend=c.backend)
-                total = total + c.lambda_irl * l_irl
-                parts["loss_irl"] = float(l_irl.detach())
-                reported += c.lambda_irl * parts["loss_irl"]
-            else:
+            parts["loss_sid"] = float(l_sid.detach())
+        l_irl, factor = (self._irl_term(x_irl, eps, labels, valid, parts) if c.irl_on else (None, 1))
+        parts["nan_samples"] = int(n - used.sum())
+        sid_value = parts.get("loss_sid", 0.0)
+        irl_value = parts.get("loss_irl", 0.0) if l_irl is not None else 0.0
+
+        if not scale_free:
+            # under DDP every rank must back-propagate through G, even if all its terms drop out
+            x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
+            total = (x_in * 0).sum() if self.world > 1 else x_g.new_zeros(())
+            if l_sid is not None:
+                total = total + c.lambda_sid * l_sid
+            if l_irl is not None:
+                total = total + (c.lambda_irl_raw * factor) * l_irl
+            parts["loss_gen"] = c.lambda_sid * sid_value + c.lambda_irl_raw * irl_value
+            return total, parts
+
+        # fp16: the x-gradients pass through the autocast networks, so they are taken at the
+        # GradScaler's scale (and unscaled here); an overflow shows as inf in the combined
+        # gradient, which makes the scaler skip the step as usual
+        amp_scale = (float(self.scaler_g.get_scale()) * c.gen_loss_scale / self.accum
+                     if self.scaler_g.is_enabled() else 1.0)
+        keep = _bcast(valid, x_g)
+
+        def x_grad(loss, x, weight):
+            if loss is None or not loss.requires_grad:
+                return torch.zeros_like(x_g)
+            (g,) = torch.autograd.grad(loss * (weight * amp_scale), x, allow_unused=True)
+            if g is None:
+                return torch.zeros_like(x_g)
+            g = g / amp_scale if amp_scale != 1.0 else g
+            return torch.where(keep, g, torch.zeros_like(g))  # dropped rows take no part
+
+        g_sid = x_grad(l_sid, x_sid, c.lambda_sid)
+        g_irl = x_grad(l_irl, x_irl, float(factor))
+        sq = torch.stack([g_sid.double().square().sum(), g_irl.double().square().sum()])
+        if self.world > 1:
+            torch.distributed.all_reduce(sq)
+        n_sid, n_irl = float(sq[0].sqrt()), float(sq[1].sqrt())
+        if math.isfinite(n_sid) and math.isfinite(n_irl):
+            m = c.lambda_irl * n_sid / n_irl if n_irl > 0 else 0.0
+            w = m / factor  # the weight of L_irl in lambda_sid L_sid + w L_irl
+            parts.update(irl_weight=w, irl_gnorm_sid=n_sid, irl_gnorm_irl=n_irl / factor)
+        else:
+            # an overflowing x-gradient (fp16): no weight this step; the NaN it leaves in the
+            # generator's gradient makes the scaler skip the step (counted in nan_grads); the loss
+            # value reported is the SiD term's
+            m, w = float("nan"), 0.0
+        g = (g_sid + m * g_irl).detach()
+        x_in = torch.where(keep, x_g, torch.zeros_like(x_g))
+        surrogate = (x_in * g).sum()
+        value = c.lambda_sid * sid_value + w * irl_value
+        parts["loss_gen"] = value
+        return surrogate - surrogate.detach() + value, parts
+
+    def _irl_term(self, x: torch.Tensor, eps: torch.Tensor, labels, valid: torch.Tensor, parts: dict):
+        """The isometry loss of the generator step (sets parts["loss_irl"]); returns (loss or
+        None when too few rows are left, factor): the loss is back-propagated with weight x
+        factor (the world size for the global-batch loss under DDP, else 1)."""
+        c = self.config
+        n = x.shape[0]
+        if c.irl_estimator == "jvp":
+            return self._jvp_term(eps, labels, parts), 1
+        z = c.sigma_init * eps
+        k = c.irl_neighbours
+        kw = dict(weighting=c.irl_weighting, bandwidth=c.irl_bandwidth, scale=c.irl_scale, backend=c.backend)
+        if k > 0:
+            # groups never straddle ranks (accum_steps checks that the micro-batch is a multiple
+            # of K+1); gsd_kernels.distributed has no grouped loss, so each rank takes its own
+            # groups' loss and DDP averages them
+            g = k + 1
+            keep = valid.reshape(n // g, g).all(1).repeat_interleave(g)  # a dropped row drops its group
+            if int(keep.sum()) < g:
                 parts["loss_irl"] = float("nan")
-        parts["loss_gen"] = reported
-        return total, parts
+                return None, 1
+            x_v, z_v = (x, z) if bool(keep.all()) else (x[keep], z[keep])
+            l_irl = _ops().isometry_loss(x_v, z_v, groups=g, **kw)
+            parts["loss_irl"] = float(l_irl.detach())
+            return l_irl, 1
+        n_valid = int(valid.sum())
+        global_batch = self.world > 1
+        if global_batch:
+            # the global-batch loss needs the same number of rows on every rank: fall back
+            # to each rank's own valid rows in an iteration where some rank dropped samples
+            bad = torch.tensor([n - n_valid], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(bad)
+            global_batch = int(bad) == 0
+        if global_batch:
+            from gsd_kernels.distributed import isometry_loss as dist_isometry_loss
+            l_irl = dist_isometry_loss(x, z, **kw)
+            parts["loss_irl"] = float(l_irl.detach())
+            return l_irl, self.world
+        if n_valid >= 2:
+            x_v, z_v = (x, z) if bool(valid.all()) else (x[valid], z[valid])
+            l_irl = _ops().isometry_loss(x_v, z_v, **kw)
+            parts["loss_irl"] = float(l_irl.detach())
+            return l_irl, 1
+        parts["loss_irl"] = float("nan")
+        return None, 1
+
+    def _jvp_term(self, eps: torch.Tensor, labels, parts: dict):
+        raise UsageError("--irl-estimator jvp is not available yet")
 
     def generator_step(self) -> dict:
         c = self.config
@@ -462,7 +617,7 @@ class Distiller:
         acc: dict = {}
         nan_samples = 0
         for k in range(self.accum):
-            eps, labels = self._latents(self.micro_batch)
+            eps, labels = self._generator_latents(self.micro_batch)
             with self._no_sync(self._g_train, k == self.accum - 1):
                 loss, parts = self.generator_loss(eps, labels)
                 if loss.requires_grad:

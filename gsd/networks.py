@@ -43,7 +43,7 @@ __all__ = [
     "EDMPrecond", "SongUNet", "MLPDenoiserNet", "UNetBlock", "PositionalEmbedding",
     "Linear", "Conv2d", "GroupNorm", "build_denoiser", "default_config",
     "save_denoiser", "load_denoiser", "read_denoiser_metadata", "edm_coefficients", "edm_ddpmpp_config",
-    "count_parameters", "set_gradient_checkpointing",
+    "count_parameters", "set_gradient_checkpointing", "set_dropout",
 ]
 
 
@@ -723,6 +723,23 @@ def set_gradient_checkpointing(net: nn.Module, enabled: bool = True) -> int:
             count += 1
     if enabled and count == 0:
         raise UsageError(f"gradient checkpointing: {type(net).__name__} has no residual blocks that support it")
+    return count
+
+
+def set_dropout(net: nn.Module, p: float) -> int:
+    """Set the dropout probability of every residual block of `net` (gsd's U-Nets and MLP,
+    imported EDM networks) and of every torch.nn.Dropout in it (diffusers models) to `p`.
+    Returns how many were set; UsageError when `net` has no dropout to set."""
+    count = 0
+    for module in net.modules():
+        if isinstance(module, (UNetBlock, _MLPBlock)):
+            module.dropout = float(p)
+            count += 1
+        elif isinstance(module, nn.Dropout):
+            module.p = float(p)
+            count += 1
+    if count == 0:
+        raise UsageError(f"--dropout: {type(net).__name__} has no dropout layers to set")
     return count
 
 

@@ -54,7 +54,7 @@ TEACHER_FOLDER_NAME = "teacher-diffusers"      # the run's copy of a diffusers t
 
 __all__ = [
     "default_run_dir", "prepare_run_dir", "check_resume_dir", "diff_configs", "write_json_atomic",
-    "read_config", "JsonlLogger", "read_log", "save_checkpoint", "load_checkpoint", "latest_step",
+    "read_config", "upgrade_config", "JsonlLogger", "read_log", "save_checkpoint", "load_checkpoint", "latest_step",
     "capture_rng_state", "restore_rng_state", "atomic_write_bytes", "atomic_torch_save",
     "atomic_save_safetensors", "find_checkpoint", "complete_steps", "check_out_path", "remove_stale_temp_files",
     "restartable", "clear_dead_run", "load_checkpoint_weights", "load_checkpoint_state",
@@ -123,7 +123,27 @@ def default_run_dir(dataset: str, root="runs") -> Path:
     return path
 
 
+# What a run written before a setting existed was trained with: config.json files (and
+# checkpoints) from before the scale-free --lambda-irl had `lambda_irl` = the RAW weight and none
+# of these keys. Filled in here, not from today's defaults, which may change.
+LEGACY_SETTINGS = {"irl_estimator": "pairs", "irl_neighbours": 0, "dropout": None}
+
+
+def upgrade_config(cfg: dict) -> dict:
+    """A copy of a saved run configuration in today's terms: without `lambda_irl_raw`, its
+    `lambda_irl` was the raw weight, so it becomes lambda_irl_raw (and lambda_irl 0); keys
+    added since take the values the run was trained with (LEGACY_SETTINGS)."""
+    if not isinstance(cfg, dict) or "lambda_irl" not in cfg or "lambda_irl_raw" in cfg:
+        return cfg
+    out = dict(cfg)
+    out["lambda_irl_raw"], out["lambda_irl"] = cfg["lambda_irl"], 0.0
+    for key, value in LEGACY_SETTINGS.items():
+        out.setdefault(key, value)
+    return out
+
+
 def read_config(run_dir) -> dict:
+    """A run's config.json (upgraded to today's keys: `upgrade_config`)."""
     path = Path(run_dir) / CONFIG_NAME
     try:
         with open(path) as fh:
@@ -134,7 +154,7 @@ def read_config(run_dir) -> dict:
         raise UsageError(f"cannot read {path}: {exc}")
     if not isinstance(cfg, dict):
         raise UsageError(f"{path} does not hold a run configuration")
-    return cfg
+    return upgrade_config(cfg)
 
 
 def _norm(value):

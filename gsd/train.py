@@ -70,6 +70,12 @@ EXPLODE_WINDOW = 10
 
 # DistillConfig fields that may differ from a checkpoint's own copy on --resume
 CKPT_FREE = ("backend", "compile", "grad_checkpoint")
+# DistillConfig fields with no flag: a resumed run keeps its checkpoint's value (a run started
+# before the EMA ramp-up ratio became 0.05 goes on with 0.1)
+CKPT_OWNED = ("ema_rampup",)
+
+# log.jsonl keys averaged over the iterations of a record besides the losses (scale-free weight)
+LOGGED_MEANS = ("irl_weight", "irl_gnorm_sid", "irl_gnorm_irl")
 
 
 class TrainingStopped(UsageError):
@@ -78,7 +84,8 @@ class TrainingStopped(UsageError):
 # Keys that describe the training itself (compared by --out / --resume checks).
 TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
                  "alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "irl_weighting", "irl_scale",
-                 "irl_bandwidth", "lr", "lr_fake", "adam_betas", "ema_halflife", "gen_loss_scale")
+                 "irl_bandwidth", "lr", "lr_fake", "adam_betas", "ema_halflife", "gen_loss_scale",
+                 "lambda_irl_raw", "irl_estimator", "irl_neighbours", "irl_radius", "dropout")
 
 # Also compared by --out / --resume (kept out of TRAINING_KEYS, which names experiment runs).
 RUN_KEYS = TRAINING_KEYS + ("batch_per_gpu", "precision")
@@ -189,7 +196,9 @@ def distill_config(cfg: dict, backend: str | None = None) -> DistillConfig:
         backend = "auto" if cfg["fused"] else "reference"
     return DistillConfig(
         alpha=cfg["alpha"], sigma_init=cfg["sigma_init"], tmax=cfg["tmax"], lambda_sid=cfg["lambda_sid"],
-        lambda_irl=cfg["lambda_irl"], irl_weighting=cfg["irl_weighting"], irl_bandwidth=cfg["irl_bandwidth"],
+        lambda_irl=cfg["lambda_irl"], lambda_irl_raw=cfg["lambda_irl_raw"], irl_estimator=cfg["irl_estimator"],
+        irl_neighbours=cfg["irl_neighbours"], irl_radius=cfg["irl_radius"], dropout=cfg["dropout"],
+        irl_weighting=cfg["irl_weighting"], irl_bandwidth=cfg["irl_bandwidth"],
         irl_scale=cfg["irl_scale"], batch=cfg["batch"], lr=cfg["lr"], lr_fake=cfg["lr_fake"],
         betas=tuple(cfg["adam_betas"]), ema_halflife=cfg["ema_halflife"], gen_loss_scale=cfg["gen_loss_scale"],
         backend=backend, seed=cfg["seed"], batch_per_rank=cfg.get("batch_per_gpu"),
@@ -319,6 +328,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
         runs.prepare_run_dir(run_dir, _training_view(cfg), allow_restart=True)
     device = _device(cfg["device"])
     backend = _ops_backend(cfg, device)
+    _check_grouped_backend(cfg, backend, device)
 
     # ---------------------------------------------------------------- processes (torchrun)
     # every check above depends only on the settings and the files, so all ranks agree on it;
@@ -371,6 +381,10 @@ def _run(config, *, explicit, nan_hook) -> Path:
 
     # ---------------------------------------------------------------- run directory
     dcfg = distill_config(cfg, backend)  # the concrete backend: what runs is what is recorded
+    if resume_dir:
+        for key in CKPT_OWNED:
+            saved_value = ckpt_state["distiller"]["config"].get(key, getattr(dcfg, key))
+            setattr(dcfg, key, saved_value)
     distiller = Distiller(f_phi, dcfg, init=teacher_net, sample_shape=dataset.sample_shape, device=device)
     distiller.nan_hook = nan_hook
     distiller.enable_ddp()  # DDP on G and f_psi; weights broadcast from rank 0
@@ -463,7 +477,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
                     mid_step = False
                     n_acc += 1
                     for k, v in out.items():
-                        if k.startswith("loss_"):
+                        if k.startswith("loss_") or k in LOGGED_MEANS:
                             acc[k] = acc.get(k, 0.0) + v
                     nan_since["nan_samples"] += out["nan_samples"]
                     nan_since["nan_grads"] += out["nan_grads"]
@@ -479,7 +493,8 @@ def _run(config, *, explicit, nan_hook) -> Path:
                         rec.update(nan_since)
                         rec["nan_events_total"] = distiller.totals["nan_iterations"]
                         logger.log(rec)
-                        bar.set_postfix({k[5:]: f"{v / n_acc:.4g}" for k, v in acc.items()}, refresh=False)
+                        bar.set_postfix({k[5:]: f"{v / n_acc:.4g}" for k, v in acc.items() if k.startswith("loss_")},
+                                        refresh=False)
                         acc, n_acc = {}, 0
                         nan_since = {"nan_samples": 0, "nan_grads": 0}
                     if nan_now and main_rank:
@@ -567,6 +582,21 @@ def _ops_backend(cfg: dict, device: torch.device) -> str:
         raise UsageError(f"--fused: {' '.join(str(exc).split())}") from None
 
 
+def _check_grouped_backend(cfg: dict, backend: str, device: torch.device) -> None:
+    """Neighbour groups need isometry_loss(groups=...): refuse (one line, before anything is
+    written) a backend that cannot take them, instead of failing in the first iteration."""
+    k = int(cfg["irl_neighbours"])
+    if k == 0 or cfg["irl_estimator"] != "pairs" or not (cfg["lambda_irl"] > 0 or cfg["lambda_irl_raw"] > 0):
+        return
+    import gsd_kernels
+    g = torch.Generator().manual_seed(0)
+    x, z = (torch.randn(2 * (k + 1), 3, generator=g).to(device) for _ in range(2))
+    try:
+        gsd_kernels.isometry_loss(x, z, weighting=cfg["irl_weighting"], groups=k + 1, backend=backend)
+    except (ValueError, NotImplementedError) as exc:
+        raise UsageError(f"--irl-neighbours {k}: {' '.join(str(exc).split())} (run without --fused)") from None
+
+
 def _format_backends(backends: dict) -> str:
     return ", ".join(f"{op}={name}" for op, name in backends.items())
 
@@ -579,10 +609,12 @@ def _check_against_checkpoint(cfg: dict, state: dict, run_dir, step: int) -> Non
     if not isinstance(saved, dict):
         raise UsageError(f"--resume {run_dir}: checkpoint {step} holds no settings; it is damaged")
     now = distill_config(cfg).to_dict()
+    saved = runs.upgrade_config(saved)  # a checkpoint from before the scale-free --lambda-irl
     diff = [(k, now[k], saved[k]) for k in now
-            if k in saved and k not in CKPT_FREE and runs._norm(saved[k]) != runs._norm(now[k])]
+            if k in saved and k not in CKPT_FREE + CKPT_OWNED and runs._norm(saved[k]) != runs._norm(now[k])]
     run_cfg = state.get("run_config")  # written since this check exists: data set, teacher, ...
     if isinstance(run_cfg, dict):
+        run_cfg = runs.upgrade_config(run_cfg)
         names = {k for k, _, _ in diff} | {"adam_betas", "batch_per_gpu"}  # those two are in DistillConfig too
         diff += [(k, cfg.get(k), run_cfg[k]) for k in RUN_KEYS
                  if k in run_cfg and k not in names and runs._norm(run_cfg[k]) != runs._norm(cfg.get(k))]

@@ -89,7 +89,7 @@ def test_generator_gradient_is_sid_by_hand():
 
 
 def test_irl_only_gradient_is_isometry_loss():
-    d = make(lambda_sid=0.0, lambda_irl=0.5)
+    d = make(lambda_sid=0.0, lambda_irl_raw=0.5)
     eps, _ = d._latents(d.config.batch)
     d.generator.zero_grad()
     loss, parts = d.generator_loss(eps)
