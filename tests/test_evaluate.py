@@ -301,3 +301,67 @@ def test_eval_json_is_standard_json_with_null_for_non_finite(tmp_path, monkeypat
     saved = _strict_json((tmp_path / evaluate.EVAL_NAME).read_text())
     assert saved["one_step"] == {"fd": None, "ppl": None, "isometry_defect": None, "latency_ms": 1.5}
     assert saved["teacher"] == {"fd": None, "curve": [1.0, None], "arr": [2.0, None]}
+
+
+# --------------------------------------------------------------------------- ranking metrics, one core
+
+def _check_quality(m, *, gmm=False):
+    assert m["fd_ci"][0] <= m["fd_ci"][1] and len(m["fd_ci"]) == 2
+    assert math.isfinite(m["kid"]) and m["kid_stderr"] > 0
+    for k in ("precision", "recall"):
+        assert 0 <= m[k] <= 1 and m[f"{k}_stderr"] >= 0
+    if gmm:
+        assert math.isfinite(m["nll"]) and m["nll_stderr"] > 0 and math.isfinite(m["nll_gap"])
+        assert 0 <= m["mode_weight_error"] <= 1
+
+
+def test_eval_json_has_ranking_metrics_and_noise_floors(tiny_runs, capsys, no_hub_weights):
+    d = tiny_runs["digits"]
+    code, out, err = _run([str(d), "--num-samples", "40", "--ppl-samples", "0", "--cache-dir",
+                           str(tiny_runs["cache"]), *FAST], capsys)
+    assert code == 0, err
+    res = json.loads((d / "eval.json").read_text())
+    for m in (res["one_step"], res["teacher"]):
+        _check_quality(m)
+        assert 0 <= m["local_isometry_defect"] <= 1
+    floor = res["noise_floor"]
+    _check_quality(floor)
+    assert floor["size"] == 40 and "1797 real samples, 40 each" in floor["what"]
+    assert res["local_isometry_defect"] == res["one_step"]["local_isometry_defect"]
+    assert res["local_isometry"]["anchors"] == 256 and res["local_isometry"]["neighbours"] == 3
+    assert res["local_isometry"]["anchor_seeds"] == [90_000_000, 90_000_255]
+    assert "KID" in out and "noise floor" in out and ("within noise" in out or "differs" in out)
+
+    g = tiny_runs["gmm"]
+    code, out, err = _run([str(g), "--num-samples", "300", "--ppl-samples", "0", *FAST], capsys)
+    assert code == 0, err
+    res = json.loads((g / "eval.json").read_text())
+    for m in (res["one_step"], res["teacher"], res["noise_floor"]):
+        _check_quality(m, gmm=True)
+    assert res["noise_floor"]["size"] == 300 and "exact sampler" in res["noise_floor"]["what"]
+    assert res["one_step"]["nll_gap"] == pytest.approx(res["one_step"]["nll"] - res["true"]["nll"])
+    # the exact teacher's samples sit near the true ones: its NLL gap is small
+    assert abs(res["teacher"]["nll_gap"]) < 0.5
+    assert "NLL gap" in out and "mode-weight" in out
+
+
+@pytest.mark.parametrize("which", ["digits", "gmm"])
+def test_train_and_evaluate_share_one_core(tiny_runs, no_hub_weights, which):
+    """gsd.train's end-of-run evaluation and gsd.evaluate give the same numbers (same seeds, sections)."""
+    from gsd import metrics
+
+    run = evaluate.load_run(tiny_runs[which], device="cpu")
+    kw = dict(num_samples=40, isometry_latents=16, cache_dir=tiny_runs["cache"], classifier_epochs=1,
+              latency_repeats=1)
+    res, _ = evaluate.evaluate_loaded(run, ppl_samples=0, seed=0, **kw)
+    m, _ = metrics.evaluate_distillation(run.distiller.generate, run.teacher, run.dataset, device="cpu",
+                                         num_classes=run.num_classes, teacher_geometry=True, **kw)
+    keys = ["fd", "fd_ci", "kid", "kid_stderr", "precision", "recall", "isometry_defect", "local_isometry_defect"]
+    if which == "gmm":
+        keys += ["nll", "nll_gap", "mode_weight_error", "sliced_wasserstein", "mmd", "modes_covered"]
+    for side in ("one_step", "teacher"):
+        for k in keys:
+            assert m[side][k] == res[side][k], (side, k)
+    for k in ("isometry_defect", "local_isometry_defect", "noise_floor", "local_isometry", "fd_feature"):
+        assert m[k] == res[k], k
+    assert m["latency_method"] == res["latency"]["method"]
