@@ -13,10 +13,18 @@ started from the same latents:
   `"fid": null` and `"fid_unavailable": "<reason>"`; never a made-up number;
 - PPL (`gsd.ppl`), eps = 1e-4, 1%-99% filter, in a named feature space, for G and for the
   teacher's Heun map (a deterministic function of the same initial noise);
-- isometry defect (optimal-scale isometry loss) on held-out latents;
+- KID with its standard error, precision / recall (k = 3) and a 95% bootstrap interval of FD,
+  in the same feature space, with their noise floor (`noise_floor`: real vs real, or exact
+  sampler vs truth for gmm) and a "within noise" label per G-vs-teacher difference;
+- isometry defect (optimal-scale isometry loss) on held-out latents, and the local isometry
+  defect (the same loss over anchors and their neighbours, fixed settings in `local_isometry`);
 - latency at batch 64: one-step vs 35-NFE Heun, synchronised, warm-up excluded, median of
   interleaved repeats;
-- gmm: sliced Wasserstein, MMD and mode coverage against the true mixture.
+- gmm: sliced Wasserstein, MMD, mode coverage, NLL under the true mixture (and its gap to true
+  samples) and mode-weight error.
+
+The sections are gsd.metrics' evaluation core, which gsd.train's end-of-run evaluation also
+uses (same seeds, estimators and latency method).
 
 Bad input (a folder that is not a run, missing files, a run written by another version,
 --fid-weights that is not a file, --require-fid without weights): one line, exit 2.

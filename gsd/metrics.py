@@ -7,8 +7,16 @@ Everything here is a plain function of tensors / arrays (docs/definitions.md §3
 - `DigitsClassifier`, `digits_classifier`: a small CNN trained once on the digits data and
   cached; its penultimate layer is the feature space of the digits Frechet distance
   (reported as "Frechet distance in digits-CNN features", never as FID).
-- `isometry_defect`: the optimal-scale isometry loss of a generator on held-out latents.
+- `isometry_defect`: the optimal-scale isometry loss of a generator on held-out latents;
+  `local_isometry_defect`: the same loss over anchors and their sphere neighbours only.
 - `measure_latency`: synchronised median wall time of a callable, warm-up excluded.
+- The evaluation core, one public function per section, shared by gsd.train's end-of-run
+  evaluation (`evaluate_distillation`) and gsd.evaluate (`evaluate.evaluate_loaded`):
+  `evaluation_latents` / `batched` (samples), `distribution_section` (FD with its bootstrap
+  interval, KID, precision / recall, noise floors; `mixture_section` for gmm, with NLL and
+  mode-weight error), `geometry_section` (isometry defects), `latency_section`; and
+  `summary_rows`, the text of the sample-quality table with "within noise" labels.
+  KID, precision / recall and the bootstrap are in `gsd.feature_metrics`.
 """
 
 from __future__ import annotations
