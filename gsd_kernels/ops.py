@@ -343,7 +343,7 @@ def _resolve(backend: str, device_type: str) -> str:
 
 
 # Fused backends whose isometry primitives take `groups=` (pairs within blocks of rows).
-GROUPED_BACKENDS = frozenset({"cpu", "cuda"})
+GROUPED_BACKENDS = frozenset({"cpu", "cuda", "triton"})
 
 
 def check_grouped_backend(name: str, groups) -> None:

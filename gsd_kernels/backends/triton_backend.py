@@ -46,6 +46,10 @@ Isometry forward (``_iso_fwd_kernel``)
     range only the lower-triangular tiles are launched (decoded from the program id);
     off-diagonal tiles count twice, the diagonal tile once.
 
+Grouped pairs (``groups = g``, ``_iso_grouped_fwd_kernel`` / ``_iso_grouped_bwd_kernel``)
+    Row i pairs only with its own block of g rows: one program per row, distances summed
+    directly from the rows in float64 (no Gram trick, no close-pair refine), O(N g (D + d)).
+
 Isometry backward: ``gx_i = x_i * rowsum(a)_i - (A @ X)_i`` (same for z with b).
 ``need_x`` / ``need_z`` False skips that side entirely (no coefficient slab, no GEMM, no
 output): in training the latent z needs no gradient.
@@ -531,6 +535,108 @@ if triton is not None:
         tl.store(out_ptr + (out_row0 + lr).to(tl.int64)[:, None] * K + kd[None, :], g,
                  mask=rmask[:, None] & kmask[None, :])
 
+    # ====================================================== isometry, grouped pairs
+    # Row i pairs only with its own block of G rows, clipped to [c0, c1) (docs/design.md,
+    # "Grouped pairs"). One program per row; each squared distance is summed directly from
+    # the rows in float64 (no Gram trick, so no close-pair refine): O(R G (D + d)) work,
+    # nothing N x N, each row owned by one program (deterministic).
+    @triton.jit
+    def _row_sqdist(a_ptr, i, j, K, BK: tl.constexpr):
+        """sum_k (a_ik - a_jk)^2 in float64; i, j int64 row indices."""
+        ai = a_ptr + i * K
+        aj = a_ptr + j * K
+        acc = tl.zeros([BK], dtype=tl.float64)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            m = kk < K
+            u = (tl.load(ai + kk, mask=m, other=0.0) - tl.load(aj + kk, mask=m, other=0.0)).to(tl.float64)
+            acc += u * u
+        return tl.sum(acc)
+
+    @triton.jit
+    def _iso_grouped_fwd_kernel(x_ptr, z_ptr, h_ptr, part_ptr, r0, c0, c1, G, D, d,
+                                BKX: tl.constexpr, BKZ: tl.constexpr):
+        t = tl.program_id(0)
+        i = r0 + t
+        inv_two_h2 = tl.load(h_ptr)
+        base = (i // G) * G
+        lo = tl.maximum(base, c0)
+        hi = tl.minimum(base + G, c1)
+        s0 = tl.zeros([1], dtype=tl.float64)
+        s1 = tl.zeros([1], dtype=tl.float64)
+        s2 = tl.zeros([1], dtype=tl.float64)
+        s3 = tl.zeros([1], dtype=tl.float64)
+        i64 = i.to(tl.int64)
+        for j in range(lo, hi):
+            j64 = lo.to(tl.int64) + (j - lo)  # (the interpreter's loop index is a Python int)
+            d2 = _row_sqdist(x_ptr, i64, j64, D, BKX)
+            z2 = _row_sqdist(z_ptr, i64, j64, d, BKZ)
+            d2, z2, delta, dz, w = _pair_terms(d2, z2, inv_two_h2)
+            w = tl.where(j64 != i64, w, 0.0)
+            s0 += w
+            s1 += w * d2
+            s2 += w * delta * dz
+            s3 += w * z2
+        out = part_ptr + t.to(tl.int64) * 4 + tl.arange(0, 1)
+        tl.store(out + 0, s0)
+        tl.store(out + 1, s1)
+        tl.store(out + 2, s2)
+        tl.store(out + 3, s3)
+
+    @triton.jit
+    def _iso_grouped_bwd_kernel(x_ptr, z_ptr, h_ptr, coef_ptr, gx_ptr, gz_ptr, r0, c0, c1, G, D, d,
+                                BKX: tl.constexpr, BKZ: tl.constexpr,
+                                NEED_X: tl.constexpr, NEED_Z: tl.constexpr):
+        """gx_i = sum_j a_ij (x_i - x_j), gz_i = sum_j b_ij (z_i - z_j): the program adds
+        each pair's term into its own output row (the same elements per thread every time)."""
+        t = tl.program_id(0)
+        i = r0 + t
+        inv_two_h2 = tl.load(h_ptr)
+        p = tl.load(coef_ptr + 0)
+        q = tl.load(coef_ptr + 1)
+        r = tl.load(coef_ptr + 2)
+        s = tl.load(coef_ptr + 3)
+        base = (i // G) * G
+        lo = tl.maximum(base, c0)
+        hi = tl.minimum(base + G, c1)
+        xi = x_ptr + i.to(tl.int64) * D
+        zi = z_ptr + i.to(tl.int64) * d
+        gxi = gx_ptr + t.to(tl.int64) * D
+        gzi = gz_ptr + t.to(tl.int64) * d
+        if NEED_X:
+            for k0 in range(0, D, BKX):
+                kk = k0 + tl.arange(0, BKX)
+                tl.store(gxi + kk, tl.zeros([BKX], dtype=gx_ptr.dtype.element_ty), mask=kk < D)
+        if NEED_Z:
+            for k0 in range(0, d, BKZ):
+                kk = k0 + tl.arange(0, BKZ)
+                tl.store(gzi + kk, tl.zeros([BKZ], dtype=gz_ptr.dtype.element_ty), mask=kk < d)
+        i64 = i.to(tl.int64)
+        for j in range(lo, hi):
+            j64 = lo.to(tl.int64) + (j - lo)  # (the interpreter's loop index is a Python int)
+            d2 = _row_sqdist(x_ptr, i64, j64, D, BKX)
+            z2 = _row_sqdist(z_ptr, i64, j64, d, BKZ)
+            d2, z2, delta, dz, w = _pair_terms(d2, z2, inv_two_h2)
+            a, b = _coefs(d2, z2, delta, dz, w, p, q, r, s)
+            if NEED_X:
+                av = tl.where(j64 != i64, a, 0.0).to(gx_ptr.dtype.element_ty)
+                xj = x_ptr + j64 * D
+                for k0 in range(0, D, BKX):
+                    kk = k0 + tl.arange(0, BKX)
+                    m = kk < D
+                    diff = tl.load(xi + kk, mask=m, other=0.0) - tl.load(xj + kk, mask=m, other=0.0)
+                    g = tl.load(gxi + kk, mask=m, other=0.0) + av * diff
+                    tl.store(gxi + kk, g, mask=m)
+            if NEED_Z:
+                bv = tl.where(j64 != i64, b, 0.0).to(gz_ptr.dtype.element_ty)
+                zj = z_ptr + j64 * d
+                for k0 in range(0, d, BKZ):
+                    kk = k0 + tl.arange(0, BKZ)
+                    m = kk < d
+                    diff = tl.load(zi + kk, mask=m, other=0.0) - tl.load(zj + kk, mask=m, other=0.0)
+                    g = tl.load(gzi + kk, mask=m, other=0.0) + bv * diff
+                    tl.store(gzi + kk, g, mask=m)
+
     # ================================================================= SiD / fake
     @triton.jit
     def _finite(v):
@@ -906,11 +1012,41 @@ def _iso_prepare(x, z, xn2, zn2, mean_x, mean_z):
     return x, z, xn2, zn2
 
 
+GROUPED_BK_MAX = 1024  # elements per vector step of the grouped kernels
+
+
+def _grouped_bk(dim: int) -> int:
+    return min(_pow2(dim, 16), GROUPED_BK_MAX)
+
+
+def _iso_grouped_forward(x, z, h, r0, r1, c0, c1, groups):
+    dev = x.device
+    nr = r1 - r0
+    part = torch.empty((nr, 4), dtype=torch.float64, device=dev)
+    with _device_ctx(dev):
+        _iso_grouped_fwd_kernel[(nr,)](x, z, h, part, r0, c0, c1, groups, x.shape[1], z.shape[1],
+                                       BKX=_grouped_bk(x.shape[1]), BKZ=_grouped_bk(z.shape[1]),
+                                       num_warps=4)
+    return part.sum(0)
+
+
+def _iso_grouped_backward(x, z, h, cf, r0, r1, c0, c1, groups, gx, gz):
+    dummy = gx if gx is not None else gz
+    with _device_ctx(x.device):
+        _iso_grouped_bwd_kernel[(r1 - r0,)](
+            x, z, h, cf, gx if gx is not None else dummy, gz if gz is not None else dummy,
+            r0, c0, c1, groups, x.shape[1], z.shape[1],
+            BKX=_grouped_bk(x.shape[1]), BKZ=_grouped_bk(z.shape[1]),
+            NEED_X=gx is not None, NEED_Z=gz is not None, num_warps=4)
+    return gx, gz
+
+
 # ======================================================================= isometry
 def iso_forward_sums(x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, *, mean_x=None,
-                     mean_z=None):
+                     mean_z=None, groups=0):
     """[sum w, sum w delta^2, sum w delta dz, sum w dz^2] (float64 [4]) over the pairs.
-    inv_two_h2: 0-dim float64 tensor on the inputs' device."""
+    inv_two_h2: 0-dim float64 tensor on the inputs' device. groups = g >= 2: only the pairs
+    with i // g == j // g (the direct grouped kernel)."""
     x, z, xn2, zn2 = _iso_prepare(x, z, xn2, zn2, mean_x, mean_z)
     dtype, dev = x.dtype, x.device
     h = _device_scalars(inv_two_h2, "inv_two_h2", 1, dev)
@@ -919,6 +1055,9 @@ def iso_forward_sums(x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, *, mean_x=None,
     nr, nc = r1 - r0, c1 - c0
     if nr <= 0 or nc <= 0:
         return torch.zeros(4, dtype=torch.float64, device=dev)
+    groups = int(groups)
+    if groups:
+        return _iso_grouped_forward(x, z, h, r0, r1, c0, c1, groups)
     sym = (r0 == c0 and r1 == c1)
     prec, _ = _dot_precisions(dtype, dev)
     tol = _close_tol(dtype)
@@ -944,7 +1083,7 @@ def iso_forward_sums(x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, *, mean_x=None,
 
 
 def iso_backward_rows(x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, coef, *, need_x=True,
-                      need_z=True, mean_x=None, mean_z=None):
+                      need_z=True, mean_x=None, mean_z=None, groups=0):
     """(gx or None, gz or None): gx_i = sum_j a_ij (x_i - x_j), gz_i = sum_j b_ij (z_i - z_j)
     for i in [r0, r1). inv_two_h2: 0-dim float64 device tensor; coef: float64 [4] device
     tensor p, q, r, s. A side that is not needed is neither computed nor allocated."""
@@ -963,6 +1102,9 @@ def iso_backward_rows(x, z, xn2, zn2, r0, r1, c0, c1, inv_two_h2, coef, *, need_
     gz = alloc((nr, d), dtype=dtype, device=dev) if need_z else None
     if empty or not (need_x or need_z):
         return gx, gz
+    groups = int(groups)
+    if groups:
+        return _iso_grouped_backward(x, z, h, cf, r0, r1, c0, c1, groups, gx, gz)
     prec, aprec = _dot_precisions(dtype, dev)
     tol = _close_tol(dtype)
     uses_dot = max(D, d) > DIRECT_MAX
@@ -1251,6 +1393,11 @@ def compile_variants(dtypes=("fp32", "fp64")):
             for mode, bc, bd in ((_DOT, 32, 64), (_FMA, 8, 32), (_DIRECT, 8, 16)):
                 out.append((_iso_apply_kernel, dict(BM=32, BC=bc, BD=bd, MODE=mode,
                                                     DOT_PREC=prec), dt, 4, 3))
+            for bkx, bkz in ((1024, 16), (64, 16)):  # grouped pairs: images, small dims
+                out.append((_iso_grouped_fwd_kernel, dict(BKX=bkx, BKZ=bkz), dt, 4, 3))
+                for need in ((True, True), (True, False)):
+                    out.append((_iso_grouped_bwd_kernel, dict(BKX=bkx, BKZ=bkz, NEED_X=need[0],
+                                                              NEED_Z=need[1]), dt, 4, 3))
             for fn in (_sid_fwd_kernel, _fake_fwd_kernel):
                 for final in (True, False):
                     out.append((fn, dict(BLOCK=SID_BLOCK, FINAL=final), dt, 4, 3))
