@@ -569,7 +569,7 @@ class Distiller:
         c = self.config
         n = x.shape[0]
         if c.irl_estimator == "jvp":
-            return self._jvp_term(eps, labels, parts), 1
+            return self._jvp_term(eps, labels, valid, parts), 1
         z = c.sigma_init * eps
         k = c.irl_neighbours
         kw = dict(weighting=c.irl_weighting, bandwidth=c.irl_bandwidth, scale=c.irl_scale, backend=c.backend)
@@ -607,8 +607,32 @@ class Distiller:
         parts["loss_irl"] = float("nan")
         return None, 1
 
-    def _jvp_term(self, eps: torch.Tensor, labels, parts: dict):
-        raise UsageError("--irl-estimator jvp is not available yet")
+    def _jvp_term(self, eps: torch.Tensor, labels, valid: torch.Tensor, parts: dict):
+        """--irl-estimator jvp: the relaxed distortion measure of G's Jacobian at the anchors
+        (every latent of the micro-batch, one Gaussian probe each, drawn from the run's RNG),
+        gsd.jacobian_isometry. It is a separate pass through G (a forward with tangents and a
+        vector-Jacobian product), in float32 without autocast, through the plain module (not the
+        compiled or DDP wrapper). Anchors whose x_g was dropped, or whose terms are
+        non-finite, are left out."""
+        from .jacobian_isometry import distortion_terms
+
+        c = self.config
+        n = eps.shape[0]
+        sigma = torch.full((n,), c.sigma_init, device=eps.device)
+
+        def fn(z):
+            return self.generator(z, sigma, labels)
+
+        # torch.utils.checkpoint has no forward-mode AD: the double-backward route gives the same numbers
+        method = "double_backward" if c.grad_checkpoint else "jvp"
+        num, den = distortion_terms(fn, c.sigma_init * eps, probes=1, generator=self.rng, method=method)
+        keep = valid & torch.isfinite(num) & torch.isfinite(den)
+        if not bool(keep.any()):
+            parts["loss_irl"] = float("nan")
+            return None
+        l_irl = num[keep].mean() / den[keep].mean() ** 2
+        parts["loss_irl"] = float(l_irl.detach())
+        return l_irl
 
     def generator_step(self) -> dict:
         c = self.config

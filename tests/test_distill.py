@@ -286,3 +286,72 @@ def test_damaged_config_values_are_usage_errors():
         with pytest.raises(UsageError, match=match):
             DistillConfig(**{"batch": 8, **kw}).validate()
     DistillConfig(batch=8, lr=1e30, irl_bandwidth=2.0, irl_weighting="local").validate()  # legal, if unwise
+
+
+def tiny_mlp_dropout(seed=0, p=0.5):
+    torch.manual_seed(seed)
+    net = build_denoiser({"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
+                          "model": dict(dim=2, hidden=16, num_blocks=2, noise_channels=8, emb_channels=16,
+                                        dropout=p)})
+    with torch.no_grad():
+        net.model.fc_out.weight.normal_(0, 0.3)
+    return net
+
+
+def test_fake_score_samples_come_from_g_in_eval_mode():
+    """SiD's recipe: G.eval() (dropout off) for the fake-score step's samples, G.train() for
+    the generator step."""
+    d = make(teacher=tiny_mlp_dropout(1), init=tiny_mlp_dropout(2))
+    seen = {}
+
+    def hook(phase, x):
+        seen[phase] = (x.detach().clone(), d.generator.training)
+        return x
+    d.nan_hook = hook
+    rng = torch.Generator().manual_seed(0)
+    rng.set_state(d.rng.get_state())
+    eps = torch.randn((8, 2), generator=rng)  # the fake-score step's latents
+    gen = copy.deepcopy(d.generator)
+    sigma = torch.full((8,), 2.5)
+    with torch.no_grad():
+        want = gen.eval()(2.5 * eps, sigma)
+        with_dropout = gen.train()(2.5 * eps, sigma)
+    assert not torch.allclose(want, with_dropout)  # the dropout matters to these samples
+    d.step()
+    x_fake, training = seen["fake"]
+    assert not training and torch.equal(x_fake, want)
+    assert seen["generator"][1] is True and d.generator.training
+
+
+def test_dropout_setting_changes_g_and_fake_score_only():
+    from gsd.networks import _MLPBlock
+
+    teacher = tiny_mlp_dropout(1, p=0.5)
+    d = Distiller(teacher, DistillConfig(batch=8, lr=1e-3, dropout=0.05), init=teacher)
+    for net, p in ((d.generator, 0.05), (d.fake, 0.05), (d.ema_generator, 0.05), (d.teacher, 0.5)):
+        blocks = [m for m in net.modules() if isinstance(m, _MLPBlock)]
+        assert len(blocks) == 2 and all(b.dropout == p for b in blocks)
+    kept = Distiller(teacher, DistillConfig(batch=8, lr=1e-3), init=teacher)  # default: the teacher's
+    assert all(m.dropout == 0.5 for m in kept.generator.modules() if isinstance(m, _MLPBlock))
+    # SongUNet blocks too
+    u = Distiller(tiny_unet(1), DistillConfig(batch=4, lr=1e-3, dropout=0.25), init=tiny_unet(2))
+    from gsd.networks import UNetBlock
+    assert {m.dropout for m in u.fake.modules() if isinstance(m, UNetBlock)} == {0.25}
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(UsageError, match="dropout"):
+            DistillConfig(batch=8, dropout=bad).validate()
+
+
+def test_ema_rampup_ratio_is_005():
+    """EDM / SiD: the half-life is at most 0.05 x the images seen."""
+    d = make(DistillConfig(batch=8, lr=1e-3, ema_halflife=1e9))
+    assert d.config.ema_rampup == 0.05
+    d.images_seen = 1000
+    ema0 = [p.detach().clone() for p in d.ema_generator.parameters()]
+    with torch.no_grad():
+        for p in d.generator.parameters():
+            p.add_(1.0)
+    d._update_ema()
+    beta = 0.5 ** (8 / (0.05 * 1008))  # 0.896; the old ratio 0.1 gave 0.946
+    for e0, e, p in zip(ema0, d.ema_generator.parameters(), d.generator.parameters()):
+        torch.testing.assert_close(e, e0 + (1 - beta) * (p - e0), rtol=1e-5, atol=1e-6)

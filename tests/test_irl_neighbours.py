@@ -424,3 +424,43 @@ def test_old_irl_only_run_is_still_usable_by_evaluate(tmp_path, capsys):
     _make_old_run(out, 0.5)
     run = load_run(out)
     assert run.step == 2
+
+
+# ------------------------------------------------------------------ --irl-estimator jvp
+
+def test_jvp_term_is_the_relaxed_distortion_of_g_at_the_anchors():
+    from gsd.jacobian_isometry import relaxed_distortion
+
+    d = make(batch=6, lambda_sid=0.0, lambda_irl_raw=0.7, irl_estimator="jvp")
+    eps, _ = d._generator_latents(6)
+    rng = torch.Generator().manual_seed(0)
+    rng.set_state(d.rng.get_state())
+    u = torch.randn((1, 6, 2), generator=rng)  # the probe the term draws next from the run's stream
+    d.generator.zero_grad(set_to_none=True)
+    loss, parts = d.generator_loss(eps)
+    loss.backward()
+    gen = copy.deepcopy(d.generator)
+    gen.zero_grad(set_to_none=True)
+    sigma = torch.full((6,), 2.5)
+    want = 0.7 * relaxed_distortion(lambda z: gen(z, sigma), 2.5 * eps, probes=u)
+    want.backward()
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert parts["loss_irl"] == pytest.approx(float(want.detach()) / 0.7, rel=1e-5)
+    for a, b in zip(grads(d.generator), grads(gen)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in grads(d.generator))
+
+
+def test_jvp_digits_run_two_iterations(tmp_path, capsys):
+    from test_train_cli import tiny_unet_file
+
+    out = tmp_path / "jvp"
+    code = run_main(train.main, ["--teacher", tiny_unet_file(tmp_path), "--iters", "2", "--batch", "4",
+                                 "--irl-estimator", "jvp", "--lambda-irl-raw", "1", "--eval-samples", "0",
+                                 "--log-every", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                                 *FAST])
+    assert code == 0, capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["irl_estimator"] == "jvp" and cfg["lambda_irl_raw"] == 1.0
+    log = runs.read_log(out)
+    assert [r["iteration"] for r in log] == [1, 2] and all(math.isfinite(r["loss_irl"]) for r in log)
