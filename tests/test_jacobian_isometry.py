@@ -61,6 +61,22 @@ def test_linear_value_equals_explicit_with_same_probes(method):
     torch.testing.assert_close(den, (u @ W.T).pow(2).sum(-1).mean(0), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_one_anchor_and_generator_draws(method):
+    # n = 1 anchor with a (1, 5) latent; the probes come from the generator: the same seed gives
+    # the same probes (so the same value), and the value equals the explicit formula with them
+    d, D, P = 5, 3, 4
+    W = torch.randn(D, d, dtype=torch.float64)
+    z = torch.randn(1, 1, d, dtype=torch.float64)
+    fn = lambda t: t @ W.T  # noqa: E731
+    seed = int(torch.randint(0, 2**31, ()))
+    got = ji.relaxed_distortion(fn, z, probes=P, generator=torch.Generator().manual_seed(seed), method=method)
+    u = torch.randn((P, 1, 1, d), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    A = W.T @ W
+    want = (u @ A).pow(2).sum(-1).mean() / (u @ W.T).pow(2).sum(-1).mean() ** 2
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 def test_linear_many_probes_approach_trace_ratio():
     # tr(A^2)/tr(A)^2 with A = W^T W; M = n*P Gaussian probes. Var(u^T B u) = 2 tr(B^2) for
     # symmetric B, so the relative standard errors are sqrt(2 tr(A^4)/M)/tr(A^2) (numerator)
@@ -296,7 +312,8 @@ def test_edm_unet_gradient_matches_explicit_formula_float64():
                                    rtol=1e-7, atol=1e-10)
 
 
-def test_mlp_denoiser_odd_latent():
+@pytest.mark.parametrize("method", METHODS)
+def test_mlp_denoiser_odd_latent(method):
     cfg = {"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
            "model": dict(dim=7, label_dim=0, hidden=16, num_blocks=2, noise_channels=8, emb_channels=16,
                          dropout=0.2)}
@@ -306,7 +323,7 @@ def test_mlp_denoiser_odd_latent():
     u = torch.randn(3, 7, dtype=torch.float64)
     seed = int(torch.randint(0, 2**31, ()))
     torch.manual_seed(seed)
-    _, ju, jtju = ji.jacobian_products(fn, z, u)
+    _, ju, jtju = ji.jacobian_products(fn, z, u, method=method)
     torch.manual_seed(seed)
     jacs = explicit_jacobians(fn, z)
     want_ju = torch.einsum("nDd,nd->nD", jacs, u)
