@@ -235,6 +235,14 @@ from .metrics import latency_section as interleaved_latency  # noqa: E402
 
 # --------------------------------------------------------------------------- evaluation
 
+def _inception_key(key: str) -> str:
+    """kid -> kid_inception, kid_stderr -> kid_inception_stderr (metrics in the Inception space
+    next to those of the data set's own feature space)."""
+    if key.endswith("_stderr"):
+        return key[:-len("_stderr")] + "_inception_stderr"
+    return key + "_inception"
+
+
 def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples, seed, ppl_seed, isometry_latents,
                   teacher_steps, progress) -> dict:
     """Samples and metrics that depend only on the teacher (shared between runs of one teacher)."""
@@ -355,7 +363,7 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
             q = sample_quality(inception_features(fid_model, x), f_real, fd=fid_from_features, fd_key="fid",
                                bootstraps=FID_BOOTSTRAPS)
             m["fid"], m["fid_ci"] = q.pop("fid"), q.pop("fid_ci")
-            m.update(q if primary else {f"{k}_inception": v for k, v in q.items()})
+            m.update(q if primary else {_inception_key(k): v for k, v in q.items()})
         floor = real_noise_floor(f_real, num_samples, fd=fid_from_features, fd_key="fid", bootstraps=FID_BOOTSTRAPS)
         if primary:
             result["noise_floor"] = floor

@@ -141,3 +141,27 @@ def test_evaluate_cli_uses_fid_weights(weights_file, tmp_path, capsys):
     for v in (res["fid"], res["fid_teacher"]):
         assert isinstance(v, float) and math.isfinite(v) and v >= 0
     assert res["fid"] == res["one_step"]["fid"]
+
+
+def test_evaluate_fid_interval_and_inception_kid(weights_file, tmp_path, capsys):
+    """Where FID runs: its bootstrap interval, and KID / precision / recall in the Inception
+    space under *_inception keys when the data set has its own feature space (digits)."""
+    from test_evaluate import FAST, make_tiny_digits_run
+
+    run = make_tiny_digits_run(tmp_path, tmp_path / "cache")
+    code = run_main(evaluate.main, [str(run), "--fid-weights", str(weights_file), "--num-samples", "9",
+                                    "--ppl-samples", "0", "--cache-dir", str(tmp_path / "cache"), *FAST])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    res = json.loads((run / "eval.json").read_text())
+    assert res["fid_bootstraps"] == fid.FID_BOOTSTRAPS
+    for m in (res["one_step"], res["teacher"]):
+        lo, hi = m["fid_ci"]
+        assert 0 <= lo <= hi
+        assert math.isfinite(m["kid_inception"]) and m["kid_inception_stderr"] > 0
+        assert 0 <= m["precision_inception"] <= 1 and 0 <= m["recall_inception"] <= 1
+        # the digits-CNN metrics keep their own keys
+        assert math.isfinite(m["kid"]) and m["fd_ci"] is not None
+    floor = res["noise_floor_inception"]
+    assert floor["size"] == 4 and "9 real samples, 4 each" in floor["what"] and floor["fid"] >= 0
+    assert "FID" in out.out
