@@ -4,11 +4,13 @@
     python -m gsd.experiments --scale 8 --device cuda
     python -m gsd.experiments --root exp2 --seed 1
 
-Trains (or reuses) three distillation runs under `--root` from one teacher and one seed:
+Trains (or reuses) four distillation runs under `--root` from one teacher and one seed:
 
-- `full`:   SiD + isometric loss (--lambda-sid 1, --lambda-irl L)
-- `no-irl`: without the isometric loss (--lambda-irl 0)
-- `no-sid`: without the distillation loss (--lambda-sid 0)
+- `full`:      GSD, SiD + isometric loss (--lambda-irl F --irl-neighbours K --irl-radius R)
+- `no-irl`:    the same command with --lambda-irl 0 (same anchor/neighbour batch, no regulariser)
+- `plain-sid`: plain SiD (--lambda-irl 0 --irl-neighbours 0: i.i.d. batch)
+- `no-sid`:    without the distillation loss (--lambda-sid 0 --lambda-irl-raw 1: the scale-free
+               weight is relative to the SiD gradient, which is off here)
 
 evaluates them with `gsd.evaluate` (same latents for every run and for the teacher) and
 writes `ROOT/results.md` with
@@ -46,20 +48,27 @@ import torch
 import gsd_kernels
 
 from . import runs
-from .cli import (UsageError, make_parser, nonnegative_float, positive_float, positive_int,
+from .cli import (DISTILL_DEFAULTS, UsageError, make_parser, nonnegative_int, positive_float, positive_int,
                   run_main, seed_int)
 from .cli import format_value as fmt  # short: results.md formats dozens of numbers inline
 
 __all__ = ["VARIANTS", "plan_runs", "run_experiments", "build_parser", "main", "guidance_section",
            "edit_section"]
 
-# name -> (lambda_sid, lambda_irl or None for "the --lambda-irl value"), description
+# name -> (settings, description); None means "the command's --lambda-irl / --irl-neighbours value"
 VARIANTS = {
-    "full": (1.0, None, "full loss (SiD + isometric)"),
-    "no-irl": (1.0, 0.0, "without the isometric loss (--lambda-irl 0)"),
-    "no-sid": (0.0, None, "without the distillation loss (--lambda-sid 0)"),
+    "full": (dict(lambda_sid=1.0, lambda_irl=None, lambda_irl_raw=0.0, irl_neighbours=None),
+             "full loss (SiD + isometric)"),
+    "no-irl": (dict(lambda_sid=1.0, lambda_irl=0.0, lambda_irl_raw=0.0, irl_neighbours=None),
+               "without the isometric loss (--lambda-irl 0)"),
+    "plain-sid": (dict(lambda_sid=1.0, lambda_irl=0.0, lambda_irl_raw=0.0, irl_neighbours=0),
+                  "plain SiD (--lambda-irl 0 --irl-neighbours 0)"),
+    "no-sid": (dict(lambda_sid=0.0, lambda_irl=0.0, lambda_irl_raw=1.0, irl_neighbours=None),
+               "without the distillation loss (--lambda-sid 0 --lambda-irl-raw 1)"),
 }
 RESULTS_NAME = "results.md"
+# the full-loss run's weight: gsd.train's default where that is GSD, else SiD-relative 0.1
+_FULL_LAMBDA_IRL = DISTILL_DEFAULTS["lambda_irl"] or 0.1
 
 
 # --------------------------------------------------------------------------- sizes
@@ -84,10 +93,13 @@ def sizes(args) -> dict:
 
 
 def _run_config(args, sz: dict, variant: str) -> dict:
-    lam_sid, lam_irl, _ = VARIANTS[variant]
+    v = VARIANTS[variant][0]
+    neighbours = args.irl_neighbours if v["irl_neighbours"] is None else v["irl_neighbours"]
     return dict(dataset=args.dataset, teacher=os.path.abspath(args.teacher) if args.teacher else None,
-                seed=args.seed, batch=sz["batch"], iters=sz["iters"], lambda_sid=lam_sid,
-                lambda_irl=args.lambda_irl if lam_irl is None else lam_irl, fused=not args.no_fused,
+                seed=args.seed, batch=sz["batch"], iters=sz["iters"], lambda_sid=v["lambda_sid"],
+                lambda_irl=args.lambda_irl if v["lambda_irl"] is None else v["lambda_irl"],
+                lambda_irl_raw=v["lambda_irl_raw"], irl_neighbours=neighbours, irl_radius=args.irl_radius,
+                fused=not args.no_fused,
                 device=args.device, ckpt_every=sz["ckpt_every"], keep_every=sz["ckpt_every"], eval_samples=0,
                 log_every=sz["log_every"], progress=False, cache_dir=args.cache_dir,
                 classifier_epochs=sz["classifier_epochs"])
@@ -164,7 +176,9 @@ def plan_runs(args, sz: dict, root: Path) -> dict:
 def _cli_flags(cfg: dict) -> list[str]:
     flags = ["--dataset", cfg["dataset"], "--seed", str(cfg["seed"]), "--batch", str(cfg["batch"]),
              "--iters", str(cfg["iters"]), "--lambda-sid", repr(float(cfg["lambda_sid"])),
-             "--lambda-irl", repr(float(cfg["lambda_irl"])), "--device", cfg["device"],
+             "--lambda-irl", repr(float(cfg["lambda_irl"])), "--lambda-irl-raw", repr(float(cfg["lambda_irl_raw"])),
+             "--irl-neighbours", str(cfg["irl_neighbours"]), "--irl-radius", repr(float(cfg["irl_radius"])),
+             "--device", cfg["device"],
              "--ckpt-every", str(cfg["ckpt_every"]), "--keep-every", str(cfg["keep_every"]),
              "--eval-samples", "0", "--log-every", str(cfg["log_every"]), "--no-progress",
              "--fused" if cfg["fused"] else "--no-fused"]
@@ -559,6 +573,7 @@ def _compare(a, sa, b, sb, what: str, lower_name: str, other_name: str) -> str:
 
 def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras, machine, timings, png) -> str:
     full, noirl, nosid = results["full"], results["no-irl"], results["no-sid"]
+    plain = results["plain-sid"]
     t = full["teacher"]
     one = full["one_step"]
     lat = full["latency"]
@@ -579,7 +594,8 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
              f" ({full['teacher_kind']}).")
     L.append(f"- distillation: {sz['iters']} iterations, batch {sz['batch']}, seed {args.seed}, "
              f"{'fused ops' if not args.no_fused else 'reference ops'}, other settings gsd.train's defaults; "
-             f"full loss uses --lambda-irl {args.lambda_irl}; scale {args.scale}{' (tiny test size)' if args.tiny else ''}; "
+             f"full loss uses --lambda-irl {args.lambda_irl} --irl-neighbours {args.irl_neighbours} "
+             f"--irl-radius {args.irl_radius}; scale {args.scale}{' (tiny test size)' if args.tiny else ''}; "
              f"{args.jobs} training job(s) in parallel.")
     L.append(f"- evaluation: {full['num_samples']} samples per FD (latent seeds {full['latent_seeds'][0]}..{full['latent_seeds'][1]},"
              f" the same for every run and for the teacher); FD feature space: {full['fd_feature']}.")
@@ -620,41 +636,50 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
 
     L.append("## Table 2: loss ablation\n")
     gm = "sliced_wasserstein" in one
-    L.append("| run | lambda_sid | lambda_irl | FD | PPL | isometry defect | " + ("sliced W2 | MMD^2 | modes | " if gm else "")
+    L.append("| run | lambda_sid | lambda_irl (F) | lambda_irl_raw | neighbours K | FD | KID | PPL | isometry defect "
+             "| local isometry defect | " + ("sliced W2 | MMD^2 | modes | " if gm else "")
              + "train time (s) | s / iter | one-step ms |")
-    L.append("|---|---|---|---|---|---|" + ("---|---|---|" if gm else "") + "---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if gm else "") + "---|---|---|")
     stats = {}
     for v, r in results.items():
         st = _train_stats(plan[v][1])
         stats[v] = st
+        cfg = plan[v][0]
         o = r["one_step"]
-        L.append(f"| {VARIANTS[v][2]} | {fmt(r['lambda_sid'])} | {fmt(r['lambda_irl'])} | {fmt(o['fd'])} | "
-                 f"{_pm(o.get('ppl'), o.get('ppl_stderr'))} | {fmt(r['isometry_defect'])} | "
+        L.append(f"| {VARIANTS[v][1]} | {fmt(cfg['lambda_sid'])} | {fmt(cfg['lambda_irl'])} | "
+                 f"{fmt(cfg['lambda_irl_raw'])} | {cfg['irl_neighbours']} | {fmt(o.get('fd'))} | "
+                 f"{_pm(o.get('kid'), o.get('kid_stderr'))} | {_pm(o.get('ppl'), o.get('ppl_stderr'))} | "
+                 f"{fmt(r['isometry_defect'])} | {fmt(o.get('local_isometry_defect'))} | "
                  + (f"{fmt(o['sliced_wasserstein'])} | {fmt(o['mmd'])} | {o['modes_covered']}/{o['num_modes']} | "
                     if gm else "")
                  + f"{fmt(st['train_seconds'], '.0f')} | {fmt(st.get('sec_per_iter'), '.3f')} | "
                    f"{fmt(o['latency_ms'], '.1f')} |")
-    L.append(f"| (teacher Heun, for reference) | - | - | {fmt(t['fd'])} | {_pm(t.get('ppl'), t.get('ppl_stderr'))} | "
-             f"{fmt(t.get('isometry_defect'))} | "
+    L.append(f"| (teacher Heun, for reference) | - | - | - | - | {fmt(t.get('fd'))} | "
+             f"{_pm(t.get('kid'), t.get('kid_stderr'))} | {_pm(t.get('ppl'), t.get('ppl_stderr'))} | "
+             f"{fmt(t.get('isometry_defect'))} | {fmt(t.get('local_isometry_defect'))} | "
              + (f"{fmt(t['sliced_wasserstein'])} | {fmt(t['mmd'])} | {t['modes_covered']}/{t['num_modes']} | " if gm else "")
              + f"- | - | {fmt(t['latency_ms'], '.1f')} |")
     L.append("")
     L.append("Train time is the distillation loop's own clock from log.jsonl (checkpointing included, "
-             "evaluation excluded)" + (", with runs trained in parallel processes" if args.jobs > 1 else "") + ".")
+             "evaluation excluded)" + (", with runs trained in parallel processes" if args.jobs > 1 else "") + ". "
+             "lambda_irl is the scale-free weight (the isometric gradient at the generator output as a fraction "
+             "of the SiD gradient's norm); lambda_irl_raw the raw weight of the loss. The local isometry defect "
+             "is the isometry loss over held-out anchors and their sphere neighbours only.")
     L.append("")
-    L.append("### What the ablation shows (read off the numbers above, not tuned)\n")
-    L.append("- " + _compare(one.get("ppl"), one.get("ppl_stderr"), noirl["one_step"].get("ppl"),
-                             noirl["one_step"].get("ppl_stderr"), "PPL", "full loss", "without IRL") + ".")
-    L.append("- " + _compare(full["isometry_defect"], None, noirl["isometry_defect"], None, "Isometry defect",
-                             "full loss", "without IRL")
-             + " (one estimate on the same held-out latents for both runs, no error bar: a difference of a few "
-               "percent is not evidence of an effect.)")
-    fd_a, fd_b = one["fd"], noirl["one_step"]["fd"]
-    if fd_a is not None and fd_b is not None:
-        L.append(f"- FD: full loss {fmt(fd_a)} vs without IRL {fmt(fd_b)} "
-                 f"({'lower (better)' if fd_a < fd_b else 'higher (worse)' if fd_a > fd_b else 'equal'} with the "
-                 f"isometric loss); teacher {fmt(t['fd'])}.")
-    fd_c = nosid["one_step"]["fd"]
+    L.append("### What the ablation shows (read off the numbers above, not tuned; one seed)\n")
+    for other, name in ((noirl, "without IRL"), (plain, "plain SiD")):
+        L.append("- " + _compare(one.get("ppl"), one.get("ppl_stderr"), other["one_step"].get("ppl"),
+                                 other["one_step"].get("ppl_stderr"), "PPL", "full loss", name) + ".")
+        for key, what in (("isometry_defect", "Isometry defect"), ("local_isometry_defect", "Local isometry defect")):
+            L.append("- " + _compare(one.get(key, full.get(key)), None, other["one_step"].get(key, other.get(key)),
+                                     None, what, "full loss", name)
+                     + " (one estimate on the same held-out latents for both runs, no error bar.)")
+        fd_a, fd_b = one.get("fd"), other["one_step"].get("fd")
+        if fd_a is not None and fd_b is not None:
+            L.append(f"- FD: full loss {fmt(fd_a)} vs {name} {fmt(fd_b)} ({fd_a / fd_b:.2f}x; "
+                     f"{'lower (better)' if fd_a < fd_b else 'higher (worse)' if fd_a > fd_b else 'equal'} with the "
+                     f"isometric loss); teacher {fmt(t.get('fd'))}.")
+    fd_c = nosid["one_step"].get("fd")
     if fd_c is not None:
         L.append(f"- Without the distillation loss the generator only learns the isometry: FD {fmt(fd_c)}, isometry "
                  f"defect {fmt(nosid['isometry_defect'])} (the teacher copy it starts from has FD "
@@ -805,8 +830,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=positive_int, default=None,
                    help="distillation iterations per run (default: %(default)s = gsd.train's default for the data set "
                         "x --scale)")
-    p.add_argument("--lambda-irl", type=nonnegative_float, default=1.0,
-                   help="weight of the isometric loss in the full-loss and no-SiD runs")
+    p.add_argument("--lambda-irl", type=positive_float, default=_FULL_LAMBDA_IRL, metavar="F",
+                   help="scale-free weight of the isometric loss in the full-loss run (gsd.train's --lambda-irl; "
+                        "the no-SiD run uses --lambda-irl-raw 1)")
+    p.add_argument("--irl-neighbours", type=nonnegative_int, default=DISTILL_DEFAULTS["irl_neighbours"], metavar="K",
+                   help="gsd.train's --irl-neighbours for the full-loss, no-IRL and no-SiD runs (plain SiD uses 0)")
+    p.add_argument("--irl-radius", type=positive_float, default=DISTILL_DEFAULTS["irl_radius"], metavar="R",
+                   help="gsd.train's --irl-radius")
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="teacher checkpoint (.safetensors) (default: %(default)s = the cached default teacher, trained "
                         "if missing)")

@@ -27,7 +27,8 @@ def test_tiny_experiments_end_to_end(tmp_path, capsys):
     text = (root / "results.md").read_text()
     assert "## Table 1" in text and "## Table 2" in text
     assert "MSA: teacher Heun" in text and "GSD one-step (full loss)" in text
-    for row in ("full loss (SiD + isometric)", "without the isometric loss", "without the distillation loss"):
+    for row in ("full loss (SiD + isometric)", "without the isometric loss", "plain SiD (--lambda-irl 0 --irl-neighbours 0)",
+                "without the distillation loss"):
         assert row in text
     assert "Inference time reduction" in text and "PPL" in text and "isometry defect" in text
     assert "torch" in text and "cores" in text and "seed 0" in text
@@ -36,15 +37,20 @@ def test_tiny_experiments_end_to_end(tmp_path, capsys):
     for name in ("loss_curves.png", "fd_over_training.png", "latency.png", "samples.png"):
         assert (root / name).read_bytes()[:8] == PNG, name
     dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    assert len(dirs) == 3
+    assert len(dirs) == len(experiments.VARIANTS) == 4
     for d in dirs:
         assert runs.latest_step(d) == 3
         ev = json.loads((d / "eval.json").read_text())
         assert ev["step"] == 3 and ev["one_step"]["nfe"] == 1
         curve = json.loads((d / "fd_curve.json").read_text())["curve"]
         assert [c["iteration"] for c in curve] == [0, 1, 2, 3]
-    lam = {json.loads((d / "config.json").read_text())["lambda_irl"] for d in dirs}
-    assert lam == {0.0, 1.0}
+    cfg = {d.name[len("digits-"):].rsplit("-", 1)[0]: json.loads((d / "config.json").read_text()) for d in dirs}
+    assert set(cfg) == set(experiments.VARIANTS)
+    assert cfg["full"]["lambda_irl"] > 0 and cfg["full"]["lambda_sid"] == 1
+    assert cfg["no-irl"]["lambda_irl"] == 0 and cfg["no-irl"]["irl_neighbours"] == cfg["full"]["irl_neighbours"]
+    assert cfg["plain-sid"]["lambda_irl"] == 0 and cfg["plain-sid"]["irl_neighbours"] == 0
+    assert cfg["no-sid"]["lambda_sid"] == 0 and cfg["no-sid"]["lambda_irl_raw"] == 1
+    assert all(c["lambda_irl_raw"] == 0 for v, c in cfg.items() if v != "no-sid")
 
     # a second invocation reuses the three runs (no training) and rewrites the results, also when
     # a folder's name no longer carries the current settings hash (its config.json decides)
@@ -57,8 +63,8 @@ def test_tiny_experiments_end_to_end(tmp_path, capsys):
     assert code == 0
     assert {d: (d / "log.jsonl").stat().st_mtime_ns for d in dirs} == mtimes
     text = (root / "results.md").read_text()
-    assert text.count("reused in this invocation") == 3 and "digits-full-renamed" in text
-    assert text.count("eval.json reused") == 3
+    assert text.count("reused in this invocation") == 4 and "digits-full-renamed" in text
+    assert text.count("eval.json reused") == 4
     assert sorted(p for p in root.iterdir() if p.is_dir()) == dirs
 
 
