@@ -442,12 +442,12 @@ def test_jvp_term_is_the_relaxed_distortion_of_g_at_the_anchors():
     gen = copy.deepcopy(d.generator)
     gen.zero_grad(set_to_none=True)
     sigma = torch.full((6,), 2.5)
-    want = 0.7 * relaxed_distortion(lambda z: gen(z, sigma), 2.5 * eps, probes=u)
+    want = 0.7 * relaxed_distortion(lambda z: gen(z, sigma), 2.5 * eps, probes=u, method="jvp")
     want.backward()
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     assert parts["loss_irl"] == pytest.approx(float(want.detach()) / 0.7, rel=1e-5)
-    for a, b in zip(grads(d.generator), grads(gen)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    a, b = (torch.cat([g.flatten() for g in grads(net)]).double() for net in (d.generator, gen))
+    assert float(torch.linalg.vector_norm(a - b)) <= 1e-4 * float(torch.linalg.vector_norm(b))
     assert any(float(g.abs().max()) > 0 for g in grads(d.generator))
 
 
