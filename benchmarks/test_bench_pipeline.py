@@ -10,6 +10,10 @@
 (b) `test_distill_iteration`: one full SiD + IRL iteration (fake-score step + generator
     step, lambda_irl = 1) with the fused ops (backend="auto") vs the reference ops, same
     networks and batch; extra_info holds images/s and the reference/fused ratio.
+(c) `test_distill_iteration_options`: one iteration across precision / compile / checkpointing.
+(d) `test_irl_iteration_cost`: one iteration with each form of the isometric term (neighbour
+    groups, random pairs, the JVP estimator) against the same batch without it (plain SiD);
+    extra_info holds the time ratio (the neighbour estimator's target is <= 1.3x).
 
 Networks have random weights (timing does not depend on them). Cases: the digits default
 network (`default_config("digits", (1, 8, 8), 10)`, class-conditional) everywhere; EDM's
@@ -342,3 +346,52 @@ def test_distill_iteration_options(benchmark, record, request, case, option):
     for variant, (t, _cpu, row_info) in rows.items():
         if row_info is not None:  # images/s relative to eager fp32 with the reference ops
             row_info[f"speedup_vs_{BASELINE}"] = base / t
+
+
+# ------------------------------------------- (d) the isometric term's cost per iteration
+
+# name -> DistillConfig settings of the isometric term; "sid" (no term) is the baseline. The
+# neighbour estimator's target: at most 1.3x the lambda-0 iteration (same batch of 64 samples).
+IRL_VARIANTS = {
+    "sid": dict(lambda_irl=0.0, irl_neighbours=0),
+    "neighbours": dict(lambda_irl=0.1, irl_neighbours=1),
+    "neighbours3": dict(lambda_irl=0.1, irl_neighbours=3),
+    "pairs": dict(lambda_irl=0.1, irl_neighbours=0),
+    "jvp": dict(lambda_irl_raw=0.1, irl_estimator="jvp"),
+}
+IRL_BASELINE = "sid"
+
+
+def _irl_distiller(case, name):
+    from gsd.distill import DistillConfig, Distiller
+
+    net, shape = _network(case)
+    torch.manual_seed(1)
+    cfg = DistillConfig(batch=BATCH, lr=1e-5, seed=0, ema_halflife=0.0, backend="auto", **IRL_VARIANTS[name])
+    teacher = copy.deepcopy(net)
+    d = Distiller(teacher, cfg, init=teacher, sample_shape=shape, device=DEVICE)
+    d.step()  # warm-up outside the timing
+    return d
+
+
+@pytest.mark.parametrize("irl", list(IRL_VARIANTS))
+def test_irl_iteration_cost(benchmark, record, request, case, irl):
+    d = _irl_distiller(case, irl)
+    cpu = _run(benchmark, d.step, rounds=5)
+    record(op="irl_iteration", variant=irl, shape=(BATCH, *d.sample_shape), dtype=torch.float32, flops=-1,
+           bytes_moved=-1, peak_extra_bytes=-1, backends=_resolved_backends("auto"))
+    median = _median(benchmark)
+    if median is None:
+        return
+    info = benchmark.extra_info
+    info.update(case=case, batch=BATCH, settings={k: v for k, v in IRL_VARIANTS[irl].items()},
+                cpu_time_median_s=cpu)
+    timed_before = _ROWS.get(("irl", case), {})
+    partner_fn = None if irl == IRL_BASELINE or IRL_BASELINE in timed_before else _irl_distiller(case, IRL_BASELINE).step
+    rows = _pair(("irl", case), irl, median, cpu, info, IRL_BASELINE, partner_fn, 5)
+    base, base_cpu = rows[IRL_BASELINE][0], rows[IRL_BASELINE][1]
+    for variant, (t, c, row_info) in rows.items():
+        if row_info is not None:  # cost of the iteration relative to the same batch without the term
+            row_info[f"time_over_{IRL_BASELINE}"] = t / base
+            if c and base_cpu:
+                row_info[f"cpu_time_over_{IRL_BASELINE}"] = c / base_cpu
