@@ -10,6 +10,12 @@ with one row-block primitive call (no (N, D) gradient is all-reduced).
     from gsd_kernels.distributed import isometry_loss
     loss = isometry_loss(x_local, z_local, weighting="global", scale="optimal", backend="auto")
 
+With `groups=g` (pairs only within blocks of g consecutive rows) and a per-rank row count
+that is a multiple of g, every group lies within one rank: nothing is gathered. The ranks
+all-reduce two scalars for a common power-of-two frame (the largest spread of x and of z),
+one for the closed-form local bandwidth, and the four pair sums of their own rows; the
+backward again needs no communication.
+
 Without an initialised process group this is the ordinary `isometry_loss`. Under
 DistributedDataParallel, which averages gradients over ranks, multiply the loss by the
 world size to get the gradient of the global loss.
@@ -21,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops, validation
+from . import ops, reference, validation
 from .ops import _iso_operands, _loss_from_sums, _resolve
-from .reference import compute_dtype, flatten_rows
+from .reference import compute_dtype, flatten_rows, pow2_factor_of
 
 # (group, rows per rank) already checked to be equal on every rank: the check reads a
 # gathered value on the host, which is done once, not on every step.
@@ -161,14 +167,127 @@ def _reference_row_sums(x: Tensor, z: Tensor, r0: int, r1: int, inv_two_h2: Tens
     return torch.stack([w.sum(), (w * delta * delta).sum(), (w * delta * dz).sum(), (w * dz * dz).sum()]).double()
 
 
+# -------------------------------------------------- grouped pairs: no gather at all
+
+def _spread(t: Tensor) -> Tensor:
+    """max_k (max_i t_ik - min_i t_ik) of this rank's rows, float64 (no gradient)."""
+    t = t.detach()
+    return (t.amax(0).double() - t.amin(0).double()).amax()
+
+
+def _grouped_operands(prims, x: Tensor, z: Tensor, sx: Tensor, sz: Tensor):
+    """Operands of the grouped primitives in the common frame x * sx, z * sz. The grouped
+    kernels use differences of rows only, so each rank may centre on its own means."""
+    mean_x, mean_z = x.mean(0), z.mean(0)
+    if getattr(prims, "centres_in_kernel", False):
+        return (x, z, None, None), {"mean_x": mean_x, "mean_z": mean_z, "scale_x": sx, "scale_z": sz}
+    xc = (x - mean_x).mul_(sx.to(x.dtype))
+    zc = (z - mean_z).mul_(sz.to(z.dtype))
+    return (xc, zc, (xc * xc).sum(1), (zc * zc).sum(1)), {}
+
+
+@torch.library.custom_op("gsd::isometry_grouped_rows_fwd", mutates_args=())
+def _grouped_rows_fwd(x: Tensor, z: Tensor, scales: Tensor, inv_two_h2: Tensor, groups: int,
+                      backend: str) -> Tensor:
+    """Pair sums of this rank's rows (all its groups) in the frame x * sx, z * sz."""
+    prims = ops.backends.primitives(backend, x.device.type)
+    operands, kwargs = _grouped_operands(prims, x, z, scales[0], scales[1])
+    n = x.shape[0]
+    return prims.iso_forward_sums(*operands, 0, n, 0, n, inv_two_h2, groups=groups, **kwargs)
+
+
+@_grouped_rows_fwd.register_fake
+def _(x, z, scales, inv_two_h2, groups, backend):
+    return x.new_empty((4,), dtype=torch.float64)
+
+
+@torch.library.custom_op("gsd::isometry_grouped_rows_bwd", mutates_args=())
+def _grouped_rows_bwd(grad_sums: Tensor, x: Tensor, z: Tensor, scales: Tensor, inv_two_h2: Tensor,
+                      groups: int, need_x: bool, need_z: bool, backend: str) -> tuple[Tensor, Tensor]:
+    prims = ops.backends.primitives(backend, x.device.type)
+    operands, kwargs = _grouped_operands(prims, x, z, scales[0], scales[1])
+    n = x.shape[0]
+    gx, gz = prims.iso_backward_rows(*operands, 0, n, 0, n, inv_two_h2, _rows_coefficients(grad_sums),
+                                     need_x=need_x, need_z=need_z, groups=groups, **kwargs)
+    gx = ops._apply_factor(gx, scales[0]) if need_x else x.new_empty((0,))
+    gz = ops._apply_factor(gz, scales[1]) if need_z else z.new_empty((0,))
+    return gx, gz
+
+
+@_grouped_rows_bwd.register_fake
+def _(grad_sums, x, z, scales, inv_two_h2, groups, need_x, need_z, backend):
+    return (torch.empty_like(x) if need_x else x.new_empty((0,)),
+            torch.empty_like(z) if need_z else z.new_empty((0,)))
+
+
+def _grouped_setup(ctx, inputs, output):
+    x, z, scales, inv_two_h2, groups, backend = inputs
+    ctx.save_for_backward(x, z, scales, inv_two_h2)
+    ctx.args = (groups,)
+    ctx.backend = backend
+
+
+def _grouped_backward(ctx, grad_sums):
+    x, z, scales, inv_two_h2 = ctx.saved_tensors
+    need_x, need_z = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    gx, gz = _grouped_rows_bwd(grad_sums, x, z, scales, inv_two_h2, *ctx.args, need_x, need_z, ctx.backend)
+    return (gx if need_x else None), (gz if need_z else None), None, None, None, None
+
+
+torch.library.register_autograd("gsd::isometry_grouped_rows_fwd", _grouped_backward,
+                                setup_context=_grouped_setup)
+
+
+def _reference_grouped_sums(x: Tensor, z: Tensor, groups: int, inv_two_h2: Tensor) -> Tensor:
+    """Eager PyTorch pair sums of this rank's groups (g x g blocks, autograd)."""
+    delta = reference._group_distances(x, groups)
+    dz = reference._group_distances(z, groups)
+    off = ~torch.eye(groups, dtype=torch.bool, device=x.device)
+    w = torch.where(off, torch.exp(-dz.detach() ** 2 * inv_two_h2), torch.zeros_like(dz))
+    return torch.stack([w.sum(), (w * delta * delta).sum(), (w * delta * dz).sum(), (w * dz * dz).sum()]).double()
+
+
+def _grouped_loss(x_rows: Tensor, z_rows: Tensor, weighting, bandwidth, fixed: float, groups: int,
+                  name: str, world: int, group) -> Tensor:
+    """The grouped loss of the global batch from this rank's whole groups, without a gather."""
+    n_global = x_rows.shape[0] * world
+    local = weighting == "local"
+    if name == "reference":
+        scales = torch.ones(2, dtype=torch.float64, device=x_rows.device)
+    else:
+        spreads = torch.stack([_spread(x_rows), _spread(z_rows)])
+        dist.all_reduce(spreads, op=dist.ReduceOp.MAX, group=group)  # one frame on every rank
+        scales = torch.stack([pow2_factor_of(spreads[0], x_rows.dtype), pow2_factor_of(spreads[1], z_rows.dtype)])
+    if local and bandwidth is None:
+        # h^2 = 2g / ((g - 1) N) sum_i ||z'_i - mean of its group||^2 over all ranks
+        zs = z_rows.detach().double() * scales[1]
+        blocks = zs.reshape(-1, groups, zs.shape[1])
+        sq = ((blocks - blocks.mean(1, keepdim=True)) ** 2).sum()
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
+        h2 = (2.0 * groups / ((groups - 1) * n_global)) * sq
+        positive = h2 > 0
+        inv_two_h2 = torch.where(positive, 0.5 / torch.where(positive, h2, torch.ones_like(h2)), torch.zeros_like(h2))
+    else:
+        inv_two_h2 = ops._inv_two_h2(z_rows, local, 0.0 if bandwidth is None else float(bandwidth), scales[1])
+    if name == "reference":
+        local_sums = _reference_grouped_sums(x_rows, z_rows, groups, inv_two_h2)
+    else:
+        local_sums = _grouped_rows_fwd(x_rows, z_rows, scales, inv_two_h2, groups, name)
+    sums = _all_reduce_constant_grad(local_sums, group)
+    return _loss_from_sums(sums, scales, fixed)
+
+
 # ------------------------------------------------------------------------ public API
 
-def isometry_loss(x_local, z_local, *, weighting="global", bandwidth=None, scale="optimal", backend="auto",
-                  group=None) -> Tensor:
-    """Global-batch isometry loss from this rank's samples; same value on every rank."""
+def isometry_loss(x_local, z_local, *, weighting="global", bandwidth=None, scale="optimal", groups=None,
+                  backend="auto", group=None) -> Tensor:
+    """Global-batch isometry loss from this rank's samples; same value on every rank.
+
+    groups=g: pairs only within blocks of g consecutive rows of the global batch; each
+    rank's row count must be a multiple of g (then no group spans two ranks)."""
     if not _distributed(group):
         return ops.isometry_loss(x_local, z_local, weighting=weighting, bandwidth=bandwidth,
-                                 scale=scale, backend=backend)
+                                 scale=scale, groups=groups, backend=backend)
     validation.check_tensor("x_local", x_local)
     validation.check_tensor("z_local", z_local)
     if x_local.shape[0] != z_local.shape[0]:
@@ -184,6 +303,12 @@ def isometry_loss(x_local, z_local, *, weighting="global", bandwidth=None, scale
         if len({int(s) for s in sizes}) != 1:
             raise ValueError(f"every rank must hold the same number of samples, got {[int(s) for s in sizes]}")
         _CHECKED_SIZES.add(key)
+    if groups is not None:
+        validation.check_groups(groups, rows * world)
+        if rows % groups != 0:  # then N = world * rows is a multiple of g too
+            raise ValueError(f"groups = {groups} must divide each rank's number of samples ({rows}), "
+                             "so that no group spans two ranks")
+        validation.check_isometry_args(x_local, z_local, weighting, bandwidth, scale, groups)
 
     dtype = compute_dtype(x_local, z_local)
     x_rows, z_rows = flatten_rows(x_local, dtype), flatten_rows(z_local, dtype)
@@ -192,6 +317,10 @@ def isometry_loss(x_local, z_local, *, weighting="global", bandwidth=None, scale
     fixed = -1.0 if isinstance(scale, str) else float(scale)
     r0, r1 = rank * rows, (rank + 1) * rows
     name = _resolve(backend, x_rows.device.type)
+    if groups is not None:
+        ops.check_grouped_backend(name, groups)
+        return _grouped_loss(x_rows, z_rows, weighting, bandwidth, fixed, int(groups), name, world,
+                             group).to(dtype)
     if name == "reference":
         x = _AllGather.apply(x_rows, group)
         z = _AllGather.apply(z_rows, group)

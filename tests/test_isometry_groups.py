@@ -210,3 +210,115 @@ def test_grouped_triton_kernels_compile_for_sm90():
     if res.returncode != 0 and "ptxas" in (res.stderr + res.stdout) and "No such file" in res.stderr:
         pytest.skip("no ptxas bundled with triton")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_grouped_custom_op_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the op with groups."""
+    if "cpu" not in ops.GROUPED_BACKENDS or "cpu" not in gsd_kernels.available_backends("cpu"):
+        pytest.fail("the cpu backend is not built: gsd_kernels._C is missing")
+    x, z = torch.randn(9, 6, requires_grad=True), torch.randn(9, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.gsd.isometry_fwd.default, (x, z, True, 0.0, -1.0, "cpu", 3),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    grad = torch.ones((), dtype=torch.float32)
+    sums = torch.ones(4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.gsd.isometry_bwd.default,
+                          (grad, x.detach(), z.detach(), sums, True, 0.0, -1.0, True, False, "cpu", 3),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_grouped_op_under_fake_tensors_allocates_nothing_n_by_n():
+    """The fake implementation gives the shapes without running a kernel (meta tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, z = torch.empty(4096, 3072), torch.empty(4096, 8)
+        loss, sums = ops._isometry_fwd(x, z, False, 0.0, -1.0, "cpu", 4)
+        gx, gz = ops._isometry_bwd(loss, x, z, sums, False, 0.0, -1.0, True, False, "cpu", 4)
+    assert loss.shape == () and sums.shape == (4,) and gx.shape == (4096, 3072) and gz.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", [b for b in _cpu_backends() if b != "triton"])
+def test_grouped_loss_under_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x = torch.randn(18, 3, 4, requires_grad=True)
+    z = torch.randn(18, 5, requires_grad=True)
+
+    def loss(x, z):
+        return gsd_kernels.isometry_loss(x, z, weighting="local", groups=6, backend=backend)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager = loss(x, z)
+    eager_grads = torch.autograd.grad(eager, (x, z))
+    val = compiled(x, z)
+    grads = torch.autograd.grad(val, (x, z))
+    assert abs(val.item() - eager.item()) < 1e-6 * abs(eager.item())
+    for g, e in zip(grads, eager_grads):
+        assert float((g - e).norm()) < 1e-5 * float(e.norm())
+
+
+# ------------------------------------------------------------------ distributed, 2 gloo ranks
+
+DIST_CASES = [
+    dict(weighting="global", scale="optimal"),
+    dict(weighting="local", scale="optimal"),
+    dict(weighting="local", scale=1.9),
+    dict(weighting="local", bandwidth=2.0, scale="optimal"),
+]
+
+
+def _dist_worker(rank, world, port, backend, x, z, groups, out_dir):
+    import torch.distributed as dist
+    from gsd_kernels import distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        rows = x.shape[0] // world
+        gathers = []
+        real_gather = dist.all_gather
+
+        def recording_gather(*args, **kwargs):
+            gathers.append("all_gather")
+            return real_gather(*args, **kwargs)
+
+        dist.all_gather = recording_gather
+        results = []
+        for kw in DIST_CASES:
+            xl = x[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+            zl = z[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+            gathers.clear()
+            loss = distributed.isometry_loss(xl, zl, groups=groups, backend=backend, **kw)
+            gx, gz = torch.autograd.grad(loss, (xl, zl))
+            # the one all_gather allowed is the first call's check of equal row counts
+            results.append((loss.detach(), gx, gz, [g for g in gathers]))
+        try:
+            # g = 10 divides the global N = 10 but not a rank's 5 rows: a group would span ranks
+            distributed.isometry_loss(x[:5], z[:5], groups=2 * 5, backend=backend)
+            results.append("no error")
+        except ValueError as err:
+            results.append(str(err))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", [b for b in _cpu_backends() if b in ("cpu", "reference")])
+def test_grouped_loss_on_two_gloo_ranks_matches_one_process(tmp_path, backend):
+    import socket
+    import torch.multiprocessing as mp
+    world, rows, g = 2, 15, 5
+    gen = torch.Generator().manual_seed(31)
+    x = 50.0 + torch.randn(world * rows, 3, 4, generator=gen, dtype=torch.float64)
+    z = torch.randn(world * rows, 6, generator=gen, dtype=torch.float64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_dist_worker, args=(world, port, backend, x, z, g, str(tmp_path)),
+                       nprocs=world, join=True, start_method="spawn")
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for i, kw in enumerate(DIST_CASES):
+        want = _value_and_grads(lambda a, b: oracles.isometry(a, b, groups=g, **kw), x, z)
+        for r in range(world):
+            loss, gx, gz, gathers = per_rank[r][i]
+            assert gathers == ([] if i > 0 else gathers[:1]), gathers  # nothing gathered
+            rs = slice(r * rows, (r + 1) * rows)
+            _check((loss.double(), gx.double(), gz.double()), (want[0], want[1][rs], want[2][rs]), 1e-9, 1e-30)
+    for r in range(world):
+        assert "must divide each rank's number of samples (5)" in per_rank[r][-1]
