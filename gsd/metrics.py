@@ -582,6 +582,8 @@ def real_noise_floor(f_real, num_samples: int, *, fd: Callable | None = None, fd
     h = max(min(int(num_samples), half), 0)
     out = {"what": f"{what} vs {what}: two disjoint random subsets of the {n} {what} samples, {h} each",
            "size": h}
+    if h < num_samples:
+        out["what"] += f" (fewer than the {num_samples} evaluated samples: half of the {what} data)"
     if h < 2:
         out["what"] += " (too few for a floor)"
         return out

@@ -175,3 +175,35 @@ def test_local_isometry_defect():
     keep = (lab != 0).repeat_interleave(3)
     z3 = metrics.neighbour_latents(anchors, neighbours=2, radius=0.5)
     assert v == pytest.approx(_grouped_loss_float64(wig(z3)[keep], z3[keep], 3), rel=1e-8)
+
+
+def test_real_noise_floor_sizes_and_values():
+    from gsd import feature_metrics as fm
+
+    f = np.random.default_rng(0).standard_normal((23, 3))
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(metrics.REAL_SPLIT_SEED)).numpy()
+    floor = metrics.real_noise_floor(f, 100, bootstraps=20)
+    assert floor["size"] == 11 and "fewer than the 100 evaluated" in floor["what"]
+    a, b = f[perm[:11]], f[perm[11:22]]
+    assert floor["fd"] == pytest.approx(metrics.frechet_distance(a, b), rel=1e-12)
+    assert floor["kid"] == pytest.approx(fm.kid(a, b)[0], rel=1e-12)
+    assert floor["precision"] == fm.precision_recall(b, a)["precision"]  # the first half plays "generated"
+    small = metrics.real_noise_floor(f, 7, bootstraps=20)
+    assert small["size"] == 7 and "fewer" not in small["what"]
+
+
+def test_summary_rows_label_noise():
+    one = {"fd": 10.0, "fd_ci": [9.0, 11.0], "kid": 0.05, "kid_stderr": 0.01, "precision": 0.8,
+           "precision_stderr": 0.01, "local_isometry_defect": 0.2}
+    teach = {"fd": 10.5, "fd_ci": [9.5, 11.5], "kid": 0.01, "kid_stderr": 0.01, "precision": 0.81,
+             "precision_stderr": 0.01, "local_isometry_defect": 0.1}
+    m = {"one_step": one, "teacher": teach, "noise_floor": {"fd": 12.0, "what": "real vs real, 898 each"}}
+    text = metrics.summary_rows(m)
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    assert rows["FD"].endswith("within noise")        # intervals overlap
+    assert rows["KID"].endswith("differs")            # 0.04 > 2 * sqrt(2) * 0.01
+    assert rows["precision"].endswith("within noise")
+    assert "local isometry defect" in text and "real vs real, 898 each" in text
+    assert metrics.noise_verdict({"mmd": 0.05}, {"mmd": 0.01}, "mmd", "floor", {"mmd": 0.02}) == "differs"
+    assert metrics.noise_verdict({"high_quality_fraction": 0.99}, {"high_quality_fraction": 0.995},
+                                 "high_quality_fraction", "floor", {"high_quality_fraction": 0.99}) == "within noise"
