@@ -151,12 +151,15 @@ def precision_recall(real, fake, *, k: int = PR_K, block: int = _BLOCK) -> dict:
 
 def fd_bootstrap_interval(x, y, *, num: int = FD_BOOTSTRAPS, seed: int = 0, level: float = 0.95,
                           fd: Callable | None = None) -> list[float]:
-    """Percentile bootstrap interval [lo, hi] of the Frechet distance between x and y.
+    """95% bootstrap interval [lo, hi] of the Frechet distance between x and y, centred on the estimate.
 
     Each of `num` resamples draws both sets with replacement (numpy Generator `seed`) and
-    recomputes FD (`fd(a, b)`, default `gsd.metrics.frechet_distance`). The interval shows
-    the spread of FD at this sample size. FD is biased upward at finite N and a resample
-    has fewer distinct points, so near FD = 0 the interval may sit above the estimate.
+    recomputes FD (`fd(a, b)`, default `gsd.metrics.frechet_distance`). FD is biased upward
+    at finite N, and a resample (about 63% distinct points) is biased more: on digits at
+    N = 1000 the teacher's FD of 9.7 had resampled FDs of 12.5 to 24.6, an interval that
+    misses the estimate. So the bootstrap gives the spread only: the percentile interval is
+    shifted by the resamples' median excess, `[q_lo - (med - FD), q_hi - (med - FD)]`, and
+    clipped at 0 (FD >= 0).
     """
     from .metrics import frechet_distance
 
@@ -171,7 +174,8 @@ def fd_bootstrap_interval(x, y, *, num: int = FD_BOOTSTRAPS, seed: int = 0, leve
     for b in range(num):
         vals[b] = fd(xa[rng.integers(0, len(xa), len(xa))], ya[rng.integers(0, len(ya), len(ya))])
     a = (1.0 - level) / 2
-    return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
+    shift = float(np.median(vals)) - float(fd(xa, ya))
+    return [max(float(np.quantile(vals, a)) - shift, 0.0), float(np.quantile(vals, 1 - a)) - shift]
 
 
 # --------------------------------------------------------------------------- known mixture

@@ -157,6 +157,19 @@ def test_fd_bootstrap_interval():
         # seeded: the same interval again
         assert fm.fd_bootstrap_interval(x, y, num=100, seed=1) == [lo, hi]
     assert widths[1] < 0.6 * widths[0]  # ~1/sqrt(8) narrower at 8x the samples
+    # the interval written out: resampled FDs, 2.5/97.5% quantiles shifted by the median excess
+    x, y = rng.standard_normal((57, 3)), rng.standard_normal((41, 3)) + 0.5
+    r = np.random.default_rng(7)
+    vals = [frechet_distance(x[r.integers(0, 57, 57)], y[r.integers(0, 41, 41)]) for _ in range(30)]
+    shift = np.median(vals) - frechet_distance(x, y)
+    want = [max(np.quantile(vals, 0.025) - shift, 0.0), np.quantile(vals, 0.975) - shift]
+    assert fm.fd_bootstrap_interval(x, y, num=30, seed=7) == pytest.approx(want, rel=1e-12)
+    # near FD = 0 in many dimensions, resampled FDs all exceed the estimate (duplicates add
+    # bias); the centred interval still contains it
+    x, y = rng.standard_normal((300, 40)), rng.standard_normal((300, 40))
+    fd = frechet_distance(x, y)
+    lo, hi = fm.fd_bootstrap_interval(x, y, num=50, seed=0)
+    assert lo <= fd <= hi
     with pytest.raises(ValueError):
         fm.fd_bootstrap_interval(np.zeros((1, 2)), np.zeros((5, 2)))
 
