@@ -207,3 +207,27 @@ def test_summary_rows_label_noise():
     assert metrics.noise_verdict({"mmd": 0.05}, {"mmd": 0.01}, "mmd", "floor", {"mmd": 0.02}) == "differs"
     assert metrics.noise_verdict({"high_quality_fraction": 0.99}, {"high_quality_fraction": 0.995},
                                  "high_quality_fraction", "floor", {"high_quality_fraction": 0.99}) == "within noise"
+
+
+def test_mixture_section_sees_off_mode_mass_and_mode_weights():
+    from gsd import feature_metrics as fm
+    from gsd.data import GaussianMixture
+
+    mix = GaussianMixture([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], stds=0.05)
+    g = torch.Generator().manual_seed(3)
+    good, _ = mix.sample(800, generator=g)
+    x, ids = mix.sample(800, generator=g)
+    bad = x[ids != 3]                                   # one mode dropped ...
+    bad = torch.cat([bad, torch.full((800 - len(bad), 2), 0.5)])  # ... its mass put between the modes
+    one, two = {}, {}
+    sec = metrics.mixture_section(mix, 800, [(one, good), (two, bad)], bootstraps=20)
+    floor, true = sec["noise_floor"], sec["true"]
+    assert true["nll"] == pytest.approx(fm.mixture_nll(mix, sec["true_sample"])["nll"])
+    assert floor["size"] == 800 and floor["nll_gap"] == pytest.approx(floor["nll"] - true["nll"])
+    # exact samples: within noise of the truth; the damaged set: far off
+    assert abs(one["nll_gap"]) < 3 * math.hypot(one["nll_stderr"], true["nll_stderr"])
+    assert two["nll_gap"] > 10 * math.hypot(two["nll_stderr"], true["nll_stderr"])
+    assert one["mode_weight_error"] < 0.05 and two["mode_weight_error"] == pytest.approx(0.25, abs=0.04)
+    assert metrics.noise_verdict(one, floor, "kid", "se") == "within noise"
+    assert metrics.noise_verdict(two, floor, "kid", "se") == "differs"
+    assert two["precision"] < one["precision"] - 0.1 and two["recall"] < one["recall"] - 0.1
