@@ -96,7 +96,7 @@ class dot_precision:  # noqa: N801 - a context manager
 
 
 # -------------------------------------------------------------------------- accuracy
-def iso_case(S, N, D, d, kind="randn", grads=True, floor=0.0):
+def iso_case(S, N, D, d, kind="randn", grads=True, floor=0.0, groups=None):
     g = torch.Generator(device=S.dev).manual_seed(N + D + d)
     x = torch.randn(N, D, device=S.dev, dtype=torch.float64, generator=g)
     z = torch.randn(N, d, device=S.dev, dtype=torch.float64, generator=g)
@@ -107,8 +107,9 @@ def iso_case(S, N, D, d, kind="randn", grads=True, floor=0.0):
         x[3] = x[2]
         z[5] = z[4]
     x64, z64 = x.clone().requires_grad_(grads), z.clone().requires_grad_(grads)
-    L0 = gsd_kernels.isometry_loss(x64, z64, backend="reference")
+    L0 = gsd_kernels.isometry_loss(x64, z64, groups=groups, backend="reference")
     g0 = torch.autograd.grad(L0, (x64, z64)) if grads else None
+    tag = "" if groups is None else f" g={groups}"
     L0 = num(L0)
     for label, be, prec in S.variants():
         xs, zs = x.float().requires_grad_(grads), z.float().requires_grad_(grads)
@@ -116,15 +117,15 @@ def iso_case(S, N, D, d, kind="randn", grads=True, floor=0.0):
             with dot_precision(S, prec):
                 S.sync()
                 t = time.perf_counter()
-                L = gsd_kernels.isometry_loss(xs, zs, backend=be)
+                L = gsd_kernels.isometry_loss(xs, zs, groups=groups, backend=be)
                 g = torch.autograd.grad(L, (xs, zs)) if grads else None
                 S.sync()
                 dt = time.perf_counter() - t
         except Exception as e:  # report and go on with the next backend
-            say("FAIL", f"iso N={N} D={D} d={d} {kind} {label}: {type(e).__name__}: {e}")
+            say("FAIL", f"iso N={N} D={D} d={d}{tag} {kind} {label}: {type(e).__name__}: {e}")
             continue
         eL = abs(num(L) - L0) / max(abs(L0), floor, 1e-300)
-        msg = f"iso N={N} D={D} d={d} {kind:6s} {label:14s} L={L0:.3e} relL={eL:.1e}"
+        msg = f"iso N={N} D={D} d={d}{tag} {kind:6s} {label:14s} L={L0:.3e} relL={eL:.1e}"
         errs = [eL]
         if grads:
             ex, ez = rel(g[0], g0[0], floor), rel(g[1], g0[1], floor)
@@ -196,6 +197,8 @@ def syncs_and_determinism(S):
     for be in S.backends:
         cases = (
             ("isometry", lambda: torch.autograd.grad(gsd_kernels.isometry_loss(x, z, backend=be), (x, z))),
+            ("grouped", lambda: torch.autograd.grad(
+                gsd_kernels.isometry_loss(x, z, weighting="local", groups=4, backend=be), (x, z))),
             ("sid", lambda: torch.autograd.grad(gsd_kernels.sid_generator_loss(a, b, c, backend=be), (a, b, c))),
             ("fake", lambda: torch.autograd.grad(gsd_kernels.fake_score_loss(a, b, sig, backend=be), (a, b))),
         )
@@ -344,6 +347,8 @@ def main(argv=None):
         section(iso_case, 256, 96, 80)
         section(iso_case, 65, 3, 70, "dup")
         section(iso_case, 2, 1, 1, floor=1e-2)
+        section(iso_case, 256, 96, 80, "offset", groups=4)
+        section(iso_case, 65, 3, 70, "dup", groups=5)
         section(sid_case, 8, 3, 8, 8)
         section(syncs_and_determinism)
         section(graphs)
@@ -358,6 +363,10 @@ def main(argv=None):
         section(iso_case, 4097, 20, 3)  # odd N, small dims: direct / flash-style paths
         section(iso_case, 2, 1, 1, floor=1e-2)
         section(iso_case, 8192, 3072, 3072, grads=False)
+        section(iso_case, 4096, 3072, 3072, "offset", groups=4)
+        section(iso_case, 16384, 3072, 3072, groups=4)
+        section(iso_case, 4095, 20, 3, "dup", groups=5)
+        section(iso_case, 2, 1, 1, floor=1e-2, groups=2)
         if args.variants:
             section(variants)
     print(f"== {len(FAILS)} FAIL line(s)", flush=True)

@@ -27,6 +27,10 @@ ISOMETRY_SIZES = {  # (N, D, d)
     # (16384, 12288, 12288) is out: minutes per variant, more than a 15-minute GPU lease allows
     "cuda": [(1024, 3072, 3072), (8192, 3072, 3072)],
 }
+GROUPED_SIZES = {  # (N, D, d, g): anchor + neighbour groups (isometry_loss(groups=g))
+    "cpu": [(1024, 3072, 3072, 4), (4096, 3072, 3072, 4)],
+    "cuda": [(4096, 3072, 3072, 4), (16384, 3072, 3072, 4)],
+}
 ELEMENTWISE_SIZES = {  # (N, C, H, W)
     "cpu": [(64, 3, 16, 16), (256, 3, 32, 32), (1024, 3, 64, 64)],
     "cuda": [(1024, 3, 64, 64), (4096, 3, 64, 64)],
@@ -65,6 +69,8 @@ def _sizes(table, config):
 def pytest_generate_tests(metafunc):
     if "iso_size" in metafunc.fixturenames:
         metafunc.parametrize("iso_size", _sizes(ISOMETRY_SIZES, metafunc.config), ids=str)
+    if "grouped_size" in metafunc.fixturenames:
+        metafunc.parametrize("grouped_size", _sizes(GROUPED_SIZES, metafunc.config), ids=str)
     if "elem_size" in metafunc.fixturenames:
         metafunc.parametrize("elem_size", _sizes(ELEMENTWISE_SIZES, metafunc.config), ids=str)
     if "variant" in metafunc.fixturenames:
@@ -104,6 +110,30 @@ def test_isometry_loss(benchmark, record, iso_size, variant, mode):
     _run(benchmark, fn, rounds=_rounds(flops))
     record(op="isometry_loss", variant=variant, shape=(n, dx, dz), dtype=x.dtype, flops=flops,
            bytes_moved=bytes_moved, peak_extra_bytes=peak, backends=_backends(variant))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_isometry_loss_grouped(benchmark, record, grouped_size, variant, mode):
+    """groups=g: O(N g (D + d)) work, memory bound (every row is read g times per pass)."""
+    n, dx, dz, g = grouped_size
+    x = torch.randn(n, dx, device=DEVICE, requires_grad=mode != "fwd")
+    z = torch.randn(n, dz, device=DEVICE, requires_grad=mode != "fwd")
+    op = _op("isometry_loss", variant)
+
+    def fn():
+        loss = op(x, z, groups=g)
+        if mode != "fwd":
+            torch.autograd.grad(loss, (x, z))
+
+    diffs = 3.0 * n * (g - 1) * (dx + dz)      # a difference, a square and an add per element and pair
+    flops = diffs if mode == "fwd" else 3 * diffs  # backward: distances again + the a_ij (x_i - x_j) update
+    bytes_moved = 4 * n * g * (dx + dz) * (1 if mode == "fwd" else 3)
+    fn()
+    peak = PeakMemory(DEVICE).measure(fn)
+    _run(benchmark, fn, rounds=_rounds(flops))
+    record(op="isometry_loss", variant=variant, shape=(n, dx, dz), dtype=x.dtype, flops=flops,
+           bytes_moved=bytes_moved, peak_extra_bytes=peak, backends=_backends(variant))
+    benchmark.extra_info["groups"] = g  # tells this case from the all-pairs one of the same shape
 
 
 def test_sid_generator_loss(benchmark, record, elem_size, variant):
