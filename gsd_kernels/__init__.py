@@ -1,6 +1,6 @@
 """Fused ops for Geometric Score Distillation (docs/definitions.md §2).
 
-    isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", backend="auto")
+    isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", groups=None, backend="auto")
     sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2, backend="auto")
     fake_score_loss(y_fake, x, sigma, *, sigma_data=0.5, backend="auto")
     available_backends(device)
