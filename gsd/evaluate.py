@@ -37,7 +37,6 @@ import hashlib
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -229,7 +228,7 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
 # these names stay for callers of this module.
 from .metrics import FeatureSpace as _Features  # noqa: E402
 from .metrics import batched as _batched  # noqa: E402
-from .metrics import class_labels as _labels  # noqa: E402
+from .metrics import class_labels as _labels  # noqa: E402,F401 - gsd.experiments imports it from here
 from .metrics import latency_section as interleaved_latency  # noqa: E402
 
 
