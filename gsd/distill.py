@@ -6,13 +6,19 @@
 
 One iteration (`Distiller.step`):
 
-1. fake-score step: x_g = G(eps) without gradient, ln sigma ~ N(p_mean, p_std^2),
-   minimise fake_score_loss(f_psi(x_g + sigma n; sigma), x_g, sigma);
-2. generator step on fresh eps: t ~ U(0, tmax/1000),
+1. fake-score step: x_g = G(eps) without gradient and with G in eval mode (dropout off, as
+   in SiD), ln sigma ~ N(p_mean, p_std^2), minimise
+   fake_score_loss(f_psi(x_g + sigma n; sigma), x_g, sigma); independent latents eps;
+2. generator step (G in train mode) on fresh eps: with irl_neighbours K > 0, batch/(K+1)
+   anchors each followed by K neighbours eps + R u (u uniform on the unit sphere, the
+   anchor's label); t ~ U(0, tmax/1000),
    sigma(t) = (smax^(1/rho) + (1-t)(smin^(1/rho) - smax^(1/rho)))^rho, x_t = x_g + sigma n,
    y_real = f_phi(x_t), y_fake = f_psi(x_t) (parameters frozen, differentiable in x_t),
-   L = lambda_sid * sid_generator_loss(x_g, y_real, y_fake, alpha)
-       + lambda_irl * isometry_loss(x_g, z), z = sigma_init * eps,
+   L = lambda_sid * sid_generator_loss(x_g, y_real, y_fake, alpha) + w * L_irl,
+   L_irl = isometry_loss(x_g, z, groups=K+1 if K else None), z = sigma_init * eps (or, with
+   irl_estimator "jvp", the relaxed distortion of G's Jacobian at the latents), where
+   w = lambda_irl_raw (raw weight) or, for the scale-free lambda_irl = F,
+   w = F ||lambda_sid dL_sid/dx_g|| / ||dL_irl/dx_g|| (see `generator_loss`),
    and Adam on `gen_loss_scale * L` (SiD's lsg = 100).
 
 NaN handling: rows of x_g with a non-finite value are dropped from every loss (the ops
