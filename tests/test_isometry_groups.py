@@ -369,3 +369,15 @@ def test_grouped_pairs_see_a_wiggle_that_random_pairs_do_not(seed):
     G0, _, _ = _wiggled_isometry(seed, a=0.0)
     for z, groups in ((z_random, None), (z_groups, 4)):
         assert float(gsd_kernels.isometry_loss(G0(z), z, groups=groups, backend="reference")) < 1e-12
+
+
+def test_a_backend_without_grouped_kernels_refuses_groups(monkeypatch):
+    """No silent fallback: a fused backend that lacks grouped kernels raises, it never runs
+    the reference or the all-pairs kernels instead."""
+    if "cpu" not in gsd_kernels.available_backends("cpu"):
+        pytest.fail("the cpu backend is not built: gsd_kernels._C is missing")
+    monkeypatch.setattr(ops, "GROUPED_BACKENDS", frozenset())
+    x, z = _inputs(8, 4, 3, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="groups=... is not implemented for backend 'cpu'"):
+        gsd_kernels.isometry_loss(x, z, groups=4, backend="cpu")
+    gsd_kernels.isometry_loss(x, z, backend="cpu")  # all pairs still run
