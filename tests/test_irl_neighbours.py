@@ -536,3 +536,15 @@ def test_ddp_scale_free_weight_is_one_number_from_the_global_norms(tmp_path):
     for r in range(world):
         for a, b in zip(got[r]["grads"], want):
             assert torch.linalg.vector_norm(a - b) <= 1e-5 * torch.linalg.vector_norm(b) + 1e-10
+
+
+def test_a_backend_without_groups_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    def no_groups(x, z, *, groups=None, **kw):
+        if groups is not None:
+            raise ValueError("isometry_loss(groups=...) is not implemented for backend 'x'")
+        raise AssertionError("only the grouped probe is expected here")
+    monkeypatch.setattr(gsd_kernels, "isometry_loss", no_groups)
+    out = tmp_path / "never"
+    code, err = run_cli_inprocess(["--irl-neighbours", "1", "--lambda-irl", "0.1", "--out", str(out), *FAST], capsys)
+    assert_one_line_error(code, err, "--irl-neighbours 1", "not implemented")
+    assert not out.exists()
