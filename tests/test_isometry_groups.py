@@ -381,3 +381,27 @@ def test_a_backend_without_grouped_kernels_refuses_groups(monkeypatch):
     with pytest.raises(ValueError, match=r"isometry_loss\(groups=\.\.\.\) is not implemented for backend .cpu."):
         gsd_kernels.isometry_loss(x, z, groups=4, backend="cpu")
     gsd_kernels.isometry_loss(x, z, backend="cpu")  # all pairs still run
+
+
+def _cuda_backends():
+    if not torch.cuda.is_available():
+        return []
+    return [b for b in gsd_kernels.available_backends("cuda") if b in ops.GROUPED_BACKENDS]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("backend", _cuda_backends())
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("n,d_x,d_z,g", SIZES + [(4100, 3072, 77, 4)])
+def test_grouped_cuda_kernels_match_float64_oracle(backend, weighting, scale, n, d_x, d_z, g):
+    """The cuda and triton grouped kernels on a GPU (CPU-only machines run them only as a
+    compile check): fp32 against the float64 reference (itself checked against the oracle
+    above), including rows longer than one vector step (D = 3072)."""
+    x, z = _inputs(n, d_x, d_z, torch.float32, seed=n + g)
+    got = _value_and_grads(lambda a, b: gsd_kernels.isometry_loss(
+        a, b, weighting=weighting, scale=scale, groups=g, backend=backend), x.cuda(), z.cuda())
+    want = _value_and_grads(lambda a, b: gsd_kernels.isometry_loss(
+        a, b, weighting=weighting, scale=scale, groups=g, backend="reference"), x.double().cuda(), z.double().cuda())
+    floor = 1e-2 if (n == g == 2 and scale == "optimal") else 1e-30
+    _check(got, want, FP32_TOL, floor)
