@@ -405,3 +405,21 @@ def test_grouped_cuda_kernels_match_float64_oracle(backend, weighting, scale, n,
         a, b, weighting=weighting, scale=scale, groups=g, backend="reference"), x.double().cuda(), z.double().cuda())
     floor = 1e-2 if (n == g == 2 and scale == "optimal") else 1e-30
     _check(got, want, FP32_TOL, floor)
+
+
+def test_grouped_cpu_kernels_do_not_depend_on_the_thread_count():
+    """Each row is one task and the row sums are reduced in order: bit-identical results."""
+    if "cpu" not in gsd_kernels.available_backends("cpu"):
+        pytest.fail("the cpu backend is not built: gsd_kernels._C is missing")
+    x, z = _inputs(60, 37, 5, torch.float32, seed=4)
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(_value_and_grads(lambda a, b: gsd_kernels.isometry_loss(
+                a, b, weighting="local", groups=6, backend="cpu"), x, z))
+    finally:
+        torch.set_num_threads(old)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
