@@ -423,3 +423,19 @@ def test_grouped_cpu_kernels_do_not_depend_on_the_thread_count():
         torch.set_num_threads(old)
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("magnitude", [1e20, 1e-30])
+def test_grouped_loss_at_extreme_magnitudes(backend, magnitude):
+    """fp32 data ~1e20 (squares overflow fp32) and ~1e-30 (squares underflow): the exact
+    power-of-two frame keeps the optimal-scale loss and its gradients at full accuracy."""
+    x, z = _inputs(15, 37, 5, torch.float64, seed=9)
+    x = (x - 50.0) * magnitude
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    got = _value_and_grads(lambda a, b: gsd_kernels.isometry_loss(a, b, weighting="local", groups=5,
+                                                                  backend=backend), x.to(dtype), z.to(dtype))
+    want = _value_and_grads(lambda a, b: oracles.isometry(a, b, weighting="local", groups=5),
+                            x.to(dtype).double(), z.to(dtype).double())
+    assert all(torch.isfinite(t).all() for t in got)
+    _check(got, want, FP64_TOL if dtype == torch.float64 else FP32_TOL, 1e-300)
