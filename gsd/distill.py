@@ -314,6 +314,12 @@ class Distiller:
             from .networks import set_dropout
             set_dropout(self.generator, config.dropout)
             set_dropout(self.fake, config.dropout)
+        if config.irl_estimator == "jvp" and config.irl_on and any(
+                isinstance(m, nn.LayerNorm) for m in self.generator.modules()):
+            # torch's layer_norm has a wrong third derivative (the parameter gradient of J^T J u;
+            # torch.autograd.gradcheck fails on it, a hand-written layer norm and group_norm pass)
+            raise UsageError(f"--irl-estimator jvp: {type(self.generator).__name__} has LayerNorm layers, whose "
+                             f"Jacobian-term gradients torch computes wrongly; use a GroupNorm network (the U-Nets)")
         if config.grad_checkpoint:
             from .networks import set_gradient_checkpointing
             set_gradient_checkpointing(self.generator)
