@@ -43,6 +43,7 @@ from . import parallel, runs
 from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, format_value, make_parser,
                   nonnegative_int, positive_int, run_main, sampler_table)
 from .distill import MAX_ROWS, DistillConfig, Distiller
+from .metrics import summary_rows
 
 # Per-dataset defaults for the flags whose default is "depends on the dataset".
 DATASET_DEFAULTS = {
@@ -758,7 +759,8 @@ def summary_table(metrics: dict, run_dir, wall: float | None = None) -> str:
     names = {"nfe": "NFE", "fd": f"FD[{metrics.get('fd_feature', '?')}]", "latency_ms": "latency ms (64)",
              "sliced_wasserstein": "sliced W2", "mmd": "MMD^2", "modes_covered": "modes"}
     lines = sampler_table((("one-step G (EMA)", one), ("teacher Heun", teach)), cols, names)
-    extra = [f"isometry defect (EMA G, 512 held-out latents): {format_value(metrics.get('isometry_defect'))}"]
+    # every sample-quality metric with its noise floor and a within-noise verdict, then geometry
+    extra = ["", summary_rows(metrics), ""]
     if one.get("latency_ms") and teach.get("latency_ms"):
         extra.append(f"speed-up one-step vs teacher: {teach['latency_ms'] / one['latency_ms']:.1f}x")
     if "real_split_fd" in metrics:
