@@ -13,8 +13,12 @@ import sys
 from typing import Callable, Sequence
 
 
-class UsageError(Exception):
-    """Bad input from the user (flags, paths, files). Reported in one line, exit code 2."""
+from .config import DISTILL_DEFAULTS  # noqa: F401  (re-exported; the flags' defaults)
+from .errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
+from .util import (  # noqa: F401  (re-exported for the commands)
+    check_creatable, check_image_output, check_memory, check_output_file, format_bytes, format_value,
+    memory_limit_bytes,
+)
 
 
 def positive_int(text: str) -> int:
@@ -117,112 +121,6 @@ def bounded_float(lo: float, hi: float, why: str = "", *, lo_open: bool = True) 
     return parse
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"  # pragma: no cover - loop always returns
-
-
-def memory_limit_bytes() -> int:
-    """Largest single allocation a command agrees to make: half of this machine's physical
-    memory (GSD_MEMORY_LIMIT_GB overrides it), so a mistyped size is refused in one line
-    instead of thrashing or meeting the OOM killer."""
-    import os
-
-    env = os.environ.get("GSD_MEMORY_LIMIT_GB")
-    if env:
-        try:
-            gb = float(env)
-        except ValueError:
-            raise UsageError(f"GSD_MEMORY_LIMIT_GB must be a number of gigabytes, got {env!r}")
-        if not (gb > 0 and math.isfinite(gb)):
-            raise UsageError(f"GSD_MEMORY_LIMIT_GB must be a positive number, got {env!r}")
-        return int(gb * 1e9)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 * 10 ** 9  # unknown platform: assume a modest machine
-    return total // 2
-
-
-def check_memory(nbytes: float, what: str, hint: str = "") -> None:
-    """Raise UsageError (one line) when `what` would need more than memory_limit_bytes()."""
-    limit = memory_limit_bytes()
-    if nbytes > limit:
-        raise UsageError(f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(limit)} "
-                         f"limit (half this machine's memory; GSD_MEMORY_LIMIT_GB overrides it)"
-                         + (f"; {hint}" if hint else ""))
-
-
-_KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
-
-
-def check_creatable(path, start, flag: str) -> None:
-    """Raise UsageError (one line) unless something can be created at `path`: it is not inside
-    /proc, /sys or /dev, and the nearest existing folder at or above `start` is a writable
-    folder on a writable file system. Nothing is created. Shared by output files
-    (check_output_file) and run directories (gsd.runs.check_out_path)."""
-    import os
-
-    real = os.path.realpath(os.path.abspath(path))
-    for kernel in _KERNEL_FILE_SYSTEMS:
-        if real == kernel or real.startswith(kernel + os.sep):
-            raise UsageError(f"{flag} {path} is inside {kernel}, a kernel file system; choose a place on disk")
-    anc = os.path.abspath(start)
-    while not os.path.lexists(anc) and os.path.dirname(anc) != anc:
-        anc = os.path.dirname(anc)
-    if not os.path.isdir(anc):
-        what = "a file" if os.path.exists(anc) else "a broken link"
-        raise UsageError(f"{flag} {path}: {anc} is {what}, not a folder")
-    try:
-        read_only = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        read_only = False
-    if read_only:
-        raise UsageError(f"{flag} {path}: {anc} is on a read-only file system")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: folder {anc} is not writable")
-
-
-def check_output_file(path, flag: str = "--out") -> str:
-    """Raise UsageError (one line) unless a file can be written at `path`; returns the expanded path.
-
-    Nothing is created. `path` must not be a folder or inside /proc, /sys or /dev; the nearest
-    existing folder above it must be a writable folder (missing folders below it are created
-    by the writers)."""
-    import os
-
-    path = os.path.expanduser(os.fspath(path))
-    if not path:
-        raise UsageError(f"{flag} is empty")
-    check_creatable(path, os.path.dirname(os.path.abspath(path)), flag)
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path} is a folder, expected a file name")
-    return path
-
-
-def check_image_output(path, flag: str = "--out", suffixes: Sequence[str] | None = None) -> str:
-    """check_output_file, and the file name's extension is an image format PIL writes
-    (or one of `suffixes` when given, e.g. ('.png',))."""
-    import os
-
-    path = check_output_file(path, flag)
-    ext = os.path.splitext(path)[1].lower()
-    if suffixes is not None:
-        if ext not in suffixes:
-            raise UsageError(f"{flag} must name a {' or '.join(suffixes)} file, got {path!r}")
-        return path
-    from PIL import Image
-
-    fmt = Image.registered_extensions().get(ext)
-    if fmt is None or fmt not in Image.SAVE:
-        raise UsageError(f"{flag} {path}: {ext or 'no extension'} is not an image format that can be written "
-                         f"(use .png)")
-    return path
-
-
 def irl_scale(text: str):
     """`optimal` or a positive float (docs/definitions.md §2.1)."""
     if text == "optimal":
@@ -263,17 +161,6 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="where to run; auto picks cuda when available")
     p.add_argument("--seed", type=seed_int, default=0, help=f"random seed (0 to {MAX_SEED})")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory")
-
-
-# The defaults of the isometric regulariser, in one place (DistillConfig and the flags read
-# them): flip them here once the sweeps have chosen a GSD default.
-DISTILL_DEFAULTS = {
-    "lambda_irl": 0.0,        # scale-free weight (see --lambda-irl); 0 = off
-    "lambda_irl_raw": 0.0,    # raw weight of the paper's loss; 0 = off
-    "irl_neighbours": 0,      # K neighbours per anchor latent; 0 = random-batch pairs
-    "irl_radius": 0.5,        # R: neighbour distance in eps units (z-space: R * sigma_init)
-    "irl_estimator": "pairs",
-}
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
@@ -358,17 +245,6 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
                    help="class for --guidance class (None: sample i gets class i mod num_classes)")
     p.add_argument("--mask", choices=["top", "bottom", "left", "right", "center"], default=None,
                    help="HIDDEN region for --guidance inpaint (None: cycle through all five)")
-
-
-def format_value(v, spec: str = ".4g") -> str:
-    """A number for a printed or markdown table: '-' for missing, inf/nan spelled out."""
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
 def sampler_table(samplers, cols: Sequence[str], names: dict) -> list[str]:

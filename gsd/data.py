@@ -17,17 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from gsd.cli import UsageError
+from gsd.errors import DataError, UsageError
 
 DATASETS = ("digits", "gmm", "cifar10", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 GMM_TRAIN_SAMPLES = 20_000
-
-
-class DataError(UsageError):
-    """A data set cannot be loaded (unknown name, missing root, unreadable file...)."""
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsd.cli import UsageError
+from gsd.errors import UsageError
+from gsd.util import one_line as _one_line
 from gsd.networks import build_on_meta, check_sigma_data, note_float32_cast
 
 __all__ = ["DiffusersTeacher", "load_diffusers_teacher", "save_diffusers_teacher", "vp_betas",
@@ -57,10 +58,6 @@ MAX_TRAIN_TIMESTEPS = 100_000  # real schedules have ~1000 steps; the sigma tabl
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 _VE_SCHEDULERS = ("ScoreSdeVeScheduler", "KarrasVeScheduler")
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
 
 
 def _beta(name: str, value) -> float:

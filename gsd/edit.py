@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from . import runs
+from .util import resolve_device
 from .cli import MAX_SEED, UsageError, add_runtime_args, bounded_float, check_memory, count_int, make_parser, run_main
 
 __all__ = ["load_generator", "slerp", "fit_direction", "find_directions", "filtered_mean", "edit_metrics",
@@ -69,15 +70,6 @@ INTERP_SEED_BASE = 50_000_000
 
 # --------------------------------------------------------------------------- generator
 
-def _resolve_device(name) -> torch.device:
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return dev
-
 
 def load_generator(run_dir, device="cpu") -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     """The EMA one-step generator of a run: `(G, info)` with G(eps) -> samples.
@@ -93,7 +85,7 @@ def load_generator(run_dir, device="cpu") -> tuple[Callable[[torch.Tensor], torc
     cfg = runs.read_config(run_dir)
     if "dataset" not in cfg or "sigma_init" not in cfg:
         raise UsageError(f"{run_dir} is not a gsd.train run directory (config.json has no dataset/sigma_init)")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     net = load_run_teacher(run_dir, device="cpu", config=cfg)  # the generator has the teacher's architecture
     weights, _state = runs.load_checkpoint(run_dir)
     step = runs.latest_step(run_dir)

@@ -46,6 +46,8 @@ from typing import Sequence
 import torch
 
 from . import runs
+from .fileio import jsonable
+from .util import resolve_device
 from .cli import (MAX_COUNT, UsageError, bounded_int, check_memory, count_int, format_value, make_parser,
                   nonnegative_int, run_main, sampler_table, seed_int)
 
@@ -120,15 +122,6 @@ class LoadedRun:
         return tuple(self.dataset.sample_shape)
 
 
-def _device(name) -> torch.device:
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def _check_run_config(run_dir: Path, cfg: dict) -> None:
     expected = getattr(runs, "RUN_FORMAT", None)
     for key in _FORMAT_KEYS:
@@ -180,7 +173,7 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
         if step is None:
             raise UsageError(f"{run_dir} has no complete checkpoint ({runs.CKPT_DIR}/{runs.LATEST_NAME} missing or "
                              f"pointing at missing files)")
-    dev = _device(device)
+    dev = resolve_device(device)
 
     base = vars(train.build_parser().parse_args([]))
     known = {k: v for k, v in cfg.items() if k in base or k == "exact_teacher"}
@@ -435,24 +428,8 @@ def evaluate_run(run_dir, *, device="auto", step: int | None = None, write: bool
     run = load_run(run_dir, step=step, device=device)
     result, _ = evaluate_loaded(run, **kw)
     if write:
-        runs.write_json_atomic(Path(run_dir) / EVAL_NAME, _json_clean(result))
+        runs.write_json_atomic(Path(run_dir) / EVAL_NAME, jsonable(result))
     return result
-
-
-def _json_clean(obj):
-    """What eval.json holds: plain Python values, non-finite numbers as null.
-
-    The non-finite rule is runs' JSON sanitiser (the one write_json_atomic applies); this only
-    adds numpy arrays, which it does not take."""
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_clean(obj.tolist())
-    return runs._jsonable(obj)
 
 
 # --------------------------------------------------------------------------- table

@@ -48,6 +48,8 @@ import torch
 import gsd_kernels
 
 from . import runs
+from .fileio import jsonable
+from .util import resolve_device
 from .cli import (DISTILL_DEFAULTS, UsageError, make_parser, nonnegative_int, positive_float, positive_int,
                   run_main, seed_int)
 from .cli import format_value as fmt  # short: results.md formats dozens of numbers inline
@@ -318,7 +320,7 @@ def fd_curve(run, feats, *, num_samples: int, seed: int) -> list[dict]:
 
 def evaluate_all(plan: dict, args, sz: dict, root: Path) -> tuple[dict, dict, dict]:
     """(eval results, samples, fd curves) per variant; reuses matching eval.json files."""
-    from .evaluate import EVAL_NAME, _Features, _json_clean, evaluate_loaded, load_run
+    from .evaluate import EVAL_NAME, _Features, evaluate_loaded, load_run
 
     results, samples, curves = {}, {}, {}
     teacher_cache: dict = {}
@@ -345,7 +347,7 @@ def evaluate_all(plan: dict, args, sz: dict, root: Path) -> tuple[dict, dict, di
         else:
             print(f"[experiments] evaluating {v} ({d.name})", flush=True)
             res, smp = evaluate_loaded(run, teacher_cache=teacher_cache, features=feats, **settings_kw)
-            runs.write_json_atomic(d / EVAL_NAME, _json_clean(res))
+            runs.write_json_atomic(d / EVAL_NAME, jsonable(res))
         results[v], samples[v] = res, smp
         logged = [{"iteration": int(r["iteration"]), "fd": float(r["fd"])} for r in runs.read_log(d)
                   if isinstance(r.get("fd"), (int, float)) and "iteration" in r]
@@ -363,7 +365,7 @@ def evaluate_all(plan: dict, args, sz: dict, root: Path) -> tuple[dict, dict, di
             pass
         if curve is None:
             curve = fd_curve(run, feats, num_samples=res["num_samples"], seed=args.seed)
-            runs.write_json_atomic(curve_file, _json_clean({"key": key, "curve": curve}))
+            runs.write_json_atomic(curve_file, jsonable({"key": key, "curve": curve}))
         curves[v] = curve
     return results, samples, curves
 
@@ -715,7 +717,7 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
 
 def run_experiments(args) -> Path:
     from .data import load_dataset
-    from .evaluate import _device, machine_info
+    from .evaluate import machine_info
     from .fid import locate_fid_weights
 
     t_start = time.perf_counter()
@@ -725,7 +727,7 @@ def run_experiments(args) -> Path:
         raise UsageError(f"--teacher {args.teacher}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = _device(args.device)
+    dev = resolve_device(args.device)
     args.device = str(dev) if args.device == "auto" else args.device
     if not args.no_fused:  # the training subprocesses run gsd.train --fused: refuse before writing
         try:
@@ -812,8 +814,7 @@ def run_experiments(args) -> Path:
                   machine=machine, timings=timings, png=png)
     summary = {"timings": timings, "machine": machine, "sizes": sz,
                "runs": {v: str(d) for v, (_c, d, _s) in plan.items()}}
-    from .evaluate import _json_clean
-    runs.write_json_atomic(root / "experiments.json", _json_clean(summary))
+    runs.write_json_atomic(root / "experiments.json", jsonable(summary))
     print(f"[experiments] wrote {out} ({timings['total']:.0f} s)")
     return out
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import UsageError
+from .errors import UsageError
 
 __all__ = ["FID_WEIGHTS_PATTERN", "FID_FEATURE_NAME", "FID_BOOTSTRAPS", "hub_checkpoint_dir", "locate_fid_weights",
            "build_fid_inception_architecture", "FIDInceptionFeatures", "load_fid_inception",

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gsd.cli import UsageError
+from gsd.errors import UsageError
 from gsd.samplers import guided_sample, latents_for_seeds
 
 __all__ = ["MASK_NAMES", "inpaint_mask", "inpainting_loss", "classifier_loss", "GuidanceClassifier",

@@ -72,7 +72,7 @@ def load_teacher_any(path, *, device="cpu", trust_pickle: bool = False):
     Every returned network has forward(x, sigma, class_labels=None), ``sigma_data``,
     ``label_dim`` and ``sample_shape``. UsageError (one line) on any problem.
     """
-    import gsd.edm_import as edm_import  # also registers NCSNppUNet / DhariwalUNet for load_denoiser
+    import gsd.edm_import as edm_import
 
     path = os.fspath(path)
     kind = teacher_kind(path)

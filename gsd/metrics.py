@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import UsageError
+from .errors import UsageError
+from .util import cache_dir as default_cache_dir, format_value
 
 __all__ = [
     "frechet_distance", "feature_moments", "sliced_wasserstein", "mmd", "mode_coverage",
@@ -46,14 +47,6 @@ __all__ = [
 ]
 
 DIGITS_FEATURE_NAME = "digits-cnn-penultimate-64"
-
-
-def default_cache_dir() -> Path:
-    """Where trained helper networks are cached (as the teacher cache): $GSD_CACHE, else ~/.cache/gsd."""
-    env = os.environ.get("GSD_CACHE")
-    if env:
-        return Path(env)
-    return Path.home() / ".cache" / "gsd"
 
 
 def _as_numpy64(x) -> np.ndarray:
@@ -724,7 +717,6 @@ def _stderr_of(m: dict, key: str):
 
 
 def _cell(m: dict, key: str, kind: str) -> str:
-    from .cli import format_value
 
     v = m.get(key)
     if v is None:
@@ -761,7 +753,6 @@ def summary_rows(metrics: dict) -> str:
     """The sample-quality part of an evaluation as text: one row per metric with the one-step
     G, the teacher, the noise floor and whether G and the teacher differ beyond noise
     (standard errors at 2 sigma, bootstrap intervals overlapping, or the noise floor's value)."""
-    from .cli import format_value
 
     one, teach = metrics.get("one_step", {}), metrics.get("teacher", {})
     floor = metrics.get("noise_floor") or {}

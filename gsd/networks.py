@@ -26,7 +26,6 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 from typing import Iterable, Sequence
 
 import torch
@@ -34,13 +33,15 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from gsd.cli import UsageError
+from gsd.errors import UsageError
+from gsd.fileio import atomic_write_bytes
+from gsd.util import one_line as _one_line
 
 FORMAT_NAME = "gsd-denoiser"
 FORMAT_VERSION = 1
 
 __all__ = [
-    "EDMPrecond", "SongUNet", "MLPDenoiserNet", "UNetBlock", "PositionalEmbedding",
+    "EDMPrecond", "SongUNet", "NCSNppUNet", "DhariwalUNet", "FourierEmbedding", "FusedDownConv2d", "MLPDenoiserNet", "UNetBlock", "PositionalEmbedding",
     "Linear", "Conv2d", "GroupNorm", "build_denoiser", "default_config",
     "save_denoiser", "load_denoiser", "read_denoiser_metadata", "edm_coefficients", "edm_ddpmpp_config",
     "count_parameters", "set_gradient_checkpointing", "set_dropout",
@@ -514,7 +515,223 @@ class MLPDenoiserNet(nn.Module):
         return self.fc_out(F.silu(self.norm_out(h))).reshape(shape)
 
 
-ARCHITECTURES = {"SongUNet": SongUNet, "MLPDenoiserNet": MLPDenoiserNet}
+# ----------------------------------------------------------------------------------------
+# The other EDM architectures: NCSN++ (SongUNet with Fourier embedding and a residual or skip
+# encoder) and ADM (DhariwalUNet). gsd.edm_import maps EDM pickles onto them.
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar: [cos(2 pi x f_i), sin(2 pi x f_i)], f_i ~ N(0, scale^2)."""
+
+    def __init__(self, num_channels: int, scale: float = 16.0):
+        super().__init__()
+        if num_channels % 2:
+            raise ValueError("FourierEmbedding needs an even number of channels")
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class FusedDownConv2d(Conv2d):
+    """Convolution followed by the 2x FIR down-sampling (EDM's ``fused_resample=True``, down).
+
+    The padding differs from `Conv2d` (conv first, padded by w_pad + f_pad; then the filter
+    with stride 2 and no padding), so the result differs near the borders.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
+                 resample_filter: Sequence[int] = (1, 1), **init):
+        if not kernel:
+            raise ValueError("FusedDownConv2d needs a kernel")
+        super().__init__(in_channels, out_channels, kernel, bias=bias, down=True, resample_filter=resample_filter,
+                         **init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        f = self.resample_filter.to(x.dtype)
+        w_pad, f_pad = w.shape[-1] // 2, (f.shape[-1] - 1) // 2
+        x = F.conv2d(x, w, padding=w_pad + f_pad)
+        x = F.conv2d(x, f.expand(self.out_channels, 1, -1, -1), groups=self.out_channels, stride=2)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return x
+
+
+class NCSNppUNet(SongUNet):
+    """EDM's SongUNet in the NCSN++ configuration: Fourier noise embedding and a 'residual'
+    (or 'skip') auxiliary encoder path; decoder 'standard' (as in EDM's ncsnpp setup)."""
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 augment_dim: int = 0, model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
+                 channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
+                 dropout: float = 0.10, label_dropout: float = 0.0, embedding_type: str = "fourier",
+                 channel_mult_noise: int = 2, encoder_type: str = "residual", decoder_type: str = "standard",
+                 resample_filter: Sequence[int] = (1, 3, 3, 1)):
+        if embedding_type not in ("positional", "fourier"):
+            raise ValueError(f"unknown embedding_type {embedding_type!r}")
+        if encoder_type not in ("standard", "skip", "residual"):
+            raise ValueError(f"unknown encoder_type {encoder_type!r}")
+        if decoder_type != "standard":
+            raise ValueError("only decoder_type='standard' is supported (EDM's NCSN++ and DDPM++ use it)")
+        super().__init__(img_resolution, in_channels, out_channels, label_dim=label_dim, augment_dim=augment_dim,
+                         model_channels=model_channels, channel_mult=channel_mult,
+                         channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+                         attn_resolutions=attn_resolutions, dropout=dropout, label_dropout=label_dropout,
+                         embedding_type="positional", channel_mult_noise=channel_mult_noise,
+                         encoder_type="standard", decoder_type="standard", resample_filter=resample_filter)
+        self.config.update(embedding_type=embedding_type, encoder_type=encoder_type)
+        noise_channels = model_channels * channel_mult_noise
+        if embedding_type == "fourier":
+            self.map_noise = FourierEmbedding(noise_channels)
+        init = dict(init_mode="xavier_uniform")
+        # Rebuild the encoder with the auxiliary layers after each level's down block.
+        enc = nn.ModuleDict()
+        caux = in_channels
+        for name, block in self.enc.items():
+            enc[name] = block
+            if not name.endswith("_down"):
+                continue
+            res = name.split("x", 1)[0]
+            cout = block.out_channels
+            if encoder_type == "skip":
+                enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True,
+                                                      resample_filter=resample_filter)
+                enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
+            elif encoder_type == "residual":
+                enc[f"{res}x{res}_aux_residual"] = FusedDownConv2d(caux, cout, kernel=3,
+                                                                   resample_filter=resample_filter, **init)
+                caux = cout
+        self.enc = enc
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(noise_labels, class_labels, augment_labels).to(x.dtype)
+        skips = []
+        aux = x
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+        out = normed = None
+        for name, block in self.dec.items():
+            if name.endswith("_aux_norm"):
+                normed = block(x)
+            elif name.endswith("_aux_conv"):
+                out = block(F.silu(normed))
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return out
+
+
+class DhariwalUNet(nn.Module):
+    """ADM U-Net (Dhariwal & Nichol 2021) in EDM's layout: positional embedding without
+    endpoint, adaptive scale/shift blocks, 64 channels per attention head, label embedding
+    added after the mapping MLP; ``out_norm`` / ``out_conv`` at the end."""
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 augment_dim: int = 0, model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
+                 channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8),
+                 dropout: float = 0.10, label_dropout: float = 0.0):
+        super().__init__()
+        check_unet_args(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
+                        channel_mult, channel_mult_emb, num_blocks, attn_resolutions, dropout, label_dropout)
+        channel_mult = [int(m) for m in channel_mult]
+        attn_resolutions = sorted(int(r) for r in attn_resolutions)
+        if img_resolution % (2 ** (len(channel_mult) - 1)):
+            raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
+        self.config = dict(img_resolution=int(img_resolution), in_channels=int(in_channels),
+                           out_channels=int(out_channels), label_dim=int(label_dim), augment_dim=int(augment_dim),
+                           model_channels=int(model_channels), channel_mult=channel_mult,
+                           channel_mult_emb=int(channel_mult_emb), num_blocks=int(num_blocks),
+                           attn_resolutions=attn_resolutions, dropout=float(dropout),
+                           label_dropout=float(label_dropout))
+        self.img_resolution = img_resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        self.sample_shape = (in_channels, img_resolution, img_resolution)
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode="kaiming_uniform", init_weight=0.0, init_bias=0.0)
+
+        def block(cin, cout, attention=False, **kw):
+            heads = cout // 64 if attention else 0  # EDM: channels_per_head = 64, no minimum of one
+            return UNetBlock(cin, cout, emb_channels, attention=heads > 0, num_heads=heads or None,
+                             dropout=dropout, skip_scale=1.0, eps=1e-5, resample_proj=False, adaptive_scale=True,
+                             init=init, init_zero=init_zero, init_attn=init, **kw)
+
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = (Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None)
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                                 init_weight=math.sqrt(label_dim)) if label_dim else None)
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = block(cin, cout, attention=res in attn_resolutions)
+        skips = [m.out_channels for m in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(cout, cout, attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(cout, cout)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(cout, cout, up=True)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = block(cin, cout, attention=res in attn_resolutions)
+        self.out_norm = GroupNorm(cout)
+        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(emb.dtype))
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            if class_labels is None:
+                class_labels = torch.zeros(emb.shape[0], self.label_dim, device=emb.device, dtype=emb.dtype)
+            labels = class_labels.to(emb.dtype)
+            if self.training and self.label_dropout:
+                keep = torch.rand(labels.shape[0], 1, device=labels.device) >= self.label_dropout
+                labels = labels * keep.to(labels.dtype)
+            emb = emb + self.map_label(labels)
+        emb = F.silu(emb).to(x.dtype)
+        skips = []
+        for blk in self.enc.values():
+            x = blk(x, emb) if isinstance(blk, UNetBlock) else blk(x)
+            skips.append(x)
+        for blk in self.dec.values():
+            if x.shape[1] != blk.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = blk(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+# Every architecture a gsd denoiser file may name (its config "arch").
+ARCHITECTURES = {"SongUNet": SongUNet, "MLPDenoiserNet": MLPDenoiserNet, "NCSNppUNet": NCSNppUNet,
+                 "DhariwalUNet": DhariwalUNet}
 
 
 # ----------------------------------------------------------------------------------------
@@ -612,9 +829,6 @@ def build_denoiser(config: dict) -> EDMPrecond:
         raise ValueError("denoiser config must be a dict")
     arch = config.get("arch")
     if arch not in ARCHITECTURES:
-        # NCSN++ and ADM (imported EDM checkpoints) register themselves in gsd.edm_import.
-        import gsd.edm_import  # noqa: F401
-    if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
     model_kwargs = dict(config.get("model") or {})
     try:
@@ -630,8 +844,6 @@ def min_tensor_count(arch, model_kwargs) -> int:
     counts alone (nothing is built). Loaders compare it with the tensors a file really holds
     before building anything, so that a few bytes of config (num_blocks 10**7) cannot make them
     build without bound. 0 when the arguments are not usable (the constructor then says why)."""
-    if isinstance(arch, str) and arch not in ARCHITECTURES:
-        import gsd.edm_import  # noqa: F401 - registers NCSNppUNet and DhariwalUNet (as build_denoiser does)
     cls = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
     if cls is None or not isinstance(model_kwargs, dict):
         return 0
@@ -750,14 +962,10 @@ def count_parameters(net: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------
 # Checkpoints.
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def save_denoiser(path, net: EDMPrecond, extra_metadata: dict | None = None) -> str:
     """Write `net` as safetensors with its config (and `extra_metadata`) in the metadata.
 
-    Atomic: a temporary file in the same folder, fsync, os.replace. Returns the path.
+    Atomic (gsd.fileio.atomic_write_bytes). Returns the path.
     """
     from safetensors.torch import save as st_save
 
@@ -771,29 +979,8 @@ def save_denoiser(path, net: EDMPrecond, extra_metadata: dict | None = None) -> 
         metadata["gsd_extra"] = json.dumps(extra_metadata, default=str)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
     blob = st_save(tensors, metadata=metadata)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, blob)
     return path
 
 

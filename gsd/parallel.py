@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from .cli import UsageError
+from .errors import UsageError
 
 T = TypeVar("T")
 

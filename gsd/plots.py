@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .runs import atomic_write_bytes
+from .errors import UsageError
+from .fileio import atomic_write_bytes
+from .util import check_memory
 
-__all__ = ["image_grid", "save_grid", "save_comparison", "save_scatter_comparison", "save_samples_png"]
+__all__ = ["image_grid", "save_grid", "save_comparison", "save_scatter_comparison", "save_samples_png",
+           "grid_layout", "check_grid_size", "save_image_grid"]
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, upscale: int = 1,
@@ -121,3 +125,55 @@ def save_samples_png(panels: Sequence[tuple[str, torch.Tensor]], path, means=Non
     if panels[0][1].ndim == 4:
         return save_comparison(panels, path, nrow=nrow)
     return save_scatter_comparison(panels, path, means=means)
+
+
+# ----------------------------------------------------------------------------------------
+# Sample grids (gsd.teacher --grid, gsd.sample): 1-pixel white gaps, grayscale or RGB as the images.
+
+def grid_layout(n: int, h: int, w: int, nrow: int | None = None) -> tuple[int, int, int, int]:
+    """(images per row, rows, height, width) of save_image_grid's grid of n h x w images, before scaling."""
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    return nrow, ncol, ncol * (h + 1) + 1, nrow * (w + 1) + 1
+
+
+def max_grid_pixels() -> int:
+    """Largest grid written: PIL refuses to open images above twice its MAX_IMAGE_PIXELS
+    (its decompression-bomb check), so a larger PNG could not even be read back."""
+    from PIL import Image
+
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def check_grid_size(n: int, sample_shape, nrow: int | None = None, scale: int = 1, what: str = "the grid") -> None:
+    """UsageError (one line) when save_image_grid(n images, nrow, scale) would be too big to read
+    back or to hold in memory."""
+    c, h, w = (int(v) for v in sample_shape)
+    _, _, gh, gw = grid_layout(n, h, w, nrow)
+    height, width = gh * scale, gw * scale
+    limit = max_grid_pixels()
+    if height * width > limit:
+        raise UsageError(f"{what} would be {width} x {height} pixels, more than the {limit} pixels image readers "
+                         f"(PIL) accept; lower --num or --scale")
+    check_memory(c * gh * gw * 4 + c * height * width, what)
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1) -> str:
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid (1-pixel gaps)."""
+    from PIL import Image
+
+    images = images.detach().to("cpu", torch.float32).clamp(-1, 1)
+    n, c, h, w = images.shape
+    nrow, ncol, gh, gw = grid_layout(n, h, w, nrow)
+    grid = torch.full((c, gh, gw), 1.0)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = images[i]
+    arr = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    img.save(path)
+    return path

@@ -43,7 +43,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .cli import UsageError, check_creatable
+from .errors import UsageError
+from .fileio import (  # noqa: F401  (atomic writers: re-exported, runs' API since the start)
+    atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, jsonable as _jsonable, write_json_atomic,
+)
+from .util import check_creatable
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
@@ -59,56 +63,6 @@ __all__ = [
     "atomic_save_safetensors", "find_checkpoint", "complete_steps", "check_out_path", "remove_stale_temp_files",
     "restartable", "clear_dead_run", "load_checkpoint_weights", "load_checkpoint_state",
 ]
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path, obj) -> None:
-    """Standard JSON (non-finite numbers become null), replaced atomically."""
-    text = json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode())
-
-
-def atomic_torch_save(obj, path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save
-
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(clean, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 # --------------------------------------------------------------------------- run directory
@@ -362,20 +316,6 @@ def read_log(path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # JSON has no NaN/inf; null is what every JSON reader accepts
-    return obj
 
 
 # --------------------------------------------------------------------------- RNG

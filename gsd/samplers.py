@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from gsd.cli import UsageError
+from gsd.errors import GuidanceError, UsageError
 
 __all__ = ["edm_sigma_steps", "heun_sample", "euler_sample", "churn_sample", "heun_nfe",
            "latents_for_seeds", "SeedStreams", "ancestral_sigmas", "ancestral_sample", "dsg_step",
@@ -180,13 +180,6 @@ def churn_sample(denoiser, latents: torch.Tensor, class_labels=None, *, num_step
 GUIDANCE_METHODS = ("none", "dsg", "dps")
 STOCHASTIC_SAMPLERS = ("ancestral",)
 _DETERMINISTIC_SAMPLERS = ("heun", "euler")
-
-
-class GuidanceError(UsageError, ValueError):
-    """Guidance cannot be applied as asked (method, sampler, loss or denoiser unfit).
-
-    A `UsageError` (one line, exit code 2 in the commands) and a `ValueError`.
-    """
 
 
 def ancestral_sigmas(t_cur: float, t_next: float, eta: float = 1.0) -> tuple[float, float]:

@@ -25,7 +25,9 @@ from gsd.cli import (UsageError, add_data_args, add_runtime_args, check_image_ou
 from gsd.data import Dataset, load_dataset
 from gsd.networks import (EDMPrecond, build_denoiser, default_config, load_denoiser, read_denoiser_metadata,
                           save_denoiser)
+from gsd.plots import check_grid_size, grid_layout, save_image_grid  # noqa: F401  (re-exported)
 from gsd.progress import progress_bar
+from gsd.util import cache_dir as default_cache_dir, resolve_device  # noqa: F401  (re-exported)
 
 __all__ = ["default_teacher_recipe", "edm_loss", "train_teacher", "get_teacher", "teacher_cache_path",
            "default_cache_dir", "resolve_device", "save_image_grid", "grid_layout", "check_grid_size", "main"]
@@ -48,19 +50,6 @@ def default_teacher_recipe(name: str) -> dict:
     if name not in _RECIPES:
         raise UsageError(f"no teacher recipe for dataset {name!r} (known: {', '.join(_RECIPES)})")
     return dict(_RECIPES[name])
-
-
-def resolve_device(device) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available")
-    return dev
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("GSD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gsd")
 
 
 # ----------------------------------------------------------------------------------------
@@ -285,60 +274,6 @@ def get_teacher(dataset: Dataset, *, teacher_path=None, cache_dir=None, device="
         raise UsageError(f"cannot create teacher cache folder {os.path.dirname(path)}: {exc.strerror}") from None
     net = _train_and_save(dataset, config, recipe, seed, dev, progress, path)
     return net.to(dev).eval()
-
-
-# ----------------------------------------------------------------------------------------
-# Sample grids (quick visual check).
-
-def grid_layout(n: int, h: int, w: int, nrow: int | None = None) -> tuple[int, int, int, int]:
-    """(images per row, rows, height, width) of save_image_grid's grid of n h x w images, before scaling."""
-    nrow = nrow or int(math.ceil(math.sqrt(n)))
-    ncol = int(math.ceil(n / nrow))
-    return nrow, ncol, ncol * (h + 1) + 1, nrow * (w + 1) + 1
-
-
-def max_grid_pixels() -> int:
-    """Largest grid written: PIL refuses to open images above twice its MAX_IMAGE_PIXELS
-    (its decompression-bomb check), so a larger PNG could not even be read back."""
-    from PIL import Image
-
-    return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
-
-
-def check_grid_size(n: int, sample_shape, nrow: int | None = None, scale: int = 1, what: str = "the grid") -> None:
-    """UsageError (one line) when save_image_grid(n images, nrow, scale) would be too big to read
-    back or to hold in memory."""
-    from gsd.cli import check_memory
-
-    c, h, w = (int(v) for v in sample_shape)
-    _, _, gh, gw = grid_layout(n, h, w, nrow)
-    height, width = gh * scale, gw * scale
-    limit = max_grid_pixels()
-    if height * width > limit:
-        raise UsageError(f"{what} would be {width} x {height} pixels, more than the {limit} pixels image readers "
-                         f"(PIL) accept; lower --num or --scale")
-    check_memory(c * gh * gw * 4 + c * height * width, what)
-
-
-def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1) -> str:
-    """Write (N, C, H, W) images in [-1, 1] as one PNG grid (1-pixel gaps)."""
-    from PIL import Image
-
-    images = images.detach().to("cpu", torch.float32).clamp(-1, 1)
-    n, c, h, w = images.shape
-    nrow, ncol, gh, gw = grid_layout(n, h, w, nrow)
-    grid = torch.full((c, gh, gw), 1.0)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = images[i]
-    arr = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    img.save(path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ from . import parallel, runs
 from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, format_value, make_parser,
                   nonnegative_int, positive_int, run_main, sampler_table)
 from .distill import MAX_ROWS, DistillConfig, Distiller
+from .errors import TrainingStopped  # noqa: F401  (raised here; importable from gsd.train as before)
 from .metrics import summary_rows
+from .util import resolve_device
 
 # Per-dataset defaults for the flags whose default is "depends on the dataset".
 DATASET_DEFAULTS = {
@@ -79,8 +81,6 @@ CKPT_OWNED = ("ema_rampup",)
 LOGGED_MEANS = ("irl_weight", "irl_gnorm_sid", "irl_gnorm_irl")
 
 
-class TrainingStopped(UsageError):
-    """A run that went wrong (non-finite, every sample dropped, exploding): one line, exit 2."""
 
 # Keys that describe the training itself (compared by --out / --resume checks).
 TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
@@ -223,14 +223,6 @@ def _validate(cfg: dict, resuming: bool = False) -> None:
         check_teacher_path(cfg["teacher"], trust_pickle=bool(cfg.get("trust_pickle")))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def _check_teacher(net, dataset, path) -> None:
     shape = tuple(getattr(net, "sample_shape", ()))
     if shape and shape != tuple(dataset.sample_shape):
@@ -327,7 +319,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
         _validate(cfg)
         runs.check_out_path(run_dir)
         runs.prepare_run_dir(run_dir, _training_view(cfg), allow_restart=True)
-    device = _device(cfg["device"])
+    device = resolve_device(cfg["device"])
     backend = _ops_backend(cfg, device)
     _check_grouped_backend(cfg, backend, device)
 
