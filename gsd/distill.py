@@ -65,7 +65,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .cli import DISTILL_DEFAULTS, UsageError
+from .config import DISTILL_DEFAULTS
+from .errors import UsageError
 
 __all__ = ["DistillConfig", "Distiller", "sigma_schedule", "ema_beta"]
 
