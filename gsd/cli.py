@@ -13,11 +13,11 @@ import sys
 from typing import Callable, Sequence
 
 
-from .config import DISTILL_DEFAULTS  # noqa: F401  (re-exported; the flags' defaults)
+from .config import DISTILL_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; DISTILL_DEFAULTS re-exported)
 from .errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
 from .util import (  # noqa: F401  (re-exported for the commands)
     check_creatable, check_image_output, check_memory, check_output_file, format_bytes, format_value,
-    memory_limit_bytes,
+    memory_limit_bytes, sampler_table,
 )
 
 
@@ -146,77 +146,76 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
 # Each adder defines one group of flags; commands take the groups they need.
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=["digits", "gmm", "cifar10", "folder"], default="digits",
+    p.add_argument("--dataset", choices=["digits", "gmm", "cifar10", "folder"], default=RUN_DEFAULTS["dataset"],
                    help="training data (digits and gmm are embedded; cifar10 and folder need --data-root)")
-    p.add_argument("--data-root", default=None, metavar="PATH",
+    p.add_argument("--data-root", default=RUN_DEFAULTS["data_root"], metavar="PATH",
                    help="root folder of cifar10 / folder data")
-    p.add_argument("--resolution", type=positive_int, default=None,
+    p.add_argument("--resolution", type=positive_int, default=RUN_DEFAULTS["resolution"],
                    help="image size for --dataset folder (square, centre-cropped)")
     p.add_argument("--download", action="store_true",
                    help="allow torchvision to download cifar10 into --data-root")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=RUN_DEFAULTS["device"],
                    help="where to run; auto picks cuda when available")
-    p.add_argument("--seed", type=seed_int, default=0, help=f"random seed (0 to {MAX_SEED})")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory")
+    p.add_argument("--seed", type=seed_int, default=RUN_DEFAULTS["seed"], help=f"random seed (0 to {MAX_SEED})")
+    p.add_argument("--out", default=RUN_DEFAULTS["out"], metavar="DIR", help="output directory")
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
-    d = DISTILL_DEFAULTS
     fused = p.add_mutually_exclusive_group()
-    fused.add_argument("--fused", dest="fused", action="store_true", default=False,
+    fused.add_argument("--fused", dest="fused", action="store_true", default=RUN_DEFAULTS["fused"],
                        help="run the loss ops on the fastest fused gsd_kernels backend for the device; "
                             "stop with one line where none can serve it")
     fused.add_argument("--no-fused", dest="fused", action="store_false", default=argparse.SUPPRESS,
                        help="use the reference (eager PyTorch) ops: the default, and the eager baseline")
-    p.add_argument("--teacher", default=None, metavar="PATH",
+    p.add_argument("--teacher", default=RUN_DEFAULTS["teacher"], metavar="PATH",
                    help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
                         "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
-    p.add_argument("--batch", type=count_int, default=64,
+    p.add_argument("--resume", default=RUN_DEFAULTS["resume"], metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--batch", type=count_int, default=RUN_DEFAULTS["batch"],
                    help="generated samples per iteration, neighbours included: with --irl-neighbours K it is "
                         "batch / (K+1) anchors x (K+1), so the SiD cost per iteration stays the same")
-    p.add_argument("--iters", type=count_int, default=None,
+    p.add_argument("--iters", type=count_int, default=RUN_DEFAULTS["iters"],
                    help="distillation iterations (default depends on the dataset)")
-    p.add_argument("--alpha", type=float, default=1.2, help="SiD alpha")
-    p.add_argument("--sigma-init", type=positive_float, default=2.5,
+    p.add_argument("--alpha", type=float, default=RUN_DEFAULTS["alpha"], help="SiD alpha")
+    p.add_argument("--sigma-init", type=positive_float, default=RUN_DEFAULTS["sigma_init"],
                    help="noise level of the generator's input")
-    p.add_argument("--tmax", type=positive_int, default=800,
+    p.add_argument("--tmax", type=positive_int, default=RUN_DEFAULTS["tmax"],
                    help="largest diffusion time (of 1000) in the generator step")
-    p.add_argument("--lambda-sid", type=nonnegative_float, default=1.0,
+    p.add_argument("--lambda-sid", type=nonnegative_float, default=RUN_DEFAULTS["lambda_sid"],
                    help="weight of the SiD loss (0 turns it off)")
-    p.add_argument("--lambda-irl", type=nonnegative_float, default=d["lambda_irl"], metavar="F",
+    p.add_argument("--lambda-irl", type=nonnegative_float, default=RUN_DEFAULTS["lambda_irl"], metavar="F",
                    help="scale-free weight of the isometric loss: on each generator micro-step its gradient at "
                         "the generator output x_g is rescaled to F x the norm of the SiD term's gradient at x_g "
                         "(lambda_sid * dL_sid/dx_g, whole micro-batch): L = lambda_sid L_sid + w L_irl with "
                         "w = F ||lambda_sid dL_sid/dx_g|| / ||dL_irl/dx_g|| (detached; 0 when the latter is 0); "
                         "needs --lambda-sid > 0; 0 turns it off")
-    p.add_argument("--lambda-irl-raw", type=nonnegative_float, default=d["lambda_irl_raw"], metavar="W",
+    p.add_argument("--lambda-irl-raw", type=nonnegative_float, default=RUN_DEFAULTS["lambda_irl_raw"], metavar="W",
                    help="raw weight of the isometric loss, L = lambda_sid L_sid + W L_irl (the papers' form; "
                         "exclusive with --lambda-irl; 0 turns it off)")
-    p.add_argument("--irl-estimator", choices=["pairs", "jvp"], default=d["irl_estimator"],
+    p.add_argument("--irl-estimator", choices=["pairs", "jvp"], default=RUN_DEFAULTS["irl_estimator"],
                    help="pairs: the pair-distance isometry loss (random batch pairs, or anchor/neighbour groups "
                         "with --irl-neighbours); jvp: the relaxed distortion measure of G's Jacobian at the "
                         "anchors (Gaussian probes; takes --lambda-irl-raw, no neighbours, global weighting)")
-    p.add_argument("--irl-neighbours", type=nonnegative_int, default=d["irl_neighbours"], metavar="K",
+    p.add_argument("--irl-neighbours", type=nonnegative_int, default=RUN_DEFAULTS["irl_neighbours"], metavar="K",
                    help="K > 0: each of batch/(K+1) anchor latents eps gets K neighbours eps + R u (u uniform on "
                         "the unit sphere, the anchor's class label) and the isometry loss is taken over each "
                         "anchor's group of K+1; --batch must be a multiple of K+1; 0: pairs over the whole batch")
-    p.add_argument("--irl-radius", type=positive_float, default=d["irl_radius"], metavar="R",
+    p.add_argument("--irl-radius", type=positive_float, default=RUN_DEFAULTS["irl_radius"], metavar="R",
                    help="distance of each neighbour latent from its anchor, in units of eps (R sigma_init in "
                         "z = sigma_init eps)")
-    p.add_argument("--dropout", type=unit_interval_float, default=None, metavar="P",
+    p.add_argument("--dropout", type=unit_interval_float, default=RUN_DEFAULTS["dropout"], metavar="P",
                    help="dropout probability of the generator and the fake score, in [0, 1) (default: the "
                         "teacher's; the teacher stays as loaded)")
-    p.add_argument("--irl-weighting", choices=["global", "local"], default="global",
+    p.add_argument("--irl-weighting", choices=["global", "local"], default=RUN_DEFAULTS["irl_weighting"],
                    help="pair weighting of the isometric loss")
-    p.add_argument("--irl-scale", type=irl_scale, default="optimal",
+    p.add_argument("--irl-scale", type=irl_scale, default=RUN_DEFAULTS["irl_scale"],
                    help="'optimal' (scale-invariant) or a fixed positive scale")
-    p.add_argument("--lr", type=positive_float, default=None,
+    p.add_argument("--lr", type=positive_float, default=RUN_DEFAULTS["lr"],
                    help="Adam learning rate of generator and fake score (default per dataset)")
-    p.add_argument("--ema-halflife", type=nonnegative_float, default=None,
+    p.add_argument("--ema-halflife", type=nonnegative_float, default=RUN_DEFAULTS["ema_halflife"],
                    help="EMA half-life of the generator, in images (default per dataset; 0 = no EMA)")
 
 
@@ -245,21 +244,6 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
                    help="class for --guidance class (None: sample i gets class i mod num_classes)")
     p.add_argument("--mask", choices=["top", "bottom", "left", "right", "center"], default=None,
                    help="HIDDEN region for --guidance inpaint (None: cycle through all five)")
-
-
-def sampler_table(samplers, cols: Sequence[str], names: dict) -> list[str]:
-    """Aligned text lines (header, rule, one row per sampler) of metric dicts.
-
-    samplers: (label, metrics) pairs; cols: the metric keys shown, headed by names[key];
-    "modes_covered" is shown as covered/total."""
-    rows = [["sampler"] + [names[c] for c in cols]]
-    for label, m in samplers:
-        rows.append([label] + [format_value(f"{m.get('modes_covered')}/{m.get('num_modes')}"
-                                            if c == "modes_covered" else m.get(c)) for c in cols])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

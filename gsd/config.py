@@ -1,9 +1,17 @@
-"""The run configuration's schema: the defaults every layer reads. Ground floor (no imports
-from gsd)."""
+"""The run configuration's schema: every setting of a distillation run, its default, the
+per-dataset defaults, the key sets compared on --out / --resume, and `resolve_config`, the one
+place a run's settings are completed and checked. Ground floor (imports only gsd.errors), so
+that gsd.train, gsd.evaluate and gsd.experiments share it without importing each other."""
 
 from __future__ import annotations
 
-__all__ = ["DISTILL_DEFAULTS"]
+import copy
+import os
+
+from .errors import UsageError
+
+__all__ = ["DISTILL_DEFAULTS", "DATASET_DEFAULTS", "RUN_DEFAULTS", "TRAINING_KEYS", "RUN_KEYS", "RESUME_FREE",
+           "DEFAULT_MAX_BAD_ITERS", "EXPLODE_FACTOR", "EXPLODE_WINDOW", "resolve_config"]
 
 
 # The defaults of the isometric regulariser, in one place (DistillConfig and the flags read
@@ -15,3 +23,100 @@ DISTILL_DEFAULTS = {
     "irl_radius": 0.5,        # R: neighbour distance in eps units (z-space: R * sigma_init)
     "irl_estimator": "pairs",
 }
+
+
+# The stop rule of a run that goes wrong (--max-bad-iters): an iteration is bad when a loss
+# is non-finite, when one of its two steps dropped every sample, or when the loss explodes:
+# the median of |loss_fake| + |loss_gen| over the last EXPLODE_WINDOW iterations is above
+# EXPLODE_FACTOR x max(1, the first loss of this start computed before any update: loss_fake,
+# or loss_gen without SiD). The median ignores the spread that the random noise levels give
+# single iterations. The run stops after DEFAULT_MAX_BAD_ITERS bad iterations in a row.
+DEFAULT_MAX_BAD_ITERS = 10
+EXPLODE_FACTOR = 1e4
+EXPLODE_WINDOW = 10
+
+
+# The run schema: every setting of a distillation run, named as its flag (dashes ->
+# underscores), with its default. gsd.train's parser takes its defaults from here (and
+# tests/engine/test_config_schema.py checks that they agree); None = "depends on the dataset"
+# (DATASET_DEFAULTS) or "off".
+RUN_DEFAULTS = {
+    # data (cli.add_data_args)
+    "dataset": "digits", "data_root": None, "resolution": None, "download": False,
+    # runtime (cli.add_runtime_args)
+    "device": "auto", "seed": 0, "out": None,
+    # distillation (cli.add_distill_args)
+    "fused": False, "teacher": None, "resume": None, "batch": 64, "iters": None, "alpha": 1.2,
+    "sigma_init": 2.5, "tmax": 800, "lambda_sid": 1.0,
+    "lambda_irl": DISTILL_DEFAULTS["lambda_irl"], "lambda_irl_raw": DISTILL_DEFAULTS["lambda_irl_raw"],
+    "irl_estimator": DISTILL_DEFAULTS["irl_estimator"], "irl_neighbours": DISTILL_DEFAULTS["irl_neighbours"],
+    "irl_radius": DISTILL_DEFAULTS["irl_radius"], "dropout": None, "irl_weighting": "global",
+    "irl_scale": "optimal", "lr": None, "ema_halflife": None,
+    # gsd.train only
+    "adam_betas": [0.0, 0.999], "lr_fake": None, "irl_bandwidth": None, "batch_per_gpu": None,
+    "precision": "fp32", "compile": False, "grad_checkpoint": False, "trust_pickle": False,
+    "gen_loss_scale": 100.0, "log_every": 10, "max_bad_iters": DEFAULT_MAX_BAD_ITERS, "ckpt_every": None,
+    "keep_every": None, "eval_samples": None, "cache_dir": None,
+    # hidden testing / experiment knobs
+    "exact_teacher": None, "latency_repeats": 5, "classifier_epochs": 30, "progress": True,
+}
+
+# Per-dataset defaults for the flags whose default is "depends on the dataset".
+DATASET_DEFAULTS = {
+    # digits: ~0.3 s per iteration on one CPU core with the default 0.3M-parameter teacher
+    "digits": dict(iters=800, lr=3e-5, ema_halflife=20000.0, batch=64, ckpt_every=200, eval_samples=1000),
+    "gmm": dict(iters=3000, lr=1e-4, ema_halflife=50000.0, batch=256, ckpt_every=500, eval_samples=4000),
+    "cifar10": dict(iters=20000, lr=1e-5, ema_halflife=500_000.0, batch=64, ckpt_every=1000, eval_samples=2000),
+    "folder": dict(iters=20000, lr=1e-5, ema_halflife=500_000.0, batch=64, ckpt_every=1000, eval_samples=2000),
+}
+
+# Settings that may differ between a run and its --resume (they do not change training).
+RESUME_FREE = ("iters", "device", "out", "resume", "log_every", "ckpt_every", "keep_every", "eval_samples",
+               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval", "compile", "trust_pickle",
+               "grad_checkpoint", "max_bad_iters")
+
+# Keys that describe the training itself (compared by --out / --resume checks).
+TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
+                 "alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "irl_weighting", "irl_scale",
+                 "irl_bandwidth", "lr", "lr_fake", "adam_betas", "ema_halflife", "gen_loss_scale",
+                 "lambda_irl_raw", "irl_estimator", "irl_neighbours", "irl_radius", "dropout")
+
+# Also compared by --out / --resume (kept out of TRAINING_KEYS, which names experiment runs).
+RUN_KEYS = TRAINING_KEYS + ("batch_per_gpu", "precision")
+
+
+def resolve_config(given: dict, explicit: dict | None = None) -> dict:
+    """Fill defaults (RUN_DEFAULTS, then per dataset) into a config dict, and check the keys.
+
+    The one place a run's settings are completed: gsd.train's command line, a saved
+    config.json (--resume, gsd.evaluate) and gsd.experiments' run dicts all go through it.
+
+    `explicit`: the keys the user actually gave (default: all of `given`); a flag with a
+    per-dataset default (e.g. --batch) that was not given takes the dataset's value.
+    """
+    explicit = given if explicit is None else explicit
+    base = RUN_DEFAULTS
+    cfg = {**copy.deepcopy(base), **{k: v for k, v in given.items() if k in base}}
+    unknown = sorted(set(given) - set(base))
+    if unknown:
+        raise UsageError(f"unknown config keys: {', '.join(unknown)}")
+    dd = DATASET_DEFAULTS.get(cfg["dataset"], DATASET_DEFAULTS["digits"])
+    for key in ("iters", "lr", "ema_halflife", "ckpt_every"):
+        if cfg.get(key) is None:
+            cfg[key] = dd[key]
+    if "batch" not in explicit:
+        cfg["batch"] = dd["batch"]
+    if cfg.get("keep_every") is None:
+        cfg["keep_every"] = 5 * cfg["ckpt_every"]
+    if cfg.get("exact_teacher") is None:
+        cfg["exact_teacher"] = cfg["dataset"] == "gmm" and cfg.get("teacher") is None
+    if cfg["exact_teacher"] and cfg["dataset"] != "gmm":
+        raise UsageError("--exact-teacher exists only for --dataset gmm")
+    if cfg.get("teacher") is not None:
+        cfg["teacher"] = os.path.abspath(cfg["teacher"])
+    betas = cfg["adam_betas"]
+    if not isinstance(betas, (list, tuple)) or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                      for b in betas):
+        raise UsageError(f"--adam-betas must be two numbers, got {betas!r}")
+    cfg["adam_betas"] = [float(b) for b in betas]
+    return cfg

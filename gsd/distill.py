@@ -230,12 +230,20 @@ class DistillConfig:
         return self.batch // (world * self.accum_steps(world))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DistillConfig":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and v is not None}
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return cls(**kw)
+    def from_run_config(cls, cfg: dict, backend: str | None = None) -> "DistillConfig":
+        """The DistillConfig of a resolved run config (gsd.config.resolve_config): the one mapping
+        from flag names to field names. Three fields keep their own names, because checkpoints
+        store this dataclass: adam_betas -> betas, batch_per_gpu -> batch_per_rank, and fused ->
+        backend (`backend`: the concrete ops backend; default "auto" with --fused, else
+        "reference")."""
+        if backend is None:
+            backend = "auto" if cfg["fused"] else "reference"
+        same = ("alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "lambda_irl_raw", "irl_estimator",
+                "irl_neighbours", "irl_radius", "dropout", "irl_weighting", "irl_bandwidth", "irl_scale", "batch",
+                "lr", "lr_fake", "ema_halflife", "gen_loss_scale", "seed")
+        return cls(**{k: cfg[k] for k in same}, betas=tuple(cfg["adam_betas"]), backend=backend,
+                   batch_per_rank=cfg.get("batch_per_gpu"), precision=cfg.get("precision", "fp32"),
+                   compile=bool(cfg.get("compile", False)), grad_checkpoint=bool(cfg.get("grad_checkpoint", False)))
 
     def to_dict(self) -> dict:
         d = asdict(self)

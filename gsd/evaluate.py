@@ -46,6 +46,8 @@ from typing import Sequence
 import torch
 
 from . import runs
+from .config import RUN_DEFAULTS, resolve_config
+from .distill import DistillConfig
 from .fileio import jsonable
 from .util import resolve_device
 from .cli import (MAX_COUNT, UsageError, bounded_int, check_memory, count_int, format_value, make_parser,
@@ -155,7 +157,6 @@ def _network_id(net: torch.nn.Module) -> str:
 
 def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
     """A run's config, data set, teacher and checkpoint; UsageError (one line) on any problem."""
-    from . import train
     from .data import GMMDenoiser, load_dataset
     from .distill import Distiller
     from .import_teacher import load_run_teacher
@@ -175,12 +176,11 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
                              f"pointing at missing files)")
     dev = resolve_device(device)
 
-    base = vars(train.build_parser().parse_args([]))
-    known = {k: v for k, v in cfg.items() if k in base or k == "exact_teacher"}
+    known = {k: v for k, v in cfg.items() if k in RUN_DEFAULTS}
     known.pop("resume", None)
     try:
-        full = train.resolve_config(known)
-        dcfg = train.distill_config(full)
+        full = resolve_config(known)
+        dcfg = DistillConfig.from_run_config(full)
     except UsageError as exc:
         raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} is not usable by this gsd version ({exc})") from None
     except (KeyError, TypeError, ValueError) as exc:

@@ -48,6 +48,7 @@ import torch
 import gsd_kernels
 
 from . import runs
+from .config import DATASET_DEFAULTS, TRAINING_KEYS, resolve_config
 from .fileio import jsonable
 from .util import resolve_device
 from .cli import (DISTILL_DEFAULTS, UsageError, make_parser, nonnegative_int, positive_float, positive_int,
@@ -77,8 +78,6 @@ _FULL_LAMBDA_IRL = DISTILL_DEFAULTS["lambda_irl"] or 0.1
 
 def sizes(args) -> dict:
     """Iterations, batch and evaluation sizes for the chosen --scale (or --tiny)."""
-    from .train import DATASET_DEFAULTS
-
     dd = DATASET_DEFAULTS[args.dataset]
     if args.tiny:
         return dict(iters=args.iters or 3, batch=8, ckpt_every=1, log_every=1, num_samples=64, ppl_samples=8,
@@ -108,8 +107,6 @@ def _run_config(args, sz: dict, variant: str) -> dict:
 
 
 def _training_view(cfg: dict) -> dict:
-    from .train import TRAINING_KEYS, resolve_config
-
     full = resolve_config({k: v for k, v in cfg.items() if k != "out"})
     view = {k: full[k] for k in TRAINING_KEYS if k in full}
     view["iters"] = full["iters"]

@@ -30,67 +30,16 @@ flag names as keys (dashes -> underscores); missing keys take the defaults.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
-import time
-from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from . import parallel, runs
-from .cli import (UsageError, add_data_args, add_distill_args, add_runtime_args, format_value, make_parser,
-                  nonnegative_int, positive_int, run_main, sampler_table)
-from .distill import MAX_ROWS, DistillConfig, Distiller
-from .errors import TrainingStopped  # noqa: F401  (raised here; importable from gsd.train as before)
-from .metrics import summary_rows
-from .util import resolve_device
-
-# Per-dataset defaults for the flags whose default is "depends on the dataset".
-DATASET_DEFAULTS = {
-    # digits: ~0.3 s per iteration on one CPU core with the default 0.3M-parameter teacher
-    "digits": dict(iters=800, lr=3e-5, ema_halflife=20000.0, batch=64, ckpt_every=200, eval_samples=1000),
-    "gmm": dict(iters=3000, lr=1e-4, ema_halflife=50000.0, batch=256, ckpt_every=500, eval_samples=4000),
-    "cifar10": dict(iters=20000, lr=1e-5, ema_halflife=500_000.0, batch=64, ckpt_every=1000, eval_samples=2000),
-    "folder": dict(iters=20000, lr=1e-5, ema_halflife=500_000.0, batch=64, ckpt_every=1000, eval_samples=2000),
-}
-
-# Settings that may differ between a run and its --resume (they do not change training).
-RESUME_FREE = ("iters", "device", "out", "resume", "log_every", "ckpt_every", "keep_every", "eval_samples",
-               "latency_repeats", "classifier_epochs", "cache_dir", "progress", "eval", "compile", "trust_pickle",
-               "grad_checkpoint", "max_bad_iters")
-
-# The stop rule of a run that goes wrong (--max-bad-iters): an iteration is bad when a loss
-# is non-finite, when one of its two steps dropped every sample, or when the loss explodes:
-# the median of |loss_fake| + |loss_gen| over the last EXPLODE_WINDOW iterations is above
-# EXPLODE_FACTOR x max(1, the first loss of this start computed before any update: loss_fake,
-# or loss_gen without SiD). The median ignores the spread that the random noise levels give
-# single iterations. The run stops after DEFAULT_MAX_BAD_ITERS bad iterations in a row.
-DEFAULT_MAX_BAD_ITERS = 10
-EXPLODE_FACTOR = 1e4
-EXPLODE_WINDOW = 10
-
-# DistillConfig fields that may differ from a checkpoint's own copy on --resume
-CKPT_FREE = ("backend", "compile", "grad_checkpoint")
-# DistillConfig fields with no flag: a resumed run keeps its checkpoint's value (a run started
-# before the EMA ramp-up ratio became 0.05 goes on with 0.1)
-CKPT_OWNED = ("ema_rampup",)
-
-# log.jsonl keys averaged over the iterations of a record besides the losses (scale-free weight)
-LOGGED_MEANS = ("irl_weight", "irl_gnorm_sid", "irl_gnorm_irl")
-
-
-
-# Keys that describe the training itself (compared by --out / --resume checks).
-TRAINING_KEYS = ("dataset", "data_root", "resolution", "teacher", "exact_teacher", "fused", "seed", "batch",
-                 "alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "irl_weighting", "irl_scale",
-                 "irl_bandwidth", "lr", "lr_fake", "adam_betas", "ema_halflife", "gen_loss_scale",
-                 "lambda_irl_raw", "irl_estimator", "irl_neighbours", "irl_radius", "dropout")
-
-# Also compared by --out / --resume (kept out of TRAINING_KEYS, which names experiment runs).
-RUN_KEYS = TRAINING_KEYS + ("batch_per_gpu", "precision")
-
+from .cli import add_data_args, add_distill_args, add_runtime_args, make_parser, nonnegative_int, positive_int, run_main
+from .config import (  # noqa: F401  (re-exported: gsd.train's names since the start)
+    DATASET_DEFAULTS, DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, RESUME_FREE, RUN_DEFAULTS, RUN_KEYS,
+    TRAINING_KEYS, resolve_config,
+)
+from .errors import TrainingStopped  # noqa: F401  (re-exported)
+from .training import run, summary_table  # noqa: F401  (the library behind this command; re-exported)
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m gsd.train",
@@ -99,52 +48,58 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     add_runtime_args(p)
     add_distill_args(p)
-    p.add_argument("--adam-betas", type=float, nargs=2, default=[0.0, 0.999], metavar=("B1", "B2"),
+    p.add_argument("--adam-betas", type=float, nargs=2, default=RUN_DEFAULTS["adam_betas"], metavar=("B1", "B2"),
                    help="Adam betas of generator and fake score (SiD uses 0 0.999)")
-    p.add_argument("--lr-fake", type=float, default=None, help="learning rate of the fake score (default: --lr)")
-    p.add_argument("--irl-bandwidth", type=float, default=None,
+    p.add_argument("--lr-fake", type=float, default=RUN_DEFAULTS["lr_fake"],
+                   help="learning rate of the fake score (default: --lr)")
+    p.add_argument("--irl-bandwidth", type=float, default=RUN_DEFAULTS["irl_bandwidth"],
                    help="kernel bandwidth h of --irl-weighting local (default: from the latents)")
-    p.add_argument("--batch-per-gpu", type=positive_int, default=None,
+    p.add_argument("--batch-per-gpu", type=positive_int, default=RUN_DEFAULTS["batch_per_gpu"],
                    help="samples per process and micro-step under torchrun (default: --batch / world size); "
                         "--batch / (this x world size) gradient-accumulation steps, which must be whole")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=RUN_DEFAULTS["precision"],
                    help="autocast dtype of the network forwards (losses and optimiser stay fp32; fp16 uses a "
                         "gradient scaler)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the generator, fake score and teacher")
-    p.add_argument("--grad-checkpoint", action="store_true", default=False,
+    p.add_argument("--grad-checkpoint", action="store_true", default=RUN_DEFAULTS["grad_checkpoint"],
                    help="gradient checkpointing: recompute the generator's and fake score's block activations "
                         "in the backward pass instead of storing them (less memory, one more forward of each block)")
-    p.add_argument("--trust-pickle", action="store_true", default=False,
+    p.add_argument("--trust-pickle", action="store_true", default=RUN_DEFAULTS["trust_pickle"],
                    help="allow --teacher to be an NVlabs EDM .pkl (only EDM's allow-listed classes are read; "
                         "no code from the file runs)")
-    p.add_argument("--gen-loss-scale", type=float, default=100.0,
+    p.add_argument("--gen-loss-scale", type=float, default=RUN_DEFAULTS["gen_loss_scale"],
                    help="factor on the generator loss before Adam (SiD's lsg)")
-    p.add_argument("--log-every", type=positive_int, default=10, help="iterations between log.jsonl records")
-    p.add_argument("--max-bad-iters", type=nonnegative_int, default=DEFAULT_MAX_BAD_ITERS, metavar="K",
+    p.add_argument("--log-every", type=positive_int, default=RUN_DEFAULTS["log_every"],
+                   help="iterations between log.jsonl records")
+    p.add_argument("--max-bad-iters", type=nonnegative_int, default=RUN_DEFAULTS["max_bad_iters"], metavar="K",
                    help="stop the run (one line, exit 2, the last checkpoint kept) after K consecutive bad "
                         "iterations: a loss is non-finite, or one of the two steps dropped every sample (non-finite "
                         "generator samples or network outputs), or the loss has exploded (the median of "
                         f"|loss_fake| + |loss_gen| over the last {EXPLODE_WINDOW} iterations above "
                         f"{EXPLODE_FACTOR:g} x max(1, the first iteration's loss_fake, or loss_gen without SiD)); "
                         "0 never stops")
-    p.add_argument("--ckpt-every", type=positive_int, default=None,
+    p.add_argument("--ckpt-every", type=positive_int, default=RUN_DEFAULTS["ckpt_every"],
                    help="iterations between checkpoints (default per dataset)")
-    p.add_argument("--keep-every", type=nonnegative_int, default=None,
+    p.add_argument("--keep-every", type=nonnegative_int, default=RUN_DEFAULTS["keep_every"],
                    help="keep every checkpoint whose step is a multiple of this (default 5x --ckpt-every; "
                         "0 keeps only the latest)")
-    p.add_argument("--eval-samples", type=nonnegative_int, default=None,
+    p.add_argument("--eval-samples", type=nonnegative_int, default=RUN_DEFAULTS["eval_samples"],
                    help="samples per Frechet distance / sliced Wasserstein (default: 1000 for digits, "
                         "4000 for gmm, 2000 otherwise; 0 skips the evaluation)")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
+    p.add_argument("--cache-dir", default=RUN_DEFAULTS["cache_dir"], metavar="DIR",
                    help="cache of trained teachers and the digits classifier (default $GSD_CACHE or .cache/gsd)")
     # testing / experiment knobs, not shown in --help
-    p.add_argument("--exact-teacher", dest="exact_teacher", action="store_true", default=None,
+    p.add_argument("--exact-teacher", dest="exact_teacher", action="store_true",
+                   default=RUN_DEFAULTS["exact_teacher"],
                    help=argparse.SUPPRESS)
     p.add_argument("--no-exact-teacher", dest="exact_teacher", action="store_false", help=argparse.SUPPRESS)
-    p.add_argument("--latency-repeats", type=positive_int, default=5, help=argparse.SUPPRESS)
-    p.add_argument("--classifier-epochs", type=positive_int, default=30, help=argparse.SUPPRESS)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True, help=argparse.SUPPRESS)
+    p.add_argument("--latency-repeats", type=positive_int, default=RUN_DEFAULTS["latency_repeats"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--classifier-epochs", type=positive_int, default=RUN_DEFAULTS["classifier_epochs"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=RUN_DEFAULTS["progress"],
+                   help=argparse.SUPPRESS)
     return p
 
 
@@ -155,620 +110,6 @@ def _explicit(argv: Sequence[str] | None) -> dict:
         action.default = argparse.SUPPRESS
     ns = p.parse_args(argv)
     return vars(ns)
-
-
-def resolve_config(given: dict, explicit: dict | None = None) -> dict:
-    """Fill defaults (global, then per dataset) into a config dict.
-
-    `explicit`: the keys the user actually gave (default: all of `given`); a flag with a
-    per-dataset default (e.g. --batch) that was not given takes the dataset's value.
-    """
-    explicit = given if explicit is None else explicit
-    base = vars(build_parser().parse_args([]))
-    cfg = {**base, **{k: v for k, v in given.items() if k in base or k in ("exact_teacher",)}}
-    unknown = sorted(set(given) - set(base))
-    if unknown:
-        raise UsageError(f"unknown config keys: {', '.join(unknown)}")
-    dd = DATASET_DEFAULTS.get(cfg["dataset"], DATASET_DEFAULTS["digits"])
-    for key in ("iters", "lr", "ema_halflife", "ckpt_every"):
-        if cfg.get(key) is None:
-            cfg[key] = dd[key]
-    if "batch" not in explicit:
-        cfg["batch"] = dd["batch"]
-    if cfg.get("keep_every") is None:
-        cfg["keep_every"] = 5 * cfg["ckpt_every"]
-    if cfg.get("exact_teacher") is None:
-        cfg["exact_teacher"] = cfg["dataset"] == "gmm" and cfg.get("teacher") is None
-    if cfg["exact_teacher"] and cfg["dataset"] != "gmm":
-        raise UsageError("--exact-teacher exists only for --dataset gmm")
-    if cfg.get("teacher") is not None:
-        cfg["teacher"] = os.path.abspath(cfg["teacher"])
-    betas = cfg["adam_betas"]
-    if not isinstance(betas, (list, tuple)) or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                                      for b in betas):
-        raise UsageError(f"--adam-betas must be two numbers, got {betas!r}")
-    cfg["adam_betas"] = [float(b) for b in betas]
-    return cfg
-
-
-def distill_config(cfg: dict, backend: str | None = None) -> DistillConfig:
-    """backend: the concrete ops backend (default: "auto" with --fused, else "reference")."""
-    if backend is None:
-        backend = "auto" if cfg["fused"] else "reference"
-    return DistillConfig(
-        alpha=cfg["alpha"], sigma_init=cfg["sigma_init"], tmax=cfg["tmax"], lambda_sid=cfg["lambda_sid"],
-        lambda_irl=cfg["lambda_irl"], lambda_irl_raw=cfg["lambda_irl_raw"], irl_estimator=cfg["irl_estimator"],
-        irl_neighbours=cfg["irl_neighbours"], irl_radius=cfg["irl_radius"], dropout=cfg["dropout"],
-        irl_weighting=cfg["irl_weighting"], irl_bandwidth=cfg["irl_bandwidth"],
-        irl_scale=cfg["irl_scale"], batch=cfg["batch"], lr=cfg["lr"], lr_fake=cfg["lr_fake"],
-        betas=tuple(cfg["adam_betas"]), ema_halflife=cfg["ema_halflife"], gen_loss_scale=cfg["gen_loss_scale"],
-        backend=backend, seed=cfg["seed"], batch_per_rank=cfg.get("batch_per_gpu"),
-        precision=cfg.get("precision", "fp32"), compile=bool(cfg.get("compile", False)),
-        grad_checkpoint=bool(cfg.get("grad_checkpoint", False)),
-    )
-
-
-def _validate(cfg: dict, resuming: bool = False) -> None:
-    distill_config(cfg).validate().accum_steps(parallel.env_world_size())
-    for key in ("eval_samples", "batch_per_gpu"):
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_ROWS):
-            raise UsageError(f"--{key.replace('_', '-')} must be an integer in [0, {MAX_ROWS}], got {v!r}")
-    for key, low in (("iters", 0), ("log_every", 1), ("ckpt_every", 1), ("keep_every", 0), ("max_bad_iters", 0)):
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
-            raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")
-    if cfg["teacher"] is not None and not resuming:  # a resumed run uses its own copy of the teacher
-        from .import_teacher import check_teacher_path
-        check_teacher_path(cfg["teacher"], trust_pickle=bool(cfg.get("trust_pickle")))
-
-
-def _check_teacher(net, dataset, path) -> None:
-    shape = tuple(getattr(net, "sample_shape", ()))
-    if shape and shape != tuple(dataset.sample_shape):
-        raise UsageError(f"--teacher {path} is for samples of shape {shape}, but --dataset {dataset.name} has "
-                         f"shape {tuple(dataset.sample_shape)}")
-    label_dim = int(getattr(net, "label_dim", 0))
-    if label_dim and label_dim != int(dataset.num_classes or 0):
-        raise UsageError(f"--teacher {path} is conditional on {label_dim} classes, --dataset {dataset.name} "
-                         f"has {dataset.num_classes}")
-    try:
-        dev = next(net.parameters()).device
-        with torch.no_grad():
-            out = net(torch.zeros(2, *dataset.sample_shape, device=dev), torch.ones(2, device=dev))
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"--teacher {path} does not run on --dataset {dataset.name} samples "
-                         f"({' '.join(str(exc).split())[:200]})") from None
-    if tuple(out.shape[1:]) != tuple(dataset.sample_shape):
-        raise UsageError(f"--teacher {path} outputs shape {tuple(out.shape[1:])}, expected "
-                         f"{tuple(dataset.sample_shape)}")
-
-
-def _training_view(cfg: dict) -> dict:
-    return {k: cfg[k] for k in RUN_KEYS if k in cfg}
-
-
-def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_hook=None) -> Path:
-    """Distil, checkpoint, evaluate; returns the run directory.
-
-    config: flag values by name (underscores); missing keys take the defaults. With
-    `resume`, only the keys in `explicit` (default: every key of config) are compared with
-    the saved run. `nan_hook(phase, x_g) -> x_g` is handed to the Distiller (tests).
-
-    Under torchrun (WORLD_SIZE > 1) every rank calls this; the process group is created here
-    after the settings are checked and destroyed on return (unless it existed before).
-    """
-    owns_group = not parallel.is_distributed()
-    try:
-        return _run(config, explicit=explicit, nan_hook=nan_hook)
-    finally:
-        if owns_group:
-            parallel.shutdown()
-
-
-def _run(config, *, explicit, nan_hook) -> Path:
-    given = dict(vars(config) if isinstance(config, argparse.Namespace) else config)
-    explicit = dict(given) if explicit is None else dict(explicit)
-    t_start = time.perf_counter()
-
-    # ---------------------------------------------------------------- every check first
-    # (settings, --out / --resume, the fused backend: before the data set or teacher is loaded)
-    resume_dir = given.get("resume")
-    ckpt_note = ckpt_state = None
-    if resume_dir:
-        resume_dir = Path(resume_dir)
-        if given.get("out") and Path(given["out"]).resolve() != resume_dir.resolve():
-            raise UsageError(f"--out {given['out']} differs from --resume {resume_dir}; give one of them")
-        if "teacher" in explicit and explicit["teacher"] is not None:
-            explicit["teacher"] = os.path.abspath(explicit["teacher"])
-        saved = runs.check_resume_dir(resume_dir, {k: v for k, v in explicit.items() if k in RUN_KEYS},
-                                      ignore=RESUME_FREE)
-        saved_world = saved.get("world_size", 1)
-        if not isinstance(saved_world, int) or saved_world != parallel.env_world_size():
-            raise UsageError(f"--resume {resume_dir} was trained with {saved_world} process(es), this launch has "
-                             f"{parallel.env_world_size()}; resume it with the same world size"
-                             + (" (plain python, no torchrun)" if saved_world == 1
-                                else f" (torchrun --nproc_per_node={saved_world} on one node)"))
-        run_dir = resume_dir
-        try:  # config.json may have been damaged by hand: one line that names the value
-            cfg = resolve_config({k: v for k, v in saved.items() if k in vars(build_parser().parse_args([]))})
-            cfg["resume"] = None
-            cfg["out"] = str(resume_dir)
-            _validate(cfg, resuming=True)
-        except UsageError as exc:
-            raise UsageError(f"--resume {run_dir}: its {runs.CONFIG_NAME} is damaged: {exc}") from None
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise UsageError(f"--resume {run_dir}: its {runs.CONFIG_NAME} is damaged ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())})") from None
-        for key in RESUME_FREE:  # then the flags a resume may change, checked as given
-            if key in given and given[key] is not None and key not in ("resume", "out"):
-                cfg[key] = given[key]
-        _validate(cfg, resuming=True)
-        step, ckpt_note = runs.find_checkpoint(run_dir)
-        if cfg["iters"] < step:
-            raise UsageError(f"--resume {run_dir} --iters {cfg['iters']}: the run has already reached iteration "
-                             f"{step}; give --iters {step} or more")
-        if not os.access(run_dir, os.W_OK | os.X_OK):
-            raise UsageError(f"--resume {run_dir} is not writable")
-        ckpt_state = runs.load_checkpoint_state(run_dir, step)
-        _check_against_checkpoint(cfg, ckpt_state, run_dir, step)
-    else:
-        cfg = resolve_config({k: v for k, v in given.items() if k != "resume"}, explicit)
-        run_dir = Path(cfg["out"]) if cfg.get("out") else runs.default_run_dir(cfg["dataset"])
-        cfg["out"] = str(run_dir)
-        _validate(cfg)
-        runs.check_out_path(run_dir)
-        runs.prepare_run_dir(run_dir, _training_view(cfg), allow_restart=True)
-    device = resolve_device(cfg["device"])
-    backend = _ops_backend(cfg, device)
-    _check_grouped_backend(cfg, backend, device)
-
-    # ---------------------------------------------------------------- processes (torchrun)
-    # every check above depends only on the settings and the files, so all ranks agree on it;
-    # from here a failure on one rank is raised on all of them (parallel.agree)
-    device = parallel.init(device)
-    parallel.barrier()
-    main_rank = parallel.is_main()
-    world = parallel.world_size()
-    show = bool(cfg["progress"]) and main_rank
-    import gsd_kernels
-    backends = gsd_kernels.resolved_backends(device, backend)
-
-    from .data import GMMDenoiser, load_dataset
-
-    from .import_teacher import load_run_teacher, load_teacher_any, save_run_teacher
-
-    def load_inputs():
-        ds = load_dataset(cfg["dataset"], data_root=cfg["data_root"], resolution=cfg["resolution"],
-                          download=cfg["download"])
-        _check_memory(cfg, ds.sample_shape, device, world)
-        net = None
-        if resume_dir:
-            net = load_run_teacher(run_dir, device=device)
-            _check_teacher(net, ds, f"copy in {run_dir}")
-        elif cfg["teacher"] is not None:
-            net = load_teacher_any(cfg["teacher"], device=device, trust_pickle=bool(cfg.get("trust_pickle")))
-            _check_teacher(net, ds, cfg["teacher"])
-        if cfg["exact_teacher"] and ds.mixture is None:
-            raise UsageError(f"--exact-teacher needs a dataset with a known mixture, not {ds.name}")
-        return ds, net
-
-    # rank 0 first: a --download happens once
-    dataset, teacher_net = parallel.rank0_first(load_inputs)
-
-    # ---------------------------------------------------------------- teacher (may train one)
-    if teacher_net is None:
-        from .teacher import get_teacher
-
-        def default_teacher():
-            net = get_teacher(dataset, teacher_path=None, cache_dir=cfg["cache_dir"], device=device,
-                              seed=0, progress=show)
-            _check_teacher(net, dataset, "(default teacher)")
-            return net
-        # rank 0 trains and caches it, the others load the cached file
-        teacher_net = parallel.rank0_first(default_teacher)
-    teacher_net = teacher_net.to(device).eval()
-    f_phi = GMMDenoiser(dataset.mixture).to(device) if cfg["exact_teacher"] else teacher_net
-    if cfg["exact_teacher"] and int(getattr(teacher_net, "label_dim", 0)):
-        raise UsageError("the exact gmm teacher is unconditional; the network teacher is class-conditional")
-
-    # ---------------------------------------------------------------- run directory
-    dcfg = distill_config(cfg, backend)  # the concrete backend: what runs is what is recorded
-    if resume_dir:
-        for key in CKPT_OWNED:
-            saved_value = ckpt_state["distiller"]["config"].get(key, getattr(dcfg, key))
-            setattr(dcfg, key, saved_value)
-    distiller = Distiller(f_phi, dcfg, init=teacher_net, sample_shape=dataset.sample_shape, device=device)
-    distiller.nan_hook = nan_hook
-    distiller.enable_ddp()  # DDP on G and f_psi; weights broadcast from rank 0
-    elapsed_before = 0.0
-    saved_at = None
-    if resume_dir:
-        def load_weights():
-            saved_world = int(ckpt_state["distiller"].get("world_size", 1))
-            if saved_world != world:
-                raise UsageError(f"--resume {run_dir}: its checkpoint was written by {saved_world} process(es), "
-                                 f"this launch has {world}")
-            return runs.load_checkpoint_weights(run_dir, step)
-        weights = parallel.agree(load_weights)
-        state = ckpt_state
-        distiller.load_weights({k: v.to(device) for k, v in weights.items()})
-        distiller.load_training_state(state["distiller"])
-        if "rng_ranks" in state:  # each rank continues its own sampling stream
-            distiller.rng.set_state(state["rng_ranks"][parallel.rank()].cpu())
-        runs.restore_rng_state(state["rng"])
-        elapsed_before = float(state.get("elapsed", 0.0))
-        saved_at = distiller.iteration
-        if main_rank:
-            if ckpt_note:
-                print(f"note: {ckpt_note}", file=sys.stderr)
-            runs.remove_stale_temp_files(run_dir)  # left by a kill during a write
-            saved_cfg = runs.read_config(run_dir)
-            if saved_cfg.get("iters") != cfg["iters"] or saved_cfg.get("backends") != backends:
-                saved_cfg["iters"] = cfg["iters"]
-                saved_cfg["backend"] = backend
-                saved_cfg["backends"] = backends  # what runs from here on
-                runs.write_json_atomic(run_dir / runs.CONFIG_NAME, saved_cfg)
-            logger = runs.JsonlLogger(run_dir / runs.LOG_NAME, truncate_after_step=distiller.iteration)
-        else:
-            logger = _NullLogger()
-    elif main_rank:
-        if runs.restartable(run_dir):  # a crash or kill before its first checkpoint: nothing to keep
-            runs.clear_dead_run(run_dir)
-            print(f"note: --out {run_dir} held a run with no complete checkpoint; starting it again",
-                  file=sys.stderr)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out {run_dir}: cannot create it ({exc.strerror or exc})") from None
-        runs.remove_stale_temp_files(run_dir)
-        teacher_file = save_run_teacher(teacher_net, run_dir, cfg["teacher"] or "default teacher")
-        record = {k: v for k, v in cfg.items()}
-        record["backend"] = dcfg.backend
-        record["backends"] = backends
-        record["teacher_file"] = teacher_file
-        record["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        record["world_size"] = world
-        runs.write_json_atomic(run_dir / runs.CONFIG_NAME, record)
-        logger = runs.JsonlLogger(run_dir / runs.LOG_NAME)
-    else:
-        logger = _NullLogger()
-    parallel.barrier()
-
-    # ---------------------------------------------------------------- training loop
-    def checkpoint(elapsed):
-        # collective: every rank's sampling stream goes into the state; rank 0 writes it
-        dstate = distiller.training_state()
-        extra = {}
-        if world > 1:
-            extra["rng_ranks"] = [s.cpu() for s in parallel.all_gather_objects(distiller.rng.get_state())]
-        if main_rank:
-            runs.save_checkpoint(run_dir, distiller.iteration, distiller.weights(),
-                                 {"distiller": dstate, "rng": runs.capture_rng_state(), "elapsed": elapsed,
-                                  "run_config": _training_view(cfg), **extra},
-                                 keep_every=cfg["keep_every"] or None)
-        parallel.barrier()
-        return distiller.iteration
-
-    t_train = time.perf_counter()
-    total = int(cfg["iters"])
-    guard = _StopRule(int(cfg.get("max_bad_iters", DEFAULT_MAX_BAD_ITERS)))
-    interrupts = _DeferredInterrupt(enabled=world == 1)
-    mid_step = False
-    try:
-        from .progress import progress_bar  # a tqdm bar on a terminal, ~22 plain lines in a log
-        bar = progress_bar(total=total, initial=min(distiller.iteration, total), desc=f"distil {cfg['dataset']}",
-                           enabled=show, file=sys.stderr)
-        acc: dict = {}
-        n_acc = 0
-        nan_since = {"nan_samples": 0, "nan_grads": 0}
-        try:
-            with interrupts:
-                while distiller.iteration < total:
-                    mid_step = True  # an interrupt from here to the end of step() leaves a half-done iteration
-                    out = distiller.step()
-                    mid_step = False
-                    n_acc += 1
-                    for k, v in out.items():
-                        if k.startswith("loss_") or k in LOGGED_MEANS:
-                            acc[k] = acc.get(k, 0.0) + v
-                    nan_since["nan_samples"] += out["nan_samples"]
-                    nan_since["nan_grads"] += out["nan_grads"]
-                    it = distiller.iteration
-                    bar.update(1)
-                    bad = guard.update(out, device, world)  # the same verdict on every rank
-                    nan_now = out["nan_samples"] or out["nan_grads"]
-                    if it % cfg["log_every"] == 0 or it == total or nan_now or guard.stopped:  # same on every rank
-                        elapsed = elapsed_before + time.perf_counter() - t_train
-                        rec = {"iteration": it, "time": round(elapsed, 3), "images_seen": distiller.images_seen}
-                        acc = _mean_over_ranks(acc, device)
-                        rec.update({k: v / n_acc for k, v in acc.items()})
-                        rec.update(nan_since)
-                        rec["nan_events_total"] = distiller.totals["nan_iterations"]
-                        logger.log(rec)
-                        bar.set_postfix({k[5:]: f"{v / n_acc:.4g}" for k, v in acc.items() if k.startswith("loss_")},
-                                        refresh=False)
-                        acc, n_acc = {}, 0
-                        nan_since = {"nan_samples": 0, "nan_grads": 0}
-                    if nan_now and main_rank:
-                        bar.write(f"iteration {it}: dropped {out['nan_samples']} non-finite samples, zeroed "
-                                  f"{out['nan_grads']} non-finite gradient values")
-                    if guard.stopped:
-                        raise TrainingStopped(guard.message(it, saved_at, run_dir))
-                    if it % cfg["ckpt_every"] == 0 and it < total and not bad:  # never checkpoint a bad iteration
-                        saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
-                    if interrupts.requested:  # Ctrl-C during this iteration: it is complete now
-                        raise KeyboardInterrupt
-        except TrainingStopped:
-            bar.close()
-            raise
-        except KeyboardInterrupt:
-            bar.close()
-            logger.close()
-            if world > 1:  # the other ranks may be anywhere: no collective checkpoint now
-                if main_rank:
-                    print(f"interrupted; continue from the last checkpoint with --resume {run_dir}",
-                          file=sys.stderr)
-                raise
-            if mid_step:
-                # part of iteration k+1 is applied (a step, Adam moments, the RNG): never save that
-                print(f"interrupted in iteration {distiller.iteration + 1}, which is not saved; "
-                      + (f"continue from the checkpoint of iteration {saved_at} with --resume {run_dir}"
-                         if saved_at is not None else f"no checkpoint yet: start it again with --out {run_dir}"),
-                      file=sys.stderr)
-                raise
-            if saved_at != distiller.iteration:
-                saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
-            print(f"interrupted; checkpoint of iteration {distiller.iteration} saved, continue with "
-                  f"--resume {run_dir}", file=sys.stderr)
-            raise
-        bar.close()
-        train_seconds = elapsed_before + time.perf_counter() - t_train
-        if saved_at != distiller.iteration and (world > 1 or runs.latest_step(run_dir) != distiller.iteration):
-            checkpoint(train_seconds)
-    finally:
-        logger.close()
-
-    if not main_rank:  # rank 0 alone evaluates
-        return run_dir
-
-    # ---------------------------------------------------------------- evaluation
-    from .metrics import evaluate_distillation
-
-    n_eval = cfg["eval_samples"]
-    if n_eval is None:
-        n_eval = DATASET_DEFAULTS.get(cfg["dataset"], DATASET_DEFAULTS["folder"])["eval_samples"]
-    if n_eval > 0:
-        metrics, panels = evaluate_distillation(
-            distiller.generate, f_phi, dataset, device=device, num_samples=n_eval,
-            num_classes=distiller.num_classes, sigma_init=dcfg.sigma_init, backend=dcfg.backend,
-            cache_dir=cfg["cache_dir"], latency_repeats=cfg["latency_repeats"],
-            classifier_epochs=cfg["classifier_epochs"], progress=cfg["progress"])
-        metrics["iterations"] = distiller.iteration
-        metrics["images_seen"] = distiller.images_seen
-        metrics["train_seconds"] = round(train_seconds, 2)
-        metrics["nan_events"] = dict(distiller.totals)
-        metrics["device"] = str(device)
-        metrics["backend"] = dcfg.backend
-        metrics["backends"] = backends
-        metrics["teacher_kind"] = "exact GMM denoiser" if cfg["exact_teacher"] else "network"
-        runs.write_json_atomic(run_dir / "metrics.json", metrics)
-        from .plots import save_samples_png
-        save_samples_png(panels, run_dir / "samples.png",
-                         means=dataset.mixture.means if dataset.mixture is not None else None)
-        print(summary_table(metrics, run_dir, time.perf_counter() - t_start))
-    else:
-        print(f"ops backends: {_format_backends(backends)}")
-        print(f"run directory: {run_dir}")
-    return run_dir
-
-
-def _ops_backend(cfg: dict, device: torch.device) -> str:
-    """The concrete backend of the loss ops: the fastest fused one with --fused (a one-line
-    UsageError where none can serve `device`; never a silent fallback), else "reference"."""
-    if not cfg["fused"]:
-        return "reference"
-    import gsd_kernels
-    try:
-        return gsd_kernels.fused_backend(device)
-    except ValueError as exc:
-        raise UsageError(f"--fused: {' '.join(str(exc).split())}") from None
-
-
-def _check_grouped_backend(cfg: dict, backend: str, device: torch.device) -> None:
-    """Neighbour groups need isometry_loss(groups=...): refuse (one line, before anything is
-    written) a backend that cannot take them, instead of failing in the first iteration."""
-    k = int(cfg["irl_neighbours"])
-    if k == 0 or cfg["irl_estimator"] != "pairs" or not (cfg["lambda_irl"] > 0 or cfg["lambda_irl_raw"] > 0):
-        return
-    import gsd_kernels
-    g = torch.Generator().manual_seed(0)
-    x, z = (torch.randn(2 * (k + 1), 3, generator=g).to(device) for _ in range(2))
-    try:
-        gsd_kernels.isometry_loss(x, z, weighting=cfg["irl_weighting"], groups=k + 1, backend=backend)
-    except (ValueError, NotImplementedError) as exc:
-        raise UsageError(f"--irl-neighbours {k}: {' '.join(str(exc).split())} (run without --fused)") from None
-
-
-def _format_backends(backends: dict) -> str:
-    return ", ".join(f"{op}={name}" for op, name in backends.items())
-
-
-def _check_against_checkpoint(cfg: dict, state: dict, run_dir, step: int) -> None:
-    """config.json must say what the checkpoint was trained with (a hand edit would silently
-    change the run): compare with the checkpoint's own copy of the settings."""
-    dist = state.get("distiller") if isinstance(state, dict) else None
-    saved = dist.get("config") if isinstance(dist, dict) else None
-    if not isinstance(saved, dict):
-        raise UsageError(f"--resume {run_dir}: checkpoint {step} holds no settings; it is damaged")
-    now = distill_config(cfg).to_dict()
-    saved = runs.upgrade_config(saved)  # a checkpoint from before the scale-free --lambda-irl
-    diff = [(k, now[k], saved[k]) for k in now
-            if k in saved and k not in CKPT_FREE + CKPT_OWNED and runs._norm(saved[k]) != runs._norm(now[k])]
-    run_cfg = state.get("run_config")  # written since this check exists: data set, teacher, ...
-    if isinstance(run_cfg, dict):
-        run_cfg = runs.upgrade_config(run_cfg)
-        names = {k for k, _, _ in diff} | {"adam_betas", "batch_per_gpu"}  # those two are in DistillConfig too
-        diff += [(k, cfg.get(k), run_cfg[k]) for k in RUN_KEYS
-                 if k in run_cfg and k not in names and runs._norm(run_cfg[k]) != runs._norm(cfg.get(k))]
-    if diff:
-        what = "; ".join(f"{k}: {runs.CONFIG_NAME} has {a!r}, the checkpoint {b!r}" for k, a, b in diff[:4])
-        raise UsageError(f"--resume {run_dir}: {runs.CONFIG_NAME} does not match checkpoint {step} ({what}); "
-                         f"it was edited: put back the checkpoint's values")
-
-
-def _check_memory(cfg: dict, sample_shape, device: torch.device, world: int) -> None:
-    """Refuse a batch / evaluation whose sample tensors alone cannot fit (a lower bound: ~16
-    batch-sized float32 tensors per step, 4 per evaluated sample). On CPU the limit is
-    cli.check_memory's (half the machine, GSD_MEMORY_LIMIT_GB overrides it); on CUDA the
-    device's memory."""
-    from .cli import check_memory, format_bytes
-
-    numel = math.prod(int(d) for d in sample_shape)
-    per_rank = cfg.get("batch_per_gpu") or -(-cfg["batch"] // max(1, world))
-    n_eval = cfg.get("eval_samples") or 0
-    needs = ((16 * 4 * numel * per_rank, f"--batch {cfg['batch']}",
-              "use a smaller --batch (or --batch-per-gpu with gradient accumulation)"),
-             (4 * 4 * numel * n_eval, f"--eval-samples {n_eval}", "use fewer"))
-    for nbytes, what, hint in needs:
-        if device.type != "cuda":
-            check_memory(nbytes, what, hint)
-            continue
-        try:
-            total = int(torch.cuda.get_device_properties(device).total_memory)
-        except (RuntimeError, AssertionError, ValueError):
-            continue
-        if nbytes > total:
-            raise UsageError(f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(total)} of "
-                             f"{device}; {hint}")
-
-
-class _StopRule:
-    """The --max-bad-iters rule (see DEFAULT_MAX_BAD_ITERS): counts consecutive bad iterations."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.streak = 0
-        self.reference: float | None = None
-        self.recent: list[float] = []
-        self.reason = ""
-
-    def update(self, out: dict, device, world: int) -> bool:
-        losses = {k: float(v) for k, v in out.items() if k.startswith("loss_")}
-        reason = None
-        if not all(math.isfinite(v) for v in losses.values()):
-            reason = "non-finite loss " + ", ".join(k for k, v in losses.items() if not math.isfinite(v))
-        elif out.get("all_dropped"):
-            reason = "a step dropped every sample (non-finite generator samples, teacher or fake-score outputs)"
-        else:
-            if self.reference is None:
-                # computed before this start's first update (loss_gen of a SiD iteration follows
-                # the fake-score step, which a diverging lr has already spoilt)
-                first = losses["loss_fake"] if "loss_fake" in losses else losses.get("loss_gen", 0.0)
-                self.reference = max(1.0, abs(first))
-            self.recent = (self.recent + [abs(losses.get("loss_fake", 0.0)) + abs(losses.get("loss_gen", 0.0))])
-            self.recent = self.recent[-EXPLODE_WINDOW:]
-            size = sorted(self.recent)[len(self.recent) // 2]
-            if size > EXPLODE_FACTOR * self.reference:
-                reason = (f"the loss exploded (median |loss_fake| + |loss_gen| of the last {len(self.recent)} "
-                          f"iterations {size:.3g} > {EXPLODE_FACTOR:g} x {self.reference:.3g} at the start)")
-        bad = reason is not None
-        if world > 1:  # one verdict for every rank, or some would stop and the others wait
-            flag = torch.tensor([int(bad)], dtype=torch.int64, device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = bool(flag.item())
-            reason = reason or "a bad iteration on another process"
-        self.streak = self.streak + 1 if bad else 0
-        if bad:
-            self.reason = reason
-        return bad
-
-    @property
-    def stopped(self) -> bool:
-        return self.limit > 0 and self.streak >= self.limit
-
-    def message(self, iteration: int, saved_at, run_dir) -> str:
-        kept = (f"its last checkpoint (iteration {saved_at}) is kept" if saved_at is not None
-                else "it has no checkpoint")
-        return (f"training stopped at iteration {iteration}: {self.streak} bad iterations in a row (the last: "
-                f"{self.reason}); lower --lr / --lr-fake or check the teacher; {kept} in {run_dir} "
-                f"(--max-bad-iters sets the rule)")
-
-
-class _DeferredInterrupt:
-    """Ctrl-C (SIGINT) while training: the first one lets the current iteration finish (it
-    sets `requested`); a second one interrupts at once. Only in the main thread of a
-    one-process run; the previous handler is put back on exit."""
-
-    def __init__(self, enabled: bool):
-        import threading
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        if self.enabled:
-            import signal
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            import signal
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-        return False
-
-
-class _NullLogger:
-    """The log of ranks other than 0."""
-
-    def log(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _mean_over_ranks(acc: dict, device) -> dict:
-    """Loss sums averaged over the processes (the same keys on every rank)."""
-    if parallel.world_size() <= 1 or not acc:
-        return acc
-    keys = sorted(acc)
-    t = torch.tensor([float(acc[k]) for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    t /= parallel.world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def summary_table(metrics: dict, run_dir, wall: float | None = None) -> str:
-    one, teach = metrics["one_step"], metrics["teacher"]
-    cols = ["nfe", "fd", "latency_ms"] + [k for k in ("sliced_wasserstein", "mmd", "modes_covered") if k in one]
-    names = {"nfe": "NFE", "fd": f"FD[{metrics.get('fd_feature', '?')}]", "latency_ms": "latency ms (64)",
-             "sliced_wasserstein": "sliced W2", "mmd": "MMD^2", "modes_covered": "modes"}
-    lines = sampler_table((("one-step G (EMA)", one), ("teacher Heun", teach)), cols, names)
-    # every sample-quality metric with its noise floor and a within-noise verdict, then geometry
-    extra = ["", summary_rows(metrics), ""]
-    if one.get("latency_ms") and teach.get("latency_ms"):
-        extra.append(f"speed-up one-step vs teacher: {teach['latency_ms'] / one['latency_ms']:.1f}x")
-    if "real_split_fd" in metrics:
-        extra.append(f"FD between two halves of the real data (noise floor): {format_value(metrics['real_split_fd'])}")
-    if "classifier_test_accuracy" in metrics:
-        extra.append(f"feature classifier held-out accuracy: {metrics['classifier_test_accuracy']:.3f}")
-    nan = metrics.get("nan_events", {})
-    if nan.get("nan_iterations"):
-        extra.append(f"NaN events: {nan['nan_iterations']} iterations ({nan['nan_samples']} samples dropped, "
-                     f"{nan['nan_grads']} gradient values zeroed)")
-    if wall is not None:
-        extra.append(f"wall time: {wall:.1f} s (training {metrics.get('train_seconds', 0):.1f} s)")
-    if metrics.get("backends"):
-        extra.append(f"ops backends: {_format_backends(metrics['backends'])}")
-    extra.append(f"run directory: {run_dir}")
-    return "\n".join(lines + extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import torch
 from .errors import UsageError
 
 __all__ = ["resolve_device", "cache_dir", "one_line", "format_bytes", "format_value", "memory_limit_bytes",
-           "check_memory", "check_creatable", "check_output_file", "check_image_output"]
+           "check_memory", "check_creatable", "check_output_file", "check_image_output", "sampler_table"]
 
 
 def resolve_device(name=None) -> torch.device:
@@ -155,3 +155,16 @@ def check_image_output(path, flag: str = "--out", suffixes: Sequence[str] | None
     return path
 
 
+def sampler_table(samplers, cols: Sequence[str], names: dict) -> list[str]:
+    """Aligned text lines (header, rule, one row per sampler) of metric dicts.
+
+    samplers: (label, metrics) pairs; cols: the metric keys shown, headed by names[key];
+    "modes_covered" is shown as covered/total."""
+    rows = [["sampler"] + [names[c] for c in cols]]
+    for label, m in samplers:
+        rows.append([label] + [format_value(f"{m.get('modes_covered')}/{m.get('num_modes')}"
+                                            if c == "modes_covered" else m.get(c)) for c in cols])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from gsd import train
+from gsd.config import resolve_config
 from gsd.cli import UsageError
 from gsd.distill import DistillConfig, Distiller
 from gsd.networks import build_denoiser, set_gradient_checkpointing
@@ -134,10 +134,10 @@ def test_distiller_with_checkpointing_trains_the_same_weights():
 
 
 def test_train_flags_reach_the_distiller():
-    cfg = train.resolve_config({"grad_checkpoint": True, "compile": True})
-    dcfg = train.distill_config(cfg)
+    cfg = resolve_config({"grad_checkpoint": True, "compile": True})
+    dcfg = DistillConfig.from_run_config(cfg)
     assert dcfg.grad_checkpoint and dcfg.compile
-    assert not train.distill_config(train.resolve_config({})).grad_checkpoint
+    assert not DistillConfig.from_run_config(resolve_config({})).grad_checkpoint
 
 
 @pytest.mark.slow
