@@ -15,10 +15,13 @@ from typing import Callable, Sequence
 
 from .config import DISTILL_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; DISTILL_DEFAULTS re-exported)
 from .errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
+from .metrics import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY
 from .util import (  # noqa: F401  (re-exported for the commands)
     check_creatable, check_image_output, check_memory, check_output_file, format_bytes, format_value,
     memory_limit_bytes, sampler_table,
 )
+from .util import MAX_SEED  # noqa: F401  (re-exported)
+
 
 
 def positive_int(text: str) -> int:
@@ -61,10 +64,6 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
-# Seeds: every consumer must accept them. torch.manual_seed takes < 2**64 and scikit-learn's
-# random_state < 2**32; commands derive further seeds as seed * stride + offset (strides up to
-# ~1e8), which stays below 2**63 for any seed in this range.
-MAX_SEED = 2 ** 32 - 1
 
 
 def _parse_int(text: str, what: str) -> int:
@@ -145,6 +144,46 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 # Each adder defines one group of flags; commands take the groups they need.
 
+# Shared flags: each is defined once, here, with one help text, and every command that takes
+# it calls its adder (the same flag means the same thing everywhere).
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=RUN_DEFAULTS["device"],
+                   help="where to run; auto picks cuda when available")
+
+
+def add_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=RUN_DEFAULTS["cache_dir"], metavar="DIR",
+                   help="cache of trained helper networks: teachers, the digits classifier (default: %(default)s = "
+                        "$GSD_CACHE or ~/.cache/gsd)")
+
+
+def add_trust_pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true", default=RUN_DEFAULTS["trust_pickle"],
+                   help="allow reading an NVlabs EDM .pkl (only EDM's allow-listed classes are read; no code from "
+                        "the file runs)")
+
+
+def add_teacher_args(p: argparse.ArgumentParser) -> None:
+    """--teacher and --trust-pickle: what gsd.teachers.load_teacher reads."""
+    p.add_argument("--teacher", default=RUN_DEFAULTS["teacher"], metavar="PATH",
+                   help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
+                        "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")
+    add_trust_pickle_arg(p)
+
+
+def add_fid_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="pytorch-fid Inception weights (pt_inception-2015-12-05-*.pth) (default: %(default)s = look "
+                        "in the torch hub cache, <torch hub dir>/checkpoints)")
+
+
+def add_num_samples_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-samples", type=bounded_int(2, ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY), default=None,
+                   help="samples per Frechet distance / FID (default: %(default)s = 1797 for digits, "
+                        "4000 for gmm, 2000 otherwise)")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["digits", "gmm", "cifar10", "folder"], default=RUN_DEFAULTS["dataset"],
                    help="training data (digits and gmm are embedded; cifar10 and folder need --data-root)")
@@ -157,8 +196,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=RUN_DEFAULTS["device"],
-                   help="where to run; auto picks cuda when available")
+    add_device_arg(p)
     p.add_argument("--seed", type=seed_int, default=RUN_DEFAULTS["seed"], help=f"random seed (0 to {MAX_SEED})")
     p.add_argument("--out", default=RUN_DEFAULTS["out"], metavar="DIR", help="output directory")
 
@@ -170,9 +208,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                             "stop with one line where none can serve it")
     fused.add_argument("--no-fused", dest="fused", action="store_false", default=argparse.SUPPRESS,
                        help="use the reference (eager PyTorch) ops: the default, and the eager baseline")
-    p.add_argument("--teacher", default=RUN_DEFAULTS["teacher"], metavar="PATH",
-                   help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
-                        "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")
+    add_teacher_args(p)
     p.add_argument("--resume", default=RUN_DEFAULTS["resume"], metavar="DIR", help="continue the run in DIR")
     p.add_argument("--batch", type=count_int, default=RUN_DEFAULTS["batch"],
                    help="generated samples per iteration, neighbours included: with --irl-neighbours K it is "

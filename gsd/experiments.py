@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -49,9 +48,22 @@ import gsd_kernels
 
 from . import runs
 from .config import DATASET_DEFAULTS, TRAINING_KEYS, resolve_config
+from .data import load_dataset
+from .editing import edit_metrics
+from .eval_core import (EVAL_FORMAT, EVAL_NAME, default_num_samples, evaluate_loaded, load_run,
+                        machine_info)
+from .fid import locate_fid_weights
 from .fileio import jsonable
+from .guidance import format_guidance_table, measure_guidance
+from .metrics import SEED_STRIDE, FeatureSpace, batched, class_labels, digits_classifier, frechet_distance
+from .plots import save_samples_png
+from .samplers import heun_sample, latents_for_seeds
+from .teacher_training import get_teacher
+from .teachers import load_run_teacher, load_teacher
+from .training import run as train_run
 from .util import resolve_device
-from .cli import (DISTILL_DEFAULTS, UsageError, make_parser, nonnegative_int, positive_float, positive_int,
+from .cli import (DISTILL_DEFAULTS, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
+                  add_teacher_args, UsageError, make_parser, nonnegative_int, positive_float, positive_int,
                   run_main, seed_int)
 from .cli import format_value as fmt  # short: results.md formats dozens of numbers inline
 
@@ -100,7 +112,7 @@ def _run_config(args, sz: dict, variant: str) -> dict:
                 seed=args.seed, batch=sz["batch"], iters=sz["iters"], lambda_sid=v["lambda_sid"],
                 lambda_irl=args.lambda_irl if v["lambda_irl"] is None else v["lambda_irl"],
                 lambda_irl_raw=v["lambda_irl_raw"], irl_neighbours=neighbours, irl_radius=args.irl_radius,
-                fused=not args.no_fused,
+                fused=not args.no_fused, trust_pickle=bool(args.teacher and args.trust_pickle),
                 device=args.device, ckpt_every=sz["ckpt_every"], keep_every=sz["ckpt_every"], eval_samples=0,
                 log_every=sz["log_every"], progress=False, cache_dir=args.cache_dir,
                 classifier_epochs=sz["classifier_epochs"])
@@ -183,6 +195,8 @@ def _cli_flags(cfg: dict) -> list[str]:
              "--fused" if cfg["fused"] else "--no-fused"]
     if cfg.get("teacher"):
         flags += ["--teacher", cfg["teacher"]]
+    if cfg.get("trust_pickle"):
+        flags += ["--trust-pickle"]
     if cfg.get("cache_dir"):
         flags += ["--cache-dir", str(cfg["cache_dir"])]
     return flags
@@ -190,8 +204,6 @@ def _cli_flags(cfg: dict) -> list[str]:
 
 def train_all(plan: dict, *, jobs: int, threads_per_job: int | None, root: Path) -> dict:
     """Train / resume the runs that need it; returns {variant: wall seconds of this invocation}."""
-    from . import train
-
     todo = [(v, cfg, d, st) for v, (cfg, d, st) in plan.items() if st != "done"]
     walls = {v: 0.0 for v in plan}
     if not todo:
@@ -201,10 +213,10 @@ def train_all(plan: dict, *, jobs: int, threads_per_job: int | None, root: Path)
             t0 = time.perf_counter()
             print(f"[experiments] training {v} -> {d} ({'resume' if st == 'resume' else 'new'})", flush=True)
             if st == "resume":
-                train.run({"resume": str(d), "iters": cfg["iters"], "eval_samples": 0, "progress": False,
+                train_run({"resume": str(d), "iters": cfg["iters"], "eval_samples": 0, "progress": False,
                            "device": cfg["device"]}, explicit={})
             else:
-                train.run(cfg)
+                train_run(cfg)
             walls[v] = time.perf_counter() - t0
         return walls
     # parallel subprocesses (`python -m gsd.train`), heaviest (SiD) runs first
@@ -253,7 +265,6 @@ def train_all(plan: dict, *, jobs: int, threads_per_job: int | None, root: Path)
 # --------------------------------------------------------------------------- evaluation
 
 def _eval_matches(path: Path, step: int, settings: dict) -> dict | None:
-    from .evaluate import EVAL_FORMAT
 
     try:
         saved = json.loads(path.read_text())
@@ -267,13 +278,11 @@ def _eval_matches(path: Path, step: int, settings: dict) -> dict | None:
 @torch.no_grad()
 def _grid_samples(run, seed: int, n: int = 64) -> dict:
     """The first n samples of the evaluation latents, one-step and teacher (for the figure)."""
-    from .evaluate import SEED_STRIDE, _labels
-    from .samplers import heun_sample, latents_for_seeds
 
     if len(run.sample_shape) == 1:
         n = 2000
     eps = latents_for_seeds(range(seed * SEED_STRIDE, seed * SEED_STRIDE + n), run.sample_shape, run.device)
-    lab = _labels(n, run.num_classes, run.device)
+    lab = class_labels(n, run.num_classes, run.device)
     return {"one_step": run.distiller.generate(eps, lab).float().cpu(),
             "teacher": heun_sample(run.teacher, eps, lab).float().cpu()}
 
@@ -281,16 +290,13 @@ def _grid_samples(run, seed: int, n: int = 64) -> dict:
 @torch.no_grad()
 def fd_curve(run, feats, *, num_samples: int, seed: int) -> list[dict]:
     """FD of the EMA generator at step 0 (the teacher copy) and at every kept checkpoint."""
-    from .evaluate import SEED_STRIDE, _batched, _labels
-    from .metrics import frechet_distance
-    from .samplers import latents_for_seeds
 
     if feats.fd is None and run.dataset.mixture is None:
         return []
     ds = run.dataset
     dev = run.device
     eps = latents_for_seeds(range(seed * SEED_STRIDE, seed * SEED_STRIDE + num_samples), ds.sample_shape, dev)
-    labels = _labels(num_samples, run.num_classes, dev)
+    labels = class_labels(num_samples, run.num_classes, dev)
     if ds.mixture is not None:
         ref = ds.mixture.sample(num_samples, generator=torch.Generator().manual_seed(123456))[0]
         fd = lambda x: frechet_distance(x, ref)  # noqa: E731
@@ -300,7 +306,7 @@ def fd_curve(run, feats, *, num_samples: int, seed: int) -> list[dict]:
     s = float(run.distiller.config.sigma_init)
     net0 = run.extra["teacher_net"]
     g0 = lambda e, l: net0(s * e, torch.full((e.shape[0],), s, device=e.device), l)  # noqa: E731
-    out = [{"iteration": 0, "fd": fd(_batched(g0, eps, labels))}]
+    out = [{"iteration": 0, "fd": fd(batched(g0, eps, labels))}]
     ckdir = run.run_dir / runs.CKPT_DIR
     steps = sorted(int(p.stem.split("-")[1]) for p in ckdir.glob("ckpt-*.safetensors")
                    if (ckdir / f"{p.stem}.pt").exists())
@@ -308,7 +314,7 @@ def fd_curve(run, feats, *, num_samples: int, seed: int) -> list[dict]:
     for st in steps:
         weights, _ = runs.load_checkpoint(run.run_dir, st)
         dist.load_weights({k: v.to(dev) for k, v in weights.items()})
-        out.append({"iteration": st, "fd": fd(_batched(lambda e, l: dist.generate(e, l), eps, labels))})
+        out.append({"iteration": st, "fd": fd(batched(lambda e, l: dist.generate(e, l), eps, labels))})
     # leave the distiller at the evaluated (latest) checkpoint
     weights, _ = runs.load_checkpoint(run.run_dir, run.step)
     dist.load_weights({k: v.to(dev) for k, v in weights.items()})
@@ -317,7 +323,6 @@ def fd_curve(run, feats, *, num_samples: int, seed: int) -> list[dict]:
 
 def evaluate_all(plan: dict, args, sz: dict, root: Path) -> tuple[dict, dict, dict]:
     """(eval results, samples, fd curves) per variant; reuses matching eval.json files."""
-    from .evaluate import EVAL_NAME, _Features, evaluate_loaded, load_run
 
     results, samples, curves = {}, {}, {}
     teacher_cache: dict = {}
@@ -325,7 +330,7 @@ def evaluate_all(plan: dict, args, sz: dict, root: Path) -> tuple[dict, dict, di
     for v, (cfg, d, _st) in plan.items():
         run = load_run(d, device=args.device)
         if feats is None:
-            feats = _Features(run.dataset, run.device, cache_dir=args.cache_dir,
+            feats = FeatureSpace(run.dataset, run.device, cache_dir=args.cache_dir,
                               classifier_epochs=sz["classifier_epochs"])
         settings_kw = dict(num_samples=sz["num_samples"], ppl_samples=sz["ppl_samples"], seed=args.seed,
                            isometry_latents=sz["isometry_latents"], latency_repeats=sz["latency_repeats"],
@@ -369,32 +374,13 @@ def evaluate_all(plan: dict, args, sz: dict, root: Path) -> tuple[dict, dict, di
 
 # --------------------------------------------------------------------------- extras (other modules)
 
-def _call_with_supported(fn, *args, **kwargs):
-    """Call fn with only the keyword arguments its signature accepts."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
 def guidance_section(teacher, dataset, *, num: int, steps: int, seed: int, device, cache_dir=None) -> tuple[str, str]:
     """(status, markdown) of the DSG guidance table from gsd.guidance, or why it is missing."""
-    try:
-        from . import guidance  # noqa: F401
-        measure, fmt = guidance.measure_guidance, guidance.format_guidance_table
-    except (ImportError, AttributeError) as exc:
-        return "unavailable", f"_Unavailable: gsd.guidance is not importable here ({type(exc).__name__}: {exc})._"
     t0 = time.perf_counter()
     try:
-        kw = {"cache_dir": cache_dir} if cache_dir is not None else {}
-        result = _call_with_supported(measure, teacher, dataset, num=num, steps=steps, seed=seed, device=device,
-                                      **kw)
-        table = fmt(result)
-    except (ImportError, AttributeError) as exc:
-        return "unavailable", f"_Unavailable: gsd.guidance failed to run ({type(exc).__name__}: {exc})._"
+        result = measure_guidance(teacher, dataset, num=num, steps=steps, seed=seed, device=device,
+                                  cache_dir=cache_dir)
+        table = format_guidance_table(result)
     except Exception as exc:  # noqa: BLE001 - another module's failure must not sink the tables
         msg = " ".join(str(exc).split())[:300]
         return "failed", f"_Failed: gsd.guidance.measure_guidance raised {type(exc).__name__}: {msg}._"
@@ -415,21 +401,14 @@ def _flatten(d, prefix=""):
 
 def edit_section(run_dirs: dict, *, device, seed: int, num: int | None = None) -> tuple[str, str]:
     """(status, markdown) of gsd.edit.edit_metrics for each run, or why it is missing."""
-    try:
-        from . import edit  # noqa: F401
-        fn = edit.edit_metrics
-    except (ImportError, AttributeError) as exc:
-        return "unavailable", f"_Unavailable: gsd.edit is not importable here ({type(exc).__name__}: {exc})._"
     rows, cols = {}, []
     t0 = time.perf_counter()
     for name, d in run_dirs.items():
         try:
             kw = dict(device=device, seed=seed)
             if num is not None:
-                kw.update(num=num, num_samples=num)
-            res = _call_with_supported(fn, d, **kw)
-        except (ImportError, AttributeError) as exc:
-            return "unavailable", f"_Unavailable: gsd.edit failed to run ({type(exc).__name__}: {exc})._"
+                kw.update(num=num)
+            res = edit_metrics(d, **kw)
         except Exception as exc:  # noqa: BLE001
             msg = " ".join(str(exc).split())[:300]
             return "failed", f"_Failed: gsd.edit.edit_metrics({d}) raised {type(exc).__name__}: {msg}._"
@@ -523,7 +502,6 @@ def plot_latency(results: dict, path: Path):
 
 
 def plot_samples(samples: dict, dataset, path: Path):
-    from .plots import save_samples_png
 
     first = next(iter(samples.values()))
     n = 64 if first["teacher"].ndim == 4 else 2000
@@ -713,15 +691,10 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
 # --------------------------------------------------------------------------- driver
 
 def run_experiments(args) -> Path:
-    from .data import load_dataset
-    from .evaluate import machine_info
-    from .fid import locate_fid_weights
 
     t_start = time.perf_counter()
     if args.fid_weights is not None:
         locate_fid_weights(args.fid_weights)
-    if args.teacher is not None and not os.path.isfile(args.teacher):
-        raise UsageError(f"--teacher {args.teacher}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
@@ -731,11 +704,12 @@ def run_experiments(args) -> Path:
             gsd_kernels.fused_backend(dev)
         except ValueError as exc:
             raise UsageError(f"--fused training runs: {' '.join(str(exc).split())}") from None
+    if args.teacher is not None:  # what gsd.train accepts, with the one fit check, before anything is written
+        load_teacher(args.teacher, dataset=load_dataset(args.dataset), device=dev, trust_pickle=args.trust_pickle)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     sz = sizes(args)
     if sz["num_samples"] is None:
-        from .evaluate import default_num_samples
         ds0 = load_dataset(args.dataset)
         sz["num_samples"] = default_num_samples(args.dataset, len(ds0))
     machine = machine_info(dev)
@@ -749,10 +723,8 @@ def run_experiments(args) -> Path:
     t0 = time.perf_counter()
     dataset = load_dataset(args.dataset)
     if args.teacher is None:
-        from .teacher import get_teacher
         get_teacher(dataset, cache_dir=args.cache_dir, device=dev, seed=0, progress=False)
     if args.dataset == "digits":
-        from .metrics import digits_classifier
         digits_classifier(dataset, cache_dir=args.cache_dir, device=dev, epochs=sz["classifier_epochs"])
     t_prepare = time.perf_counter() - t0
 
@@ -790,7 +762,6 @@ def run_experiments(args) -> Path:
         extras["guidance"] = ("skipped", f"_Skipped ({why})._")
         extras["edit"] = ("skipped", f"_Skipped ({why})._")
     else:
-        from .import_teacher import load_run_teacher
         teacher_net = load_run_teacher(plan["full"][1], device=dev)
         if args.dataset == "digits":
             extras["guidance"] = guidance_section(teacher_net, dataset, num=sz["guidance_num"], steps=30,
@@ -835,30 +806,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gsd.train's --irl-neighbours for the full-loss, no-IRL and no-SiD runs (plain SiD uses 0)")
     p.add_argument("--irl-radius", type=positive_float, default=DISTILL_DEFAULTS["irl_radius"], metavar="R",
                    help="gsd.train's --irl-radius")
-    p.add_argument("--teacher", default=None, metavar="PATH",
-                   help="teacher checkpoint (.safetensors) (default: %(default)s = the cached default teacher, trained "
-                        "if missing)")
+    add_teacher_args(p)
     p.add_argument("--seed", type=seed_int, default=0, help="random seed of training and evaluation")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where to run; auto picks cuda when available")
+    add_device_arg(p)
     p.add_argument("--jobs", type=positive_int, default=None,
                    help="training runs in parallel, as subprocesses (default: %(default)s = 2 on a CPU with >= 2 cores, "
                         "else 1)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads of this process, split between parallel jobs (default: %(default)s = torch's "
                         "choice, the core count)")
-    p.add_argument("--num-samples", type=positive_int, default=None,
-                   help="samples per FD (default: %(default)s = 1797 for digits, 4000 for gmm)")
+    add_num_samples_arg(p)
     p.add_argument("--ppl-samples", type=positive_int, default=None, help="PPL latent pairs (default: %(default)s = 512 x --scale)")
     p.add_argument("--latency-repeats", type=positive_int, default=7, help="timed latency repeats (median)")
-    p.add_argument("--fid-weights", default=None, metavar="PATH",
-                   help="pytorch-fid Inception weights (default: %(default)s = look in the torch hub cache)")
+    add_fid_weights_arg(p)
     p.add_argument("--no-fused", action="store_true", help="train with the reference (eager) ops")
     p.add_argument("--no-extras", action="store_true", help="skip the guidance and editing sections")
     p.add_argument("--re-evaluate", action="store_true",
                    help="evaluate every run again even when its eval.json matches the settings")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="cache of teachers and the digits classifier (default: %(default)s = $GSD_CACHE or ~/.cache/gsd)")
+    add_cache_arg(p)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     return p
 

@@ -5,12 +5,10 @@
 
 An NVlabs EDM pickle is read without executing code from it (see `gsd.edm_import`) and
 exported once to a gsd safetensors checkpoint; after that the pickle is not needed. A
-diffusers UNet2DModel folder needs no export: `load_teacher_any` wraps it on the fly.
+diffusers UNet2DModel folder needs no export: `load_teacher` wraps it on the fly.
 
-`load_teacher_any(path)` is the one loader for a teacher given by path: a gsd ``.safetensors``
-file, a diffusers folder, or (with ``trust_pickle=True``) an EDM ``.pkl``. A run directory keeps
-its own copy of the teacher (`save_run_teacher` / `load_run_teacher`): a gsd ``.safetensors``
-file, or a diffusers folder for a diffusers teacher (its architecture is diffusers').
+`gsd.teachers.load_teacher(path)` is the one loader for a teacher given by path: a gsd
+``.safetensors`` file, a diffusers folder, or (with ``trust_pickle=True``) an EDM ``.pkl``.
 """
 
 from __future__ import annotations
@@ -24,103 +22,14 @@ from typing import Sequence
 
 import torch
 
-from gsd.cli import UsageError, check_output_file, make_parser, run_main
-from gsd.runs import TEACHER_FOLDER_NAME, TEACHER_NAME
+from gsd.cli import UsageError, add_trust_pickle_arg, check_output_file, make_parser, run_main
+from gsd.edm_import import export_edm_pickle
+from gsd.networks import load_denoiser, read_denoiser_metadata
+from gsd.teachers import (  # noqa: F401  (the loaders lived here before gsd.teachers; re-exported)
+    check_teacher_path, load_run_teacher, load_teacher, load_teacher_any, save_run_teacher, teacher_kind,
+)
 
-__all__ = ["load_teacher_any", "teacher_kind", "check_teacher_path", "save_run_teacher", "load_run_teacher",
-           "build_parser", "main"]
-
-PICKLE_SUFFIXES = (".pkl", ".pickle")
-
-
-def teacher_kind(path) -> str:
-    """'diffusers', 'edm-pickle' or 'safetensors' (by the path; UsageError if it does not exist)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UsageError(f"teacher {path} does not exist")
-    if os.path.isdir(path):
-        return "diffusers"
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        return "edm-pickle"
-    return "safetensors"
-
-
-def check_teacher_path(path, *, trust_pickle: bool = False, flag: str = "--teacher") -> str:
-    """The teacher kind of `path`, after the checks that need no loading: it exists, a pickle is
-    allowed, a folder looks like a diffusers model. UsageError (one line) otherwise."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path}: no such file or folder")
-    kind = teacher_kind(path)
-    if kind == "edm-pickle" and not trust_pickle:
-        raise UsageError(f"{flag} {path} is a pickle: pass --trust-pickle to read it (only EDM's allow-listed "
-                         f"classes are read, no code from the file runs), or export it once with "
-                         f"python -m gsd.import_teacher {path} --trust-pickle")
-    if kind == "diffusers":
-        from gsd.diffusers_teacher import is_diffusers_folder
-
-        if not is_diffusers_folder(path):
-            raise UsageError(f"{flag} {path} is a folder but not a diffusers UNet2DModel or pipeline folder "
-                             f"(no config.json / model_index.json)")
-    return kind
-
-
-def load_teacher_any(path, *, device="cpu", trust_pickle: bool = False):
-    """A teacher denoiser (eval mode, on `device`) from a gsd .safetensors file, a diffusers
-    folder (`gsd.diffusers_teacher.DiffusersTeacher`) or an EDM .pkl (needs trust_pickle=True).
-
-    Every returned network has forward(x, sigma, class_labels=None), ``sigma_data``,
-    ``label_dim`` and ``sample_shape``. UsageError (one line) on any problem.
-    """
-    import gsd.edm_import as edm_import
-
-    path = os.fspath(path)
-    kind = teacher_kind(path)
-    if kind == "diffusers":
-        from gsd.diffusers_teacher import load_diffusers_teacher
-
-        return load_diffusers_teacher(path, device=device)
-    if kind == "edm-pickle":
-        return edm_import.load_edm_pickle(path, trust_pickle=trust_pickle).to(device).eval()
-    from gsd.networks import load_denoiser
-
-    return load_denoiser(path, device=device)
-
-
-def save_run_teacher(net, run_dir, source: str | None = None) -> str:
-    """Write the run directory's copy of the teacher, atomically; returns its name in run_dir
-    (what config.json records as ``teacher_file``)."""
-    from gsd.diffusers_teacher import DiffusersTeacher, save_diffusers_teacher
-    from gsd.networks import save_denoiser
-
-    run_dir = Path(run_dir)
-    if isinstance(net, DiffusersTeacher):
-        final, tmp = run_dir / TEACHER_FOLDER_NAME, run_dir / (TEACHER_FOLDER_NAME + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_diffusers_teacher(net, tmp)
-        # a folder cannot be replaced in one rename: remove a stale one first (a crash here leaves
-        # the .partial folder, which a new run rewrites)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return TEACHER_FOLDER_NAME
-    save_denoiser(run_dir / TEACHER_NAME, net, extra_metadata={"source": source or "unknown"})
-    return TEACHER_NAME
-
-
-def load_run_teacher(run_dir, *, device="cpu", config: dict | None = None):
-    """The teacher copy a run directory holds (config.json's ``teacher_file``; runs written before
-    that key existed hold teacher.safetensors)."""
-    run_dir = Path(run_dir)
-    if config is None:
-        from gsd.runs import read_config
-
-        config = read_config(run_dir)
-    name = str(config.get("teacher_file") or TEACHER_NAME)
-    path = run_dir / name
-    if not path.exists():
-        raise UsageError(f"{run_dir} is missing its teacher copy {name}")
-    return load_teacher_any(path, device=device)
-
+__all__ = ["build_parser", "main", "check_out_file"]
 
 def build_parser():
     p = make_parser("python -m gsd.import_teacher",
@@ -132,9 +41,7 @@ def build_parser():
     p.add_argument("--out", default=None, metavar="PATH",
                    help="output .safetensors for an EDM pickle (default: %(default)s, i.e. SOURCE with the "
                         "suffix .safetensors)")
-    p.add_argument("--trust-pickle", action="store_true", default=False,
-                   help="allow reading the pickle (only EDM's allow-listed classes are read; no code "
-                        "from the file is executed)")
+    add_trust_pickle_arg(p)
     p.add_argument("--no-verify", dest="verify", action="store_false", default=True,
                    help="skip the final check (verify=%(default)s: reload the written file and compare "
                         "its outputs with the imported network's)")
@@ -143,8 +50,6 @@ def build_parser():
 
 def _verify(net, path: str) -> float:
     """Max |difference| of the reloaded file's outputs from `net`'s on a small random batch."""
-    from gsd.networks import load_denoiser
-
     again = load_denoiser(path)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, *net.sample_shape, generator=gen)
@@ -160,8 +65,6 @@ def check_out_file(out: str, flag: str = "--out") -> str:
     teacher (it would be overwritten). UsageError (one line); returns the expanded path."""
     out = check_output_file(out, flag)
     if os.path.exists(out):
-        from gsd.networks import read_denoiser_metadata
-
         try:
             read_denoiser_metadata(out)
         except UsageError:
@@ -178,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out is not None:
             raise UsageError("a diffusers folder is used directly as --teacher FOLDER; --out applies to EDM "
                              "pickles only")
-        net = load_teacher_any(source)
+        net = load_teacher(source, flag="SOURCE")
         n_params = sum(p.numel() for p in net.parameters())
         print(f"diffusers teacher OK: {source} ({n_params / 1e6:.1f}M parameters, samples "
               f"{tuple(net.sample_shape)}, {net.label_dim or 'no'} classes, {net.prediction_type} prediction, "
@@ -188,8 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if kind != "edm-pickle":
         raise UsageError(f"{source}: expected an EDM .pkl file or a diffusers folder "
                          f"(a .safetensors teacher needs no import)")
-    from gsd.edm_import import export_edm_pickle
-
     out = args.out or os.path.splitext(source)[0] + ".safetensors"
     if os.path.abspath(out) == os.path.abspath(source):
         raise UsageError("--out must differ from the source file")

@@ -455,6 +455,9 @@ def measure_latency(fn: Callable[[], object], device="cpu", warmup: int = 2, rep
 ISOMETRY_SEED_OFFSET = 10_000_000
 SEED_STRIDE = 100_000_000
 MAX_ISOMETRY_LATENTS = LOCAL_ISOMETRY_SEED_OFFSET - ISOMETRY_SEED_OFFSET
+# why --num-samples / --isometry-latents are bounded (the flags' messages say it)
+SEED_RANGE_WHY = ("each --seed owns 1e8 latent seeds: 1e7 for the samples, 8e7 for the isometry latents, the rest "
+                  "for the local isometry anchors")
 REAL_SPLIT_SEED = 0       # the permutation of the real data behind its two halves
 TRUE_SEEDS = (123456, 654321)  # gmm: the reference true sample and the independent one (noise floor)
 BOOTSTRAP_SEED = 2024

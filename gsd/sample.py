@@ -19,8 +19,16 @@ from typing import Sequence
 
 import torch
 
-from gsd.cli import (UsageError, add_data_args, add_guidance_args, add_runtime_args, bounded_int,
+from gsd.cli import (UsageError, add_cache_arg, add_teacher_args, add_data_args, add_guidance_args, add_runtime_args, bounded_int,
                      check_image_output, check_memory, count_int, format_bytes, make_parser, run_main)
+from gsd.data import load_dataset
+from gsd.guidance import (MASK_NAMES, classifier_loss, guidance_classifier, heldout_indices, inpaint_mask,
+                          inpainting_loss)
+from gsd.metrics import digits_classifier
+from gsd.plots import check_grid_size, save_image_grid
+from gsd.samplers import guided_sample, latents_for_seeds
+from gsd.teacher_training import get_teacher
+from gsd.util import resolve_device
 
 # Sampling keeps a few float32 copies of the whole set at once (latents, the current x,
 # the denoised estimate); guidance adds gradients of the same size.
@@ -40,13 +48,8 @@ def build_parser():
         if action.dest == "out":
             action.metavar = "PNG"
             action.help = "output PNG grid (required)"
-    p.add_argument("--teacher", default=None, metavar="PATH",
-                   help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
-                        "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")
-    p.add_argument("--trust-pickle", action="store_true", default=False,
-                   help="allow --teacher to be an EDM .pkl (only EDM's allow-listed classes are read)")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="teacher / classifier cache folder (None = $GSD_CACHE or ~/.cache/gsd)")
+    add_teacher_args(p)
+    add_cache_arg(p)
     p.add_argument("--num", type=count_int, default=16, help="number of samples")
     p.add_argument("--steps", type=count_int, default=30, help="sampler steps (= network evaluations)")
     add_guidance_args(p)
@@ -65,8 +68,6 @@ def _validate_out(args) -> None:
 
 
 def _validate(args, dataset) -> None:
-    from gsd.teacher import check_grid_size
-
     if len(dataset.sample_shape) != 3:
         raise UsageError(f"--dataset {dataset.name} is not an image data set; gsd.sample writes image grids")
     if args.target_class is not None:
@@ -99,16 +100,9 @@ def _inpaint_cols(n: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate_out(args)
-    from gsd.data import load_dataset
-
     dataset = load_dataset(args.dataset, data_root=args.data_root, resolution=args.resolution,
                            download=args.download)
     _validate(args, dataset)
-
-    from gsd.guidance import (MASK_NAMES, classifier_loss, guidance_classifier, heldout_indices,
-                              inpaint_mask, inpainting_loss)
-    from gsd.samplers import guided_sample, latents_for_seeds
-    from gsd.teacher import get_teacher, resolve_device, save_image_grid
 
     device = resolve_device(args.device)
     teacher = get_teacher(dataset, teacher_path=args.teacher, cache_dir=args.cache_dir, device=device,
@@ -148,7 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         save_image_grid(x, out, scale=args.scale)
         if args.guidance == "class":
-            from gsd.metrics import digits_classifier
             evaluator, _ = digits_classifier(dataset, cache_dir=args.cache_dir, device=device)
             with torch.no_grad():
                 pred = evaluator(x.to(device)).argmax(1).cpu()

@@ -33,7 +33,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .cli import add_data_args, add_distill_args, add_runtime_args, make_parser, nonnegative_int, positive_int, run_main
+from .cli import add_cache_arg, add_data_args, add_distill_args, add_runtime_args, make_parser, nonnegative_int, positive_int, run_main
 from .config import (  # noqa: F401  (re-exported: gsd.train's names since the start)
     DATASET_DEFAULTS, DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, RESUME_FREE, RUN_DEFAULTS, RUN_KEYS,
     TRAINING_KEYS, resolve_config,
@@ -65,9 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpoint", action="store_true", default=RUN_DEFAULTS["grad_checkpoint"],
                    help="gradient checkpointing: recompute the generator's and fake score's block activations "
                         "in the backward pass instead of storing them (less memory, one more forward of each block)")
-    p.add_argument("--trust-pickle", action="store_true", default=RUN_DEFAULTS["trust_pickle"],
-                   help="allow --teacher to be an NVlabs EDM .pkl (only EDM's allow-listed classes are read; "
-                        "no code from the file runs)")
     p.add_argument("--gen-loss-scale", type=float, default=RUN_DEFAULTS["gen_loss_scale"],
                    help="factor on the generator loss before Adam (SiD's lsg)")
     p.add_argument("--log-every", type=positive_int, default=RUN_DEFAULTS["log_every"],
@@ -87,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=nonnegative_int, default=RUN_DEFAULTS["eval_samples"],
                    help="samples per Frechet distance / sliced Wasserstein (default: 1000 for digits, "
                         "4000 for gmm, 2000 otherwise; 0 skips the evaluation)")
-    p.add_argument("--cache-dir", default=RUN_DEFAULTS["cache_dir"], metavar="DIR",
-                   help="cache of trained teachers and the digits classifier (default $GSD_CACHE or .cache/gsd)")
+    add_cache_arg(p)
     # testing / experiment knobs, not shown in --help
     p.add_argument("--exact-teacher", dest="exact_teacher", action="store_true",
                    default=RUN_DEFAULTS["exact_teacher"],

@@ -24,7 +24,10 @@ from .config import (DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, RESU
                      resolve_config)
 from .distill import MAX_ROWS, DistillConfig, Distiller
 from .errors import TrainingStopped, UsageError
+from .data import GMMDenoiser, load_dataset
 from .metrics import summary_rows
+from .teacher_training import get_teacher
+from .teachers import check_teacher_fits, check_teacher_path, load_run_teacher, load_teacher, save_run_teacher
 from .util import check_memory, format_bytes, format_value, resolve_device, sampler_table
 
 __all__ = ["run", "summary_table", "TrainingStopped"]
@@ -50,29 +53,7 @@ def _validate(cfg: dict, resuming: bool = False) -> None:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")
     if cfg["teacher"] is not None and not resuming:  # a resumed run uses its own copy of the teacher
-        from .import_teacher import check_teacher_path
         check_teacher_path(cfg["teacher"], trust_pickle=bool(cfg.get("trust_pickle")))
-
-
-def _check_teacher(net, dataset, path) -> None:
-    shape = tuple(getattr(net, "sample_shape", ()))
-    if shape and shape != tuple(dataset.sample_shape):
-        raise UsageError(f"--teacher {path} is for samples of shape {shape}, but --dataset {dataset.name} has "
-                         f"shape {tuple(dataset.sample_shape)}")
-    label_dim = int(getattr(net, "label_dim", 0))
-    if label_dim and label_dim != int(dataset.num_classes or 0):
-        raise UsageError(f"--teacher {path} is conditional on {label_dim} classes, --dataset {dataset.name} "
-                         f"has {dataset.num_classes}")
-    try:
-        dev = next(net.parameters()).device
-        with torch.no_grad():
-            out = net(torch.zeros(2, *dataset.sample_shape, device=dev), torch.ones(2, device=dev))
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"--teacher {path} does not run on --dataset {dataset.name} samples "
-                         f"({' '.join(str(exc).split())[:200]})") from None
-    if tuple(out.shape[1:]) != tuple(dataset.sample_shape):
-        raise UsageError(f"--teacher {path} outputs shape {tuple(out.shape[1:])}, expected "
-                         f"{tuple(dataset.sample_shape)}")
 
 
 def _training_view(cfg: dict) -> dict:
@@ -165,21 +146,15 @@ def _run(config, *, explicit, nan_hook) -> Path:
     import gsd_kernels
     backends = gsd_kernels.resolved_backends(device, backend)
 
-    from .data import GMMDenoiser, load_dataset
-
-    from .import_teacher import load_run_teacher, load_teacher_any, save_run_teacher
-
     def load_inputs():
         ds = load_dataset(cfg["dataset"], data_root=cfg["data_root"], resolution=cfg["resolution"],
                           download=cfg["download"])
         _check_memory(cfg, ds.sample_shape, device, world)
         net = None
         if resume_dir:
-            net = load_run_teacher(run_dir, device=device)
-            _check_teacher(net, ds, f"copy in {run_dir}")
+            net = load_run_teacher(run_dir, device=device, dataset=ds)
         elif cfg["teacher"] is not None:
-            net = load_teacher_any(cfg["teacher"], device=device, trust_pickle=bool(cfg.get("trust_pickle")))
-            _check_teacher(net, ds, cfg["teacher"])
+            net = load_teacher(cfg["teacher"], dataset=ds, device=device, trust_pickle=bool(cfg.get("trust_pickle")))
         if cfg["exact_teacher"] and ds.mixture is None:
             raise UsageError(f"--exact-teacher needs a dataset with a known mixture, not {ds.name}")
         return ds, net
@@ -189,12 +164,10 @@ def _run(config, *, explicit, nan_hook) -> Path:
 
     # ---------------------------------------------------------------- teacher (may train one)
     if teacher_net is None:
-        from .teacher import get_teacher
-
         def default_teacher():
             net = get_teacher(dataset, teacher_path=None, cache_dir=cfg["cache_dir"], device=device,
                               seed=0, progress=show)
-            _check_teacher(net, dataset, "(default teacher)")
+            check_teacher_fits(net, dataset, "(default teacher)")
             return net
         # rank 0 trains and caches it, the others load the cached file
         teacher_net = parallel.rank0_first(default_teacher)

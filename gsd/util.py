@@ -12,8 +12,14 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["resolve_device", "cache_dir", "one_line", "format_bytes", "format_value", "memory_limit_bytes",
+__all__ = ["MAX_SEED", "resolve_device", "cache_dir", "one_line", "format_bytes", "format_value", "memory_limit_bytes",
            "check_memory", "check_creatable", "check_output_file", "check_image_output", "sampler_table"]
+
+
+# Seeds: every consumer must accept them. torch.manual_seed takes < 2**64 and scikit-learn's
+# random_state < 2**32; commands derive further seeds as seed * stride + offset (strides up to
+# ~1e8), which stays below 2**63 for any seed in this range.
+MAX_SEED = 2 ** 32 - 1
 
 
 def resolve_device(name=None) -> torch.device:

@@ -295,8 +295,10 @@ def test_eval_json_is_standard_json_with_null_for_non_finite(tmp_path, monkeypat
                            "latency_ms": 1.5},
               "teacher": {"fd": -float("inf"), "curve": torch.tensor([1.0, float("nan")]),
                           "arr": np.array([2.0, np.inf])}}
-    monkeypatch.setattr(evaluate, "load_run", lambda *a, **k: object())
-    monkeypatch.setattr(evaluate, "evaluate_loaded", lambda run, **kw: (result, {}))
+    from gsd import eval_core
+
+    monkeypatch.setattr(eval_core, "load_run", lambda *a, **k: object())
+    monkeypatch.setattr(eval_core, "evaluate_loaded", lambda run, **kw: (result, {}))
     evaluate.evaluate_run(tmp_path, device="cpu")
     saved = _strict_json((tmp_path / evaluate.EVAL_NAME).read_text())
     assert saved["one_step"] == {"fd": None, "ppl": None, "isometry_defect": None, "latency_ms": 1.5}

@@ -82,45 +82,31 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert len(lines) == 1 and needle in lines[0]
 
 
-def test_guidance_section_guards(monkeypatch):
-    import gsd
-
+def test_guidance_section_reports_and_survives_failures(monkeypatch):
     calls = {}
 
-    def measure_guidance(teacher, dataset, *, num, steps, seed, device):
+    def measure_guidance(teacher, dataset, *, num, steps, seed, device, cache_dir=None):
         calls.update(num=num, steps=steps, seed=seed)
         return {"rows": 1}
 
-    fake = types.ModuleType("gsd.guidance")
-    fake.measure_guidance = measure_guidance
-    fake.format_guidance_table = lambda r: "| w | FD |\n|---|---|\n| 1 | 2 |"
-    monkeypatch.setitem(sys.modules, "gsd.guidance", fake)
-    monkeypatch.setattr(gsd, "guidance", fake, raising=False)
+    monkeypatch.setattr(experiments, "measure_guidance", measure_guidance)
+    monkeypatch.setattr(experiments, "format_guidance_table", lambda r: "| w | FD |\n|---|---|\n| 1 | 2 |")
     status, md = experiments.guidance_section(None, None, num=8, steps=18, seed=3, device="cpu")
     assert status == "ok" and "| 1 | 2 |" in md and calls == {"num": 8, "steps": 18, "seed": 3}
 
-    del fake.format_guidance_table  # an unfinished module: unavailable, said so
-    status, md = experiments.guidance_section(None, None, num=8, steps=18, seed=3, device="cpu")
-    assert status == "unavailable" and "Unavailable" in md
-
-    fake.format_guidance_table = lambda r: 1 / 0  # a module that crashes: reported, not fatal
+    monkeypatch.setattr(experiments, "format_guidance_table", lambda r: 1 / 0)  # crashes: reported, not fatal
     status, md = experiments.guidance_section(None, None, num=8, steps=18, seed=3, device="cpu")
     assert status == "failed" and "ZeroDivisionError" in md
 
 
-def test_edit_section_guards(monkeypatch, tmp_path):
-    import gsd
-
-    fake = types.ModuleType("gsd.edit")
-    fake.edit_metrics = lambda run_dir, device="cpu", seed=0: {"smoothness": 0.5, "nested": {"a": 1}, "arr": [1]}
-    monkeypatch.setitem(sys.modules, "gsd.edit", fake)
-    monkeypatch.setattr(gsd, "edit", fake, raising=False)
+def test_edit_section_reports_and_survives_failures(monkeypatch, tmp_path):
+    monkeypatch.setattr(experiments, "edit_metrics",
+                        lambda run_dir, device="cpu", seed=0: {"smoothness": 0.5, "nested": {"a": 1}, "arr": [1]})
     status, md = experiments.edit_section({"full": tmp_path, "no-irl": tmp_path}, device="cpu", seed=0)
     assert status == "ok" and "| smoothness | 0.5 | 0.5 |" in md and "nested.a" in md and "arr" not in md
-    monkeypatch.setitem(sys.modules, "gsd.edit", types.ModuleType("gsd.edit"))
-    monkeypatch.setattr(gsd, "edit", sys.modules["gsd.edit"], raising=False)
+    monkeypatch.setattr(experiments, "edit_metrics", lambda run_dir, device="cpu", seed=0: 1 / 0)
     status, md = experiments.edit_section({"full": tmp_path}, device="cpu", seed=0)
-    assert status == "unavailable"
+    assert status == "failed" and "ZeroDivisionError" in md
 
 
 def test_root_and_seed_are_checked_first(tmp_path, capsys, monkeypatch):
@@ -157,3 +143,30 @@ def test_fused_runs_without_a_fused_backend_stop_before_writing(tmp_path, capsys
     assert code == 2 and len(lines) == 1, err
     assert "no fused backend" in lines[0] and "stale" in lines[0]
     assert not root.exists()
+
+
+def test_teacher_flag_accepts_and_refuses_what_gsd_train_does(tmp_path, capsys):
+    """--teacher goes through gsd.teachers in both commands: a pickle needs --trust-pickle, a folder
+    must be a diffusers model, and the messages are the same (experiments took files only)."""
+    from gsd import train
+
+    pkl = tmp_path / "snap.pkl"
+    pkl.write_bytes(b"not read")
+    folder = tmp_path / "not-diffusers"
+    folder.mkdir()
+    for teacher, needle in ((pkl, "--trust-pickle"), (folder, "not a diffusers")):
+        errs = []
+        for main, extra in ((experiments.main, ["--tiny", "--root", str(tmp_path / "r")]),
+                            (train.main, ["--iters", "1", "--out", str(tmp_path / "t")])):
+            code = run_main(main, [*extra, "--teacher", str(teacher), "--device", "cpu"])
+            err = capsys.readouterr().err
+            assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+            errs.append(err)
+        assert errs[0] == errs[1]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()
+    # the pickle gate opens with --trust-pickle in experiments too (then the unreadable file is refused)
+    code = run_main(experiments.main, ["--tiny", "--root", str(tmp_path / "r"), "--teacher", str(pkl),
+                                       "--trust-pickle", "--device", "cpu", "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--trust-pickle" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()  # refused before the root folder is made

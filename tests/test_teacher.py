@@ -11,6 +11,7 @@ from gsd.cli import UsageError, run_main
 from gsd.data import GMMDenoiser, load_dataset
 from gsd.networks import build_denoiser, load_denoiser, save_denoiser
 import gsd.teacher as teacher_mod
+import gsd.teacher_training as teacher_lib
 from gsd.teacher import edm_loss, get_teacher, main, teacher_cache_path, train_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,7 @@ def test_cache_hit_and_key(gmm, tmp_path, monkeypatch, capsys):
     recipe = dict(iters=30, batch=64, lr=1e-3)
     first = get_teacher(gmm, cache_dir=tmp_path, seed=1, progress=False, config=SMALL_MLP, recipe=recipe)
     err = capsys.readouterr().err
-    path = teacher_cache_path(gmm, SMALL_MLP, teacher_mod._full_recipe("gmm", recipe), 1, tmp_path)
+    path = teacher_cache_path(gmm, SMALL_MLP, teacher_lib.full_recipe("gmm", recipe), 1, tmp_path)
     assert os.path.isfile(path) and path in err and err.count("\n") == 1
     assert os.path.dirname(path) == os.path.join(str(tmp_path), "teachers")
     assert os.path.basename(path).startswith("gmm-")
@@ -97,7 +98,7 @@ def test_cache_hit_and_key(gmm, tmp_path, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("retrained despite a cache hit")
 
-    monkeypatch.setattr(teacher_mod, "train_teacher", no_training)
+    monkeypatch.setattr(teacher_lib, "train_teacher", no_training)
     second = get_teacher(gmm, cache_dir=tmp_path, seed=1, progress=False, config=SMALL_MLP, recipe=recipe)
     assert "training" not in capsys.readouterr().err
     for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
@@ -193,7 +194,7 @@ def no_training(monkeypatch):
     """Training must not start: every case below is refused before it."""
     def boom(*a, **k):
         raise AssertionError("training started before the flags were checked")
-    monkeypatch.setattr(teacher_mod, "train_teacher", boom)
+    monkeypatch.setattr(teacher_lib, "train_teacher", boom)
     monkeypatch.setattr(teacher_mod, "load_dataset", boom)
 
 
@@ -246,7 +247,7 @@ def test_grid_is_checked_before_writing_out(tmp_path, capsys, monkeypatch):
     # the review's case: training ran, the teacher replaced --out, then --grid was refused
     def boom(*a, **k):
         raise AssertionError("trained")
-    monkeypatch.setattr(teacher_mod, "train_teacher", boom)
+    monkeypatch.setattr(teacher_lib, "train_teacher", boom)
     out = tmp_path / "t.safetensors"
     code, err = _run_cli(["--dataset", "gmm", "--no-progress", "--iters", "300", "--grid", str(tmp_path / "g.png"),
                           "--out", str(out)], capsys)
@@ -256,7 +257,7 @@ def test_grid_is_checked_before_writing_out(tmp_path, capsys, monkeypatch):
 
 def test_huge_batch_is_refused_by_its_memory_estimate(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "1")
-    monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(teacher_lib, "train_teacher", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     code, err = _run_cli(["--dataset", "gmm", "--batch", str(10 ** 9), "--out", str(tmp_path / "t.safetensors")],
                          capsys)
     assert_one_line_error(code, err, "GB", "--batch")

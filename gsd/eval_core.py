@@ -1,0 +1,428 @@
+"""The evaluation of a saved run: load it (`load_run`), compose the shared evaluation
+sections of gsd.metrics on it (`evaluate_loaded`), write eval.json (`evaluate_run`). The
+library behind `python -m gsd.evaluate` (whose docstring lists the numbers) and the
+evaluation step of gsd.experiments."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import runs
+from .config import RUN_DEFAULTS, resolve_config
+from .data import GMMDenoiser, load_dataset
+from .distill import DistillConfig, Distiller
+from .errors import UsageError
+from .fileio import jsonable
+from .teachers import load_run_teacher
+from .util import check_memory, format_value, resolve_device, sampler_table
+
+__all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
+           "evaluate_loaded", "format_table", "machine_info", "default_num_samples"]
+
+EVAL_FORMAT = "gsd-eval/1"
+EVAL_NAME = "eval.json"
+# Keys every run written by this version's gsd.train carries in config.json.
+REQUIRED_CONFIG_KEYS = ("dataset", "sigma_init", "alpha", "tmax", "lambda_sid", "lambda_irl", "batch", "seed",
+                        "exact_teacher", "teacher_file", "backend", "ema_halflife", "lr")
+# Names under which a run might record a format/version (checked when present).
+_FORMAT_KEYS = ("run_format", "gsd_format", "format", "format_version")
+from .metrics import ISOMETRY_SEED_OFFSET, MAX_ISOMETRY_LATENTS, SEED_STRIDE  # noqa: E402 - one seed layout
+
+# FD samples use latent seeds base + [0, ISOMETRY_SEED_OFFSET), the isometry latents the next 8e7, the local
+# isometry anchors the rest of the stride
+from .metrics import SEED_RANGE_WHY as _SEED_RANGE_WHY  # noqa: E402
+# float32 copies of the sample set held at once: latents, one-step samples, teacher samples, features
+EVAL_COPIES = 4
+
+
+def default_num_samples(dataset_name: str, dataset_len: int) -> int:
+    return {"digits": dataset_len, "gmm": 4000}.get(dataset_name, 2000)
+
+
+def machine_info(device) -> dict:
+    """CPU model, cores, torch version, device: what a timing depends on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    try:
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# --------------------------------------------------------------------------- loading a run
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: dict
+    step: int
+    dataset: object
+    distiller: object          # gsd.distill.Distiller with the checkpoint's weights
+    teacher: torch.nn.Module   # f_phi: the network teacher or the exact gmm denoiser
+    teacher_id: str            # identifies the teacher (for caching teacher-side results)
+    device: torch.device
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.distiller.num_classes)
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.dataset.sample_shape)
+
+
+def _check_run_config(run_dir: Path, cfg: dict) -> None:
+    expected = getattr(runs, "RUN_FORMAT", None)
+    for key in _FORMAT_KEYS:
+        if key in cfg and expected is not None and str(cfg[key]) != str(expected):
+            raise UsageError(f"{run_dir} was written by another gsd version ({key} {cfg[key]!r}; this gsd reads "
+                             f"{expected!r})")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} lacks {', '.join(missing)}: not a run of this gsd "
+                         f"version (another version, or not written by gsd.train)")
+
+
+def _network_id(net: torch.nn.Module) -> str:
+    """Content hash of a network's tensors (file bytes differ between identical saves: the
+    safetensors metadata order is not stable)."""
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    cfg = getattr(net, "config", None)
+    h.update(repr(cfg).encode())
+    # a diffusers teacher's noise schedule is not in its state dict
+    for attr in ("prediction_type", "betas"):
+        value = getattr(net, attr, None)
+        if value is not None:
+            h.update(repr(value.tolist() if torch.is_tensor(value) else value).encode())
+    return h.hexdigest()[:16]
+
+
+def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
+    """A run's config, data set, teacher and checkpoint; UsageError (one line) on any problem."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UsageError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a directory")
+    cfg = runs.read_config(run_dir)
+    _check_run_config(run_dir, cfg)
+    if step is None:
+        step = runs.latest_step(run_dir)
+        if step is None:
+            raise UsageError(f"{run_dir} has no complete checkpoint ({runs.CKPT_DIR}/{runs.LATEST_NAME} missing or "
+                             f"pointing at missing files)")
+    dev = resolve_device(device)
+
+    known = {k: v for k, v in cfg.items() if k in RUN_DEFAULTS}
+    known.pop("resume", None)
+    try:
+        full = resolve_config(known)
+        dcfg = DistillConfig.from_run_config(full)
+    except UsageError as exc:
+        raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} is not usable by this gsd version ({exc})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} is not usable by this gsd version "
+                         f"({type(exc).__name__}: {exc})") from None
+
+    dataset = load_dataset(full["dataset"], data_root=full.get("data_root"), resolution=full.get("resolution"),
+                           download=False)
+    teacher_net = load_run_teacher(run_dir, device=dev, config=cfg, dataset=dataset)  # the one fit check
+    if full["exact_teacher"]:
+        if dataset.mixture is None:
+            raise UsageError(f"{run_dir}: exact_teacher is set but {dataset.name} has no known mixture")
+        f_phi = GMMDenoiser(dataset.mixture).to(dev)
+        teacher_id = "exact-gmm:" + hashlib.sha256(repr(dataset.mixture.to_dict()).encode()).hexdigest()[:16]
+    else:
+        f_phi = teacher_net
+        teacher_id = "net:" + _network_id(teacher_net)
+
+    weights, _state = runs.load_checkpoint(run_dir, step)
+    distiller = Distiller(f_phi, dcfg, init=teacher_net, sample_shape=dataset.sample_shape, device=dev)
+    try:
+        distiller.load_weights({k: v.to(dev) for k, v in weights.items()})
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = " ".join(str(exc).split())[:160]
+        raise UsageError(f"checkpoint {step} in {run_dir} does not fit this gsd version's networks ({first})") \
+            from None
+    distiller.iteration = int(step)
+    return LoadedRun(run_dir=run_dir, config=cfg, step=int(step), dataset=dataset, distiller=distiller,
+                     teacher=f_phi, teacher_id=teacher_id, device=dev, extra={"teacher_net": teacher_net})
+
+
+# --------------------------------------------------------------------------- helpers
+# The evaluation sections live in gsd.metrics (shared with gsd.train's end-of-run evaluation);
+# these names stay for callers of this module.
+from .metrics import FeatureSpace as _Features  # noqa: E402
+from .metrics import batched as _batched  # noqa: E402
+from .metrics import class_labels as _labels  # noqa: E402
+from .metrics import latency_section as interleaved_latency  # noqa: E402
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _inception_key(key: str) -> str:
+    """kid -> kid_inception, kid_stderr -> kid_inception_stderr (metrics in the Inception space
+    next to those of the data set's own feature space)."""
+    if key.endswith("_stderr"):
+        return key[:-len("_stderr")] + "_inception_stderr"
+    return key + "_inception"
+
+
+def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples, seed, ppl_seed, isometry_latents,
+                  teacher_steps, progress) -> dict:
+    """Samples and metrics that depend only on the teacher (shared between runs of one teacher)."""
+    from .metrics import geometry_section
+    from .ppl import float64_copy, heun_sample_float64, perceptual_path_length
+    from .samplers import heun_sample
+
+    t0 = time.perf_counter()
+    x = _batched(lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), eps, labels)
+    t64 = float64_copy(run.teacher)
+    ppl = None
+    if ppl_samples > 0:
+        ppl = perceptual_path_length(
+            lambda z, l=None: heun_sample_float64(t64, z, l, num_steps=teacher_steps), run.sample_shape,
+            num=ppl_samples, features=feats.ppl, seed=ppl_seed, device=run.device, batch=128,
+            num_classes=run.num_classes)
+    geo = geometry_section(lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), run.sample_shape,
+                           run.device, run.num_classes, seed=seed, isometry_latents=isometry_latents)
+    return {"samples": x, "ppl": ppl, **geo, "seconds": time.perf_counter() - t0}
+
+
+def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_samples: int = 512, seed: int = 0,
+                    fid_weights=None, require_fid: bool = False, fid_model=None, latency_batch: int = 64,
+                    latency_repeats: int = 7, latency_warmup: int = 2, isometry_latents: int = 512, cache_dir=None,
+                    classifier_epochs: int = 30, teacher_steps: int = 18, teacher_cache: dict | None = None,
+                    progress: bool = False, features: _Features | None = None) -> tuple[dict, dict]:
+    """Every metric of a loaded run; returns (result for eval.json, {"one_step": x, "teacher": x} samples)."""
+    from .fid import (FID_BOOTSTRAPS, FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception,
+                      locate_fid_weights)
+    from .metrics import real_noise_floor, sample_quality
+    from .metrics import (LATENCY_METHOD, distribution_section, evaluation_latents, geometry_section,
+                          local_isometry_settings)
+    from .ppl import float64_copy, perceptual_path_length
+    from .samplers import heun_nfe, heun_sample
+
+    t_start = time.perf_counter()
+    dev = run.device
+    ds = run.dataset
+    shape = run.sample_shape
+    is_image = len(shape) == 3
+    if num_samples is None:
+        num_samples = default_num_samples(ds.name, len(ds))
+    if num_samples < 2:
+        raise UsageError(f"--num-samples must be >= 2, got {num_samples}")
+    if num_samples > ISOMETRY_SEED_OFFSET:
+        raise UsageError(f"--num-samples must be <= {ISOMETRY_SEED_OFFSET} ({_SEED_RANGE_WHY}), got {num_samples}")
+    numel = math.prod(shape)
+    check_memory(EVAL_COPIES * 4 * num_samples * numel,
+                 f"evaluating --num-samples {num_samples} samples of shape {tuple(shape)}", "lower --num-samples")
+    check_memory(EVAL_COPIES * 4 * max(isometry_latents, latency_batch) * numel,
+                 f"--isometry-latents {isometry_latents} / --latency-batch {latency_batch}", "lower them")
+
+    # FID availability first: a missing file must fail before minutes of sampling
+    fid_reason = None
+    if fid_model is None:
+        if not is_image:
+            fid_reason = f"FID needs image data; {ds.name} samples have shape {shape}"
+            if fid_weights is not None:
+                locate_fid_weights(fid_weights)  # still refuse a --fid-weights that is not a file
+        else:
+            path, fid_reason = locate_fid_weights(fid_weights)
+            if path is not None:
+                fid_model = load_fid_inception(path, dev)
+    if fid_model is None and require_fid:
+        raise UsageError(f"--require-fid: {fid_reason}")
+
+    feats = features or _Features(ds, dev, cache_dir=cache_dir, classifier_epochs=classifier_epochs,
+                                  progress=progress, fid_model=fid_model)
+    nc = run.num_classes
+    base = int(seed) * SEED_STRIDE
+    eps, labels = evaluation_latents(seed, num_samples, shape, dev, nc)
+    ppl_seed = 7919 + int(seed)
+
+    gen = run.distiller.generate
+    with torch.no_grad():
+        x_one = _batched(lambda e, l: gen(e, l), eps, labels)
+
+    key = (run.teacher_id, ds.name, num_samples, int(seed), ppl_samples, isometry_latents, teacher_steps, str(dev),
+           feats.ppl_name)
+    if teacher_cache is not None and key in teacher_cache:
+        tside = teacher_cache[key]
+    else:
+        tside = _teacher_side(run, eps, labels, feats, ppl_samples=ppl_samples, seed=seed, ppl_seed=ppl_seed,
+                              isometry_latents=isometry_latents, teacher_steps=teacher_steps, progress=progress)
+        if teacher_cache is not None:
+            teacher_cache[key] = tside
+    x_teacher = tside["samples"]
+
+    nfe_t = heun_nfe(teacher_steps)
+    one = {"sampler": "one-step generator (EMA)", "nfe": 1}
+    teach = {"sampler": f"teacher Heun, {teacher_steps} steps", "nfe": nfe_t}
+    result: dict = {
+        "format": EVAL_FORMAT, "run_dir": str(run.run_dir), "step": run.step, "dataset": ds.name,
+        "lambda_sid": run.config.get("lambda_sid"), "lambda_irl": run.config.get("lambda_irl"),
+        "seed": int(seed), "num_samples": int(num_samples), "latent_seeds": [base, base + num_samples - 1],
+        "teacher_kind": "exact GMM denoiser" if run.config.get("exact_teacher") else "network",
+        "one_step": one, "teacher": teach,
+        "settings": {"num_samples": int(num_samples), "ppl_samples": int(ppl_samples), "seed": int(seed),
+                     "isometry_latents": int(isometry_latents), "latency_batch": int(latency_batch),
+                     "latency_repeats": int(latency_repeats), "teacher_steps": int(teacher_steps),
+                     "fid_weights": None if fid_weights is None else str(fid_weights)},
+    }
+
+    # ---- Frechet distance in the run's feature space
+    real = ds.data
+    distribution_section(result, ds, feats, [(one, x_one), (teach, x_teacher)], num_samples)
+
+    # ---- FID
+    if fid_model is not None:
+        n_real = min(len(real), max(num_samples, 2))
+        idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[:n_real]
+        f_real = inception_features(fid_model, real[idx])
+        # FID with its bootstrap interval, and KID / precision / recall in the Inception space:
+        # under kid/precision/recall when the data set has no other feature space, else
+        # under *_inception keys (FID_BOOTSTRAPS resamples: each costs an n x n SVD)
+        primary = feats.fd is None and ds.mixture is None
+        for m, x in ((one, x_one), (teach, x_teacher)):
+            q = sample_quality(inception_features(fid_model, x), f_real, fd=fid_from_features, fd_key="fid",
+                               bootstraps=FID_BOOTSTRAPS)
+            m["fid"], m["fid_ci"] = q.pop("fid"), q.pop("fid_ci")
+            m.update(q if primary else {_inception_key(k): v for k, v in q.items()})
+        floor = real_noise_floor(f_real, num_samples, fd=fid_from_features, fd_key="fid", bootstraps=FID_BOOTSTRAPS)
+        if primary:
+            result["noise_floor"] = floor
+            result["kid_feature"] = FID_FEATURE_NAME
+        else:
+            result["noise_floor_inception"] = floor
+        result["fid_bootstraps"] = FID_BOOTSTRAPS
+        result["fid"], result["fid_teacher"] = one["fid"], teach["fid"]
+        result["fid_feature"] = FID_FEATURE_NAME
+        result["fid_real_samples"] = int(n_real)
+        result["fid_unavailable"] = None
+    else:
+        one["fid"] = teach["fid"] = None
+        result["fid"] = result["fid_teacher"] = None
+        result["fid_unavailable"] = fid_reason
+
+    # ---- PPL
+    result["ppl_feature"] = feats.ppl_name
+    if ppl_samples > 0:
+        g64 = float64_copy(run.distiller.ema_generator)
+        s = float(run.distiller.config.sigma_init)
+
+        def g_fn(z, l=None):
+            return g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64, device=z.device), l)
+
+        ppl_one = perceptual_path_length(g_fn, shape, num=ppl_samples, features=feats.ppl, seed=ppl_seed,
+                                         device=dev, batch=256, num_classes=nc)
+        one["ppl"], one["ppl_stderr"] = ppl_one["ppl"], ppl_one["ppl_stderr"]
+        tp = tside["ppl"]
+        teach["ppl"], teach["ppl_stderr"] = tp["ppl"], tp["ppl_stderr"]
+        result["ppl_settings"] = {k: ppl_one[k] for k in ("eps", "percentiles", "num_pairs")}
+        result["ppl_settings"]["slerp"] = "latents z1, z2 ~ N(0, I) of the data shape (not normalised)"
+        result["ppl_settings"]["num_kept"] = {"one_step": ppl_one["num_kept"], "teacher": tp["num_kept"]}
+    else:
+        one["ppl"] = teach["ppl"] = None
+
+    # ---- isometry defect
+    geo = geometry_section(gen, shape, dev, nc, seed=seed, isometry_latents=isometry_latents)
+    one.update(geo)
+    result["isometry_defect"] = geo["isometry_defect"]
+    result["local_isometry_defect"] = geo["local_isometry_defect"]
+    for k in geo:
+        teach[k] = tside[k]
+    result["isometry_latents"] = int(isometry_latents)
+    result["local_isometry"] = local_isometry_settings(seed)
+
+    # ---- latency (batch 64, same latents, interleaved repeats)
+    nb = min(latency_batch, num_samples)
+    eps_b, lab_b = eps[:nb], None if labels is None else labels[:nb]
+    lat = interleaved_latency({"one": lambda: gen(eps_b, lab_b),
+                               "teacher": lambda: heun_sample(run.teacher, eps_b, lab_b, num_steps=teacher_steps)},
+                              dev, warmup=latency_warmup, repeats=latency_repeats)
+    one["latency_ms"], teach["latency_ms"] = lat["one"], lat["teacher"]
+    result["latency"] = {"batch": int(nb), "repeats": int(latency_repeats), "one_step_ms": lat["one"],
+                         "teacher_ms": lat["teacher"], "speedup": lat["teacher"] / lat["one"],
+                         "reduction": 1.0 - lat["one"] / lat["teacher"],
+                         "method": LATENCY_METHOD}
+
+    result["machine"] = machine_info(dev)
+    result["seconds"] = round(time.perf_counter() - t_start, 2)
+    return result, {"one_step": x_one, "teacher": x_teacher}
+
+
+def evaluate_run(run_dir, *, device="auto", step: int | None = None, write: bool = True, **kw) -> dict:
+    """Load a run, evaluate it, write RUN_DIR/eval.json (atomically); returns the result."""
+    from .fid import locate_fid_weights
+
+    if kw.get("fid_weights") is not None:
+        locate_fid_weights(kw["fid_weights"])  # a bad path fails before the run is loaded
+    run = load_run(run_dir, step=step, device=device)
+    result, _ = evaluate_loaded(run, **kw)
+    if write:
+        runs.write_json_atomic(Path(run_dir) / EVAL_NAME, jsonable(result))
+    return result
+
+
+# --------------------------------------------------------------------------- table
+
+
+def format_table(result: dict) -> str:
+    one, teach = result["one_step"], result["teacher"]
+    cols = ["nfe", "fd", "fid", "ppl", "isometry_defect", "local_isometry_defect", "latency_ms"]
+    cols += [k for k in ("sliced_wasserstein", "mmd", "modes_covered") if k in one]
+    names = {"nfe": "NFE", "fd": "FD", "fid": "FID", "ppl": "PPL", "isometry_defect": "iso. defect",
+             "local_isometry_defect": "local iso. defect",
+             "latency_ms": f"ms/batch {result.get('latency', {}).get('batch', '')}",
+             "sliced_wasserstein": "sliced W2", "mmd": "MMD^2", "modes_covered": "modes"}
+    lines = sampler_table((("one-step G (EMA)", one), (f"teacher Heun ({teach['nfe']} NFE)", teach)), cols, names)
+    lines.append(f"run {result['run_dir']} at step {result['step']}, {result['num_samples']} samples, "
+                 f"seed {result['seed']}")
+    lines.append(f"FD feature space: {result['fd_feature']}")
+    if result.get("fid_unavailable"):
+        lines.append(f"FID: not computed ({result['fid_unavailable']})")
+    lines.append(f"PPL feature space: {result['ppl_feature']}")
+    lat = result.get("latency")
+    if lat:
+        lines.append(f"latency reduction one-step vs teacher: {100 * lat['reduction']:.1f}% "
+                     f"({lat['speedup']:.1f}x) on {result['machine']['device']}")
+    if "real_split_fd" in result:
+        lines.append(f"FD between two halves of the real data (noise floor): {format_value(result['real_split_fd'])}")
+    if "true_vs_true" in result:
+        lines.append(f"true mixture vs true mixture: FD {format_value(result['true_vs_true']['fd'])}, sliced W2 "
+                     f"{format_value(result['true_vs_true']['sliced_wasserstein'])}")
+    from .metrics import summary_rows
+
+    lines += ["", "sample quality (value ± stderr or [95% bootstrap interval]; noise: 2 stderr, overlapping "
+                  "intervals, or the noise floor):", summary_rows(result)]
+    return "\n".join(lines)
