@@ -62,10 +62,11 @@ class Setup:
         # interpreted Triton on CPU only when asked for (TRITON_INTERPRET=1): a dry run
         interp = os.environ.get("TRITON_INTERPRET") == "1"
         self.backends = [b for b in avail if b != "reference" and (self.gpu or b != "triton" or interp)]
-        self.tb = None
+        self.tb = self.tknobs = None
         if "triton" in self.backends:
-            from gsd_kernels.backends import triton_backend
-            self.tb = triton_backend
+            from gsd_kernels.backends import triton as triton_backend
+            from gsd_kernels.backends.triton import common as triton_knobs
+            self.tb, self.tknobs = triton_backend, triton_knobs
 
     def variants(self):
         """(label, backend, triton dot precision or None) of the fused fp32 runs."""
@@ -84,15 +85,15 @@ class Setup:
 
 class dot_precision:  # noqa: N801 - a context manager
     def __init__(self, setup, prec):
-        self.tb, self.prec = setup.tb, prec
+        self.tknobs, self.prec = setup.tknobs, prec
 
     def __enter__(self):
         if self.prec is not None:
-            self.old, self.tb.DOT_PRECISION = self.tb.DOT_PRECISION, self.prec
+            self.old, self.tknobs.DOT_PRECISION = self.tknobs.DOT_PRECISION, self.prec
 
     def __exit__(self, *exc):
         if self.prec is not None:
-            self.tb.DOT_PRECISION = self.old
+            self.tknobs.DOT_PRECISION = self.old
 
 
 # -------------------------------------------------------------------------- accuracy
@@ -292,21 +293,21 @@ def variants(S, N=8192, D=3072):
         return
     import triton.testing
 
-    tb = S.tb
     dev = S.dev
     x = torch.randn(N, D, device=dev, requires_grad=True)
     z = torch.randn(N, D, device=dev)  # the latent: no gradient, as in training
     x64 = x.detach().double().requires_grad_()
     gx0 = torch.autograd.grad(gsd_kernels.isometry_loss(x64, z.double(), backend="reference"), x64)[0]
     del x64
-    old = (tb.DOT_PRECISION, tb.TILES)
+    knobs = S.tknobs  # the package's tuning knobs live in its common module
+    old = (knobs.DOT_PRECISION, knobs.TILES)
     try:
         # most informative first: a new precision compiles three kernels, a new preset one
         for prec, tiles in (("tf32x3", "default"), ("tf32", "default"), ("tf32", "tall"),
                             ("tf32", "wide"), ("tf32:tf32x3", "default"), ("tf32x3", "tall")):
-            if tiles not in tb.TILE_PRESETS:
+            if tiles not in knobs.TILE_PRESETS:
                 continue
-            tb.DOT_PRECISION, tb.TILES = prec, tiles
+            knobs.DOT_PRECISION, knobs.TILES = prec, tiles
 
             def fn():
                 return torch.autograd.grad(gsd_kernels.isometry_loss(x, z, backend="triton"), x)[0]
@@ -321,7 +322,7 @@ def variants(S, N=8192, D=3072):
                 f"variant iso fwd+bwd N={N} D=d={D} need_z=False dot={prec:12s} "
                 f"tiles={tiles:7s}: {ms:7.2f} ms, gx rel err {err:.1e}")
     finally:
-        tb.DOT_PRECISION, tb.TILES = old
+        knobs.DOT_PRECISION, knobs.TILES = old
 
 
 def main(argv=None):

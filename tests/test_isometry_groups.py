@@ -199,7 +199,7 @@ def test_grouped_triton_kernels_compile_for_sm90():
     import sys
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from gsd_kernels.backends import triton_backend as tb\n"
+    code = ("from gsd_kernels.backends import triton as tb\n"
             "res = tb.compile_check(90, only=lambda n, c: 'grouped' in n)\n"
             "bad = [r for r in res if r[3]]\n"
             "print(len(res), bad)\n"

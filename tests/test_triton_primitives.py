@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from gsd_kernels.backends import triton_backend as tb  # noqa: E402
+from gsd_kernels.backends import triton as tb  # noqa: E402
+from gsd_kernels.backends.triton import common as tb_common  # noqa: E402  (the knobs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _ok, _why = tb.is_available(DEVICE)
@@ -44,12 +45,12 @@ def f64(v):
 @pytest.fixture
 def knobs():
     """Restore the module-level tuning knobs after a test changes them."""
-    saved = {k: getattr(tb, k) for k in
+    saved = {k: getattr(tb_common, k) for k in
              ("SMALL_DIM", "DIRECT_MAX", "FORCE_NO_DOT", "SLAB_ROWS", "SID_BLOCK",
               "SID_TARGET_PROGRAMS", "DOT_PRECISION", "TILES", "LARGE_TILE_MIN_ROWS")}
-    yield tb
+    yield tb_common
     for k, v in saved.items():
-        setattr(tb, k, v)
+        setattr(tb_common, k, v)
 
 
 # ------------------------------------------------------------------ isometry oracle
@@ -345,7 +346,7 @@ def test_primitives_never_read_device_values_back(monkeypatch, knobs):
     tb.fake_backward(x, x + 1, w, need_x=False)
 
 
-@pytest.mark.parametrize("preset", sorted(tb.TILE_PRESETS) if _ok else [])
+@pytest.mark.parametrize("preset", sorted(tb_common.TILE_PRESETS) if _ok else [])
 def test_iso_tile_presets(preset, knobs):
     """Every tile preset of the large-batch path (64x64 .. 128x128 tiles) at awkward sizes:
     ragged last tiles, a partial last slab, odd N (the table is switched on for small N)."""
@@ -377,7 +378,7 @@ def test_split3_is_exact():
     vals = [1.2, 0.1, 1.0 / 3.0, -2.0 ** -40 * 3.3, 1e30 / 7] + \
         (torch.randn(200, generator=g, dtype=torch.float64) * 10).tolist()
     for v in vals:
-        parts = tb._split3(v)
+        parts = tb_common._split3(v)
         assert all(torch.tensor(p, dtype=torch.float32).item() == p for p in parts)
         assert (parts[0] + parts[1]) + parts[2] == v
 
@@ -540,7 +541,7 @@ def test_kernels_compile_for_sm90():
     """Without a GPU: every kernel variant the launchers pick compiles for sm_90 (Triton
     frontend, MLIR lowering and ptxas), in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from gsd_kernels.backends import triton_backend as tb\n"
+    code = ("from gsd_kernels.backends import triton as tb\n"
             "bad = [r for r in tb.compile_check(90) if r[3]]\n"
             "print(bad)\n"
             "raise SystemExit(1 if bad else 0)\n")

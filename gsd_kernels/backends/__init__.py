@@ -35,8 +35,8 @@ def _native_module():
 
 @functools.lru_cache(maxsize=None)
 def _triton_module():
-    from . import triton_backend
-    return triton_backend
+    from . import triton  # the package gsd_kernels.backends.triton, not triton itself
+    return triton
 
 
 def availability(name: str, device_type: str) -> tuple[bool, str]:
