@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops, reference, validation
-from .ops import _iso_operands, _loss_from_sums, _resolve
+from ._isometry import _apply_factor, _inv_two_h2, _iso_operands, _loss_from_sums
+from .ops import _resolve
 from .reference import compute_dtype, flatten_rows, pow2_factor_of
 
 # (group, rows per rank) already checked to be equal on every rank: the check reads a
@@ -91,7 +92,7 @@ def _rows_fwd(x_local: Tensor, z_local: Tensor, x: Tensor, z: Tensor, r0: int, r
     inputs that receive the gradient."""
     prims = ops.backends.primitives(backend, x.device.type)
     operands, kwargs, scales = _iso_operands(prims, x, z)
-    inv_two_h2 = ops._inv_two_h2(z, local, bandwidth, scales[1])
+    inv_two_h2 = _inv_two_h2(z, local, bandwidth, scales[1])
     n = x.shape[0]
     return prims.iso_forward_sums(*operands, r0, r1, 0, n, inv_two_h2, **kwargs), scales
 
@@ -106,13 +107,13 @@ def _rows_bwd(grad_sums: Tensor, x: Tensor, z: Tensor, r0: int, r1: int, local: 
               need_x: bool, need_z: bool, backend: str) -> tuple[Tensor, Tensor]:
     prims = ops.backends.primitives(backend, x.device.type)
     operands, kwargs, scales = _iso_operands(prims, x, z)
-    inv_two_h2 = ops._inv_two_h2(z, local, bandwidth, scales[1])
+    inv_two_h2 = _inv_two_h2(z, local, bandwidth, scales[1])
     n = x.shape[0]
     gx, gz = prims.iso_backward_rows(*operands, r0, r1, 0, n, inv_two_h2, _rows_coefficients(grad_sums),
                                      need_x=need_x, need_z=need_z, **kwargs)
     # gradients of the scaled operands -> of x and z (the sums are those of x * sx, z * sz)
-    gx = ops._apply_factor(gx, scales[0]) if need_x else x.new_empty((0,))
-    gz = ops._apply_factor(gz, scales[1]) if need_z else z.new_empty((0,))
+    gx = _apply_factor(gx, scales[0]) if need_x else x.new_empty((0,))
+    gz = _apply_factor(gz, scales[1]) if need_z else z.new_empty((0,))
     return gx, gz
 
 
@@ -209,8 +210,8 @@ def _grouped_rows_bwd(grad_sums: Tensor, x: Tensor, z: Tensor, scales: Tensor, i
     n = x.shape[0]
     gx, gz = prims.iso_backward_rows(*operands, 0, n, 0, n, inv_two_h2, _rows_coefficients(grad_sums),
                                      need_x=need_x, need_z=need_z, groups=groups, **kwargs)
-    gx = ops._apply_factor(gx, scales[0]) if need_x else x.new_empty((0,))
-    gz = ops._apply_factor(gz, scales[1]) if need_z else z.new_empty((0,))
+    gx = _apply_factor(gx, scales[0]) if need_x else x.new_empty((0,))
+    gz = _apply_factor(gz, scales[1]) if need_z else z.new_empty((0,))
     return gx, gz
 
 
@@ -268,7 +269,7 @@ def _grouped_loss(x_rows: Tensor, z_rows: Tensor, weighting, bandwidth, fixed: f
         positive = h2 > 0
         inv_two_h2 = torch.where(positive, 0.5 / torch.where(positive, h2, torch.ones_like(h2)), torch.zeros_like(h2))
     else:
-        inv_two_h2 = ops._inv_two_h2(z_rows, local, 0.0 if bandwidth is None else float(bandwidth), scales[1])
+        inv_two_h2 = _inv_two_h2(z_rows, local, 0.0 if bandwidth is None else float(bandwidth), scales[1])
     if name == "reference":
         local_sums = _reference_grouped_sums(x_rows, z_rows, groups, inv_two_h2)
     else:
@@ -326,7 +327,7 @@ def isometry_loss(x_local, z_local, *, weighting="global", bandwidth=None, scale
         z = _AllGather.apply(z_rows, group)
         validation.check_isometry_args(x, z, weighting, bandwidth, scale)
         ones = torch.ones(2, dtype=torch.float64, device=x.device)
-        local_sums = _reference_row_sums(x, z, r0, r1, ops._inv_two_h2(z, local, bw, ones[1]))
+        local_sums = _reference_row_sums(x, z, r0, r1, _inv_two_h2(z, local, bw, ones[1]))
         scales = ones
     else:
         x, z = _gather(x_rows.detach(), group), _gather(z_rows.detach(), group)
