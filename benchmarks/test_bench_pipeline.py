@@ -57,7 +57,7 @@ def pytest_generate_tests(metafunc):
 
 @functools.lru_cache(maxsize=None)
 def _network(case: str):
-    from gsd.networks import build_denoiser, default_config, edm_ddpmpp_config
+    from gsd.models.networks import build_denoiser, default_config, edm_ddpmpp_config
 
     torch.manual_seed(0)
     if case == "digits8":
@@ -146,7 +146,7 @@ def _pair(key, variant, median, cpu, info, partner, partner_fn, partner_rounds):
 # ----------------------------------------------------------------------- (a) sampling
 
 def _sampler(variant, net, eps, labels):
-    from gsd.samplers import heun_sample
+    from gsd.sampling.samplers import heun_sample
 
     if variant == "one_step":
         sig = torch.full((eps.shape[0],), SIGMA_INIT, device=eps.device)

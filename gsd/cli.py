@@ -13,14 +13,14 @@ import sys
 from typing import Callable, Sequence
 
 
-from .config import DISTILL_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; DISTILL_DEFAULTS re-exported)
-from .errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
-from .metrics import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY
-from .util import (  # noqa: F401  (re-exported for the commands)
+from gsd.config import DISTILL_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; DISTILL_DEFAULTS re-exported)
+from gsd.errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
+from gsd.evaluation.metrics import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY
+from gsd.util import (  # noqa: F401  (re-exported for the commands)
     check_creatable, check_image_output, check_memory, check_output_file, format_bytes, format_value,
     memory_limit_bytes, sampler_table,
 )
-from .util import MAX_SEED  # noqa: F401  (re-exported)
+from gsd.util import MAX_SEED  # noqa: F401  (re-exported)
 
 
 
@@ -165,7 +165,7 @@ def add_trust_pickle_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_teacher_args(p: argparse.ArgumentParser) -> None:
-    """--teacher and --trust-pickle: what gsd.teachers.load_teacher reads."""
+    """--teacher and --trust-pickle: what gsd.teachers.loading.load_teacher reads."""
     p.add_argument("--teacher", default=RUN_DEFAULTS["teacher"], metavar="PATH",
                    help="teacher: a gsd .safetensors file, a diffusers UNet2DModel folder or (with "
                         "--trust-pickle) an NVlabs EDM .pkl; default: train and cache one")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import os
 
-from .errors import UsageError
+from gsd.errors import UsageError
 
 __all__ = ["DISTILL_DEFAULTS", "DATASET_DEFAULTS", "RUN_DEFAULTS", "TRAINING_KEYS", "RUN_KEYS", "RESUME_FREE",
            "DEFAULT_MAX_BAD_ITERS", "EXPLODE_FACTOR", "EXPLODE_WINDOW", "resolve_config"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .cli import run_main
+from gsd.cli import run_main
 
 # console script -> the command module it runs (pyproject.toml [project.scripts] names these)
 COMMANDS = {

@@ -65,8 +65,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .config import DISTILL_DEFAULTS
-from .errors import UsageError
+from gsd import parallel
+from gsd.config import DISTILL_DEFAULTS
+from gsd.errors import UsageError
+from gsd.jacobian_isometry import distortion_terms
+from gsd.models.networks import set_dropout, set_gradient_checkpointing
 
 __all__ = ["DistillConfig", "Distiller", "sigma_schedule", "ema_beta"]
 
@@ -320,7 +323,6 @@ class Distiller:
         self.generator = copy.deepcopy(init).to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
         self.fake = copy.deepcopy(init).to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
         if config.dropout is not None:  # G and f_psi only: the teacher stays as loaded
-            from .networks import set_dropout
             set_dropout(self.generator, config.dropout)
             set_dropout(self.fake, config.dropout)
         if config.irl_estimator == "jvp" and config.irl_on and any(
@@ -330,7 +332,6 @@ class Distiller:
             raise UsageError(f"--irl-estimator jvp: {type(self.generator).__name__} has LayerNorm layers, whose "
                              f"Jacobian-term gradients torch computes wrongly; use a GroupNorm network (the U-Nets)")
         if config.grad_checkpoint:
-            from .networks import set_gradient_checkpointing
             set_gradient_checkpointing(self.generator)
             set_gradient_checkpointing(self.fake)
         self.ema_generator = copy.deepcopy(self.generator).eval().requires_grad_(False)
@@ -338,7 +339,6 @@ class Distiller:
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps)
         self.opt_f = torch.optim.Adam(self.fake.parameters(), lr=c.lr_fake or c.lr, betas=tuple(c.betas),
                                       eps=c.adam_eps)
-        from . import parallel
         self.rank, self.world = parallel.rank(), parallel.world_size()
         self.accum = c.accum_steps(self.world)
         self.micro_batch = c.local_batch(self.world)
@@ -428,7 +428,6 @@ class Distiller:
     def enable_ddp(self) -> None:
         """Wrap G and f_psi in DistributedDataParallel (weights broadcast from rank 0; the EMA
         copy is reset to the broadcast generator). No-op without a process group."""
-        from . import parallel
         if not parallel.is_distributed() or self._g_train is not self.generator:
             return
         self._g_train = parallel.wrap_ddp(self.generator, self.device)
@@ -635,7 +634,6 @@ class Distiller:
         products with a graph for the double backward), in float32 without autocast, through the plain module (not the
         compiled or DDP wrapper). Anchors whose x_g was dropped, or whose terms are
         non-finite, are left out."""
-        from .jacobian_isometry import distortion_terms
 
         c = self.config
         n = eps.shape[0]

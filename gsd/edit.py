@@ -13,7 +13,7 @@ Writes into --out (default RUN_DIR):
 
 Method (InterFaceGAN-style). The latent is z = sigma_init * eps with eps ~ N(0, I) of the
 data's shape; it is flattened to a vector of D numbers for the linear model. `num` samples
-G(z) are labelled by a classifier (digits: the cached digits CNN of gsd.metrics; gmm: the
+G(z) are labelled by a classifier (digits: the cached digits CNN of gsd.evaluation.metrics; gmm: the
 nearest mixture mode), a one-vs-rest logistic regression on z is fitted per target class,
 and n_c = w_c / ||w_c|| is its unit normal, pointing towards the class. An edit is
 
@@ -31,9 +31,9 @@ Figures of merit, on held-out source latents (seeds disjoint from the fitting se
   distance of classifier features between consecutive points divided by h^2 (h in alpha
   units), percentile-filtered (keep 1%..99%) like PPL, then averaged; the same along
   random unit directions as a reference. Feature network: the digits CNN's penultimate
-  layer (`gsd.metrics.DIGITS_FEATURE_NAME`), raw coordinates for gmm.
+  layer (`gsd.evaluation.metrics.DIGITS_FEATURE_NAME`), raw coordinates for gmm.
 
-Library (gsd.editing, re-exported here): `edit_metrics(run_dir, ...) -> dict` (no files
+Library (gsd.evaluation.editing, re-exported here): `edit_metrics(run_dir, ...) -> dict` (no files
 written), `load_generator`, `slerp`, `fit_direction`, `find_directions`, `filtered_mean`.
 """
 
@@ -43,12 +43,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import runs
-from .editing import (  # noqa: F401  (the library lived here before gsd.editing; re-exported)
+from gsd import runs
+from gsd.evaluation.editing import (  # noqa: F401  (the library lived here before gsd.evaluation.editing; re-exported)
     ALPHA_WHY, DEFAULT_ALPHAS, DEFAULT_NUM, MAX_ALPHA, edit_metrics, filtered_mean, find_directions, fit_direction,
     load_generator, slerp, write_figures,
 )
-from .cli import MAX_SEED, UsageError, add_runtime_args, bounded_float, check_memory, count_int, make_parser, run_main
+from gsd.cli import MAX_SEED, UsageError, add_runtime_args, bounded_float, check_memory, count_int, make_parser, run_main
 
 __all__ = ["build_parser", "main"]
 

@@ -9,9 +9,9 @@ started from the same latents:
 
 - Frechet distance in the run's feature space: the digits CNN's penultimate features for
   digits (labelled as such, not FID), raw coordinates for gmm;
-- FID with pytorch-fid's Inception weights when they are on disk (`gsd.fid`); otherwise
+- FID with pytorch-fid's Inception weights when they are on disk (`gsd.evaluation.fid`); otherwise
   `"fid": null` and `"fid_unavailable": "<reason>"`; never a made-up number;
-- PPL (`gsd.ppl`), eps = 1e-4, 1%-99% filter, in a named feature space, for G and for the
+- PPL (`gsd.evaluation.ppl`), eps = 1e-4, 1%-99% filter, in a named feature space, for G and for the
   teacher's Heun map (a deterministic function of the same initial noise);
 - KID with its standard error, precision / recall (k = 3) and a 95% bootstrap interval of FD,
   in the same feature space, with their noise floor (`noise_floor`: real vs real, or exact
@@ -23,7 +23,7 @@ started from the same latents:
 - gmm: sliced Wasserstein, MMD, mode coverage, NLL under the true mixture (and its gap to true
   samples) and mode-weight error.
 
-The sections are gsd.metrics' evaluation core, which gsd.train's end-of-run evaluation also
+The sections are gsd.evaluation.metrics' evaluation core, which gsd.train's end-of-run evaluation also
 uses (same seeds, estimators and latency method).
 
 Bad input (a folder that is not a run, missing files, a run written by another version,
@@ -37,13 +37,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .cli import (MAX_COUNT, UsageError, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
+from gsd.cli import (MAX_COUNT, UsageError, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
                   bounded_int, count_int, make_parser, nonnegative_int, run_main, seed_int)
-from .eval_core import (  # noqa: F401  (the library lived here before gsd.eval_core; re-exported)
+from gsd.evaluation.core import (  # noqa: F401  (the library lived here before gsd.evaluation.core; re-exported)
     EVAL_FORMAT, EVAL_NAME, REQUIRED_CONFIG_KEYS, LoadedRun, default_num_samples, evaluate_loaded, evaluate_run,
     format_table, load_run, machine_info,
 )
-from .metrics import MAX_ISOMETRY_LATENTS, SEED_RANGE_WHY, SEED_STRIDE  # noqa: F401  (SEED_STRIDE re-exported)
+from gsd.evaluation.metrics import MAX_ISOMETRY_LATENTS, SEED_RANGE_WHY, SEED_STRIDE  # noqa: F401  (SEED_STRIDE re-exported)
 
 __all__ = ["build_parser", "main"]
 

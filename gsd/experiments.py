@@ -18,7 +18,7 @@ writes `ROOT/results.md` with
 - Table 1: MSA (the teacher's 35-NFE Heun sampler) vs GSD one-step: FD, PPL, inference
   time, NFE;
 - Table 2: the loss ablation: FD, PPL, isometry defect, training time;
-- the DSG guidance table (`gsd.guidance`) and latent-editing numbers (`gsd.edit`) when those
+- the DSG guidance table (`gsd.sampling.guidance`) and latent-editing numbers (`gsd.edit`) when those
   modules are importable, otherwise a line saying they are unavailable;
 - seeds, settings and the machine (CPU model, cores, threads, torch version, device),
 
@@ -46,26 +46,26 @@ import torch
 
 import gsd_kernels
 
-from . import runs
-from .config import DATASET_DEFAULTS, TRAINING_KEYS, resolve_config
-from .data import load_dataset
-from .editing import edit_metrics
-from .eval_core import (EVAL_FORMAT, EVAL_NAME, default_num_samples, evaluate_loaded, load_run,
+from gsd import runs
+from gsd.config import DATASET_DEFAULTS, TRAINING_KEYS, resolve_config
+from gsd.data import load_dataset
+from gsd.evaluation.editing import edit_metrics
+from gsd.evaluation.core import (EVAL_FORMAT, EVAL_NAME, default_num_samples, evaluate_loaded, load_run,
                         machine_info)
-from .fid import locate_fid_weights
-from .fileio import jsonable
-from .guidance import format_guidance_table, measure_guidance
-from .metrics import SEED_STRIDE, FeatureSpace, batched, class_labels, digits_classifier, frechet_distance
-from .plots import save_samples_png
-from .samplers import heun_sample, latents_for_seeds
-from .teacher_training import get_teacher
-from .teachers import load_run_teacher, load_teacher
-from .training import run as train_run
-from .util import resolve_device
-from .cli import (DISTILL_DEFAULTS, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
+from gsd.evaluation.fid import locate_fid_weights
+from gsd.fileio import jsonable
+from gsd.sampling.guidance import format_guidance_table, measure_guidance
+from gsd.evaluation.metrics import SEED_STRIDE, FeatureSpace, batched, class_labels, digits_classifier, frechet_distance
+from gsd.evaluation.plots import save_samples_png
+from gsd.sampling.samplers import heun_sample, latents_for_seeds
+from gsd.teachers.training import get_teacher
+from gsd.teachers.loading import load_run_teacher, load_teacher
+from gsd.training import run as train_run
+from gsd.util import resolve_device
+from gsd.cli import (DISTILL_DEFAULTS, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
                   add_teacher_args, UsageError, make_parser, nonnegative_int, positive_float, positive_int,
                   run_main, seed_int)
-from .cli import format_value as fmt  # short: results.md formats dozens of numbers inline
+from gsd.cli import format_value as fmt  # short: results.md formats dozens of numbers inline
 
 __all__ = ["VARIANTS", "plan_runs", "run_experiments", "build_parser", "main", "guidance_section",
            "edit_section"]
@@ -375,7 +375,7 @@ def evaluate_all(plan: dict, args, sz: dict, root: Path) -> tuple[dict, dict, di
 # --------------------------------------------------------------------------- extras (other modules)
 
 def guidance_section(teacher, dataset, *, num: int, steps: int, seed: int, device, cache_dir=None) -> tuple[str, str]:
-    """(status, markdown) of the DSG guidance table from gsd.guidance, or why it is missing."""
+    """(status, markdown) of the DSG guidance table from gsd.sampling.guidance, or why it is missing."""
     t0 = time.perf_counter()
     try:
         result = measure_guidance(teacher, dataset, num=num, steps=steps, seed=seed, device=device,
@@ -383,8 +383,8 @@ def guidance_section(teacher, dataset, *, num: int, steps: int, seed: int, devic
         table = format_guidance_table(result)
     except Exception as exc:  # noqa: BLE001 - another module's failure must not sink the tables
         msg = " ".join(str(exc).split())[:300]
-        return "failed", f"_Failed: gsd.guidance.measure_guidance raised {type(exc).__name__}: {msg}._"
-    return "ok", (f"`gsd.guidance.measure_guidance(teacher, dataset, num={num}, steps={steps}, seed={seed})` "
+        return "failed", f"_Failed: gsd.sampling.guidance.measure_guidance raised {type(exc).__name__}: {msg}._"
+    return "ok", (f"`gsd.sampling.guidance.measure_guidance(teacher, dataset, num={num}, steps={steps}, seed={seed})` "
                   f"({time.perf_counter() - t0:.1f} s):\n\n{table}")
 
 
@@ -668,7 +668,7 @@ def write_results(path: Path, *, args, sz, plan, results, curves, walls, extras,
         L.append(f"- {title}: ![{title}]({name})")
     L.append("")
 
-    L.append("## DSG guidance (gsd.guidance)\n")
+    L.append("## DSG guidance (gsd.sampling.guidance)\n")
     L.append(extras["guidance"][1])
     L.append("")
     L.append("## Latent editing (gsd.edit)\n")

@@ -3,11 +3,11 @@
     python -m gsd.import_teacher network-snapshot-200000.pkl --out teacher.safetensors --trust-pickle
     python -m gsd.import_teacher path/to/diffusers-folder          # check it loads (used directly)
 
-An NVlabs EDM pickle is read without executing code from it (see `gsd.edm_import`) and
+An NVlabs EDM pickle is read without executing code from it (see `gsd.teachers.edm_pickle`) and
 exported once to a gsd safetensors checkpoint; after that the pickle is not needed. A
 diffusers UNet2DModel folder needs no export: `load_teacher` wraps it on the fly.
 
-`gsd.teachers.load_teacher(path)` is the one loader for a teacher given by path: a gsd
+`gsd.teachers.loading.load_teacher(path)` is the one loader for a teacher given by path: a gsd
 ``.safetensors`` file, a diffusers folder, or (with ``trust_pickle=True``) an EDM ``.pkl``.
 """
 
@@ -23,9 +23,9 @@ from typing import Sequence
 import torch
 
 from gsd.cli import UsageError, add_trust_pickle_arg, check_output_file, make_parser, run_main
-from gsd.edm_import import export_edm_pickle
-from gsd.networks import load_denoiser, read_denoiser_metadata
-from gsd.teachers import (  # noqa: F401  (the loaders lived here before gsd.teachers; re-exported)
+from gsd.teachers.edm_pickle import export_edm_pickle
+from gsd.models.networks import load_denoiser, read_denoiser_metadata
+from gsd.teachers.loading import (  # noqa: F401  (the loaders lived here before gsd.teachers.loading; re-exported)
     check_teacher_path, load_run_teacher, load_teacher, load_teacher_any, save_run_teacher, teacher_kind,
 )
 

@@ -71,7 +71,7 @@ API
   gradient (0 * NaN in that row's backward): call again with the finite anchors only.
 
 Cost, one training step of the term (forward + backward to the parameters, probes=1) on the
-digits default network (gsd.networks.default_config("digits", (1, 8, 8)), 0.31M parameters,
+digits default network (gsd.models.networks.default_config("digits", (1, 8, 8)), 0.31M parameters,
 fresh weights), one CPU thread, shared 2-core machine (load 6-7), median of 7 interleaved
 rounds, against one plain forward + backward of G on 64 samples (72.7 ms):
     double_backward: 16 anchors 244 ms (3.4x), 64 anchors 391 ms (5.4x)

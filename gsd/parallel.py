@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from gsd.errors import UsageError
 
 T = TypeVar("T")
 

@@ -43,11 +43,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .fileio import (  # noqa: F401  (atomic writers: re-exported, runs' API since the start)
+from gsd.errors import UsageError
+from gsd.fileio import (  # noqa: F401  (atomic writers: re-exported, runs' API since the start)
     atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, jsonable as _jsonable, write_json_atomic,
 )
-from .util import check_creatable
+from gsd.util import check_creatable
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"

@@ -4,9 +4,9 @@
     python -m gsd.sample --guidance inpaint --method dsg --mask bottom --num 12 --out inpaint.png
     python -m gsd.sample --guidance class --target-class 3 --method dps --num 16 --out threes.png
 
-Sampler: the stochastic ancestral sampler of `gsd.samplers` (DDPM posterior steps on EDM's
-time steps), guided by DSG or plain loss guidance (DPS), see `gsd.samplers.guided_sample`.
-Inpainting completes held-out real images (the split `gsd.metrics` holds out); its grid
+Sampler: the stochastic ancestral sampler of `gsd.sampling.samplers` (DDPM posterior steps on EDM's
+time steps), guided by DSG or plain loss guidance (DPS), see `gsd.sampling.samplers.guided_sample`.
+Inpainting completes held-out real images (the split `gsd.evaluation.metrics` holds out); its grid
 shows, per sample, the masked reference (hidden pixels grey), the result and the original.
 """
 
@@ -22,12 +22,12 @@ import torch
 from gsd.cli import (UsageError, add_cache_arg, add_teacher_args, add_data_args, add_guidance_args, add_runtime_args, bounded_int,
                      check_image_output, check_memory, count_int, format_bytes, make_parser, run_main)
 from gsd.data import load_dataset
-from gsd.guidance import (MASK_NAMES, classifier_loss, guidance_classifier, heldout_indices, inpaint_mask,
+from gsd.sampling.guidance import (MASK_NAMES, classifier_loss, guidance_classifier, heldout_indices, inpaint_mask,
                           inpainting_loss)
-from gsd.metrics import digits_classifier
-from gsd.plots import check_grid_size, save_image_grid
-from gsd.samplers import guided_sample, latents_for_seeds
-from gsd.teacher_training import get_teacher
+from gsd.evaluation.metrics import digits_classifier
+from gsd.evaluation.plots import check_grid_size, save_image_grid
+from gsd.sampling.samplers import guided_sample, latents_for_seeds
+from gsd.teachers.training import get_teacher
 from gsd.util import resolve_device
 
 # Sampling keeps a few float32 copies of the whole set at once (latents, the current x,

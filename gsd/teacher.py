@@ -3,7 +3,7 @@
     python -m gsd.teacher --dataset digits            # train (or find) the cached teacher
     python -m gsd.teacher --dataset gmm --out t.safetensors --iters 2000
 
-The training and the cache are the library module gsd.teacher_training (`get_teacher`,
+The training and the cache are the library module gsd.teachers.training (`get_teacher`,
 `train_teacher`); this module is the command line.
 """
 
@@ -17,10 +17,10 @@ from typing import Sequence
 from gsd.cli import (UsageError, add_cache_arg, add_data_args, add_runtime_args, check_image_output, check_memory,
                      check_output_file, count_int, make_parser, nonnegative_float, positive_float, run_main)
 from gsd.data import Dataset, load_dataset
-from gsd.networks import default_config, read_denoiser_metadata
-from gsd.plots import check_grid_size, grid_layout, save_image_grid  # noqa: F401  (re-exported)
-from gsd.samplers import heun_sample, latents_for_seeds
-from gsd.teacher_training import (  # noqa: F401  (the library lived here before; re-exported)
+from gsd.models.networks import default_config, read_denoiser_metadata
+from gsd.evaluation.plots import check_grid_size, grid_layout, save_image_grid  # noqa: F401  (re-exported)
+from gsd.sampling.samplers import heun_sample, latents_for_seeds
+from gsd.teachers.training import (  # noqa: F401  (the library lived here before; re-exported)
     RECIPES, default_teacher_recipe, edm_loss, full_recipe, get_teacher, teacher_cache_path, train_and_save,
     train_teacher,
 )

@@ -33,13 +33,13 @@ import argparse
 import sys
 from typing import Sequence
 
-from .cli import add_cache_arg, add_data_args, add_distill_args, add_runtime_args, make_parser, nonnegative_int, positive_int, run_main
-from .config import (  # noqa: F401  (re-exported: gsd.train's names since the start)
+from gsd.cli import add_cache_arg, add_data_args, add_distill_args, add_runtime_args, make_parser, nonnegative_int, positive_int, run_main
+from gsd.config import (  # noqa: F401  (re-exported: gsd.train's names since the start)
     DATASET_DEFAULTS, DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, RESUME_FREE, RUN_DEFAULTS, RUN_KEYS,
     TRAINING_KEYS, resolve_config,
 )
-from .errors import TrainingStopped  # noqa: F401  (re-exported)
-from .training import run, summary_table  # noqa: F401  (the library behind this command; re-exported)
+from gsd.errors import TrainingStopped  # noqa: F401  (re-exported)
+from gsd.training import run, summary_table  # noqa: F401  (the library behind this command; re-exported)
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m gsd.train",

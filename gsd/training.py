@@ -4,7 +4,7 @@ config is a dict with the flag names as keys (dashes -> underscores; gsd.config.
 is the schema); missing keys take the defaults. Every setting and the run directory are
 checked before the data set or the teacher is loaded; then the teacher is loaded, the
 `gsd.distill.Distiller` runs the loop with atomic checkpoints (gsd.runs), and the shared
-evaluation core (gsd.metrics) measures the result. gsd.train parses the command line and
+evaluation core (gsd.evaluation.metrics) measures the result. gsd.train parses the command line and
 calls `run`; gsd.experiments calls it in-process.
 """
 
@@ -19,16 +19,21 @@ from pathlib import Path
 
 import torch
 
-from . import parallel, runs
-from .config import (DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, RESUME_FREE, RUN_DEFAULTS, RUN_KEYS,
-                     resolve_config)
-from .distill import MAX_ROWS, DistillConfig, Distiller
-from .errors import TrainingStopped, UsageError
-from .data import GMMDenoiser, load_dataset
-from .metrics import summary_rows
-from .teacher_training import get_teacher
-from .teachers import check_teacher_fits, check_teacher_path, load_run_teacher, load_teacher, save_run_teacher
-from .util import check_memory, format_bytes, format_value, resolve_device, sampler_table
+from gsd import parallel, runs
+from gsd.config import (
+    DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, resolve_config, RESUME_FREE, RUN_DEFAULTS, RUN_KEYS,
+)
+from gsd.data import GMMDenoiser, load_dataset
+from gsd.distill import DistillConfig, Distiller, MAX_ROWS
+from gsd.errors import TrainingStopped, UsageError
+from gsd.evaluation.metrics import evaluate_distillation, summary_rows
+from gsd.evaluation.plots import save_samples_png
+from gsd.progress import progress_bar
+from gsd.teachers.loading import (
+    check_teacher_fits, check_teacher_path, load_run_teacher, load_teacher, save_run_teacher,
+)
+from gsd.teachers.training import get_teacher
+from gsd.util import check_memory, format_bytes, format_value, resolve_device, sampler_table
 
 __all__ = ["run", "summary_table", "TrainingStopped"]
 
@@ -260,7 +265,6 @@ def _run(config, *, explicit, nan_hook) -> Path:
     interrupts = _DeferredInterrupt(enabled=world == 1)
     mid_step = False
     try:
-        from .progress import progress_bar  # a tqdm bar on a terminal, ~22 plain lines in a log
         bar = progress_bar(total=total, initial=min(distiller.iteration, total), desc=f"distil {cfg['dataset']}",
                            enabled=show, file=sys.stderr)
         acc: dict = {}
@@ -337,7 +341,6 @@ def _run(config, *, explicit, nan_hook) -> Path:
         return run_dir
 
     # ---------------------------------------------------------------- evaluation
-    from .metrics import evaluate_distillation
 
     n_eval = cfg["eval_samples"]
     if n_eval is None:
@@ -357,7 +360,6 @@ def _run(config, *, explicit, nan_hook) -> Path:
         metrics["backends"] = backends
         metrics["teacher_kind"] = "exact GMM denoiser" if cfg["exact_teacher"] else "network"
         runs.write_json_atomic(run_dir / "metrics.json", metrics)
-        from .plots import save_samples_png
         save_samples_png(panels, run_dir / "samples.png",
                          means=dataset.mixture.means if dataset.mixture is not None else None)
         print(summary_table(metrics, run_dir, time.perf_counter() - t_start))

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import UsageError
+from gsd.errors import UsageError
 
 __all__ = ["MAX_SEED", "resolve_device", "cache_dir", "one_line", "format_bytes", "format_value", "memory_limit_bytes",
            "check_memory", "check_creatable", "check_output_file", "check_image_output", "sampler_table"]

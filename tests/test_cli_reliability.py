@@ -170,11 +170,13 @@ def _cli(main, argv, capsys):
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """The refusals below must come before a teacher is loaded or trained."""
+    import gsd.sample
     import gsd.teacher
 
     def boom(*a, **k):
         raise AssertionError("a teacher was loaded before the flags were checked")
     monkeypatch.setattr(gsd.teacher, "get_teacher", boom)
+    monkeypatch.setattr(gsd.sample, "get_teacher", boom)  # the name gsd.sample calls
 
 
 @pytest.mark.parametrize("argv, needles", [

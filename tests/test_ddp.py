@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from gsd import runs
 from gsd.distill import DistillConfig, Distiller
-from gsd.networks import save_denoiser
+from gsd.models.networks import save_denoiser
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD = 2

@@ -1,4 +1,4 @@
-"""diffusers UNet2DModel teachers as EDM denoisers (gsd.diffusers_teacher, gsd.import_teacher)."""
+"""diffusers UNet2DModel teachers as EDM denoisers (gsd.teachers.diffusers_teacher, gsd.import_teacher)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gsd.cli import UsageError, run_main
-from gsd.diffusers_teacher import DiffusersTeacher, load_diffusers_teacher, save_diffusers_teacher, vp_betas
+from gsd.teachers.diffusers_teacher import DiffusersTeacher, load_diffusers_teacher, save_diffusers_teacher, vp_betas
 from gsd.import_teacher import load_teacher_any, main as import_main
 
 diffusers = pytest.importorskip("diffusers")  # CI installs it through the `test` extra
@@ -245,7 +245,7 @@ def test_train_distils_a_diffusers_folder_end_to_end(tmp_path, capsys):
 def test_evaluation_cache_key_sees_the_schedule(unet_folder):
     """Cached teacher evaluations are keyed by a hash of the network: a diffusers teacher's
     schedule and prediction type live outside its state dict and must still change it."""
-    from gsd.eval_core import _network_id
+    from gsd.evaluation.core import _network_id
 
     base = load_diffusers_teacher(unet_folder)
     same = load_diffusers_teacher(unet_folder)

@@ -9,7 +9,7 @@ import torch
 import gsd_kernels
 from gsd.cli import UsageError
 from gsd.distill import DistillConfig, Distiller, ema_beta, sigma_schedule
-from gsd.networks import build_denoiser
+from gsd.models.networks import build_denoiser
 
 
 def tiny_mlp(dim=2, seed=0):
@@ -324,7 +324,7 @@ def test_fake_score_samples_come_from_g_in_eval_mode():
 
 
 def test_dropout_setting_changes_g_and_fake_score_only():
-    from gsd.networks import _MLPBlock
+    from gsd.models.networks import _MLPBlock
 
     teacher = tiny_mlp_dropout(1, p=0.5)
     d = Distiller(teacher, DistillConfig(batch=8, lr=1e-3, dropout=0.05), init=teacher)
@@ -335,7 +335,7 @@ def test_dropout_setting_changes_g_and_fake_score_only():
     assert all(m.dropout == 0.5 for m in kept.generator.modules() if isinstance(m, _MLPBlock))
     # SongUNet blocks too
     u = Distiller(tiny_unet(1), DistillConfig(batch=4, lr=1e-3, dropout=0.25), init=tiny_unet(2))
-    from gsd.networks import UNetBlock
+    from gsd.models.networks import UNetBlock
     assert {m.dropout for m in u.fake.modules() if isinstance(m, UNetBlock)} == {0.25}
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(UsageError, match="dropout"):

@@ -155,7 +155,10 @@ def test_cli_subprocess_error(tmp_path):
 def test_huge_numbers_and_bad_out_are_one_line(tiny_run, tmp_path, capsys, monkeypatch):
     # review D9: --alphas 1e308 and --seed 1e20 were tracebacks (OverflowError, scikit-learn)
     (tmp_path / "FILE").write_text("x")
-    monkeypatch.setattr(edit, "load_generator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    from gsd.evaluation import editing
+
+    # the library's name (edit_metrics calls it there): the checks come before any loading
+    monkeypatch.setattr(editing, "load_generator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     cases = [
         (["--alphas", "1e308"], "--alphas"),
         (["--alphas", "0.1", "inf"], "--alphas"),

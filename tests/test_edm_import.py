@@ -1,4 +1,4 @@
-"""Import of NVlabs EDM pickles (gsd.edm_import, gsd.import_teacher) without executing code.
+"""Import of NVlabs EDM pickles (gsd.teachers.edm_pickle, gsd.import_teacher) without executing code.
 
 The pickles are made here: stand-in modules `torch_utils.persistence` and `training.networks`
 are written to a temporary folder, imported, used to build a network of EDM's structure
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from gsd.cli import UsageError, run_main
-from gsd.edm_import import (DhariwalUNet, NCSNppUNet, PickleRefused, export_edm_pickle, load_edm_pickle,
+from gsd.teachers.edm_pickle import (DhariwalUNet, NCSNppUNet, PickleRefused, export_edm_pickle, load_edm_pickle,
                             restricted_load)
 from gsd.import_teacher import load_teacher_any, main as import_main
-from gsd.networks import EDMPrecond, SongUNet, load_denoiser, read_denoiser_metadata
+from gsd.models.networks import EDMPrecond, SongUNet, load_denoiser, read_denoiser_metadata
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -369,7 +369,7 @@ def test_allow_listed_globals_cannot_be_tampered_with(payload, expect):
     import io
     with pytest.raises(UsageError, match=expect):
         restricted_load(io.BytesIO(payload))
-    from gsd import edm_import
+    from gsd.teachers import edm_pickle as edm_import
     assert edm_import._SAFE_GLOBALS["torch_utils.persistence._reconstruct_persistent_obj"].fn is \
         edm_import._reconstruct_persistent_obj
 

@@ -1,4 +1,4 @@
-"""`python -m gsd.evaluate` on tiny runs, its one-line errors, and the PPL estimator (gsd.ppl)
+"""`python -m gsd.evaluate` on tiny runs, its one-line errors, and the PPL estimator (gsd.evaluation.ppl)
 against closed forms."""
 
 import json
@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsd import evaluate, ppl, train
+from gsd import evaluate, train
+
+from gsd.evaluation import ppl
 from gsd.cli import run_main
-from gsd.networks import build_denoiser, save_denoiser
+from gsd.models.networks import build_denoiser, save_denoiser
 from cli_checks import assert_one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
@@ -246,7 +248,7 @@ def test_ppl_scales_quadratically_and_filters():
 
 
 def test_float64_heun_matches_sampler():
-    from gsd.samplers import heun_sample
+    from gsd.sampling.samplers import heun_sample
 
     net = tiny_unet(seed=4)
     z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -295,7 +297,7 @@ def test_eval_json_is_standard_json_with_null_for_non_finite(tmp_path, monkeypat
                            "latency_ms": 1.5},
               "teacher": {"fd": -float("inf"), "curve": torch.tensor([1.0, float("nan")]),
                           "arr": np.array([2.0, np.inf])}}
-    from gsd import eval_core
+    from gsd.evaluation import core as eval_core
 
     monkeypatch.setattr(eval_core, "load_run", lambda *a, **k: object())
     monkeypatch.setattr(eval_core, "evaluate_loaded", lambda run, **kw: (result, {}))
@@ -350,7 +352,7 @@ def test_eval_json_has_ranking_metrics_and_noise_floors(tiny_runs, capsys, no_hu
 @pytest.mark.parametrize("which", ["digits", "gmm"])
 def test_train_and_evaluate_share_one_core(tiny_runs, no_hub_weights, which):
     """gsd.train's end-of-run evaluation and gsd.evaluate give the same numbers (same seeds, sections)."""
-    from gsd import metrics
+    from gsd.evaluation import metrics
 
     run = evaluate.load_run(tiny_runs[which], device="cpu")
     kw = dict(num_samples=40, isometry_latents=16, cache_dir=tiny_runs["cache"], classifier_epochs=1,

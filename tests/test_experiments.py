@@ -1,5 +1,5 @@
 """`python -m gsd.experiments` at a tiny (hidden --tiny) size: runs, tables, figures, reuse; and the
-guarded sections that call other modules (gsd.guidance, gsd.edit)."""
+guarded sections that call other modules (gsd.sampling.guidance, gsd.edit)."""
 
 import json
 import sys
@@ -14,7 +14,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_tiny_experiments_end_to_end(tmp_path, capsys):
     from test_evaluate import tiny_unet
-    from gsd.networks import save_denoiser
+    from gsd.models.networks import save_denoiser
 
     teacher = tmp_path / "tiny_teacher.safetensors"
     save_denoiser(teacher, tiny_unet())
@@ -146,7 +146,7 @@ def test_fused_runs_without_a_fused_backend_stop_before_writing(tmp_path, capsys
 
 
 def test_teacher_flag_accepts_and_refuses_what_gsd_train_does(tmp_path, capsys):
-    """--teacher goes through gsd.teachers in both commands: a pickle needs --trust-pickle, a folder
+    """--teacher goes through gsd.teachers.loading in both commands: a pickle needs --trust-pickle, a folder
     must be a diffusers model, and the messages are the same (experiments took files only)."""
     from gsd import train
 

@@ -1,5 +1,5 @@
 """KID, precision/recall, the FD bootstrap, the gmm exact metrics and the noise labels
-(gsd.feature_metrics) against independent float64 computations written out here."""
+(gsd.evaluation.feature_metrics) against independent float64 computations written out here."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gsd import feature_metrics as fm
+from gsd.evaluation import feature_metrics as fm
 from gsd.data import GaussianMixture
 
 
@@ -143,7 +143,7 @@ def test_precision_recall_statistics():
 
 
 def test_fd_bootstrap_interval():
-    from gsd.metrics import frechet_distance
+    from gsd.evaluation.metrics import frechet_distance
 
     rng = _rng(2)
     widths = []

@@ -1,4 +1,4 @@
-"""FID path (gsd.fid) with Inception weights the test builds: a randomly initialised network of
+"""FID path (gsd.evaluation.fid) with Inception weights the test builds: a randomly initialised network of
 pytorch-fid's FID-Inception layout, saved as a state dict and loaded like the real file."""
 
 import json
@@ -9,7 +9,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from gsd import evaluate, fid
+from gsd import evaluate
+
+from gsd.evaluation import fid
 from gsd.cli import UsageError, run_main
 
 
@@ -32,7 +34,7 @@ def _scipy_fd(a, b):
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # rank-deficient covariances, on purpose
 def test_fid_formula_matches_references():
-    from gsd.metrics import frechet_distance
+    from gsd.evaluation.metrics import frechet_distance
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((300, 6)) @ rng.standard_normal((6, 6))

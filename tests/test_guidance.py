@@ -1,4 +1,4 @@
-"""Loss guidance (gsd.samplers.guided_sample / dsg_step, gsd.guidance, gsd.sample CLI)."""
+"""Loss guidance (gsd.sampling.samplers.guided_sample / dsg_step, gsd.sampling.guidance, gsd.sample CLI)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gsd.data import GaussianMixture, GMMDenoiser
-from gsd.samplers import (GuidanceError, ancestral_sample, ancestral_sigmas, churn_sample, dsg_step,
+from gsd.sampling.samplers import (GuidanceError, ancestral_sample, ancestral_sigmas, churn_sample, dsg_step,
                           guided_sample, latents_for_seeds)
 
 
@@ -95,7 +95,7 @@ def test_rate_zero_reproduces_the_unguided_sampler_exactly():
             - ref).abs().max() > 1e-3
     # churn / heun unguided are what they were
     out = guided_sample(den, lat, None, method="none", sampler="heun", num_steps=5)
-    from gsd.samplers import heun_sample
+    from gsd.sampling.samplers import heun_sample
     torch.testing.assert_close(out, heun_sample(den, lat, num_steps=5), rtol=0, atol=0)
     assert churn_sample(den, lat, num_steps=4, seeds=seeds).shape == lat.shape
 
@@ -150,7 +150,7 @@ def test_guidance_errors():
 
 
 def test_inpaint_masks_and_losses():
-    from gsd.guidance import MASK_NAMES, classifier_loss, inpaint_mask, inpainting_loss
+    from gsd.sampling.guidance import MASK_NAMES, classifier_loss, inpaint_mask, inpainting_loss
 
     for name in MASK_NAMES:
         m = inpaint_mask(name, (1, 8, 8))
@@ -193,7 +193,7 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path):
 
 @pytest.fixture
 def tiny_teacher(tmp_path):
-    from gsd.networks import build_denoiser, default_config, save_denoiser
+    from gsd.models.networks import build_denoiser, default_config, save_denoiser
 
     net = build_denoiser(default_config("digits", (1, 8, 8), 0))  # untrained: only the plumbing is tested
     path = tmp_path / "tiny.safetensors"
@@ -204,8 +204,8 @@ def tiny_teacher(tmp_path):
 def test_cli_end_to_end_writes_png(tiny_teacher, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    import gsd.guidance
-    import gsd.metrics
+    import gsd.sampling.guidance
+    import gsd.evaluation.metrics
     from gsd.cli import run_main
     from gsd.sample import main
 
@@ -218,8 +218,11 @@ def test_cli_end_to_end_writes_png(tiny_teacher, tmp_path, monkeypatch, capsys):
 
     # class guidance with stand-in classifiers (the real ones are trained and cached on first use)
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).requires_grad_(False)
-    monkeypatch.setattr(gsd.guidance, "guidance_classifier", lambda *a, **k: (clf, {}))
-    monkeypatch.setattr(gsd.metrics, "digits_classifier", lambda *a, **k: (clf, {}))
+    import gsd.sample
+
+    # the names gsd.sample calls (imported at its top)
+    monkeypatch.setattr(gsd.sample, "guidance_classifier", lambda *a, **k: (clf, {}))
+    monkeypatch.setattr(gsd.sample, "digits_classifier", lambda *a, **k: (clf, {}))
     out = tmp_path / "class.png"
     assert run_main(main, ["--guidance", "class", "--method", "dps", "--target-class", "7", "--num", "4",
                            "--steps", "3", "--teacher", tiny_teacher, "--out", str(out)]) == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gsd import jacobian_isometry as ji
-from gsd.networks import build_denoiser, set_gradient_checkpointing
+from gsd.models.networks import build_denoiser, set_gradient_checkpointing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

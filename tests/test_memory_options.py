@@ -12,7 +12,7 @@ import torch
 from gsd.config import resolve_config
 from gsd.cli import UsageError
 from gsd.distill import DistillConfig, Distiller
-from gsd.networks import build_denoiser, set_gradient_checkpointing
+from gsd.models.networks import build_denoiser, set_gradient_checkpointing
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,7 +99,7 @@ def test_network_without_blocks_is_refused():
 
 def test_diffusers_model_is_switched():
     diffusers = pytest.importorskip("diffusers")
-    from gsd.diffusers_teacher import DiffusersTeacher
+    from gsd.teachers.diffusers_teacher import DiffusersTeacher
 
     unet2d = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
                                    layers_per_block=1, norm_num_groups=8,

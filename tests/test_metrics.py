@@ -1,4 +1,4 @@
-"""Evaluation pieces of gsd.metrics against known answers."""
+"""Evaluation pieces of gsd.evaluation.metrics against known answers."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from gsd import metrics
+from gsd.evaluation import metrics
 
 
 def _scipy_fd(a, b):
@@ -178,7 +178,7 @@ def test_local_isometry_defect():
 
 
 def test_real_noise_floor_sizes_and_values():
-    from gsd import feature_metrics as fm
+    from gsd.evaluation import feature_metrics as fm
 
     f = np.random.default_rng(0).standard_normal((23, 3))
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(metrics.REAL_SPLIT_SEED)).numpy()
@@ -210,7 +210,7 @@ def test_summary_rows_label_noise():
 
 
 def test_mixture_section_sees_off_mode_mass_and_mode_weights():
-    from gsd import feature_metrics as fm
+    from gsd.evaluation import feature_metrics as fm
     from gsd.data import GaussianMixture
 
     mix = GaussianMixture([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], stds=0.05)

@@ -1,4 +1,4 @@
-"""EDM preconditioning, U-Net / MLP structure and checkpoints (gsd.networks)."""
+"""EDM preconditioning, U-Net / MLP structure and checkpoints (gsd.models.networks)."""
 
 import json
 import math
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gsd.cli import UsageError
-from gsd.networks import (Conv2d, EDMPrecond, MLPDenoiserNet, SongUNet, UNetBlock, build_denoiser,
+from gsd.models.networks import (Conv2d, EDMPrecond, MLPDenoiserNet, SongUNet, UNetBlock, build_denoiser,
                           count_parameters, default_config, edm_coefficients, edm_ddpmpp_config, load_denoiser,
                           read_denoiser_metadata, save_denoiser)
 

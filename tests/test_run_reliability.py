@@ -19,7 +19,7 @@ import gsd_kernels
 from gsd import runs, train
 from gsd.cli import run_main
 from gsd.distill import Distiller
-from gsd.networks import save_denoiser
+from gsd.models.networks import save_denoiser
 from cli_checks import assert_one_line_error
 from test_distill import tiny_mlp
 
@@ -58,13 +58,13 @@ def cli(argv, capsys):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail loudly if a check comes after the data set / teacher are loaded."""
-    import gsd.data
-    import gsd.import_teacher
+    import gsd.training
 
     def boom(*a, **k):
         raise AssertionError("the data set or teacher was loaded before the settings were checked")
-    monkeypatch.setattr(gsd.data, "load_dataset", boom)
-    monkeypatch.setattr(gsd.import_teacher, "load_teacher_any", boom)
+    # the names gsd.training calls (imported at its top)
+    for name in ("load_dataset", "load_teacher", "load_run_teacher", "get_teacher"):
+        monkeypatch.setattr(gsd.training, name, boom)
 
 
 @pytest.fixture(autouse=True)

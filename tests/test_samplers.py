@@ -1,4 +1,4 @@
-"""EDM samplers (gsd.samplers), checked against closed forms and the exact GMM denoiser."""
+"""EDM samplers (gsd.sampling.samplers), checked against closed forms and the exact GMM denoiser."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gsd.data import GaussianMixture, GMMDenoiser
-from gsd.samplers import (churn_sample, edm_sigma_steps, euler_sample, heun_nfe, heun_sample,
+from gsd.sampling.samplers import (churn_sample, edm_sigma_steps, euler_sample, heun_nfe, heun_sample,
                           latents_for_seeds)
 
 

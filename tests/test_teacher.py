@@ -9,9 +9,9 @@ import torch
 
 from gsd.cli import UsageError, run_main
 from gsd.data import GMMDenoiser, load_dataset
-from gsd.networks import build_denoiser, load_denoiser, save_denoiser
+from gsd.models.networks import build_denoiser, load_denoiser, save_denoiser
 import gsd.teacher as teacher_mod
-import gsd.teacher_training as teacher_lib
+import gsd.teachers.training as teacher_lib
 from gsd.teacher import edm_loss, get_teacher, main, teacher_cache_path, train_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import torch
 
 from gsd import runs
 from gsd.cli import run_main
-from gsd.networks import build_denoiser, save_denoiser
+from gsd.models.networks import build_denoiser, save_denoiser
 from gsd import train
 from cli_checks import assert_one_line_error
 

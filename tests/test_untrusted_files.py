@@ -166,7 +166,7 @@ def _on_meta() -> bool:
 
 @pytest.fixture
 def no_bomb_builds(monkeypatch):
-    import gsd.networks as networks
+    import gsd.models.networks as networks
 
     real_init = networks._init_tensor
 
@@ -231,7 +231,7 @@ def _mlp_file(tmp_path, name="t.safetensors", config_edit=None, tensor_edit=None
     """A small MLP teacher; `config_edit(config)` / `tensor_edit(tensors)` tamper with it."""
     from safetensors.torch import save_file
 
-    from gsd.networks import build_denoiser
+    from gsd.models.networks import build_denoiser
 
     net = build_denoiser(SMALL_MLP)
     with torch.no_grad():
@@ -263,7 +263,7 @@ def _mlp_file(tmp_path, name="t.safetensors", config_edit=None, tensor_edit=None
      "tensors"),
 ])
 def test_safetensors_config_bombs_fail_fast_before_building(tmp_path, no_bomb_builds, edit, needle):
-    from gsd.networks import load_denoiser
+    from gsd.models.networks import load_denoiser
 
     path, _ = _mlp_file(tmp_path, config_edit=edit)
     msg = _fast_one_line(lambda: load_denoiser(path), str(path), limit_s=5.0)
@@ -272,9 +272,9 @@ def test_safetensors_config_bombs_fail_fast_before_building(tmp_path, no_bomb_bu
 
 
 def test_block_count_bound_knows_the_edm_architectures_in_a_fresh_process():
-    # NCSNppUNet / DhariwalUNet register themselves when gsd.edm_import is imported; the bound
+    # NCSNppUNet / DhariwalUNet register themselves when gsd.teachers.edm_pickle is imported; the bound
     # must not silently be 0 (no check) before that
-    code = ("from gsd.networks import min_tensor_count as m; "
+    code = ("from gsd.models.networks import min_tensor_count as m; "
             "print(m('DhariwalUNet', {'num_blocks': 10}), m('NCSNppUNet', {'num_blocks': 10}))")
     p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
                        capture_output=True, text=True, timeout=120)
@@ -284,7 +284,7 @@ def test_block_count_bound_knows_the_edm_architectures_in_a_fresh_process():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_safetensors_teacher_dtypes_load_as_float32(tmp_path, capsys, dtype):
-    from gsd.networks import load_denoiser
+    from gsd.models.networks import load_denoiser
 
     path, net = _mlp_file(tmp_path, dtype=dtype)
     loaded = load_denoiser(path)
@@ -298,7 +298,7 @@ def test_safetensors_teacher_dtypes_load_as_float32(tmp_path, capsys, dtype):
 
 
 def test_safetensors_mixed_dtypes_load_as_float32(tmp_path):
-    from gsd.networks import load_denoiser
+    from gsd.models.networks import load_denoiser
 
     def mix(t):
         for i, k in enumerate(sorted(t)):
@@ -308,7 +308,7 @@ def test_safetensors_mixed_dtypes_load_as_float32(tmp_path):
 
 
 def test_safetensors_float64_overflowing_float32_is_refused(tmp_path):
-    from gsd.networks import load_denoiser
+    from gsd.models.networks import load_denoiser
 
     def huge(t):
         t["model.fc_in.weight"][0, 0] = 1e300
@@ -318,7 +318,7 @@ def test_safetensors_float64_overflowing_float32_is_refused(tmp_path):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, 0.0, "abc", None])
 def test_safetensors_sigma_data_must_be_finite_and_positive(tmp_path, value):
-    from gsd.networks import load_denoiser
+    from gsd.models.networks import load_denoiser
 
     path, _ = _mlp_file(tmp_path, config_edit=lambda c: c.update(sigma_data=value))
     _fast_one_line(lambda: load_denoiser(path), "sigma_data")
@@ -332,14 +332,14 @@ def test_safetensors_sigma_data_must_be_finite_and_positive(tmp_path, value):
     (lambda c: c.update(model=[1, 2]), "unusable"),
 ])
 def test_safetensors_bad_config_values_are_one_line(tmp_path, edit, needle):
-    from gsd.networks import load_denoiser
+    from gsd.models.networks import load_denoiser
 
     path, _ = _mlp_file(tmp_path, config_edit=edit)
     _fast_one_line(lambda: load_denoiser(path), needle)
 
 
 # ----------------------------------------------------------------------------------------
-# EDM pickles (gsd.edm_import): D3 constructor bombs, D5 dtypes, D6 sigma_data, D9 bad values
+# EDM pickles (gsd.teachers.edm_pickle): D3 constructor bombs, D5 dtypes, D6 sigma_data, D9 bad values
 
 def _edm_pickle(tmp_path, make="ddpmpp", model_kwargs=None, precond=None, tensors=None, name="snap.pkl"):
     from test_edm_import import adm, ddpmpp, write_pickle
@@ -369,7 +369,7 @@ def _edm_pickle(tmp_path, make="ddpmpp", model_kwargs=None, precond=None, tensor
     ("adm", dict(num_blocks=10 ** 6), "tensors"),
 ])
 def test_edm_constructor_bombs_fail_fast_before_building(tmp_path, no_bomb_builds, make, kwargs, needle):
-    from gsd.edm_import import load_edm_pickle
+    from gsd.teachers.edm_pickle import load_edm_pickle
 
     path, marker, _ = _edm_pickle(tmp_path, make, model_kwargs=kwargs)
     _fast_one_line(lambda: load_edm_pickle(path, trust_pickle=True), str(path), needle, limit_s=5.0)
@@ -385,7 +385,7 @@ def test_edm_constructor_bombs_fail_fast_before_building(tmp_path, no_bomb_build
     (dict(dropout=float("nan")), "dropout"),
 ])
 def test_edm_bad_constructor_values_are_one_line(tmp_path, kwargs, needle):
-    from gsd.edm_import import load_edm_pickle
+    from gsd.teachers.edm_pickle import load_edm_pickle
 
     path, _, _ = _edm_pickle(tmp_path, model_kwargs=kwargs)
     _fast_one_line(lambda: load_edm_pickle(path, trust_pickle=True), needle)
@@ -393,7 +393,7 @@ def test_edm_bad_constructor_values_are_one_line(tmp_path, kwargs, needle):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, 0.0, "abc"])
 def test_edm_sigma_data_must_be_finite_and_positive(tmp_path, value):
-    from gsd.edm_import import load_edm_pickle
+    from gsd.teachers.edm_pickle import load_edm_pickle
 
     path, _, _ = _edm_pickle(tmp_path, precond={"sigma_data": value})
     _fast_one_line(lambda: load_edm_pickle(path, trust_pickle=True), "sigma_data")
@@ -401,7 +401,7 @@ def test_edm_sigma_data_must_be_finite_and_positive(tmp_path, value):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_edm_weights_of_any_float_dtype_load_as_float32(tmp_path, capsys, dtype):
-    from gsd.edm_import import load_edm_pickle
+    from gsd.teachers.edm_pickle import load_edm_pickle
 
     path, _, net = _edm_pickle(tmp_path, tensors=lambda t: t.to(dtype))
     loaded = load_edm_pickle(path, trust_pickle=True)
@@ -412,7 +412,7 @@ def test_edm_weights_of_any_float_dtype_load_as_float32(tmp_path, capsys, dtype)
 
 
 def test_edm_float64_weights_overflowing_float32_are_refused(tmp_path):
-    from gsd.edm_import import load_edm_pickle
+    from gsd.teachers.edm_pickle import load_edm_pickle
 
     def huge(t):
         t = t.to(torch.float64)
@@ -436,7 +436,7 @@ def test_edm_img_resolution_0_via_import_and_train_clis(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------
-# diffusers folders (gsd.diffusers_teacher): D3 config bombs, D5 dtypes, D6 NaN weights,
+# diffusers folders (gsd.teachers.diffusers_teacher): D3 config bombs, D5 dtypes, D6 NaN weights,
 # D9 bad config / scheduler values, D11 reversed betas
 
 def _unet_folder(tmp_path, name="unet", dtype=None, edit_weights=None, config=None, scheduler=None):
@@ -469,7 +469,7 @@ def _unet_folder(tmp_path, name="unet", dtype=None, edit_weights=None, config=No
     (dict(num_class_embeds=10 ** 9), "do not match"),
 ])
 def test_diffusers_config_bombs_fail_fast_before_building(tmp_path, no_bomb_builds, config, needle):
-    from gsd.diffusers_teacher import load_diffusers_teacher
+    from gsd.teachers.diffusers_teacher import load_diffusers_teacher
 
     folder, _ = _unet_folder(tmp_path, config=config)
     _fast_one_line(lambda: load_diffusers_teacher(folder), str(folder), needle, limit_s=5.0)
@@ -477,7 +477,7 @@ def test_diffusers_config_bombs_fail_fast_before_building(tmp_path, no_bomb_buil
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_diffusers_weights_of_any_float_dtype_load_as_float32(tmp_path, capsys, dtype):
-    from gsd.diffusers_teacher import load_diffusers_teacher
+    from gsd.teachers.diffusers_teacher import load_diffusers_teacher
 
     folder, unet = _unet_folder(tmp_path, dtype=dtype)
     net = load_diffusers_teacher(folder)
@@ -489,7 +489,7 @@ def test_diffusers_weights_of_any_float_dtype_load_as_float32(tmp_path, capsys, 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_diffusers_non_finite_weights_are_refused(tmp_path, bad):
-    from gsd.diffusers_teacher import load_diffusers_teacher
+    from gsd.teachers.diffusers_teacher import load_diffusers_teacher
 
     def poison(unet):
         next(unet.parameters()).view(-1)[3] = bad
@@ -498,7 +498,7 @@ def test_diffusers_non_finite_weights_are_refused(tmp_path, bad):
 
 
 def test_diffusers_float64_weights_overflowing_float32_are_refused(tmp_path):
-    from gsd.diffusers_teacher import load_diffusers_teacher
+    from gsd.teachers.diffusers_teacher import load_diffusers_teacher
 
     from safetensors.torch import load_file, save_file
 
@@ -513,7 +513,7 @@ def test_diffusers_float64_weights_overflowing_float32_are_refused(tmp_path):
 
 @pytest.mark.parametrize("value", [float("nan"), -1.0, 0.0])
 def test_diffusers_sigma_data_must_be_finite_and_positive(tmp_path, value):
-    from gsd.diffusers_teacher import load_diffusers_teacher
+    from gsd.teachers.diffusers_teacher import load_diffusers_teacher
 
     folder, _ = _unet_folder(tmp_path)
     _fast_one_line(lambda: load_diffusers_teacher(folder, sigma_data=value), "sigma_data")
@@ -531,7 +531,7 @@ def test_diffusers_sigma_data_must_be_finite_and_positive(tmp_path, value):
     (dict(norm_num_groups="x"), "buildable"),
 ])
 def test_diffusers_bad_config_values_are_one_line(tmp_path, config, needle):
-    from gsd.diffusers_teacher import load_diffusers_teacher
+    from gsd.teachers.diffusers_teacher import load_diffusers_teacher
 
     folder, _ = _unet_folder(tmp_path, config=config)
     _fast_one_line(lambda: load_diffusers_teacher(folder), needle)
@@ -550,7 +550,7 @@ def test_diffusers_bad_config_values_are_one_line(tmp_path, config, needle):
     (dict(beta_start=0.02, beta_end=1e-4), "reversed"),
 ])
 def test_diffusers_bad_scheduler_values_are_one_line(tmp_path, scheduler, needle):
-    from gsd.diffusers_teacher import load_diffusers_teacher
+    from gsd.teachers.diffusers_teacher import load_diffusers_teacher
 
     folder, _ = _unet_folder(tmp_path, scheduler=scheduler)
     _fast_one_line(lambda: load_diffusers_teacher(folder), needle)
@@ -656,7 +656,8 @@ def test_absurd_resolution_is_refused_with_a_reason_before_allocating(tmp_path, 
 
 @pytest.mark.parametrize("case", ["dir", "under-file", "proc", "existing-file"])
 def test_import_teacher_bad_out_is_one_line_before_loading(tmp_path, capsys, monkeypatch, case):
-    from gsd import edm_import, import_teacher
+    from gsd.teachers import edm_pickle as edm_import
+    from gsd import import_teacher
 
     if case == "proc" and not os.path.isdir("/proc/self"):
         pytest.skip("needs Linux /proc")
@@ -668,20 +669,22 @@ def test_import_teacher_bad_out_is_one_line_before_loading(tmp_path, capsys, mon
     def never(*args, **kwargs):
         raise BombBuilt("the pickle was loaded before --out was checked")
     monkeypatch.setattr(edm_import, "export_edm_pickle", never)
+    monkeypatch.setattr(import_teacher, "export_edm_pickle", never)  # the name the command calls
     code = run_main(import_teacher.main, [str(path), "--trust-pickle", "--out", str(out)])
     assert_one_line_error(code, capsys.readouterr().err, "--out")
     assert (tmp_path / "afile").read_text() == "precious"
 
 
 def test_import_teacher_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
-    from gsd import import_teacher, networks
+    from gsd import import_teacher
+    from gsd.models import networks
 
     path, _, _ = _edm_pickle(tmp_path)
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(networks, "save_denoiser", full_disk)
-    import gsd.edm_import as edm_import
+    import gsd.teachers.edm_pickle as edm_import
     monkeypatch.setattr(edm_import, "save_denoiser", full_disk)
     code = run_main(import_teacher.main, [str(path), "--trust-pickle", "--out", str(tmp_path / "t.safetensors")])
     assert_one_line_error(code, capsys.readouterr().err, "t.safetensors", "No space left")

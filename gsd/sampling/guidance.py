@@ -1,6 +1,6 @@
 """Loss guidance for image teachers: inpainting and class guidance, DSG vs DPS (issue 6.3).
 
-The samplers live in `gsd.samplers` (`guided_sample`, `dsg_step`); this module supplies
+The samplers live in `gsd.sampling.samplers` (`guided_sample`, `dsg_step`); this module supplies
 the losses on the clean estimate x0_hat = D(x_t; t), an independent guidance classifier
 for digits, and the measurement reported in results.md:
 
@@ -9,7 +9,7 @@ for digits, and the measurement reported in results.md:
 - `inpainting_loss(reference, mask)`: ||mask * (x0_hat - y)||^2 per sample.
 - `classifier_loss(classifier, targets)`: -log p(target | x0_hat) per sample.
 - `guidance_classifier(...)`: a digits CNN for *guidance*, a different architecture, seed
-  and training recipe (noise-augmented) from `gsd.metrics.digits_classifier`, which is
+  and training recipe (noise-augmented) from `gsd.evaluation.metrics.digits_classifier`, which is
   kept for *evaluation* only, so that guidance cannot score by fooling its own judge.
 - `measure_guidance(teacher, dataset, ...)` -> dict, `format_guidance_table(result)` -> markdown.
 """
@@ -26,8 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gsd.data import load_dataset
 from gsd.errors import UsageError
-from gsd.samplers import guided_sample, latents_for_seeds
+from gsd.evaluation.metrics import classifier_features, digits_classifier, DIGITS_FEATURE_NAME, frechet_distance
+from gsd.sampling.samplers import guided_sample, latents_for_seeds
 
 __all__ = ["MASK_NAMES", "inpaint_mask", "inpainting_loss", "classifier_loss", "GuidanceClassifier",
            "train_guidance_classifier", "guidance_classifier", "heldout_indices", "measure_guidance",
@@ -103,7 +105,7 @@ def classifier_loss(classifier: nn.Module, targets: torch.Tensor):
 class GuidanceClassifier(nn.Module):
     """Small all-convolutional digits classifier (8x8 -> 4x4 -> global pool), for guidance.
 
-    Deliberately unlike `gsd.metrics.DigitsClassifier` (different layers, pooling, seed and
+    Deliberately unlike `gsd.evaluation.metrics.DigitsClassifier` (different layers, pooling, seed and
     noise-augmented training) so that its adversarial directions differ from the evaluator's.
     """
 
@@ -123,7 +125,7 @@ class GuidanceClassifier(nn.Module):
 
 
 def heldout_indices(n: int, seed: int = 0, test_fraction: float = 0.2) -> torch.Tensor:
-    """The held-out indices of the digits split used by `gsd.metrics` (randperm with `seed`,
+    """The held-out indices of the digits split used by `gsd.evaluation.metrics` (randperm with `seed`,
     first 20%): neither classifier trains on them. (The teacher saw all digits.)"""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
@@ -186,7 +188,6 @@ def guidance_classifier(dataset=None, *, cache_dir=None, device="cpu", seed: int
         except Exception:  # damaged cache entry: retrain
             pass
     if dataset is None:
-        from gsd.data import load_dataset
         dataset = load_dataset("digits")
     if dataset.labels is None or len(dataset.sample_shape) != 3:
         raise UsageError("the guidance classifier needs labelled image data")
@@ -234,13 +235,12 @@ def measure_guidance(teacher, dataset, *, num: int = 200, steps: int = 30, seed:
         the original), and agreement of the evaluation classifier's label of the completion
         with the reference digit's label.
     (b) class guidance towards target i % 10 for `num` samples, loss from the independent
-        `guidance_classifier`; success = the evaluation classifier (`gsd.metrics.digits_classifier`)
+        `guidance_classifier`; success = the evaluation classifier (`gsd.evaluation.metrics.digits_classifier`)
         labels the sample as the target. Also the guidance classifier's own success rate and a
         Frechet distance in digits-CNN features to all real digits (small-N, biased: compare rows only).
     Every method runs a grid of settings (DEFAULT_DSG_RATES / DEFAULT_DPS_STEP_SIZES); all rows are
     returned. Default cost ~1.5 min on one (shared) CPU core for digits.
     """
-    from gsd.metrics import DIGITS_FEATURE_NAME, classifier_features, digits_classifier, frechet_distance
 
     if dataset.labels is None or len(dataset.sample_shape) != 3:
         raise UsageError("measure_guidance needs a labelled image data set (digits)")
@@ -313,8 +313,8 @@ def measure_guidance(teacher, dataset, *, num: int = 200, steps: int = 30, seed:
         "num": num, "seed": seed, "device": str(device),
         "masks": list(MASK_NAMES), "inpaint": inpaint_rows, "class": class_rows,
         "class_fd_real_heldout": fd_real,
-        "evaluator": {"name": "gsd.metrics.digits_classifier", "test_accuracy": eval_info["test_accuracy"]},
-        "guidance_classifier": {"name": "gsd.guidance.guidance_classifier", "test_accuracy": guide_info["test_accuracy"]},
+        "evaluator": {"name": "gsd.evaluation.metrics.digits_classifier", "test_accuracy": eval_info["test_accuracy"]},
+        "guidance_classifier": {"name": "gsd.sampling.guidance.guidance_classifier", "test_accuracy": guide_info["test_accuracy"]},
         "feature": DIGITS_FEATURE_NAME, "seconds": time.perf_counter() - start,
     }
 

@@ -12,14 +12,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import runs
-from .data import load_dataset
-from .errors import UsageError
-from .metrics import classifier_features, digits_classifier
-from .plots import save_grid
-from .samplers import latents_for_seeds
-from .teachers import load_run_teacher
-from .util import MAX_SEED, check_memory, resolve_device
+from gsd import runs
+from gsd.data import load_dataset
+from gsd.errors import UsageError
+from gsd.evaluation.metrics import classifier_features, digits_classifier
+from gsd.evaluation.plots import save_grid
+from gsd.sampling.samplers import latents_for_seeds
+from gsd.teachers.loading import load_run_teacher
+from gsd.util import MAX_SEED, check_memory, resolve_device
 
 __all__ = ["load_generator", "slerp", "fit_direction", "find_directions", "filtered_mean", "edit_metrics",
            "DEFAULT_ALPHAS", "DEFAULT_NUM", "MAX_ALPHA", "ALPHA_WHY", "write_figures"]

@@ -1,7 +1,7 @@
 """Teacher training (docs/definitions.md §3.1 EDM loss) and the default-teacher cache.
 
 `get_teacher` is what the commands call: an explicit checkpoint (through
-`gsd.teachers.load_teacher`), or a cached one keyed by a hash of (network config, training
+`gsd.teachers.loading.load_teacher`), or a cached one keyed by a hash of (network config, training
 recipe, seed, data), trained on a miss. `python -m gsd.teacher` is its command line.
 """
 
@@ -19,9 +19,9 @@ import torch
 
 from gsd.data import Dataset
 from gsd.errors import UsageError
-from gsd.networks import EDMPrecond, build_denoiser, default_config, load_denoiser, save_denoiser
+from gsd.models.networks import EDMPrecond, build_denoiser, default_config, load_denoiser, save_denoiser
 from gsd.progress import progress_bar
-from gsd.teachers import check_teacher_fits, load_teacher
+from gsd.teachers.loading import check_teacher_fits, load_teacher
 from gsd.util import cache_dir as default_cache_dir, resolve_device
 
 __all__ = ["default_teacher_recipe", "edm_loss", "train_teacher", "get_teacher", "teacher_cache_path", "P_MEAN",
@@ -84,7 +84,7 @@ def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, b
                   xflip: bool = False, warmup_iters: int | None = None, log_every: int = 50) -> EDMPrecond:
     """Train an EDM denoiser on `dataset`; returns the EMA network (eval mode, on `device`).
 
-    config: a `gsd.networks` config (default: `default_config(dataset.name, dataset.sample_shape, 0)`,
+    config: a `gsd.models.networks` config (default: `default_config(dataset.name, dataset.sample_shape, 0)`,
     unconditional). A conditional config (label_dim > 0) trains on the data set's labels.
     gmm data sets with a mixture draw fresh samples every step. EMA half-life in images,
     default 5% of all training images, ramped up as min(half-life, 0.1 * images so far).
@@ -225,7 +225,7 @@ def get_teacher(dataset: Dataset, *, teacher_path=None, cache_dir=None, device="
                 trust_pickle: bool = False) -> EDMPrecond:
     """The teacher for `dataset` (eval mode, on `device`).
 
-    teacher_path: `gsd.teachers.load_teacher` (gsd .safetensors, diffusers folder, EDM .pkl with
+    teacher_path: `gsd.teachers.loading.load_teacher` (gsd .safetensors, diffusers folder, EDM .pkl with
     trust_pickle; the fit check on the data set; UsageError otherwise). Else the
     cache file for (config, recipe, seed, data) under cache_dir / $GSD_CACHE / ~/.cache/gsd,
     trained and saved (atomically) when missing. `recipe` overrides the data set's default

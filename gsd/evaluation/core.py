@@ -1,5 +1,5 @@
 """The evaluation of a saved run: load it (`load_run`), compose the shared evaluation
-sections of gsd.metrics on it (`evaluate_loaded`), write eval.json (`evaluate_run`). The
+sections of gsd.evaluation.metrics on it (`evaluate_loaded`), write eval.json (`evaluate_run`). The
 library behind `python -m gsd.evaluate` (whose docstring lists the numbers) and the
 evaluation step of gsd.experiments."""
 
@@ -16,14 +16,6 @@ from pathlib import Path
 
 import torch
 
-from . import runs
-from .config import RUN_DEFAULTS, resolve_config
-from .data import GMMDenoiser, load_dataset
-from .distill import DistillConfig, Distiller
-from .errors import UsageError
-from .fileio import jsonable
-from .teachers import load_run_teacher
-from .util import check_memory, format_value, resolve_device, sampler_table
 
 __all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
            "evaluate_loaded", "format_table", "machine_info", "default_num_samples"]
@@ -35,11 +27,9 @@ REQUIRED_CONFIG_KEYS = ("dataset", "sigma_init", "alpha", "tmax", "lambda_sid", 
                         "exact_teacher", "teacher_file", "backend", "ema_halflife", "lr")
 # Names under which a run might record a format/version (checked when present).
 _FORMAT_KEYS = ("run_format", "gsd_format", "format", "format_version")
-from .metrics import ISOMETRY_SEED_OFFSET, MAX_ISOMETRY_LATENTS, SEED_STRIDE  # noqa: E402 - one seed layout
 
 # FD samples use latent seeds base + [0, ISOMETRY_SEED_OFFSET), the isometry latents the next 8e7, the local
 # isometry anchors the rest of the stride
-from .metrics import SEED_RANGE_WHY as _SEED_RANGE_WHY  # noqa: E402
 # float32 copies of the sample set held at once: latents, one-step samples, teacher samples, features
 EVAL_COPIES = 4
 
@@ -179,12 +169,27 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
 
 
 # --------------------------------------------------------------------------- helpers
-# The evaluation sections live in gsd.metrics (shared with gsd.train's end-of-run evaluation);
+# The evaluation sections live in gsd.evaluation.metrics (shared with gsd.train's end-of-run evaluation);
 # these names stay for callers of this module.
-from .metrics import FeatureSpace as _Features  # noqa: E402
-from .metrics import batched as _batched  # noqa: E402
-from .metrics import class_labels as _labels  # noqa: E402
-from .metrics import latency_section as interleaved_latency  # noqa: E402
+from gsd import runs
+from gsd.config import resolve_config, RUN_DEFAULTS
+from gsd.data import GMMDenoiser, load_dataset
+from gsd.distill import DistillConfig, Distiller
+from gsd.errors import UsageError
+from gsd.evaluation.fid import (
+    FID_BOOTSTRAPS, FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception, locate_fid_weights,
+)
+from gsd.evaluation.metrics import (
+    batched as _batched, class_labels as _labels, distribution_section, evaluation_latents,
+    FeatureSpace as _Features, geometry_section, ISOMETRY_SEED_OFFSET, LATENCY_METHOD,
+    latency_section as interleaved_latency, local_isometry_settings, MAX_ISOMETRY_LATENTS, real_noise_floor,
+    sample_quality, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE, summary_rows,
+)
+from gsd.evaluation.ppl import float64_copy, heun_sample_float64, perceptual_path_length
+from gsd.fileio import jsonable
+from gsd.sampling.samplers import heun_nfe, heun_sample
+from gsd.teachers.loading import load_run_teacher
+from gsd.util import check_memory, format_value, resolve_device, sampler_table
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -200,9 +205,6 @@ def _inception_key(key: str) -> str:
 def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples, seed, ppl_seed, isometry_latents,
                   teacher_steps, progress) -> dict:
     """Samples and metrics that depend only on the teacher (shared between runs of one teacher)."""
-    from .metrics import geometry_section
-    from .ppl import float64_copy, heun_sample_float64, perceptual_path_length
-    from .samplers import heun_sample
 
     t0 = time.perf_counter()
     x = _batched(lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), eps, labels)
@@ -224,13 +226,6 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
                     classifier_epochs: int = 30, teacher_steps: int = 18, teacher_cache: dict | None = None,
                     progress: bool = False, features: _Features | None = None) -> tuple[dict, dict]:
     """Every metric of a loaded run; returns (result for eval.json, {"one_step": x, "teacher": x} samples)."""
-    from .fid import (FID_BOOTSTRAPS, FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception,
-                      locate_fid_weights)
-    from .metrics import real_noise_floor, sample_quality
-    from .metrics import (LATENCY_METHOD, distribution_section, evaluation_latents, geometry_section,
-                          local_isometry_settings)
-    from .ppl import float64_copy, perceptual_path_length
-    from .samplers import heun_nfe, heun_sample
 
     t_start = time.perf_counter()
     dev = run.device
@@ -383,7 +378,6 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
 
 def evaluate_run(run_dir, *, device="auto", step: int | None = None, write: bool = True, **kw) -> dict:
     """Load a run, evaluate it, write RUN_DIR/eval.json (atomically); returns the result."""
-    from .fid import locate_fid_weights
 
     if kw.get("fid_weights") is not None:
         locate_fid_weights(kw["fid_weights"])  # a bad path fails before the run is loaded
@@ -421,7 +415,6 @@ def format_table(result: dict) -> str:
     if "true_vs_true" in result:
         lines.append(f"true mixture vs true mixture: FD {format_value(result['true_vs_true']['fd'])}, sliced W2 "
                      f"{format_value(result['true_vs_true']['sliced_wasserstein'])}")
-    from .metrics import summary_rows
 
     lines += ["", "sample quality (value ± stderr or [95% bootstrap interval]; noise: 2 stderr, overlapping "
                   "intervals, or the noise floor):", summary_rows(result)]

@@ -46,7 +46,7 @@ from torch import nn
 
 from gsd.errors import UsageError
 from gsd.util import one_line as _one_line
-from gsd.networks import build_on_meta, check_sigma_data, note_float32_cast
+from gsd.models.networks import build_on_meta, check_sigma_data, note_float32_cast
 
 __all__ = ["DiffusersTeacher", "load_diffusers_teacher", "save_diffusers_teacher", "vp_betas",
            "is_diffusers_folder", "DEFAULT_SCHEDULE"]
@@ -109,7 +109,7 @@ def vp_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end
 class DiffusersTeacher(nn.Module):
     """EDM denoiser D(x; sigma, class_labels) around a VP diffusers ``UNet2DModel`` (see module doc).
 
-    Attributes like `gsd.networks.EDMPrecond`: ``sigma_data`` (0.5), ``label_dim``,
+    Attributes like `gsd.models.networks.EDMPrecond`: ``sigma_data`` (0.5), ``label_dim``,
     ``sample_shape``, plus ``sigma_min`` / ``sigma_max`` of the discrete table.
     """
 
@@ -276,7 +276,7 @@ def _check_unet_config(cfg: dict, where: str) -> None:
                          f"(expected {in_ch}, or {2 * in_ch} with learned variance)")
 
 
-MAX_SAMPLE_SIZE = 8192  # as gsd.networks.MAX_IMG_RESOLUTION
+MAX_SAMPLE_SIZE = 8192  # as gsd.models.networks.MAX_IMG_RESOLUTION
 
 
 def _cfg_int(cfg: dict, key: str, default, where: str, lo: int = 1, hi: int | None = None) -> int:

@@ -517,7 +517,7 @@ class MLPDenoiserNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------
 # The other EDM architectures: NCSN++ (SongUNet with Fourier embedding and a residual or skip
-# encoder) and ADM (DhariwalUNet). gsd.edm_import maps EDM pickles onto them.
+# encoder) and ADM (DhariwalUNet). gsd.teachers.edm_pickle maps EDM pickles onto them.
 
 class FourierEmbedding(nn.Module):
     """Random Fourier features of a scalar: [cos(2 pi x f_i), sin(2 pi x f_i)], f_i ~ N(0, scale^2)."""

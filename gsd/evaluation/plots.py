@@ -11,9 +11,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .fileio import atomic_write_bytes
-from .util import check_memory
+from gsd.errors import UsageError
+from gsd.fileio import atomic_write_bytes
+from gsd.util import check_memory
 
 __all__ = ["image_grid", "save_grid", "save_comparison", "save_scatter_comparison", "save_samples_png",
            "grid_layout", "check_grid_size", "save_image_grid"]

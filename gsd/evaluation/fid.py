@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UsageError
+from gsd.errors import UsageError
+from gsd.models.networks import check_state_dict
 
 __all__ = ["FID_WEIGHTS_PATTERN", "FID_FEATURE_NAME", "FID_BOOTSTRAPS", "hub_checkpoint_dir", "locate_fid_weights",
            "build_fid_inception_architecture", "FIDInceptionFeatures", "load_fid_inception",
@@ -140,7 +141,6 @@ def load_fid_inception(path, device="cpu") -> FIDInceptionFeatures:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"FID weights {path} do not hold a state dict of tensors")
     net = build_fid_inception_architecture()
-    from .networks import check_state_dict
 
     check_state_dict(net.state_dict(), state, f"FID weights {path} are not pytorch-fid's Inception")
     net.load_state_dict(state, strict=True)
@@ -161,7 +161,7 @@ def fid_from_features(a, b) -> float:
     """Frechet distance between the Gaussians fitted (unbiased covariance) to two feature sets.
 
     `||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))`, the value of
-    `gsd.metrics.frechet_distance` (and of pytorch-fid up to its sqrtm round-off), computed
+    `gsd.evaluation.metrics.frechet_distance` (and of pytorch-fid up to its sqrtm round-off), computed
     through the centred samples: with `S = X^T X / (n - 1)`, the eigenvalues of `S_a S_b` are
     the squared singular values of `X_a X_b^T / sqrt((n_a - 1)(n_b - 1))`, so the trace term is
     that matrix's nuclear norm. No D x D matrix (D = 2048) is formed, so it is exact and fast

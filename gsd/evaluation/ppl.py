@@ -17,7 +17,7 @@ checks this closed form).
 
 Everything is computed in float64 (networks are copied and cast), so that the eps = 1e-4
 finite difference is not swamped by float32 rounding; the teacher's Heun sampler is
-re-run here in float64 (`heun_sample_float64`, the same steps as `gsd.samplers.heun_sample`)
+re-run here in float64 (`heun_sample_float64`, the same steps as `gsd.sampling.samplers.heun_sample`)
 so that the 35-NFE map from latent to image is differentiated as precisely as G.
 """
 
@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from gsd.sampling.samplers import ode_sample
 
 __all__ = ["slerp", "slerp_velocity", "path_length_samples", "perceptual_path_length", "heun_sample_float64",
            "float64_copy", "PPL_EPS"]
@@ -148,9 +149,8 @@ def float64_copy(net: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def heun_sample_float64(denoiser, latents: torch.Tensor, class_labels=None, *, num_steps: int = 18,
                         sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """EDM's deterministic Heun sampler (`gsd.samplers.heun_sample`'s steps), with the
+    """EDM's deterministic Heun sampler (`gsd.sampling.samplers.heun_sample`'s steps), with the
     denoiser evaluated in float64 (give it a float64 network, e.g. `float64_copy`)."""
-    from .samplers import ode_sample
 
     return ode_sample(denoiser, latents, class_labels, num_steps=num_steps, sigma_min=sigma_min,
                       sigma_max=sigma_max, rho=rho, heun=True, eval_dtype=torch.float64)

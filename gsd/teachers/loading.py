@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from gsd.diffusers_teacher import DiffusersTeacher, is_diffusers_folder, load_diffusers_teacher, save_diffusers_teacher
-from gsd.edm_import import load_edm_pickle
+from gsd.teachers.diffusers_teacher import DiffusersTeacher, is_diffusers_folder, load_diffusers_teacher, save_diffusers_teacher
+from gsd.teachers.edm_pickle import load_edm_pickle
 from gsd.errors import UsageError
-from gsd.networks import load_denoiser, save_denoiser
+from gsd.models.networks import load_denoiser, save_denoiser
 from gsd.runs import TEACHER_FOLDER_NAME, TEACHER_NAME, read_config
 from gsd.util import one_line
 
@@ -85,7 +85,7 @@ def check_teacher_fits(net, dataset, what) -> None:
 
 def load_teacher(path, *, dataset=None, device="cpu", trust_pickle: bool = False, flag: str = "--teacher"):
     """A teacher denoiser (eval mode, on `device`) from a gsd .safetensors file, a diffusers
-    folder (`gsd.diffusers_teacher.DiffusersTeacher`) or an EDM .pkl (needs trust_pickle=True):
+    folder (`gsd.teachers.diffusers_teacher.DiffusersTeacher`) or an EDM .pkl (needs trust_pickle=True):
     the path checks (kind, pickle gate), loading, and with `dataset` the fit check
     (`check_teacher_fits`). The one teacher loader of every command.
 

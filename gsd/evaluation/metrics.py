@@ -16,7 +16,7 @@ Everything here is a plain function of tensors / arrays (docs/definitions.md §3
   interval, KID, precision / recall, noise floors; `mixture_section` for gmm, with NLL and
   mode-weight error), `geometry_section` (isometry defects), `latency_section`; and
   `summary_rows`, the text of the sample-quality table with "within noise" labels.
-  KID, precision / recall and the bootstrap are in `gsd.feature_metrics`.
+  KID, precision / recall and the bootstrap are in `gsd.evaluation.feature_metrics`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UsageError
-from .util import cache_dir as default_cache_dir, format_value
+from gsd.data import load_dataset
+from gsd.errors import UsageError
+from gsd.evaluation import feature_metrics as fm
+from gsd.evaluation.feature_metrics import as_numpy64, feature_moments, frechet_distance
+from gsd.evaluation.feature_metrics import within_noise
+from gsd.evaluation.fid import FID_FEATURE_NAME
+from gsd.evaluation.ppl import float64_copy
+from gsd.progress import progress_bar
+from gsd.sampling.samplers import heun_nfe, heun_sample, latents_for_seeds
+from gsd.util import cache_dir as default_cache_dir, format_value
 
 __all__ = [
     "frechet_distance", "feature_moments", "sliced_wasserstein", "mmd", "mode_coverage",
@@ -49,53 +57,11 @@ __all__ = [
 DIGITS_FEATURE_NAME = "digits-cnn-penultimate-64"
 
 
-def _as_numpy64(x) -> np.ndarray:
+def as_numpy64(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
     x = np.asarray(x, dtype=np.float64)
     return x.reshape(x.shape[0], -1)
-
-
-# --------------------------------------------------------------------------- Frechet
-
-def feature_moments(features) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (unbiased) covariance of (N, D) features, in float64."""
-    f = _as_numpy64(features)
-    if f.shape[0] < 2:
-        raise ValueError("need at least 2 samples for a covariance")
-    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
-
-
-def _psd_sqrt(a: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(a, b, *, moments: bool = False) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets.
-
-    `||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`. `a` and `b` are (N, D)
-    features, or `(mu, sigma)` pairs when `moments=True`. The trace of the matrix square
-    root is computed as `sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))` (a symmetric PSD matrix), which
-    is stable where `sqrtm(S1 @ S2)` may return complex noise.
-    """
-    if moments:
-        mu1, s1 = (np.asarray(t, dtype=np.float64) for t in a)
-        mu2, s2 = (np.asarray(t, dtype=np.float64) for t in b)
-    else:
-        mu1, s1 = feature_moments(a)
-        mu2, s2 = feature_moments(b)
-    s1 = np.atleast_2d(s1)
-    s2 = np.atleast_2d(s2)
-    if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise ValueError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
-    r1 = _psd_sqrt(s1)
-    m = r1 @ s2 @ r1
-    eig = np.linalg.eigvalsh((m + m.T) / 2)
-    tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())
-    diff = mu1 - mu2
-    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-    return max(value, 0.0)
 
 
 # --------------------------------------------------------------------------- gmm metrics
@@ -117,7 +83,7 @@ def sliced_wasserstein(x, y, *, num_projections: int = 256, seed: int = 0, p: in
     with like). Unequal sample sizes are handled by comparing quantile functions on a
     common grid. For two Gaussians that differ by a shift m, SW_2 = ||m|| / sqrt(D).
     """
-    xa, ya = _as_numpy64(x), _as_numpy64(y)
+    xa, ya = as_numpy64(x), as_numpy64(y)
     if xa.shape[1] != ya.shape[1]:
         raise ValueError(f"dimensions differ: {xa.shape[1]} vs {ya.shape[1]}")
     keep_x = np.isfinite(xa).all(axis=1)
@@ -142,8 +108,8 @@ def mmd(x, y, *, bandwidth: float | Sequence[float] | None = None) -> float:
 
     Default bandwidth: the median pairwise distance of the pooled samples.
     """
-    xa = torch.as_tensor(_as_numpy64(x))
-    ya = torch.as_tensor(_as_numpy64(y))
+    xa = torch.as_tensor(as_numpy64(x))
+    ya = torch.as_tensor(as_numpy64(y))
     n, m = len(xa), len(ya)
     if n < 2 or m < 2:
         raise ValueError("mmd needs at least 2 samples on each side")
@@ -175,8 +141,8 @@ def mode_coverage(samples, means, stds=None, *, weights=None, radius: float = 3.
 
     Returns `{"modes_covered", "num_modes", "counts", "high_quality_fraction"}`.
     """
-    xs = _as_numpy64(samples)
-    mu = _as_numpy64(means)
+    xs = as_numpy64(samples)
+    mu = as_numpy64(means)
     k, d = mu.shape
     if stds is None:
         sd = np.ones((k, d))
@@ -188,7 +154,7 @@ def mode_coverage(samples, means, stds=None, *, weights=None, radius: float = 3.
             sd = np.repeat(sd.reshape(k, 1), d, axis=1)
         else:
             sd = np.broadcast_to(sd.reshape(-1, d), (k, d))
-    w = np.full(k, 1.0 / k) if weights is None else _as_numpy64(weights).reshape(-1)
+    w = np.full(k, 1.0 / k) if weights is None else as_numpy64(weights).reshape(-1)
     w = w / w.sum()
     finite = np.isfinite(xs).all(axis=1)
     xs = xs[finite]
@@ -256,7 +222,6 @@ def train_digits_classifier(data: torch.Tensor, labels: torch.Tensor, *, seed: i
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed + 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    from .progress import progress_bar
 
     for _ in progress_bar(range(epochs), desc="digits classifier", enabled=progress, leave=False):
         model.train()
@@ -306,7 +271,6 @@ def digits_classifier(dataset=None, *, cache_dir=None, device="cpu", seed: int =
         except Exception:  # a damaged cache entry is retrained, not fatal
             pass
     if dataset is None:
-        from .data import load_dataset
         dataset = load_dataset("digits")
     if dataset.labels is None:
         raise UsageError("the digits classifier needs labelled data")
@@ -482,7 +446,6 @@ def class_labels(n: int, num_classes: int, device):
 
 def evaluation_latents(seed: int, num: int, shape, device, num_classes: int = 0, *, offset: int = 0):
     """(latents, labels) of an evaluation: latent i from seed `seed * SEED_STRIDE + offset + i`."""
-    from .samplers import latents_for_seeds
 
     base = int(seed) * SEED_STRIDE + int(offset)
     return latents_for_seeds(range(base, base + num), shape, device), class_labels(num, num_classes, device)
@@ -543,11 +506,10 @@ def _finite_rows(f) -> bool:
 def sample_quality(f_gen, f_ref, *, fd: Callable | None = None, fd_key: str = "fd", bootstraps: int | None = None,
                    seed: int = BOOTSTRAP_SEED, with_kid_pr: bool = True) -> dict:
     """FD (key `fd_key`) with its bootstrap interval (`<fd_key>_ci`), and KID / precision /
-    recall of generated features f_gen against reference features f_ref (gsd.feature_metrics).
+    recall of generated features f_gen against reference features f_ref (gsd.evaluation.feature_metrics).
 
     Non-finite features leave the interval out (None); precision / recall need more than
     PR_K points on each side (None otherwise)."""
-    from . import feature_metrics as fm
 
     fd = fd or frechet_distance
     nb = fm.FD_BOOTSTRAPS if bootstraps is None else int(bootstraps)
@@ -600,7 +562,6 @@ def mixture_section(mixture, num_samples: int, entries, *, bootstraps: int | Non
     older floor keys, "noise_floor": every metric for an independent exact-sampler draw
     (TRUE_SEEDS[1]) of the same size against the reference}.
     """
-    from . import feature_metrics as fm
 
     true1, _ = mixture.sample(num_samples, generator=torch.Generator().manual_seed(TRUE_SEEDS[0]))
     true2, _ = mixture.sample(num_samples, generator=torch.Generator().manual_seed(TRUE_SEEDS[1]))
@@ -610,7 +571,7 @@ def mixture_section(mixture, num_samples: int, entries, *, bootstraps: int | Non
             "what": f"exact sampler, {num_samples} samples (seed {TRUE_SEEDS[0]}): the reference of every distance"}
 
     def fill(m, x):
-        m.update(sample_quality(_as_numpy64(x), _as_numpy64(true1), bootstraps=bootstraps))
+        m.update(sample_quality(as_numpy64(x), as_numpy64(true1), bootstraps=bootstraps))
         m["sliced_wasserstein"] = sliced_wasserstein(x, true1)
         m["mmd"] = mmd(x[:n_mmd], true1[:n_mmd])
         cov = mode_coverage(x, mixture.means, mixture.stds, weights=mixture.weights)
@@ -657,9 +618,9 @@ def distribution_section(result: dict, dataset, space, entries, num_samples: int
             m["fd"] = None
         return None
     real = dataset.data
-    f_real = _as_numpy64(space.fd(real))
+    f_real = as_numpy64(space.fd(real))
     for m, x in entries:
-        m.update(sample_quality(_as_numpy64(space.fd(x)), f_real, bootstraps=bootstraps))
+        m.update(sample_quality(as_numpy64(space.fd(x)), f_real, bootstraps=bootstraps))
     perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(REAL_SPLIT_SEED))
     half = len(real) // 2
     result["real_split_fd"] = frechet_distance(f_real[perm[:half].numpy()], f_real[perm[half:].numpy()])
@@ -676,7 +637,6 @@ class FeatureSpace:
 
     def __init__(self, dataset, device, *, cache_dir=None, classifier_epochs: int = 30, progress: bool = False,
                  fid_model=None):
-        from .ppl import float64_copy
 
         self.dataset = dataset
         self.info: dict = {}
@@ -696,7 +656,6 @@ class FeatureSpace:
             self.ppl = lambda x: clf64.features(x.to(next(clf64.parameters()).device, torch.float64))
             self.ppl_name = f"{info['feature']} (digits CNN penultimate features, squared L2)"
         elif fid_model is not None:
-            from .fid import FID_FEATURE_NAME
 
             self.fd_name = None
             self.ppl = lambda x: fid_model(x.float()).double()
@@ -734,8 +693,7 @@ def _cell(m: dict, key: str, kind: str) -> str:
 
 
 def noise_verdict(a: dict, b: dict, key: str, kind: str, floor: dict | None = None) -> str:
-    """'within noise', 'differs' or '?' for metric `key` of two sections (gsd.feature_metrics.within_noise)."""
-    from .feature_metrics import within_noise
+    """'within noise', 'differs' or '?' for metric `key` of two sections (gsd.evaluation.feature_metrics.within_noise)."""
 
     va, vb = a.get(key), b.get(key)
     if not isinstance(va, (int, float)) or not isinstance(vb, (int, float)):
@@ -803,9 +761,8 @@ def evaluate_distillation(generate: Callable, teacher, dataset, *, device="cpu",
     NFE). The same sections, seeds and latency method as `gsd.evaluate` with `--seed seed`
     (sample i uses latent seed seed * 1e8 + i). `teacher_geometry` adds the teacher Heun
     map's isometry defects (35 NFE per latent: off by default to keep the run short).
-    `panels` are (title, samples) pairs for `gsd.plots.save_samples_png`.
+    `panels` are (title, samples) pairs for `gsd.evaluation.plots.save_samples_png`.
     """
-    from .samplers import heun_nfe, heun_sample
 
     device = torch.device(device)
     shape = tuple(dataset.sample_shape)

@@ -28,7 +28,7 @@ allow-list of globals onto inert stand-ins and refuses everything else, naming t
 The records are then mapped onto the project's classes:
 
 - ``SongUNet`` with ``embedding_type='positional'``, ``encoder_type='standard'``,
-  ``decoder_type='standard'`` (DDPM++) -> `gsd.networks.SongUNet` (same parameter names:
+  ``decoder_type='standard'`` (DDPM++) -> `gsd.models.networks.SongUNet` (same parameter names:
   the key mapping is the identity, checked tensor by tensor);
 - ``SongUNet`` with ``embedding_type='fourier'`` and ``encoder_type`` 'residual' or 'skip'
   (NCSN++; decoder 'standard') -> `NCSNppUNet` below;
@@ -56,7 +56,7 @@ from torch import nn
 
 from gsd.errors import PickleRefused, UsageError
 from gsd.util import one_line as _one_line
-from gsd.networks import (Conv2d, DhariwalUNet, EDMPrecond, FourierEmbedding, FusedDownConv2d, GroupNorm,  # noqa: F401
+from gsd.models.networks import (Conv2d, DhariwalUNet, EDMPrecond, FourierEmbedding, FusedDownConv2d, GroupNorm,  # noqa: F401
                           Linear, NCSNppUNet, PositionalEmbedding, SongUNet, UNetBlock,
                           build_on_meta, check_int, check_sigma_data, check_unet_args, min_tensor_count,
                           note_float32_cast, save_denoiser, to_float32_state)
@@ -462,7 +462,7 @@ def _build_model(model_rec: PersistentRecord, precond_kwargs: dict, what: str,
 
 
 def records_to_denoiser(ema, what: str = "EDM pickle") -> tuple[EDMPrecond, dict]:
-    """Map the record tree of EDM's ``EDMPrecond`` onto a loaded `gsd.networks.EDMPrecond`.
+    """Map the record tree of EDM's ``EDMPrecond`` onto a loaded `gsd.models.networks.EDMPrecond`.
 
     Returns (network in eval mode, info dict). UsageError (one line) on any mismatch.
     """
