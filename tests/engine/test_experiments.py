@@ -13,7 +13,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_tiny_experiments_end_to_end(tmp_path, capsys):
-    from test_evaluate import tiny_unet
+    from factories import tiny_unet
     from gsd.models.networks import save_denoiser
 
     teacher = tmp_path / "tiny_teacher.safetensors"

@@ -21,7 +21,7 @@ from gsd.cli import UsageError, run_main
 from gsd.data import DataError, load_dataset
 from cli_checks import assert_one_line_error
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

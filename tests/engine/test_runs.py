@@ -113,7 +113,7 @@ def test_resume_and_out_checks(tmp_path):
 
 
 def _tiny_teacher_file(tmp_path):
-    from test_distill import tiny_mlp
+    from factories import tiny_mlp
     from gsd.models.networks import save_denoiser
 
     path = tmp_path / "tiny_gmm_teacher.safetensors"

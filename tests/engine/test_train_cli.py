@@ -15,27 +15,9 @@ from gsd.cli import run_main
 from gsd.models.networks import build_denoiser, save_denoiser
 from gsd import train
 from cli_checks import assert_one_line_error
+from factories import tiny_mlp_file, tiny_unet_file
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny_unet_file(tmp_path, name="tiny_digits.safetensors"):
-    torch.manual_seed(0)
-    net = build_denoiser({"arch": "SongUNet", "sigma_data": 0.5, "label_dim": 0,
-                          "model": dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=8,
-                                        channel_mult=[1], num_blocks=1, attn_resolutions=[],
-                                        channel_mult_emb=2, dropout=0.0)})
-    path = tmp_path / name
-    save_denoiser(path, net)
-    return str(path)
-
-
-def tiny_mlp_file(tmp_path, name="tiny_gmm.safetensors"):
-    from test_distill import tiny_mlp
-
-    path = tmp_path / name
-    save_denoiser(path, tiny_mlp(seed=3))
-    return str(path)
+REPO = Path(__file__).resolve().parents[2]
 
 
 FAST = ["--no-progress", "--device", "cpu", "--latency-repeats", "1", "--classifier-epochs", "1"]

@@ -21,11 +21,11 @@ from gsd.cli import run_main
 from gsd.distill import Distiller
 from gsd.models.networks import save_denoiser
 from cli_checks import assert_one_line_error
-from test_distill import tiny_mlp
+from factories import tiny_mlp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--no-progress", "--device", "cpu", "--latency-repeats", "1", "--classifier-epochs", "1"]
 
 

@@ -14,7 +14,7 @@ import torch
 from gsd import edit, train
 from gsd.cli import run_main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 3-iteration digits run on a tiny U-Net; the digits classifier (1 epoch) in a private cache."""
-    from test_train_cli import tiny_unet_file
+    from factories import tiny_unet_file
 
     tmp = tmp_path_factory.mktemp("edit")
     teacher = tiny_unet_file(tmp)

@@ -18,7 +18,7 @@ from gsd import runs
 from gsd.distill import DistillConfig, Distiller
 from gsd.models.networks import save_denoiser
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 PER_RANK = 4
 # (irl weighting, backend): the reference eager ops and the fused ones
@@ -53,7 +53,7 @@ def _generator_grads(d: Distiller, eps, t, noise):
 
 
 def _grad_worker(rank, world, port, out_dir):
-    from test_distill import tiny_mlp
+    from factories import tiny_mlp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def _grad_worker(rank, world, port, out_dir):
 
 
 def test_ddp_generator_gradient_equals_single_process_global_batch(tmp_path):
-    from test_distill import tiny_mlp
+    from factories import tiny_mlp
 
     mp.spawn(_grad_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     eps, t, noise = _inputs(WORLD * PER_RANK)
@@ -99,7 +99,7 @@ def test_ddp_generator_gradient_equals_single_process_global_batch(tmp_path):
 
 def test_gradient_accumulation_equals_the_mean_of_the_micro_batches():
     """One process, batch 8 in 2 micro-batches of 4: the step's gradient is the mean of theirs."""
-    from test_distill import tiny_mlp
+    from factories import tiny_mlp
 
     cfg = DistillConfig(batch=8, batch_per_rank=4, lr=1e-3, lambda_irl=0.0)
     d = Distiller(tiny_mlp(seed=1), cfg, init=tiny_mlp(seed=2))
@@ -132,7 +132,7 @@ def _env(tmp_path):
 
 
 def _teacher(tmp_path):
-    from test_distill import tiny_mlp
+    from factories import tiny_mlp
 
     path = tmp_path / "tiny_gmm.safetensors"
     save_denoiser(path, tiny_mlp(seed=3))
@@ -219,7 +219,7 @@ def test_bad_world_size_fails_on_every_rank(tmp_path, extra, needle):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_precision_runs_without_nan(precision):
     """A few CPU iterations under autocast: finite losses and weights, fp32 parameters."""
-    from test_distill import tiny_unet
+    from factories import tiny_unet
 
     cfg = DistillConfig(batch=4, lr=1e-3, lambda_irl=0.5, precision=precision)
     d = Distiller(tiny_unet(seed=1), cfg, init=tiny_unet(seed=2))

@@ -19,7 +19,7 @@ import pytest
 from gsd_kernels import extension
 from gsd_kernels.source_hash import MARKER, source_hash
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _fake_module(path: Path, fingerprint: bytes | None) -> Path:

@@ -204,7 +204,7 @@ def test_grouped_triton_kernels_compile_for_sm90():
             "bad = [r for r in res if r[3]]\n"
             "print(len(res), bad)\n"
             "raise SystemExit(1 if bad or len(res) != 12 else 0)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                          text=True, timeout=600)
     if res.returncode != 0 and "ptxas" in (res.stderr + res.stdout) and "No such file" in res.stderr:

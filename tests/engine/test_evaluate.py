@@ -18,27 +18,11 @@ from gsd.evaluation import ppl
 from gsd.cli import run_main
 from gsd.models.networks import build_denoiser, save_denoiser
 from cli_checks import assert_one_line_error
+from factories import tiny_mlp, tiny_unet
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--device", "cpu", "--no-progress", "--latency-repeats", "1", "--isometry-latents", "16",
         "--classifier-epochs", "1"]
-
-
-def tiny_unet(seed=0, channels=8):
-    torch.manual_seed(seed)
-    return build_denoiser({"arch": "SongUNet", "sigma_data": 0.5, "label_dim": 0,
-                           "model": dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=channels,
-                                         channel_mult=[1], num_blocks=1, attn_resolutions=[], channel_mult_emb=2,
-                                         dropout=0.0)})
-
-
-def tiny_mlp(seed=0):
-    torch.manual_seed(seed)
-    net = build_denoiser({"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
-                          "model": dict(dim=2, hidden=16, num_blocks=1, noise_channels=8, emb_channels=16)})
-    with torch.no_grad():
-        net.model.fc_out.weight.normal_(0, 0.3)
-    return net
 
 
 def make_tiny_digits_run(root: Path, cache: Path, name="digits_run") -> Path:

@@ -18,11 +18,12 @@ from gsd import runs, train
 from gsd.cli import UsageError, run_main
 from gsd.distill import DistillConfig, Distiller, sigma_schedule
 from cli_checks import assert_one_line_error
-from test_distill import tiny_mlp, tiny_unet
-from test_train_cli import FAST, run_cli_inprocess, tiny_mlp_file
+from factories import tiny_mlp, tiny_unet
+from factories import tiny_mlp_file
+from test_train_cli import FAST, run_cli_inprocess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make(teacher=None, init=None, **kw):
@@ -477,7 +478,7 @@ def test_jvp_refuses_layer_norm_networks():
 
 
 def test_jvp_digits_run_two_iterations(tmp_path, capsys):
-    from test_train_cli import tiny_unet_file
+    from factories import tiny_unet_file
 
     out = tmp_path / "jvp"
     code = run_main(train.main, ["--teacher", tiny_unet_file(tmp_path), "--iters", "2", "--batch", "4",

@@ -545,7 +545,7 @@ def test_kernels_compile_for_sm90():
             "bad = [r for r in tb.compile_check(90) if r[3]]\n"
             "print(bad)\n"
             "raise SystemExit(1 if bad else 0)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
                          capture_output=True, text=True, timeout=900)
     if res.returncode != 0 and "ptxas" in (res.stderr + res.stdout) and "No such file" in res.stderr:

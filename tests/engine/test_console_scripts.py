@@ -14,7 +14,7 @@ import pytest
 from cli_checks import assert_one_line_error
 from gsd import console
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # script -> (arguments that must be refused before anything runs, a word the error names)
 BAD_INPUT = {

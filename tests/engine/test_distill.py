@@ -9,25 +9,8 @@ import torch
 import gsd_kernels
 from gsd.cli import UsageError
 from gsd.distill import DistillConfig, Distiller, ema_beta, sigma_schedule
+from factories import tiny_mlp, tiny_unet
 from gsd.models.networks import build_denoiser
-
-
-def tiny_mlp(dim=2, seed=0):
-    torch.manual_seed(seed)
-    net = build_denoiser({"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
-                          "model": dict(dim=dim, hidden=16, num_blocks=1, noise_channels=8, emb_channels=16)})
-    # non-trivial output layer so that gradients are not all ~0
-    with torch.no_grad():
-        net.model.fc_out.weight.normal_(0, 0.3)
-    return net
-
-
-def tiny_unet(seed=0):
-    torch.manual_seed(seed)
-    return build_denoiser({"arch": "SongUNet", "sigma_data": 0.5, "label_dim": 0,
-                           "model": dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=8,
-                                         channel_mult=[1], num_blocks=1, attn_resolutions=[], channel_mult_emb=2,
-                                         dropout=0.0)})
 
 
 def make(cfg=None, teacher=None, init=None, **kw):

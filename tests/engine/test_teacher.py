@@ -14,7 +14,7 @@ import gsd.teacher as teacher_mod
 import gsd.teachers.training as teacher_lib
 from gsd.teacher import edm_loss, get_teacher, main, teacher_cache_path, train_teacher
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL_MLP = {"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
              "model": dict(dim=2, hidden=64, num_blocks=2, noise_channels=16, emb_channels=64)}
 TINY_UNET = {"arch": "SongUNet", "sigma_data": 0.5, "label_dim": 0,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 GSD = Path(__file__).resolve().parents[2] / "gsd" if (Path(__file__).parent.name == "engine") \
-    else Path(__file__).resolve().parents[1] / "gsd"
+    else Path(__file__).resolve().parents[2] / "gsd"
 
 # floor -> modules (a name ending in ".*" is a whole package)
 FLOORS = [

@@ -28,7 +28,7 @@ def _free_port():
 
 
 def _worker(rank, world, port, backend, x, z, out_dir):
-    sys.path.insert(0, os.path.dirname(__file__))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: oracles
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         rows = x.shape[0] // world
