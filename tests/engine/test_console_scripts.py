@@ -64,3 +64,17 @@ def test_installed_gsd_train_script_refuses_a_missing_teacher_in_one_line(tmp_pa
         pytest.skip("gsd-train is not installed in this environment (pip install . installs it)")
     p = _run([exe, "--teacher", "/nonexistent"], tmp_path)
     assert_one_line_error(p.returncode, p.stderr, "/nonexistent")
+
+
+def test_every_readme_command_is_a_command_module_with_help():
+    """The README's `python -m gsd.<cmd>` lines name exactly the command modules (top level =
+    commands), and each answers --help with exit 0 through the real interpreter."""
+    import re
+
+    documented = set(re.findall(r"python -m (gsd\.[a-z_]+)", (REPO / "README.md").read_text()))
+    assert documented == set(console.COMMANDS.values())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for module in sorted(documented):
+        p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0 and "usage:" in p.stdout, (module, p.stderr[-500:])
