@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gsd.errors import DataError, UsageError
+from gsd.util import one_line
 
 DATASETS = ("digits", "gmm", "cifar10", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -348,7 +349,7 @@ def _unpickle(path: str) -> dict:
         raise DataError(f"CIFAR-10 file {path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any other failure is a damaged file
         raise DataError(f"cannot read CIFAR-10 file {path}: {type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())}") from None
+                        f"{one_line(exc)}") from None
     if not isinstance(data, dict):
         raise DataError(f"CIFAR-10 file {path} holds a {type(data).__name__}, expected a dict")
     return data
@@ -416,7 +417,7 @@ def load_cifar10(data_root, resolution=None, download: bool = False) -> Dataset:
 
             torchvision.datasets.CIFAR10(root, train=True, download=True)
         except Exception as exc:
-            raise DataError(f"could not download CIFAR-10 into {root}: {' '.join(str(exc).split())}") from None
+            raise DataError(f"could not download CIFAR-10 into {root}: {one_line(exc)}") from None
     _check_root(root, "CIFAR-10 root", " (pass --download to fetch it)")
     folder = _cifar_folder(root)
     missing = [f for f in CIFAR10_TRAIN_FILES if not os.path.isfile(os.path.join(folder, f))]
@@ -435,7 +436,7 @@ def load_cifar10(data_root, resolution=None, download: bool = False) -> Dataset:
             labels.extend(int(v) for v in lab)
         except Exception as exc:
             raise DataError(f"CIFAR-10 file {os.path.join(folder, name)} is malformed "
-                            f"({' '.join(str(exc).split())})") from None
+                            f"({one_line(exc)})") from None
     data = torch.from_numpy(np.concatenate(arrays)).to(torch.float32) / 127.5 - 1.0
     if data.shape[0] != len(labels):
         raise DataError(f"CIFAR-10 under {folder} has {data.shape[0]} images but {len(labels)} labels")
@@ -507,7 +508,7 @@ def _load_image(path: str, resolution: int) -> np.ndarray:
     except MemoryError:
         raise DataError(f"cannot read image {path}: out of memory at resolution {resolution}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {one_line(exc)}") from None
     if out.ndim == 2:  # the 16-bit path is single-channel: grey -> RGB
         out = np.repeat(out[:, :, None], 3, axis=2)
     return np.clip(out, 0.0, 255.0)  # bicubic overshoot in the float path

@@ -61,7 +61,7 @@ from gsd.sampling.samplers import heun_sample, latents_for_seeds
 from gsd.teachers.training import get_teacher
 from gsd.teachers.loading import load_run_teacher, load_teacher
 from gsd.training import run as train_run
-from gsd.util import resolve_device
+from gsd.util import one_line, resolve_device
 from gsd.cli import (DISTILL_DEFAULTS, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
                   add_teacher_args, UsageError, make_parser, nonnegative_int, positive_float, positive_int,
                   run_main, seed_int)
@@ -382,7 +382,7 @@ def guidance_section(teacher, dataset, *, num: int, steps: int, seed: int, devic
                                   cache_dir=cache_dir)
         table = format_guidance_table(result)
     except Exception as exc:  # noqa: BLE001 - another module's failure must not sink the tables
-        msg = " ".join(str(exc).split())[:300]
+        msg = one_line(exc, 300)
         return "failed", f"_Failed: gsd.sampling.guidance.measure_guidance raised {type(exc).__name__}: {msg}._"
     return "ok", (f"`gsd.sampling.guidance.measure_guidance(teacher, dataset, num={num}, steps={steps}, seed={seed})` "
                   f"({time.perf_counter() - t0:.1f} s):\n\n{table}")
@@ -410,7 +410,7 @@ def edit_section(run_dirs: dict, *, device, seed: int, num: int | None = None) -
                 kw.update(num=num)
             res = edit_metrics(d, **kw)
         except Exception as exc:  # noqa: BLE001
-            msg = " ".join(str(exc).split())[:300]
+            msg = one_line(exc, 300)
             return "failed", f"_Failed: gsd.edit.edit_metrics({d}) raised {type(exc).__name__}: {msg}._"
         flat = _flatten(res) if isinstance(res, dict) else {"result": res}
         # the headline numbers only: per-class detail and long descriptions stay in gsd.edit's output
@@ -703,7 +703,7 @@ def run_experiments(args) -> Path:
         try:
             gsd_kernels.fused_backend(dev)
         except ValueError as exc:
-            raise UsageError(f"--fused training runs: {' '.join(str(exc).split())}") from None
+            raise UsageError(f"--fused training runs: {one_line(exc)}") from None
     if args.teacher is not None:  # what gsd.train accepts, with the one fit check, before anything is written
         load_teacher(args.teacher, dataset=load_dataset(args.dataset), device=dev, trust_pickle=args.trust_pickle)
     root = Path(args.root)

@@ -33,7 +33,7 @@ from gsd.teachers.loading import (
     check_teacher_fits, check_teacher_path, load_run_teacher, load_teacher, save_run_teacher,
 )
 from gsd.teachers.training import get_teacher
-from gsd.util import check_memory, format_bytes, format_value, resolve_device, sampler_table
+from gsd.util import check_memory, format_bytes, format_value, one_line, resolve_device, sampler_table
 
 __all__ = ["run", "summary_table", "TrainingStopped"]
 
@@ -116,7 +116,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
             raise UsageError(f"--resume {run_dir}: its {runs.CONFIG_NAME} is damaged: {exc}") from None
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise UsageError(f"--resume {run_dir}: its {runs.CONFIG_NAME} is damaged ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())})") from None
+                             f"{one_line(exc)})") from None
         for key in RESUME_FREE:  # then the flags a resume may change, checked as given
             if key in given and given[key] is not None and key not in ("resume", "out"):
                 cfg[key] = given[key]
@@ -378,7 +378,7 @@ def _ops_backend(cfg: dict, device: torch.device) -> str:
     try:
         return gsd_kernels.fused_backend(device)
     except ValueError as exc:
-        raise UsageError(f"--fused: {' '.join(str(exc).split())}") from None
+        raise UsageError(f"--fused: {one_line(exc)}") from None
 
 
 def _check_grouped_backend(cfg: dict, backend: str, device: torch.device) -> None:
@@ -393,7 +393,7 @@ def _check_grouped_backend(cfg: dict, backend: str, device: torch.device) -> Non
     try:
         gsd_kernels.isometry_loss(x, z, weighting=cfg["irl_weighting"], groups=k + 1, backend=backend)
     except (ValueError, NotImplementedError) as exc:
-        raise UsageError(f"--irl-neighbours {k}: {' '.join(str(exc).split())} (run without --fused)") from None
+        raise UsageError(f"--irl-neighbours {k}: {one_line(exc)} (run without --fused)") from None
 
 
 def _format_backends(backends: dict) -> str:

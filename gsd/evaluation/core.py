@@ -16,6 +16,25 @@ from pathlib import Path
 
 import torch
 
+from gsd import runs
+from gsd.config import resolve_config, RUN_DEFAULTS
+from gsd.data import GMMDenoiser, load_dataset
+from gsd.distill import DistillConfig, Distiller
+from gsd.errors import UsageError
+from gsd.evaluation.fid import (
+    FID_BOOTSTRAPS, FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception, locate_fid_weights,
+)
+from gsd.evaluation.metrics import (
+    batched as _batched, class_labels as _labels, distribution_section, evaluation_latents,
+    FeatureSpace as _Features, geometry_section, ISOMETRY_SEED_OFFSET, LATENCY_METHOD,
+    latency_section as interleaved_latency, local_isometry_settings, MAX_ISOMETRY_LATENTS, real_noise_floor,
+    sample_quality, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE, summary_rows,
+)
+from gsd.evaluation.ppl import float64_copy, heun_sample_float64, perceptual_path_length
+from gsd.fileio import jsonable
+from gsd.sampling.samplers import heun_nfe, heun_sample
+from gsd.teachers.loading import load_run_teacher
+from gsd.util import check_memory, format_value, one_line, resolve_device, sampler_table
 
 __all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
            "evaluate_loaded", "format_table", "machine_info", "default_num_samples"]
@@ -28,8 +47,6 @@ REQUIRED_CONFIG_KEYS = ("dataset", "sigma_init", "alpha", "tmax", "lambda_sid", 
 # Names under which a run might record a format/version (checked when present).
 _FORMAT_KEYS = ("run_format", "gsd_format", "format", "format_version")
 
-# FD samples use latent seeds base + [0, ISOMETRY_SEED_OFFSET), the isometry latents the next 8e7, the local
-# isometry anchors the rest of the stride
 # float32 copies of the sample set held at once: latents, one-step samples, teacher samples, features
 EVAL_COPIES = 4
 
@@ -160,36 +177,12 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
     try:
         distiller.load_weights({k: v.to(dev) for k, v in weights.items()})
     except (RuntimeError, KeyError, ValueError) as exc:
-        first = " ".join(str(exc).split())[:160]
+        first = one_line(exc, 160)
         raise UsageError(f"checkpoint {step} in {run_dir} does not fit this gsd version's networks ({first})") \
             from None
     distiller.iteration = int(step)
     return LoadedRun(run_dir=run_dir, config=cfg, step=int(step), dataset=dataset, distiller=distiller,
                      teacher=f_phi, teacher_id=teacher_id, device=dev, extra={"teacher_net": teacher_net})
-
-
-# --------------------------------------------------------------------------- helpers
-# The evaluation sections live in gsd.evaluation.metrics (shared with gsd.train's end-of-run evaluation);
-# these names stay for callers of this module.
-from gsd import runs
-from gsd.config import resolve_config, RUN_DEFAULTS
-from gsd.data import GMMDenoiser, load_dataset
-from gsd.distill import DistillConfig, Distiller
-from gsd.errors import UsageError
-from gsd.evaluation.fid import (
-    FID_BOOTSTRAPS, FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception, locate_fid_weights,
-)
-from gsd.evaluation.metrics import (
-    batched as _batched, class_labels as _labels, distribution_section, evaluation_latents,
-    FeatureSpace as _Features, geometry_section, ISOMETRY_SEED_OFFSET, LATENCY_METHOD,
-    latency_section as interleaved_latency, local_isometry_settings, MAX_ISOMETRY_LATENTS, real_noise_floor,
-    sample_quality, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE, summary_rows,
-)
-from gsd.evaluation.ppl import float64_copy, heun_sample_float64, perceptual_path_length
-from gsd.fileio import jsonable
-from gsd.sampling.samplers import heun_nfe, heun_sample
-from gsd.teachers.loading import load_run_teacher
-from gsd.util import check_memory, format_value, resolve_device, sampler_table
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -19,7 +19,7 @@ from gsd.evaluation.metrics import classifier_features, digits_classifier
 from gsd.evaluation.plots import save_grid
 from gsd.sampling.samplers import latents_for_seeds
 from gsd.teachers.loading import load_run_teacher
-from gsd.util import MAX_SEED, check_memory, resolve_device
+from gsd.util import check_memory, MAX_SEED, one_line, resolve_device
 
 __all__ = ["load_generator", "slerp", "fit_direction", "find_directions", "filtered_mean", "edit_metrics",
            "DEFAULT_ALPHAS", "DEFAULT_NUM", "MAX_ALPHA", "ALPHA_WHY", "write_figures"]
@@ -61,7 +61,7 @@ def load_generator(run_dir, device="cpu") -> tuple[Callable[[torch.Tensor], torc
         net.load_state_dict(ema, strict=True)
     except RuntimeError as exc:
         raise UsageError(f"checkpoint {step} of {run_dir} does not fit its teacher's network "
-                         f"({' '.join(str(exc).split())[:160]})") from None
+                         f"({one_line(exc, 160)})") from None
     net = net.to(device).eval().requires_grad_(False)
     if int(getattr(net, "label_dim", 0)):
         raise UsageError(f"{run_dir}: the generator is class-conditional; latent editing needs an "

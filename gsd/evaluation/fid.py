@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gsd.errors import UsageError
+from gsd.util import one_line
 from gsd.models.networks import check_state_dict
 
 __all__ = ["FID_WEIGHTS_PATTERN", "FID_FEATURE_NAME", "FID_BOOTSTRAPS", "hub_checkpoint_dir", "locate_fid_weights",
@@ -134,7 +135,7 @@ def load_fid_inception(path, device="cpu") -> FIDInceptionFeatures:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
-        msg = " ".join(str(exc).split())[:200]
+        msg = one_line(exc, 200)
         raise UsageError(f"FID weights {path} are not a readable torch state dict ({msg})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
