@@ -60,7 +60,7 @@ def _verify(net, path: str) -> float:
 
 
 def check_out_file(out: str, flag: str = "--out") -> str:
-    """Refuse, before any work, an output path that cannot be written (`gsd.cli.check_output_file`:
+    """Refuse, before any work, an output path that cannot be written (`gsd.util.check_output_file`:
     a folder, a path under a file, /proc, a read-only folder) or an existing file that is not a gsd
     teacher (it would be overwritten). UsageError (one line); returns the expanded path."""
     out = check_output_file(out, flag)

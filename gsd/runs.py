@@ -148,7 +148,7 @@ def _describe(keys: list[str], saved: dict, given: dict) -> str:
 
 def check_out_path(out, flag: str = "--out") -> None:
     """Raise UsageError (one line) unless a run directory can be created at `out`: not a
-    file, and (gsd.cli.check_creatable) not in /proc, /sys or /dev, with a writable folder
+    file, and (gsd.util.check_creatable) not in /proc, /sys or /dev, with a writable folder
     on a writable file system at or above it. Nothing is created."""
     check_creatable(out, out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out)), flag)
     if os.path.lexists(out) and not os.path.isdir(out):
