@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 
-from gsd.config import DISTILL_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; DISTILL_DEFAULTS re-exported)
+from gsd.config import DISTILL_DEFAULTS, GSD_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; re-exported)
 from gsd.errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
 from gsd.evaluation.metrics import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY
 from gsd.util import (  # noqa: F401  (re-exported for the commands)

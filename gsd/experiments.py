@@ -62,7 +62,7 @@ from gsd.teachers.training import get_teacher
 from gsd.teachers.loading import load_run_teacher, load_teacher
 from gsd.training import run as train_run
 from gsd.util import one_line, resolve_device
-from gsd.cli import (DISTILL_DEFAULTS, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
+from gsd.cli import (GSD_DEFAULTS, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
                   add_teacher_args, UsageError, make_parser, nonnegative_int, positive_float, positive_int,
                   run_main, seed_int)
 from gsd.cli import format_value as fmt  # short: results.md formats dozens of numbers inline
@@ -83,7 +83,7 @@ VARIANTS = {
 }
 RESULTS_NAME = "results.md"
 # the full-loss run's weight: gsd.train's default where that is GSD, else SiD-relative 0.1
-_FULL_LAMBDA_IRL = DISTILL_DEFAULTS["lambda_irl"] or 0.1
+_FULL_LAMBDA_IRL = GSD_DEFAULTS["lambda_irl"]
 
 
 # --------------------------------------------------------------------------- sizes
@@ -802,9 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-irl", type=positive_float, default=_FULL_LAMBDA_IRL, metavar="F",
                    help="scale-free weight of the isometric loss in the full-loss run (gsd.train's --lambda-irl; "
                         "the no-SiD run uses --lambda-irl-raw 1)")
-    p.add_argument("--irl-neighbours", type=nonnegative_int, default=DISTILL_DEFAULTS["irl_neighbours"], metavar="K",
+    p.add_argument("--irl-neighbours", type=nonnegative_int, default=GSD_DEFAULTS["irl_neighbours"], metavar="K",
                    help="gsd.train's --irl-neighbours for the full-loss, no-IRL and no-SiD runs (plain SiD uses 0)")
-    p.add_argument("--irl-radius", type=positive_float, default=DISTILL_DEFAULTS["irl_radius"], metavar="R",
+    p.add_argument("--irl-radius", type=positive_float, default=GSD_DEFAULTS["irl_radius"], metavar="R",
                    help="gsd.train's --irl-radius")
     add_teacher_args(p)
     p.add_argument("--seed", type=seed_int, default=0, help="random seed of training and evaluation")

@@ -11,9 +11,36 @@ def test_train_parser_defaults_are_the_schema():
     assert parsed == config.RUN_DEFAULTS
 
 
-def test_distill_defaults_feed_the_schema():
-    for key, value in config.DISTILL_DEFAULTS.items():
+def test_the_default_run_is_gsd_and_the_library_default_is_plain_sid():
+    # the command's default run has the isometric term over neighbour groups ...
+    assert config.RUN_DEFAULTS["lambda_irl"] > 0 and config.RUN_DEFAULTS["irl_neighbours"] > 0
+    for key, value in config.GSD_DEFAULTS.items():
         assert config.RUN_DEFAULTS[key] == value, key
+    for key in set(config.DISTILL_DEFAULTS) - set(config.GSD_DEFAULTS):
+        assert config.RUN_DEFAULTS[key] == config.DISTILL_DEFAULTS[key], key
+    d = DistillConfig.from_run_config(config.resolve_config({}))
+    assert d.lambda_irl == config.GSD_DEFAULTS["lambda_irl"] and d.irl_neighbours == config.GSD_DEFAULTS["irl_neighbours"]
+    # ... while a bare DistillConfig() is plain SiD
+    assert DistillConfig().lambda_irl == 0 and DistillConfig().irl_neighbours == 0
+    # every dataset's default batch holds whole anchor/neighbour groups
+    for name, dd in config.DATASET_DEFAULTS.items():
+        assert dd["batch"] % (config.GSD_DEFAULTS["irl_neighbours"] + 1) == 0, name
+
+
+def test_gsd_defaults_step_aside_for_another_form_of_the_term():
+    gsd = config.GSD_DEFAULTS
+    # a raw weight, the JVP estimator or no SiD term: the scale-free default weight is dropped
+    assert config.resolve_config({"lambda_irl_raw": 1.0})["lambda_irl"] == 0
+    assert config.resolve_config({"lambda_sid": 0.0, "lambda_irl_raw": 1.0})["lambda_irl"] == 0
+    jvp = config.resolve_config({"irl_estimator": "jvp", "lambda_irl_raw": 0.1})
+    assert jvp["lambda_irl"] == 0 and jvp["irl_neighbours"] == 0
+    # ... but what the user gave explicitly is kept (and refused later if it conflicts)
+    both = config.resolve_config({"lambda_irl_raw": 1.0, "lambda_irl": 0.3})
+    assert both["lambda_irl"] == 0.3
+    assert config.resolve_config({"irl_estimator": "jvp", "irl_neighbours": 2})["irl_neighbours"] == 2
+    # --lambda-irl 0 is "the same command without the regulariser": neighbour groups stay
+    same = config.resolve_config({"lambda_irl": 0.0})
+    assert same["lambda_irl"] == 0 and same["irl_neighbours"] == gsd["irl_neighbours"]
 
 
 def test_from_run_config_maps_every_flag_named_field():

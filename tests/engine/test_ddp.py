@@ -174,6 +174,7 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "ddp_run"
     args = ["--dataset", "gmm", "--teacher", teacher, "--exact-teacher", "--iters", "3", "--batch", "8",
             "--batch-per-gpu", "2", "--precision", "bf16", "--grad-checkpoint", "--lambda-irl", "0.5",
+            "--irl-neighbours", "0",  # the global-batch random-pair loss across ranks
             "--eval-samples", "200", "--ckpt-every", "2", "--log-every", "1", "--out", str(out), *FAST]
     p = _torchrun(tmp_path, args)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -201,7 +202,7 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--batch", "7"], "world size"),
+    (["--batch", "7", "--irl-neighbours", "0"], "world size"),
     (["--batch", "8", "--batch-per-gpu", "3"], "--batch-per-gpu"),
 ])
 def test_bad_world_size_fails_on_every_rank(tmp_path, extra, needle):
