@@ -21,7 +21,8 @@ import torch
 
 from gsd import parallel, runs
 from gsd.config import (
-    DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, resolve_config, RESUME_FREE, RUN_DEFAULTS, RUN_KEYS,
+    DATASET_DEFAULTS, DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, resolve_config, RESUME_FREE, RUN_DEFAULTS,
+    RUN_KEYS,
 )
 from gsd.data import GMMDenoiser, load_dataset
 from gsd.distill import DistillConfig, Distiller, MAX_ROWS

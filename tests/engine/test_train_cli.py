@@ -155,3 +155,19 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert "isometry_defect" in m
     assert (out / "samples.png").exists() and (out / "teacher.safetensors").exists()
     assert "one-step" in captured.out and "teacher" in captured.out
+
+
+def test_a_run_without_eval_samples_evaluates_the_dataset_default(tmp_path):
+    """No --eval-samples: the end-of-run evaluation takes the data set's default size (gmm: 4000).
+    Every other test passes the flag, which hid a NameError on this path after a refactor."""
+    from gsd.config import DATASET_DEFAULTS
+
+    out = train.run(dict(dataset="gmm", teacher=tiny_mlp_file(tmp_path), exact_teacher=True, iters=2, batch=16,
+                         progress=False, device="cpu", latency_repeats=1, out=str(tmp_path / "r")))
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    assert metrics["num_samples"] == DATASET_DEFAULTS["gmm"]["eval_samples"] == 4000
+    # the default run is GSD: the isometric term over neighbour groups was on
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    assert cfg["lambda_irl"] > 0 and cfg["irl_neighbours"] > 0
+    log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    assert all(r["irl_weight"] > 0 for r in log)
