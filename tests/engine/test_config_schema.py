@@ -22,6 +22,11 @@ def test_the_default_run_is_gsd_and_the_library_default_is_plain_sid():
     assert d.lambda_irl == config.GSD_DEFAULTS["lambda_irl"] and d.irl_neighbours == config.GSD_DEFAULTS["irl_neighbours"]
     # ... while a bare DistillConfig() is plain SiD
     assert DistillConfig().lambda_irl == 0 and DistillConfig().irl_neighbours == 0
+    # gmm's 2-D latents: plain SiD unless asked (results/gmm/irl_sweep.md); asking still works
+    gmm = config.resolve_config({"dataset": "gmm"})
+    assert gmm["lambda_irl"] == 0 and gmm["irl_neighbours"] == 0
+    asked = config.resolve_config({"dataset": "gmm", "lambda_irl": 0.1, "irl_neighbours": 1})
+    assert asked["lambda_irl"] == 0.1 and asked["irl_neighbours"] == 1
     # every dataset's default batch holds whole anchor/neighbour groups
     for name, dd in config.DATASET_DEFAULTS.items():
         assert dd["batch"] % (config.GSD_DEFAULTS["irl_neighbours"] + 1) == 0, name

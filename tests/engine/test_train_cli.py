@@ -166,8 +166,15 @@ def test_a_run_without_eval_samples_evaluates_the_dataset_default(tmp_path):
                          progress=False, device="cpu", latency_repeats=1, out=str(tmp_path / "r")))
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     assert metrics["num_samples"] == DATASET_DEFAULTS["gmm"]["eval_samples"] == 4000
-    # the default run is GSD: the isometric term over neighbour groups was on
+    # gmm's default is plain SiD (2-D latents: a local isometry forbids the modes)
     cfg = json.loads((Path(out) / "config.json").read_text())
-    assert cfg["lambda_irl"] > 0 and cfg["irl_neighbours"] > 0
+    assert cfg["lambda_irl"] == 0 and cfg["irl_neighbours"] == 0
+
+
+def test_the_default_digits_run_trains_the_isometric_term(tmp_path):
+    out = train.run(dict(teacher=tiny_unet_file(tmp_path), iters=2, eval_samples=0, progress=False, device="cpu",
+                         out=str(tmp_path / "r")))
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    assert cfg["dataset"] == "digits" and cfg["lambda_irl"] > 0 and cfg["irl_neighbours"] > 0
     log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-    assert all(r["irl_weight"] > 0 for r in log)
+    assert log and all(r["irl_weight"] > 0 and "loss_irl" in r for r in log)
