@@ -31,10 +31,9 @@ def _candidates() -> list[Path]:
     """Files that could be `_C`: the package's own folder first, then the installed copy."""
     suffixes = importlib.machinery.EXTENSION_SUFFIXES
     found = [p for s in suffixes for p in sorted(PACKAGE_DIR.glob(f"_C{s}"))]
-    try:
-        files = importlib.metadata.distribution("gsd").files or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
+    # every installed copy named gsd, not only the first: in a clone's root after `pip install .`,
+    # the first one found is the build's gsd.egg-info in the source tree, whose file list has no `_C`
+    files = [f for dist in importlib.metadata.distributions(name="gsd") for f in (dist.files or [])]
     for f in files:
         if f.parts[:1] == ("gsd_kernels",) and f.name.startswith("_C.") and any(f.name.endswith(s) for s in suffixes):
             path = Path(f.locate()).resolve()

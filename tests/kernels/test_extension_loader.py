@@ -121,3 +121,22 @@ def test_fused_refuses_a_stale_build_before_writing_anything(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "stale" in lines[0] and "pip install ." in lines[0], done.stderr
     assert not out.exists()
+
+
+def test_a_source_tree_egg_info_does_not_hide_the_installed_build(tmp_path, monkeypatch):
+    """`pip install .` leaves gsd.egg-info in the clone, and from the clone's root it is the first
+    `gsd` distribution Python finds; its file list has no `_C`. The loader must still find the
+    installed `_C` (CI failed on exactly this once the package list became package discovery)."""
+    import importlib.metadata as md
+
+    installed = [Path(f.locate()).resolve() for d in md.distributions(name="gsd") for f in (d.files or [])
+                 if f.parts[:1] == ("gsd_kernels",) and f.name.startswith("_C.")]
+    if not installed:
+        pytest.skip("no installed gsd distribution with a compiled _C here (CI installs one with pip install .)")
+    shadow = tmp_path / "gsd.egg-info"
+    shadow.mkdir()
+    (shadow / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: gsd\nVersion: 0.1.0\n")
+    (shadow / "SOURCES.txt").write_text("gsd_kernels/__init__.py\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert next(iter(md.distributions(name="gsd")))._path == shadow  # the shadow comes first
+    assert set(installed) <= set(extension._candidates())
