@@ -35,13 +35,6 @@ PANELS = {  # dataset -> (key, label, higher is better)
 }
 
 
-def kept_steps(run_dir: Path) -> list[int]:
-    from gsd import runs
-
-    ck = run_dir / runs.CKPT_DIR
-    return sorted(int(p.stem.split("-")[1]) for p in ck.glob("ckpt-*.safetensors") if (ck / f"{p.stem}.pt").exists())
-
-
 def curve(run_dir: Path, num_samples: int, space_cache: dict, teacher_cache: dict) -> dict:
     from gsd import runs
     from gsd.evaluation import metrics
@@ -65,7 +58,7 @@ def curve(run_dir: Path, num_samples: int, space_cache: dict, teacher_cache: dic
 
     points = []
     with torch.no_grad():
-        gens = [(0, g0)] + [(st, None) for st in kept_steps(run_dir)]
+        gens = [(0, g0)] + [(st, None) for st in runs.complete_steps(run_dir)]
         for step, fn in gens:
             if fn is None:
                 weights, _ = runs.load_checkpoint(run_dir, step)

@@ -307,11 +307,8 @@ def fd_curve(run, feats, *, num_samples: int, seed: int) -> list[dict]:
     net0 = run.extra["teacher_net"]
     g0 = lambda e, l: net0(s * e, torch.full((e.shape[0],), s, device=e.device), l)  # noqa: E731
     out = [{"iteration": 0, "fd": fd(batched(g0, eps, labels))}]
-    ckdir = run.run_dir / runs.CKPT_DIR
-    steps = sorted(int(p.stem.split("-")[1]) for p in ckdir.glob("ckpt-*.safetensors")
-                   if (ckdir / f"{p.stem}.pt").exists())
     dist = run.distiller
-    for st in steps:
+    for st in runs.complete_steps(run.run_dir):
         weights, _ = runs.load_checkpoint(run.run_dir, st)
         dist.load_weights({k: v.to(dev) for k, v in weights.items()})
         out.append({"iteration": st, "fd": fd(batched(lambda e, l: dist.generate(e, l), eps, labels))})
