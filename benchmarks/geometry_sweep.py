@@ -53,6 +53,8 @@ SETTINGS = {
     "nbr3-0.5": (["--lambda-irl", "0.5", "--irl-neighbours", "3"], "neighbours K=3, lambda_irl 0.5"),
     "nbr3R1-0.5": (["--lambda-irl", "0.5", "--irl-neighbours", "3", "--irl-radius", "1"],
                    "neighbours K=3 at radius 1, lambda_irl 0.5"),
+    "nbr3R1-0.25": (["--lambda-irl", "0.25", "--irl-neighbours", "3", "--irl-radius", "1"],
+                    "neighbours K=3 at radius 1, lambda_irl 0.25"),
     "nbr7-0.5": (["--lambda-irl", "0.5", "--irl-neighbours", "7"], "neighbours K=7, lambda_irl 0.5"),
     "nbr3-1": (["--lambda-irl", "1", "--irl-neighbours", "3"], "neighbours K=3, lambda_irl 1"),
     "nbr3-3": (["--lambda-irl", "3", "--irl-neighbours", "3"], "neighbours K=3, lambda_irl 3"),
