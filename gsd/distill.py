@@ -568,8 +568,12 @@ class Distiller:
         n_sid, n_irl = float(sq[0].sqrt()), float(sq[1].sqrt())
         if math.isfinite(n_sid) and math.isfinite(n_irl):
             m = c.lambda_irl * n_sid / n_irl if n_irl > 0 else 0.0
-            w = m / factor  # the weight of L_irl in lambda_sid L_sid + w L_irl
-            parts.update(irl_weight=w, irl_gnorm_sid=n_sid, irl_gnorm_irl=n_irl / factor)
+            # m is the weight of L_irl in lambda_sid L_sid + m L_irl, in one process and under DDP
+            # alike: there each rank's SiD gradient is that of its local mean (world x its share
+            # of the global mean's), and g_irl that of world x the global loss (factor), so the
+            # ratio is unchanged. The norms are reported in the one-process frame.
+            w = m
+            parts.update(irl_weight=w, irl_gnorm_sid=n_sid / self.world, irl_gnorm_irl=n_irl / factor)
         else:
             # an overflowing x-gradient (fp16): no weight this step; the NaN it leaves in the
             # generator's gradient makes the scaler skip the step (counted in nan_grads); the loss
@@ -581,6 +585,12 @@ class Distiller:
         value = c.lambda_sid * sid_value + w * irl_value
         parts["loss_gen"] = value
         return surrogate - surrogate.detach() + value, parts
+
+    def _no_rank_dropped(self, dropped: int) -> bool:
+        """Whether no process dropped a row of this micro-batch (the same answer on every rank)."""
+        bad = torch.tensor([dropped], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(bad)
+        return int(bad) == 0
 
     def _irl_term(self, x: torch.Tensor, eps: torch.Tensor, labels, valid: torch.Tensor, parts: dict):
         """The isometry loss of the generator step (sets parts["loss_irl"]); returns (loss or
@@ -595,10 +605,17 @@ class Distiller:
         kw = dict(weighting=c.irl_weighting, bandwidth=c.irl_bandwidth, scale=c.irl_scale, backend=c.backend)
         if k > 0:
             # groups never straddle ranks (accum_steps checks that the micro-batch is a multiple
-            # of K+1); gsd_kernels.distributed has no grouped loss, so each rank takes its own
-            # groups' loss and DDP averages them
+            # of K+1), so under DDP the global batch's grouped loss needs no gather: the
+            # distributed op all-reduces the pair sums, and every rank's groups share one optimal
+            # scale, as in one process with the whole batch
             g = k + 1
             keep = valid.reshape(n // g, g).all(1).repeat_interleave(g)  # a dropped row drops its group
+            if self.world > 1 and self._no_rank_dropped(n - int(keep.sum())):
+                from gsd_kernels.distributed import isometry_loss as dist_isometry_loss
+                l_irl = dist_isometry_loss(x, z, groups=g, **kw)
+                parts["loss_irl"] = float(l_irl.detach())
+                return l_irl, self.world
+            # one process, or some rank dropped a group this iteration: this rank's own groups
             if int(keep.sum()) < g:
                 parts["loss_irl"] = float("nan")
                 return None, 1
@@ -607,14 +624,9 @@ class Distiller:
             parts["loss_irl"] = float(l_irl.detach())
             return l_irl, 1
         n_valid = int(valid.sum())
-        global_batch = self.world > 1
-        if global_batch:
-            # the global-batch loss needs the same number of rows on every rank: fall back
-            # to each rank's own valid rows in an iteration where some rank dropped samples
-            bad = torch.tensor([n - n_valid], dtype=torch.int64, device=self.device)
-            torch.distributed.all_reduce(bad)
-            global_batch = int(bad) == 0
-        if global_batch:
+        # the global-batch loss needs the same number of rows on every rank: fall back to each
+        # rank's own valid rows in an iteration where some rank dropped samples
+        if self.world > 1 and self._no_rank_dropped(n - n_valid):
             from gsd_kernels.distributed import isometry_loss as dist_isometry_loss
             l_irl = dist_isometry_loss(x, z, **kw)
             parts["loss_irl"] = float(l_irl.detach())

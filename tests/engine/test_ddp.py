@@ -1,5 +1,6 @@
 """Several processes (gloo on CPU): the DDP generator gradient equals the one-process
-gradient of the concatenated batch (SiD + global-batch isometry), `torchrun -m gsd.train`
+gradient of the concatenated batch (SiD + global-batch isometry, over random pairs and over
+neighbour groups), `torchrun -m gsd.train`
 trains / checkpoints / resumes, and bad world sizes fail on every rank with exit code 2."""
 
 import json
@@ -21,8 +22,9 @@ from gsd.models.networks import save_denoiser
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 PER_RANK = 4
-# (irl weighting, backend): the reference eager ops and the fused ones
-VARIANTS = [("global", "reference"), ("local", "auto")]
+# (irl weighting, backend, irl_neighbours): the reference eager ops and the fused ones, random
+# pairs over the batch (K = 0) and groups of K + 1 rows (two groups of 2 / one group of 4 per rank)
+VARIANTS = [("global", "reference", 0), ("local", "auto", 0), ("global", "auto", 1), ("local", "reference", 3)]
 
 
 def free_port() -> int:
@@ -31,9 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(weighting, backend, batch):
+def _config(weighting, backend, batch, neighbours=0):
     return DistillConfig(batch=batch, lr=1e-3, lambda_sid=1.0, lambda_irl=0.7, irl_weighting=weighting,
-                         backend=backend, alpha=1.2)
+                         backend=backend, alpha=1.2, irl_neighbours=neighbours)
 
 
 def _inputs(n):
@@ -62,14 +64,15 @@ def _grad_worker(rank, world, port, out_dir):
         eps, t, noise = _inputs(world * PER_RANK)
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         result = {}
-        for weighting, backend in VARIANTS:
+        for weighting, backend, k in VARIANTS:
             # different init on rank 1: DDP must broadcast rank 0's weights
-            d = Distiller(tiny_mlp(seed=1), _config(weighting, backend, world * PER_RANK),
+            d = Distiller(tiny_mlp(seed=1), _config(weighting, backend, world * PER_RANK, k),
                           init=tiny_mlp(seed=2 + rank))
             assert d.world == world and d.micro_batch == PER_RANK and d.accum == 1
             d.enable_ddp()
             grads, parts = _generator_grads(d, eps[rows], t[rows], noise[rows])
-            result[f"{weighting}-{backend}"] = {"grads": grads, "loss_irl": parts["loss_irl"]}
+            result[f"{weighting}-{backend}-{k}"] = {"grads": grads, "loss_irl": parts["loss_irl"],
+                                                    "irl_weight": parts["irl_weight"]}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -81,13 +84,15 @@ def test_ddp_generator_gradient_equals_single_process_global_batch(tmp_path):
     mp.spawn(_grad_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     eps, t, noise = _inputs(WORLD * PER_RANK)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    for weighting, backend in VARIANTS:
-        key = f"{weighting}-{backend}"
-        d = Distiller(tiny_mlp(seed=1), _config(weighting, backend, WORLD * PER_RANK), init=tiny_mlp(seed=2))
+    for weighting, backend, k in VARIANTS:
+        key = f"{weighting}-{backend}-{k}"
+        d = Distiller(tiny_mlp(seed=1), _config(weighting, backend, WORLD * PER_RANK, k), init=tiny_mlp(seed=2))
         want, parts = _generator_grads(d, eps, t, noise)
         for r in range(WORLD):
             got = per_rank[r][key]
+            # one loss and one scale-free weight for the global batch, the same on every rank
             assert got["loss_irl"] == pytest.approx(parts["loss_irl"], rel=1e-5), key
+            assert got["irl_weight"] == pytest.approx(parts["irl_weight"], rel=1e-5), key
             for g, w in zip(got["grads"], want):
                 assert torch.linalg.vector_norm(g - w) <= 1e-5 * torch.linalg.vector_norm(w) + 1e-12, key
         # the isometry term matters to this gradient (otherwise the test proves little)

@@ -492,76 +492,8 @@ def test_jvp_digits_run_two_iterations(tmp_path, capsys):
     assert [r["iteration"] for r in log] == [1, 2] and all(math.isfinite(r["loss_irl"]) for r in log)
 
 
-# ------------------------------------------------------------------ two processes (gloo)
-
-def _ddp_worker(rank, world, port, out_dir, f):
-    import os
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        eps, t, noise = _ddp_inputs(world * 4)
-        rows = slice(rank * 4, (rank + 1) * 4)
-        d = Distiller(tiny_mlp(seed=1), DistillConfig(batch=world * 4, lr=1e-3, lambda_irl=f, irl_neighbours=1),
-                      init=tiny_mlp(seed=2))
-        d.enable_ddp()
-        d.generator.zero_grad(set_to_none=True)
-        loss, parts = d.generator_loss(eps[rows], t=t[rows], noise=noise[rows])
-        loss.backward()
-        torch.save({"grads": grads(d.generator), "parts": parts}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _ddp_inputs(n):
-    g = torch.Generator().manual_seed(77)
-    anchors = torch.randn(n // 2, 1, 2, generator=g)
-    u = torch.randn(n // 2, 1, 2, generator=g)
-    eps = torch.cat([anchors, anchors + 0.5 * u / u.norm(dim=-1, keepdim=True)], 1).reshape(n, 2)
-    return eps, torch.rand(n, generator=g) * 0.8, torch.randn(n, 2, generator=g)
-
-
-def test_ddp_scale_free_weight_is_one_number_from_the_global_norms(tmp_path):
-    """Two ranks, K = 1: each rank's grouped loss; the weight uses the squared x-gradient norms
-    summed over ranks, and DDP's averaged gradient is that of mean_r(L_sid_r + w L_irl_r)."""
-    import torch.multiprocessing as mp
-    from test_ddp import free_port
-
-    world, f = 2, 0.4
-    mp.spawn(_ddp_worker, args=(world, free_port(), str(tmp_path), f), nprocs=world, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    eps, t, noise = _ddp_inputs(world * 4)
-    d = make(batch=4, lambda_irl=f, irl_neighbours=1)
-    total_sid = total_irl = 0.0
-    terms = []
-    for r in range(world):
-        rows = slice(r * 4, (r + 1) * 4)
-        gen, x, l_sid, l_irl, g_sid, g_irl = _independent_terms(d, eps[rows], t[rows], noise[rows], 2)
-        total_sid += float(g_sid.double().square().sum())
-        total_irl += float(g_irl.double().square().sum())
-        terms.append((l_sid, l_irl))
-    w = f * math.sqrt(total_sid) / math.sqrt(total_irl)
-    for r in range(world):
-        assert got[r]["parts"]["irl_weight"] == pytest.approx(w, rel=1e-5)
-    gen = copy.deepcopy(d.generator)
-    gen.zero_grad(set_to_none=True)
-    loss = 0.0
-    for r in range(world):
-        rows = slice(r * 4, (r + 1) * 4)
-        x = gen(2.5 * eps[rows], torch.full((4,), 2.5))
-        sigma = sigma_schedule(t[rows], 0.002, 80.0, 7.0)
-        x_t = x + sigma[:, None] * noise[rows]
-        l_sid = gsd_kernels.sid_generator_loss(x, d.teacher(x_t, sigma), d.fake(x_t, sigma), alpha=1.2,
-                                               backend="reference")
-        l_irl = gsd_kernels.isometry_loss(x, 2.5 * eps[rows], groups=2, backend="reference")
-        loss = loss + (l_sid + w * l_irl) / world
-    loss.backward()
-    want = grads(gen)
-    for r in range(world):
-        for a, b in zip(got[r]["grads"], want):
-            assert torch.linalg.vector_norm(a - b) <= 1e-5 * torch.linalg.vector_norm(b) + 1e-10
+# Two processes with neighbour groups (one global-batch loss and one weight on every rank):
+# tests/engine/test_ddp.py::test_ddp_generator_gradient_equals_single_process_global_batch.
 
 
 def test_a_backend_without_groups_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
