@@ -127,6 +127,51 @@ def test_gradient_accumulation_equals_the_mean_of_the_micro_batches():
         DistillConfig(batch=9).accum_steps(2)
 
 
+def _drop_worker(rank, world, port, out_dir):
+    """K = 1 with rank 1's first generated row made non-finite: a group is dropped there."""
+    from factories import tiny_mlp
+    import gsd_kernels
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        eps, t, noise = _inputs(world * PER_RANK)
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        d = Distiller(tiny_mlp(seed=1), _config("global", "reference", world * PER_RANK, 1), init=tiny_mlp(seed=2))
+        d.enable_ddp()
+
+        def poison(phase, x):
+            if phase == "generator" and rank == 1:
+                x = x.clone()
+                x[0] = float("nan")
+            return x
+        d.nan_hook = poison
+        _, parts = _generator_grads(d, eps[rows], t[rows], noise[rows])
+        # what this rank's own groups give (rows of whole finite groups only), by the reference op
+        with torch.no_grad():
+            x = d._gen(d.generator, eps[rows])
+        keep = slice(2, 4) if rank == 1 else slice(0, 4)
+        own = gsd_kernels.isometry_loss(x[keep].double(), (d.config.sigma_init * eps[rows][keep]).double(),
+                                        groups=2, backend="reference")
+        torch.save({"loss_irl": parts["loss_irl"], "own": float(own), "irl_weight": parts["irl_weight"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_falls_back_to_each_ranks_own_groups_when_a_rank_drops_one(tmp_path):
+    """A non-finite sample on one rank: no global loss that iteration (the ranks would disagree on
+    the rows), every rank takes its own whole groups, and the weight is still one number. Rank 0
+    keeps its two groups; rank 1 keeps one group of two rows, whose single pair gives loss 0."""
+    mp.spawn(_drop_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for r in range(WORLD):
+        assert got[r]["loss_irl"] == pytest.approx(got[r]["own"], rel=2e-4, abs=1e-6)  # fp32 run vs float64
+    assert got[0]["loss_irl"] != pytest.approx(got[1]["loss_irl"], rel=1e-3)  # per-rank, not one global value
+    assert got[0]["irl_weight"] == got[1]["irl_weight"] > 0
+
+
 # ------------------------------------------------------------------ the command line
 
 def _env(tmp_path):
