@@ -3,6 +3,7 @@ gradient of the concatenated batch (SiD + global-batch isometry, over random pai
 neighbour groups), `torchrun -m gsd.train`
 trains / checkpoints / resumes, and bad world sizes fail on every rank with exit code 2."""
 
+import contextlib
 import json
 import os
 import socket
@@ -54,15 +55,23 @@ def _generator_grads(d: Distiller, eps, t, noise):
     return [p.grad.detach().clone() for p in d.generator.parameters()], parts
 
 
-def _grad_worker(rank, world, port, out_dir):
-    from factories import tiny_mlp
-
+@contextlib.contextmanager
+def _gloo_rank(rank, world, port):
+    """This process as rank `rank` of a gloo group, one torch thread; yields its rows of the batch."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    finally:
+        dist.destroy_process_group()
+
+
+def _grad_worker(rank, world, port, out_dir):
+    from factories import tiny_mlp
+
+    with _gloo_rank(rank, world, port) as rows:
         eps, t, noise = _inputs(world * PER_RANK)
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         result = {}
         for weighting, backend, k in VARIANTS:
             # different init on rank 1: DDP must broadcast rank 0's weights
@@ -74,8 +83,6 @@ def _grad_worker(rank, world, port, out_dir):
             result[f"{weighting}-{backend}-{k}"] = {"grads": grads, "loss_irl": parts["loss_irl"],
                                                     "irl_weight": parts["irl_weight"]}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_generator_gradient_equals_single_process_global_batch(tmp_path):
@@ -132,12 +139,8 @@ def _drop_worker(rank, world, port, out_dir):
     from factories import tiny_mlp
     import gsd_kernels
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _gloo_rank(rank, world, port) as rows:
         eps, t, noise = _inputs(world * PER_RANK)
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         d = Distiller(tiny_mlp(seed=1), _config("global", "reference", world * PER_RANK, 1), init=tiny_mlp(seed=2))
         d.enable_ddp()
 
@@ -156,8 +159,6 @@ def _drop_worker(rank, world, port, out_dir):
                                         groups=2, backend="reference")
         torch.save({"loss_irl": parts["loss_irl"], "own": float(own), "irl_weight": parts["irl_weight"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_falls_back_to_each_ranks_own_groups_when_a_rank_drops_one(tmp_path):
