@@ -112,15 +112,20 @@ def _distiller(seed: int, cache_dir):
     return dataset, d
 
 
+def _train_and_evaluate(d, dataset, iters: int, log, name: str, before_step=lambda: None) -> dict:
+    t0 = time.time()
+    for it in range(iters):
+        before_step()
+        d.step()
+        if (it + 1) % 500 == 0:
+            log(f"  {name}: {it + 1}/{iters}, {time.time() - t0:.0f} s")
+    return _evaluate(lambda eps: d.generate(eps), dataset)
+
+
 def sid(seed: int, iters: int, cache_dir, log) -> dict:
     """The default gmm run's training, unchanged."""
     dataset, d = _distiller(seed, cache_dir)
-    t0 = time.time()
-    for it in range(iters):
-        d.step()
-        if (it + 1) % 500 == 0:
-            log(f"  sid seed {seed}: {it + 1}/{iters}, {time.time() - t0:.0f} s")
-    return _evaluate(lambda eps: d.generate(eps), dataset)
+    return _train_and_evaluate(d, dataset, iters, log, f"sid seed {seed}")
 
 
 def oracle_fake(seed: int, iters: int, reference: int, bandwidth: float, cache_dir, log) -> dict:
@@ -140,23 +145,22 @@ def oracle_fake(seed: int, iters: int, reference: int, bandwidth: float, cache_d
     d._call_f = empirical_denoiser
     d.fake_score_step = lambda: {"loss_fake": 0.0, "nan_samples": 0, "nan_grads": 0, "rows": 1}
     rng = torch.Generator().manual_seed(10_000 + seed)
-    t0 = time.time()
-    for it in range(iters):
-        with torch.no_grad():
-            d.generator.eval()  # the samples G gives at sampling time, as the fake-score step uses
-            samples["x"] = d._gen(d.generator, torch.randn(reference, *dataset.sample_shape, generator=rng))
-        d.step()
-        if (it + 1) % 500 == 0:
-            log(f"  oracle-fake seed {seed}: {it + 1}/{iters}, {time.time() - t0:.0f} s")
-    return _evaluate(lambda eps: d.generate(eps), dataset)
+
+    @torch.no_grad()
+    def fresh_samples():
+        d.generator.eval()  # the samples G gives at sampling time, as the fake-score step uses
+        samples["x"] = d._gen(d.generator, torch.randn(reference, *dataset.sample_shape, generator=rng))
+
+    return _train_and_evaluate(d, dataset, iters, log, f"oracle-fake seed {seed}", fresh_samples)
 
 
 def _fmt(values: list, key: str) -> str:
     digits = 3 if key == "high_quality_fraction" else 4
-    mean = statistics.fmean(values)
-    spread = f" ± {statistics.stdev(values) / len(values) ** 0.5:.{digits}f}" if len(values) > 1 else ""
-    return f"{mean:.{digits}f}{spread} ({', '.join(f'{v:.{digits}f}' for v in values)})" if len(values) > 1 \
-        else f"{mean:.{digits}f}"
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    if len(values) == 1:
+        return mean
+    stderr = statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean} ± {stderr:.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in values)})"
 
 
 def report(results: dict, iters: int) -> str:

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -573,7 +573,7 @@ class Distiller:
             # of the global mean's), and g_irl that of world x the global loss (factor), so the
             # ratio is unchanged. The norms are reported in the one-process frame.
             w = m
-            parts.update(irl_weight=w, irl_gnorm_sid=n_sid / self.world, irl_gnorm_irl=n_irl / factor)
+            parts.update(irl_weight=m, irl_gnorm_sid=n_sid / self.world, irl_gnorm_irl=n_irl / factor)
         else:
             # an overflowing x-gradient (fp16): no weight this step; the NaN it leaves in the
             # generator's gradient makes the scaler skip the step (counted in nan_grads); the loss
@@ -603,41 +603,26 @@ class Distiller:
         z = c.sigma_init * eps
         k = c.irl_neighbours
         kw = dict(weighting=c.irl_weighting, bandwidth=c.irl_bandwidth, scale=c.irl_scale, backend=c.backend)
-        if k > 0:
-            # groups never straddle ranks (accum_steps checks that the micro-batch is a multiple
-            # of K+1), so under DDP the global batch's grouped loss needs no gather: the
-            # distributed op all-reduces the pair sums, and every rank's groups share one optimal
-            # scale, as in one process with the whole batch
-            g = k + 1
-            keep = valid.reshape(n // g, g).all(1).repeat_interleave(g)  # a dropped row drops its group
-            if self.world > 1 and self._no_rank_dropped(n - int(keep.sum())):
-                from gsd_kernels.distributed import isometry_loss as dist_isometry_loss
-                l_irl = dist_isometry_loss(x, z, groups=g, **kw)
-                parts["loss_irl"] = float(l_irl.detach())
-                return l_irl, self.world
-            # one process, or some rank dropped a group this iteration: this rank's own groups
-            if int(keep.sum()) < g:
-                parts["loss_irl"] = float("nan")
-                return None, 1
-            x_v, z_v = (x, z) if bool(keep.all()) else (x[keep], z[keep])
-            l_irl = _ops().isometry_loss(x_v, z_v, groups=g, **kw)
-            parts["loss_irl"] = float(l_irl.detach())
-            return l_irl, 1
-        n_valid = int(valid.sum())
-        # the global-batch loss needs the same number of rows on every rank: fall back to each
-        # rank's own valid rows in an iteration where some rank dropped samples
-        if self.world > 1 and self._no_rank_dropped(n - n_valid):
+        # groups never straddle ranks (accum_steps checks that the micro-batch is a multiple of
+        # K+1), so under DDP the global batch's loss (random pairs or groups) comes from the
+        # distributed op: one optimal scale for the whole batch, as in one process
+        groups = k + 1 if k > 0 else None
+        # rows that may enter the loss: finite ones; with groups a dropped row drops its group
+        keep = valid.reshape(n // groups, groups).all(1).repeat_interleave(groups) if groups else valid
+        # the global-batch loss needs the same rows on every rank: in an iteration where some
+        # rank dropped one, every rank takes the loss of its own kept rows instead
+        if self.world > 1 and self._no_rank_dropped(n - int(keep.sum())):
             from gsd_kernels.distributed import isometry_loss as dist_isometry_loss
-            l_irl = dist_isometry_loss(x, z, **kw)
+            l_irl = dist_isometry_loss(x, z, groups=groups, **kw)
             parts["loss_irl"] = float(l_irl.detach())
             return l_irl, self.world
-        if n_valid >= 2:
-            x_v, z_v = (x, z) if bool(valid.all()) else (x[valid], z[valid])
-            l_irl = _ops().isometry_loss(x_v, z_v, **kw)
-            parts["loss_irl"] = float(l_irl.detach())
-            return l_irl, 1
-        parts["loss_irl"] = float("nan")
-        return None, 1
+        if int(keep.sum()) < (groups or 2):
+            parts["loss_irl"] = float("nan")
+            return None, 1
+        x_v, z_v = (x, z) if bool(keep.all()) else (x[keep], z[keep])
+        l_irl = _ops().isometry_loss(x_v, z_v, groups=groups, **kw)
+        parts["loss_irl"] = float(l_irl.detach())
+        return l_irl, 1
 
     def _jvp_term(self, eps: torch.Tensor, labels, valid: torch.Tensor, parts: dict):
         """--irl-estimator jvp: the relaxed distortion measure of G's Jacobian at the anchors
