@@ -107,7 +107,10 @@ def plot(curves: list, path: Path) -> None:
         if f is not None:
             ax.axhline(f, color="grey", lw=1, ls=":", label="noise floor")
         ax.set_xscale("symlog", linthresh=max(1, min(c["iters"] for c in curves) // 10))
-        if not higher_better:  # step 0 (the teacher copy) is far off: linear near the teacher, log beyond
+        ax.set_xlim(left=0)  # iterations are never negative (symlog would show a negative decade)
+        values = [abs(p[key]) for c in curves for p in c["points"] if p[key] is not None] + [abs(t or 0), abs(f or 0)]
+        if not higher_better and max(values) > 10 * max(min(v for v in values if v > 0), 1e-12):
+            # step 0 (the teacher copy) is far off: linear near the teacher, log beyond
             ax.set_yscale("symlog", linthresh=max(abs(t or 0), abs(f or 0), 1e-6))
         ax.set_xlabel("iteration")
         ax.set_title(label, fontsize=10)

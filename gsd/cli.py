@@ -242,6 +242,14 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--irl-radius", type=positive_float, default=RUN_DEFAULTS["irl_radius"], metavar="R",
                    help="distance of each neighbour latent from its anchor, in units of eps (R sigma_init in "
                         "z = sigma_init eps)")
+    p.add_argument("--lambda-regress", type=nonnegative_float, default=RUN_DEFAULTS["lambda_regress"], metavar="MU",
+                   help="weight of a regression of G onto fixed teacher pairs: L += MU * mean ||G(eps_j) - x_j||^2 "
+                        "(squared error summed over the sample), x_j the teacher's 18-step Heun output for eps_j, "
+                        "over a batch of pairs as large as the generator batch, drawn with replacement; 0 turns it "
+                        "off (default per dataset: 10 for gmm, where SiD alone stalls, else 0)")
+    p.add_argument("--regress-pairs", type=positive_int, default=RUN_DEFAULTS["regress_pairs"], metavar="P",
+                   help="number of teacher pairs drawn before training for --lambda-regress (35 teacher calls "
+                        "each; default: %(default)s)")
     p.add_argument("--dropout", type=unit_interval_float, default=RUN_DEFAULTS["dropout"], metavar="P",
                    help="dropout probability of the generator and the fake score, in [0, 1) (default: the "
                         "teacher's; the teacher stays as loaded)")

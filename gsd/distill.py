@@ -19,7 +19,10 @@ One iteration (`Distiller.step`):
    irl_estimator "jvp", the relaxed distortion of G's Jacobian at the latents), where
    w = lambda_irl_raw (raw weight) or, for the scale-free lambda_irl = F,
    w = F ||lambda_sid dL_sid/dx_g|| / ||dL_irl/dx_g|| (see `generator_loss`),
-   and Adam on `gen_loss_scale * L` (SiD's lsg = 100).
+   plus, with lambda_regress = mu > 0, mu * L_reg, the regression of G onto fixed teacher
+   pairs (eps_j, x_j = teacher ODE output for eps_j, `set_regression_pairs`):
+   L_reg = mean over a batch of pairs drawn with replacement of ||G(eps_j) - x_j||^2 (summed
+   over the sample's dimensions); and Adam on `gen_loss_scale * L` (SiD's lsg = 100).
 
 NaN handling: rows of x_g with a non-finite value are dropped from every loss (the ops
 drop invalid rows; the isometry loss gets only the valid rows) and are replaced by 0 before
@@ -85,6 +88,8 @@ class DistillConfig:
     irl_estimator: str = DISTILL_DEFAULTS["irl_estimator"]      # "pairs" or "jvp"
     irl_neighbours: int = DISTILL_DEFAULTS["irl_neighbours"]    # K neighbours per anchor (0: random pairs)
     irl_radius: float = DISTILL_DEFAULTS["irl_radius"]          # neighbour distance in eps units
+    lambda_regress: float = DISTILL_DEFAULTS["lambda_regress"]  # weight of the teacher-pair regression term
+    regress_pairs: int = DISTILL_DEFAULTS["regress_pairs"]      # pairs it draws from (set_regression_pairs)
     dropout: float | None = None          # dropout of G and f_psi (None: the init network's)
     irl_weighting: str = "global"
     irl_bandwidth: float | None = None
@@ -121,7 +126,7 @@ class DistillConfig:
         def f32(v):  # a factor the networks / Adam turn into a float32 must fit in one
             return finite(v) and abs(v) <= _F32_MAX
 
-        for name in ("lambda_sid", "lambda_irl", "lambda_irl_raw"):
+        for name in ("lambda_sid", "lambda_irl", "lambda_irl_raw", "lambda_regress"):
             v = getattr(self, name)
             if not f32(v) or v < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
@@ -138,6 +143,9 @@ class DistillConfig:
             raise UsageError(f"--irl-neighbours must be an integer >= 0, got {k!r}")
         if not f32(self.irl_radius) or self.irl_radius <= 0:
             raise UsageError(f"--irl-radius must be a finite number > 0, got {self.irl_radius!r}")
+        p = self.regress_pairs
+        if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_ROWS:
+            raise UsageError(f"--regress-pairs must be an integer in [1, {MAX_ROWS}], got {p!r}")
         if self.dropout is not None and not (finite(self.dropout) and 0 <= self.dropout < 1):
             raise UsageError(f"--dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.irl_estimator not in ("pairs", "jvp"):
@@ -242,7 +250,7 @@ class DistillConfig:
         if backend is None:
             backend = "auto" if cfg["fused"] else "reference"
         same = ("alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "lambda_irl_raw", "irl_estimator",
-                "irl_neighbours", "irl_radius", "dropout", "irl_weighting", "irl_bandwidth", "irl_scale", "batch",
+                "irl_neighbours", "irl_radius", "lambda_regress", "regress_pairs", "dropout", "irl_weighting", "irl_bandwidth", "irl_scale", "batch",
                 "lr", "lr_fake", "ema_halflife", "gen_loss_scale", "seed")
         return cls(**{k: cfg[k] for k in same}, betas=tuple(cfg["adam_betas"]), backend=backend,
                    batch_per_rank=cfg.get("batch_per_gpu"), precision=cfg.get("precision", "fp32"),
@@ -356,6 +364,22 @@ class Distiller:
         self.images_seen = 0
         self.totals = {"nan_samples": 0, "nan_grads": 0, "nan_iterations": 0}
         self.nan_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+        self.regression_pairs: tuple | None = None  # (eps, x, labels or None), see set_regression_pairs
+
+    def set_regression_pairs(self, eps: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """The pairs of the regression term (config.lambda_regress > 0): latents eps (P, *sample_shape)
+        and the teacher's outputs x for them (same shape), with class labels (P,) for a
+        conditional generator. P must be config.regress_pairs; every value finite."""
+        shape = (self.config.regress_pairs, *self.sample_shape)
+        if tuple(eps.shape) != shape or tuple(x.shape) != shape:
+            raise ValueError(f"regression pairs must both have shape {shape}, got {tuple(eps.shape)} and {tuple(x.shape)}")
+        if not (torch.isfinite(eps).all() and torch.isfinite(x).all()):
+            raise ValueError("regression pairs hold non-finite values")
+        if (labels is None) != (self.num_classes == 0) or (labels is not None and tuple(labels.shape) != shape[:1]):
+            raise ValueError(f"regression pairs need {'no labels' if self.num_classes == 0 else 'one label per pair'} "
+                             f"for a generator with {self.num_classes} classes")
+        put = (lambda t: None if t is None else t.detach().to(self.device))
+        self.regression_pairs = (put(eps).float(), put(x).float(), put(labels))
 
     # ------------------------------------------------------------------ sampling helpers
 
@@ -503,7 +527,15 @@ class Distiller:
         """
         c = self.config
         n = eps.shape[0]
-        x_g = self._gen(self._call_g_train, eps, labels)
+        reg = self._regression_batch(n) if c.lambda_regress > 0 else None
+        if reg is None:
+            x_g = self._gen(self._call_g_train, eps, labels)
+        else:
+            # one pass of G over both batches: a second forward would trip DDP's one-backward bookkeeping
+            eps_r, target_r, labels_r = reg
+            both = self._gen(self._call_g_train, torch.cat([eps, eps_r]),
+                             None if labels is None else torch.cat([labels, labels_r]))
+            x_g = both[:n]
         x_g = self._apply_hook("generator", x_g)
         valid = _row_valid(x_g)
         scale_free = c.lambda_irl > 0
@@ -530,6 +562,8 @@ class Distiller:
             parts["loss_sid"] = float(l_sid.detach())
         l_irl, factor = (self._irl_term(x_irl, eps, labels, valid, parts) if c.irl_on else (None, 1))
         parts["nan_samples"] = int(n - used.sum())
+        l_reg = None if reg is None else self._regress_term(both[n:], target_r, parts)
+        reg_value = c.lambda_regress * parts["loss_regress"] if l_reg is not None else 0.0
         sid_value = parts.get("loss_sid", 0.0)
         irl_value = parts.get("loss_irl", 0.0) if l_irl is not None else 0.0
 
@@ -541,7 +575,9 @@ class Distiller:
                 total = total + c.lambda_sid * l_sid
             if l_irl is not None:
                 total = total + (c.lambda_irl_raw * factor) * l_irl
-            parts["loss_gen"] = c.lambda_sid * sid_value + c.lambda_irl_raw * irl_value
+            if l_reg is not None:
+                total = total + c.lambda_regress * l_reg
+            parts["loss_gen"] = c.lambda_sid * sid_value + c.lambda_irl_raw * irl_value + reg_value
             return total, parts
 
         # fp16: the x-gradients pass through the autocast networks, so they are taken at the
@@ -583,8 +619,30 @@ class Distiller:
         x_in = torch.where(keep, x_g, torch.zeros_like(x_g))
         surrogate = (x_in * g).sum()
         value = c.lambda_sid * sid_value + w * irl_value
-        parts["loss_gen"] = value
-        return surrogate - surrogate.detach() + value, parts
+        parts["loss_gen"] = value + reg_value
+        total = surrogate - surrogate.detach() + value
+        if l_reg is not None:  # its own value and gradient; the scale-free weight is not relative to it
+            total = total + c.lambda_regress * l_reg
+        return total, parts
+
+    def _regression_batch(self, n: int):
+        """n pairs (eps, teacher output, labels) drawn with replacement from the regression pairs."""
+        if self.regression_pairs is None:
+            raise RuntimeError("lambda_regress > 0: call set_regression_pairs before training")
+        eps, x, labels = self.regression_pairs
+        idx = torch.randint(0, eps.shape[0], (n,), generator=self.rng, device=self.device)
+        return eps[idx], x[idx], None if labels is None else labels[idx]
+
+    def _regress_term(self, x_r: torch.Tensor, target: torch.Tensor, parts: dict):
+        """Mean over the rows with a finite G output of ||x_r - target||^2 (summed over the
+        sample's dimensions); sets parts["loss_regress"]. None when no row is finite."""
+        keep = _row_valid(x_r)
+        if not bool(keep.any()):
+            parts["loss_regress"] = float("nan")
+            return None
+        err = (x_r[keep].float() - target[keep]).flatten(1).square().sum(1).mean()
+        parts["loss_regress"] = float(err.detach())
+        return err
 
     def _no_rank_dropped(self, dropped: int) -> bool:
         """Whether no process dropped a row of this micro-batch (the same answer on every rank)."""

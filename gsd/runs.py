@@ -81,17 +81,23 @@ def default_run_dir(dataset: str, root="runs") -> Path:
 # checkpoints) from before the scale-free --lambda-irl had `lambda_irl` = the RAW weight and none
 # of these keys. Filled in here, not from today's defaults, which may change.
 LEGACY_SETTINGS = {"irl_estimator": "pairs", "irl_neighbours": 0, "dropout": None}
+# Settings added after the scale-free --lambda-irl, with the value every run before them had:
+# without them, resuming an older gmm run would switch its new per-dataset default on.
+ADDED_SETTINGS = {"lambda_regress": 0.0, "regress_pairs": 16384}
 
 
 def upgrade_config(cfg: dict) -> dict:
     """A copy of a saved run configuration in today's terms: without `lambda_irl_raw`, its
     `lambda_irl` was the raw weight, so it becomes lambda_irl_raw (and lambda_irl 0); keys
-    added since take the values the run was trained with (LEGACY_SETTINGS)."""
-    if not isinstance(cfg, dict) or "lambda_irl" not in cfg or "lambda_irl_raw" in cfg:
+    added since take the values the run was trained with (LEGACY_SETTINGS, ADDED_SETTINGS)."""
+    if not isinstance(cfg, dict) or "lambda_irl" not in cfg:
         return cfg
     out = dict(cfg)
-    out["lambda_irl_raw"], out["lambda_irl"] = cfg["lambda_irl"], 0.0
-    for key, value in LEGACY_SETTINGS.items():
+    if "lambda_irl_raw" not in cfg:
+        out["lambda_irl_raw"], out["lambda_irl"] = cfg["lambda_irl"], 0.0
+        for key, value in LEGACY_SETTINGS.items():
+            out.setdefault(key, value)
+    for key, value in ADDED_SETTINGS.items():
         out.setdefault(key, value)
     return out
 

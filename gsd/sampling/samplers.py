@@ -16,7 +16,7 @@ import torch
 
 from gsd.errors import GuidanceError, UsageError
 
-__all__ = ["edm_sigma_steps", "heun_sample", "euler_sample", "churn_sample", "heun_nfe",
+__all__ = ["edm_sigma_steps", "heun_sample", "teacher_ode_pairs", "euler_sample", "churn_sample", "heun_nfe",
            "latents_for_seeds", "SeedStreams", "ancestral_sigmas", "ancestral_sample", "dsg_step",
            "guided_sample", "GuidanceError", "GUIDANCE_METHODS", "STOCHASTIC_SAMPLERS"]
 
@@ -126,6 +126,29 @@ def heun_sample(denoiser, latents: torch.Tensor, class_labels=None, *, num_steps
     """
     return ode_sample(denoiser, latents, class_labels, num_steps=num_steps, sigma_min=sigma_min,
                       sigma_max=sigma_max, rho=rho, heun=True).to(torch.float32)
+
+
+@torch.no_grad()
+def teacher_ode_pairs(denoiser, count: int, sample_shape, *, seed: int, num_classes: int = 0, device="cpu",
+                      num_steps: int = 18, chunk: int = 2048, progress=None):
+    """`count` pairs (eps, x = heun_sample(denoiser, eps)) for the distiller's regression term:
+    eps ~ N(0, I) of `sample_shape` from a CPU generator seeded `seed` (the same pairs on any
+    device and under DDP on every rank), with a uniform class label per pair when num_classes > 0.
+    Drawn `chunk` at a time; `progress` (a gsd.progress bar) advances by the pairs done.
+    Returns (eps, x, labels or None) on `device`."""
+    if count < 1 or chunk < 1:
+        raise ValueError(f"count and chunk must be >= 1, got {count}, {chunk}")
+    rng = torch.Generator().manual_seed(_seed_to_int(seed))
+    eps = torch.randn((count, *sample_shape), generator=rng)
+    labels = torch.randint(0, num_classes, (count,), generator=rng) if num_classes > 0 else None
+    eps, labels = eps.to(device), None if labels is None else labels.to(device)
+    out = []
+    for start in range(0, count, chunk):
+        cls = None if labels is None else labels[start:start + chunk]  # integer labels, as the distiller passes them
+        out.append(heun_sample(denoiser, eps[start:start + chunk], cls, num_steps=num_steps))
+        if progress is not None:
+            progress.update(out[-1].shape[0])
+    return eps, torch.cat(out), labels
 
 
 @torch.no_grad()

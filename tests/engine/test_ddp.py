@@ -23,9 +23,12 @@ from gsd.models.networks import save_denoiser
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 PER_RANK = 4
-# (irl weighting, backend, irl_neighbours): the reference eager ops and the fused ones, random
-# pairs over the batch (K = 0) and groups of K + 1 rows (two groups of 2 / one group of 4 per rank)
-VARIANTS = [("global", "reference", 0), ("local", "auto", 0), ("global", "auto", 1), ("local", "reference", 3)]
+# (irl weighting, backend, irl_neighbours, lambda_regress): the reference eager ops and the fused
+# ones, random pairs over the batch (K = 0) and groups of K + 1 rows (two groups of 2 / one group of
+# 4 per rank); with the regression term, one pair (REGRESS_PAIR), so that every process and the
+# one-process run draw the same one and the gradients can be compared
+VARIANTS = [("global", "reference", 0, 0.0), ("local", "auto", 0, 0.0), ("global", "auto", 1, 0.0),
+            ("local", "reference", 3, 0.0), ("global", "auto", 1, 2.0)]
 
 
 def free_port() -> int:
@@ -34,9 +37,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(weighting, backend, batch, neighbours=0):
+def _config(weighting, backend, batch, neighbours=0, regress=0.0):
     return DistillConfig(batch=batch, lr=1e-3, lambda_sid=1.0, lambda_irl=0.7, irl_weighting=weighting,
-                         backend=backend, alpha=1.2, irl_neighbours=neighbours)
+                         backend=backend, alpha=1.2, irl_neighbours=neighbours, lambda_regress=regress, regress_pairs=1)
+
+
+REGRESS_PAIR = (torch.tensor([[0.3, -1.1]]), torch.tensor([[0.8, 0.4]]))
+
+
+def _distiller(weighting, backend, batch, k, mu, init_seed):
+    from factories import tiny_mlp
+
+    d = Distiller(tiny_mlp(seed=1), _config(weighting, backend, batch, k, mu), init=tiny_mlp(seed=init_seed))
+    if mu > 0:
+        d.set_regression_pairs(*REGRESS_PAIR)
+    return d
 
 
 def _inputs(n):
@@ -68,20 +83,18 @@ def _gloo_rank(rank, world, port):
 
 
 def _grad_worker(rank, world, port, out_dir):
-    from factories import tiny_mlp
-
     with _gloo_rank(rank, world, port) as rows:
         eps, t, noise = _inputs(world * PER_RANK)
         result = {}
-        for weighting, backend, k in VARIANTS:
+        for weighting, backend, k, mu in VARIANTS:
             # different init on rank 1: DDP must broadcast rank 0's weights
-            d = Distiller(tiny_mlp(seed=1), _config(weighting, backend, world * PER_RANK, k),
-                          init=tiny_mlp(seed=2 + rank))
+            d = _distiller(weighting, backend, world * PER_RANK, k, mu, init_seed=2 + rank)
             assert d.world == world and d.micro_batch == PER_RANK and d.accum == 1
             d.enable_ddp()
             grads, parts = _generator_grads(d, eps[rows], t[rows], noise[rows])
-            result[f"{weighting}-{backend}-{k}"] = {"grads": grads, "loss_irl": parts["loss_irl"],
-                                                    "irl_weight": parts["irl_weight"]}
+            result[f"{weighting}-{backend}-{k}-{mu}"] = {"grads": grads, "loss_irl": parts["loss_irl"],
+                                                          "irl_weight": parts["irl_weight"],
+                                                          "loss_regress": parts.get("loss_regress")}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -91,15 +104,18 @@ def test_ddp_generator_gradient_equals_single_process_global_batch(tmp_path):
     mp.spawn(_grad_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     eps, t, noise = _inputs(WORLD * PER_RANK)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    for weighting, backend, k in VARIANTS:
-        key = f"{weighting}-{backend}-{k}"
-        d = Distiller(tiny_mlp(seed=1), _config(weighting, backend, WORLD * PER_RANK, k), init=tiny_mlp(seed=2))
+    for weighting, backend, k, mu in VARIANTS:
+        key = f"{weighting}-{backend}-{k}-{mu}"
+        d = _distiller(weighting, backend, WORLD * PER_RANK, k, mu, init_seed=2)
         want, parts = _generator_grads(d, eps, t, noise)
         for r in range(WORLD):
             got = per_rank[r][key]
             # one loss and one scale-free weight for the global batch, the same on every rank
             assert got["loss_irl"] == pytest.approx(parts["loss_irl"], rel=1e-5), key
             assert got["irl_weight"] == pytest.approx(parts["irl_weight"], rel=1e-5), key
+            assert (got["loss_regress"] is None) == (mu == 0), key
+            if mu > 0:
+                assert got["loss_regress"] == pytest.approx(parts["loss_regress"], rel=1e-5), key
             for g, w in zip(got["grads"], want):
                 assert torch.linalg.vector_norm(g - w) <= 1e-5 * torch.linalg.vector_norm(w) + 1e-12, key
         # the isometry term matters to this gradient (otherwise the test proves little)
@@ -107,6 +123,10 @@ def test_ddp_generator_gradient_equals_single_process_global_batch(tmp_path):
                        init=tiny_mlp(seed=2))
         sid_only, _ = _generator_grads(d0, eps, t, noise)
         assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(sid_only, want))
+        if mu > 0:  # and so does the regression term
+            without, _ = _generator_grads(_distiller(weighting, backend, WORLD * PER_RANK, k, 0.0, init_seed=2),
+                                          eps, t, noise)
+            assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(without, want))
 
 
 def test_gradient_accumulation_equals_the_mean_of_the_micro_batches():

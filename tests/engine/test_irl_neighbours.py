@@ -343,7 +343,7 @@ def test_subprocess_one_line_errors(tmp_path):
 def _gmm_argv(tmp_path, out, *extra):
     return ["--dataset", "gmm", "--teacher", tiny_mlp_file(tmp_path), "--exact-teacher", "--iters", "2",
             "--batch", "8", "--eval-samples", "0", "--log-every", "1", "--ckpt-every", "2", "--out", str(out),
-            *extra, *FAST]
+            "--lambda-regress", "0", *extra, *FAST]  # the isometric term alone (gmm's regression: test_regression_term)
 
 
 def test_config_records_log_and_resume_checks(tmp_path, capsys):
@@ -371,7 +371,8 @@ def test_config_records_log_and_resume_checks(tmp_path, capsys):
 def _make_old_run(run_dir: Path, raw: float) -> None:
     """Rewrite a run directory as the code before the scale-free weight wrote it: `lambda_irl`
     is the raw weight, none of the new keys, EMA ramp-up ratio 0.1 in the checkpoint."""
-    new_keys = ("lambda_irl_raw", "irl_estimator", "irl_neighbours", "irl_radius", "dropout")
+    new_keys = ("lambda_irl_raw", "irl_estimator", "irl_neighbours", "irl_radius", "dropout", "lambda_regress",
+                "regress_pairs")
     with open(run_dir / "config.json") as fh:
         cfg = json.load(fh)
     cfg = {k: v for k, v in cfg.items() if k not in new_keys}

@@ -246,10 +246,19 @@ def test_huge_lr_stops_with_one_line(tmp_path, capsys):
 def test_overflowing_teacher_stops_with_one_line(tmp_path, capsys):
     out = tmp_path / "ovf"
     argv = ["--dataset", "gmm", "--teacher", teacher_file(tmp_path, scale=1e12), "--no-exact-teacher", "--batch",
-            "16", "--iters", "60", "--eval-samples", "0", "--out", str(out), *FAST]
-    code, err, _ = cli(argv, capsys)
+            "16", "--iters", "60", "--eval-samples", "0", "--out", str(out), "--lambda-regress", "0", *FAST]
+    code, err, _ = cli(argv, capsys)  # (with gmm's regression term on, the pairs refuse it first: below)
     assert_one_line_error(code, err, "stopped")
     assert runs.read_log(out)[-1]["nan_samples"] > 0
+
+
+def test_overflowing_teacher_pairs_are_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "ovf_pairs"
+    argv = ["--dataset", "gmm", "--teacher", teacher_file(tmp_path, scale=1e12), "--no-exact-teacher", "--batch",
+            "16", "--iters", "60", "--eval-samples", "0", "--out", str(out), "--regress-pairs", "40", *FAST]
+    code, err, _ = cli(argv, capsys)
+    assert_one_line_error(code, err, "--lambda-regress", "not finite")
+    assert not (out / runs.CKPT_DIR).exists() or runs.latest_step(out) is None
 
 
 def test_exploding_loss_stops(tmp_path, capsys):
