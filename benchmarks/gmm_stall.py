@@ -1,6 +1,6 @@
 """Why the one-step gmm student stops short of its teacher: two controlled replacements.
 
-    python benchmarks/gmm_stall.py --seeds 0 1 2              # both checks, ~2 min per seed and check
+    python benchmarks/gmm_stall.py --seeds 0 1 2              # every check, ~2 min per seed and check
     python benchmarks/gmm_stall.py --only regress --iters 6000
 
 The default gmm run (plain SiD, 3000 iterations) ends at a high-quality fraction of 0.92-0.95
@@ -9,8 +9,8 @@ stop it there: the generator network cannot represent a sharper map, or SiD's tr
 signal (the fake score f_psi learning G's distribution, and the gradient it gives) does not
 ask for one. Each check below changes one of them and keeps everything else of the default run:
 
-- `sid`: the default run itself (the engine's Distiller with the default gmm config), as the
-  row the others are compared with.
+- `sid`: plain SiD, the default gmm run before the regression term (`--lambda-regress 0`), as
+  the row the others are compared with.
 - `regress`: no SiD. G (the same teacher-initialised MLP at sigma_init) is fitted by least
   squares to the exact teacher's probability-flow ODE map eps -> x (Heun, 18 steps, the exact
   mixture denoiser), with the default run's optimiser, learning rate, batch and iterations.
@@ -23,6 +23,9 @@ ask for one. Each check below changes one of them and keeps everything else of t
   sigma below the sample spacing snaps to the nearest sample. Everything else is the
   engine's own Distiller (its generator loss, fused ops, optimiser, EMA). This fake score has
   no lag behind G and no network error, but it has sampling noise and the blur's bias.
+
+- `sid+regress`: the default gmm run since then: SiD plus the regression of G onto fixed pairs of
+  the exact teacher's ODE map (`--lambda-regress 10`, 16384 pairs drawn as gsd.train draws them).
 
 Each result is evaluated like a run (gsd.evaluation's mixture section: 4000 samples against
 the fixed true sample): sliced W2, high-quality fraction, NLL gap, mode-weight error. Writes
@@ -47,17 +50,17 @@ sys.path.insert(0, str(REPO))
 KEYS = ("sliced_wasserstein", "high_quality_fraction", "nll_gap", "mode_weight_error")
 EVAL_SAMPLES = 4000
 EVAL_SEED = 0
-CHECKS = ("sid", "regress", "oracle-fake")
+CHECKS = ("sid", "regress", "oracle-fake", "sid+regress")
 
 
-def _setup(seed: int, cache_dir):
+def _setup(seed: int, cache_dir, lambda_regress: float = 0.0):
     from gsd.config import resolve_config
     from gsd.data import load_gmm
     from gsd.teachers.training import get_teacher
     torch.manual_seed(seed)
     dataset = load_gmm()
     teacher = get_teacher(dataset, cache_dir=cache_dir, progress=False)
-    cfg = resolve_config({"dataset": "gmm", "fused": True, "seed": seed})
+    cfg = resolve_config({"dataset": "gmm", "fused": True, "seed": seed, "lambda_regress": lambda_regress})
     return dataset, teacher, cfg
 
 
@@ -103,12 +106,18 @@ def regress(seed: int, iters: int, cache_dir, log) -> dict:
     return out
 
 
-def _distiller(seed: int, cache_dir):
+def _distiller(seed: int, cache_dir, lambda_regress: float = 0.0):
     from gsd.data import GMMDenoiser
     from gsd.distill import DistillConfig, Distiller
-    dataset, teacher, cfg = _setup(seed, cache_dir)
-    d = Distiller(GMMDenoiser(dataset.mixture), DistillConfig.from_run_config(cfg), init=teacher,
-                  sample_shape=dataset.sample_shape, device="cpu")
+    from gsd.sampling.samplers import teacher_ode_pairs
+    from gsd.training import REGRESS_SEED_BASE
+    dataset, teacher, cfg = _setup(seed, cache_dir, lambda_regress)
+    exact = GMMDenoiser(dataset.mixture)
+    d = Distiller(exact, DistillConfig.from_run_config(cfg), init=teacher, sample_shape=dataset.sample_shape,
+                  device="cpu")
+    if lambda_regress > 0:  # the pairs gsd.train draws for this seed
+        d.set_regression_pairs(*teacher_ode_pairs(exact, cfg["regress_pairs"], dataset.sample_shape,
+                                                  seed=REGRESS_SEED_BASE + seed)[:2])
     return dataset, d
 
 
@@ -122,10 +131,10 @@ def _train_and_evaluate(d, dataset, iters: int, log, name: str, before_step=lamb
     return _evaluate(lambda eps: d.generate(eps), dataset)
 
 
-def sid(seed: int, iters: int, cache_dir, log) -> dict:
-    """The default gmm run's training, unchanged."""
-    dataset, d = _distiller(seed, cache_dir)
-    return _train_and_evaluate(d, dataset, iters, log, f"sid seed {seed}")
+def sid(seed: int, iters: int, cache_dir, log, lambda_regress: float = 0.0) -> dict:
+    """Plain SiD (lambda_regress 0) or the default gmm run (SiD + regression, lambda_regress 10)."""
+    dataset, d = _distiller(seed, cache_dir, lambda_regress)
+    return _train_and_evaluate(d, dataset, iters, log, f"sid (lambda_regress {lambda_regress:g}) seed {seed}")
 
 
 def oracle_fake(seed: int, iters: int, reference: int, bandwidth: float, cache_dir, log) -> dict:
@@ -208,6 +217,8 @@ def main(argv=None) -> int:
             log(f"[gmm_stall] {check}, seed {seed}")
             if check == "sid":
                 r = sid(seed, args.iters, args.cache_dir, log)
+            elif check == "sid+regress":
+                r = sid(seed, args.iters, args.cache_dir, log, lambda_regress=10.0)
             elif check == "regress":
                 r = regress(seed, args.iters, args.cache_dir, log)
             else:

@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 
-from gsd.config import DISTILL_DEFAULTS, GSD_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; re-exported)
+from gsd.config import DATASET_DEFAULTS, DISTILL_DEFAULTS, GSD_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; re-exported)
 from gsd.errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
 from gsd.evaluation.metrics import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY
 from gsd.util import (  # noqa: F401  (re-exported for the commands)
@@ -137,9 +137,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" unless the help already says what the default is: a per-dataset
+    default would otherwise be shown as the global fallback (e.g. 0.0 where gmm takes 10)."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return _Parser(prog=prog, description=description,
-                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(prog=prog, description=description, formatter_class=_DefaultsFormatter)
 
 
 # Each adder defines one group of flags; commands take the groups they need.
@@ -227,7 +234,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                         "the generator output x_g is rescaled to F x the norm of the SiD term's gradient at x_g "
                         "(lambda_sid * dL_sid/dx_g, whole micro-batch): L = lambda_sid L_sid + w L_irl with "
                         "w = F ||lambda_sid dL_sid/dx_g|| / ||dL_irl/dx_g|| (detached; 0 when the latter is 0); "
-                        "needs --lambda-sid > 0; 0 turns it off")
+                        f"needs --lambda-sid > 0; 0 turns it off (default: {RUN_DEFAULTS['lambda_irl']:g}, and "
+                        f"{DATASET_DEFAULTS['gmm']['lambda_irl']:g} for gmm)")
     p.add_argument("--lambda-irl-raw", type=nonnegative_float, default=RUN_DEFAULTS["lambda_irl_raw"], metavar="W",
                    help="raw weight of the isometric loss, L = lambda_sid L_sid + W L_irl (the papers' form; "
                         "exclusive with --lambda-irl; 0 turns it off)")
@@ -238,7 +246,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--irl-neighbours", type=nonnegative_int, default=RUN_DEFAULTS["irl_neighbours"], metavar="K",
                    help="K > 0: each of batch/(K+1) anchor latents eps gets K neighbours eps + R u (u uniform on "
                         "the unit sphere, the anchor's class label) and the isometry loss is taken over each "
-                        "anchor's group of K+1; --batch must be a multiple of K+1; 0: pairs over the whole batch")
+                        "anchor's group of K+1; --batch must be a multiple of K+1; 0: pairs over the whole batch (default: "
+                        f"{RUN_DEFAULTS['irl_neighbours']}, and {DATASET_DEFAULTS['gmm']['irl_neighbours']} for gmm)")
     p.add_argument("--irl-radius", type=positive_float, default=RUN_DEFAULTS["irl_radius"], metavar="R",
                    help="distance of each neighbour latent from its anchor, in units of eps (R sigma_init in "
                         "z = sigma_init eps)")
@@ -246,7 +255,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="weight of a regression of G onto fixed teacher pairs: L += MU * mean ||G(eps_j) - x_j||^2 "
                         "(squared error summed over the sample), x_j the teacher's 18-step Heun output for eps_j, "
                         "over a batch of pairs as large as the generator batch, drawn with replacement; 0 turns it "
-                        "off (default per dataset: 10 for gmm, where SiD alone stalls, else 0)")
+                        f"off (default: {DATASET_DEFAULTS['gmm']['lambda_regress']:g} for gmm, where SiD alone stalls, "
+                        f"{RUN_DEFAULTS['lambda_regress']:g} elsewhere)")
     p.add_argument("--regress-pairs", type=positive_int, default=RUN_DEFAULTS["regress_pairs"], metavar="P",
                    help="number of teacher pairs drawn before training for --lambda-regress (35 teacher calls "
                         "each; default: %(default)s)")
