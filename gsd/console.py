@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from gsd.cli import run_main
+from gsd.cli import exit_process, run_main
 
 # console script -> the command module it runs (pyproject.toml [project.scripts] names these)
 COMMANDS = {
@@ -30,7 +30,7 @@ def run_command(module: str) -> int:
 
 def _entry(script: str):
     def entry() -> None:
-        sys.exit(run_command(COMMANDS[script]))
+        exit_process(run_command(COMMANDS[script]))
     entry.__name__ = script.replace("-", "_")
     entry.__doc__ = f"`{script}`: `python -m {COMMANDS[script]}` as a console script."
     return entry

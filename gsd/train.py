@@ -30,10 +30,9 @@ flag names as keys (dashes -> underscores); missing keys take the defaults.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
-from gsd.cli import add_cache_arg, add_data_args, add_distill_args, add_runtime_args, make_parser, nonnegative_int, positive_int, run_main
+from gsd.cli import add_cache_arg, add_data_args, add_distill_args, add_runtime_args, make_parser, nonnegative_int, positive_int, run_main, exit_process
 from gsd.config import (  # noqa: F401  (re-exported: gsd.train's names since the start)
     DATASET_DEFAULTS, DEFAULT_MAX_BAD_ITERS, EXPLODE_FACTOR, EXPLODE_WINDOW, RESUME_FREE, RUN_DEFAULTS, RUN_KEYS,
     TRAINING_KEYS, resolve_config,
@@ -116,4 +115,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))
