@@ -25,7 +25,7 @@ ask for one. Each check below changes one of them and keeps everything else of t
   no lag behind G and no network error, but it has sampling noise and the blur's bias.
 
 - `sid+regress`: the default gmm run since then: SiD plus the regression of G onto fixed pairs of
-  the exact teacher's ODE map (`--lambda-regress 10`, 16384 pairs drawn as gsd.train draws them).
+  the exact teacher's ODE map (the gmm default weight and pairs, drawn as gsd.train draws them).
 
 Each result is evaluated like a run (gsd.evaluation's mixture section: 4000 samples against
 the fixed true sample): sliced W2, high-quality fraction, NLL gap, mode-weight error. Writes
@@ -46,6 +46,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from gsd.config import DATASET_DEFAULTS  # noqa: E402  (after the sys.path line above)
 
 KEYS = ("sliced_wasserstein", "high_quality_fraction", "nll_gap", "mode_weight_error")
 EVAL_SAMPLES = 4000
@@ -109,15 +111,11 @@ def regress(seed: int, iters: int, cache_dir, log) -> dict:
 def _distiller(seed: int, cache_dir, lambda_regress: float = 0.0):
     from gsd.data import GMMDenoiser
     from gsd.distill import DistillConfig, Distiller
-    from gsd.sampling.samplers import teacher_ode_pairs
-    from gsd.training import REGRESS_SEED_BASE
     dataset, teacher, cfg = _setup(seed, cache_dir, lambda_regress)
-    exact = GMMDenoiser(dataset.mixture)
-    d = Distiller(exact, DistillConfig.from_run_config(cfg), init=teacher, sample_shape=dataset.sample_shape,
-                  device="cpu")
-    if lambda_regress > 0:  # the pairs gsd.train draws for this seed
-        d.set_regression_pairs(*teacher_ode_pairs(exact, cfg["regress_pairs"], dataset.sample_shape,
-                                                  seed=REGRESS_SEED_BASE + seed)[:2])
+    d = Distiller(GMMDenoiser(dataset.mixture), DistillConfig.from_run_config(cfg), init=teacher,
+                  sample_shape=dataset.sample_shape, device="cpu")
+    if lambda_regress > 0:
+        d.draw_regression_pairs()  # the pairs gsd.train draws for this seed
     return dataset, d
 
 
@@ -218,7 +216,7 @@ def main(argv=None) -> int:
             if check == "sid":
                 r = sid(seed, args.iters, args.cache_dir, log)
             elif check == "sid+regress":
-                r = sid(seed, args.iters, args.cache_dir, log, lambda_regress=10.0)
+                r = sid(seed, args.iters, args.cache_dir, log, lambda_regress=DATASET_DEFAULTS["gmm"]["lambda_regress"])
             elif check == "regress":
                 r = regress(seed, args.iters, args.cache_dir, log)
             else:

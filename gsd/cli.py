@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 
+from gsd import parallel
 from gsd.config import DATASET_DEFAULTS, DISTILL_DEFAULTS, GSD_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; re-exported)
 from gsd.errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
 from gsd.evaluation.metrics import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY
@@ -320,7 +321,7 @@ def exit_process(code: int) -> None:
     ("terminate called without an active exception", SIGABRT) after its work was done and its
     process group destroyed, turning a finished run into a failed torchrun. Every file the run
     writes is closed before the command returns."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if parallel.env_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

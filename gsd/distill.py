@@ -73,6 +73,7 @@ from gsd.config import DISTILL_DEFAULTS
 from gsd.errors import UsageError
 from gsd.jacobian_isometry import distortion_terms
 from gsd.models.networks import set_dropout, set_gradient_checkpointing
+from gsd.sampling.samplers import teacher_ode_pairs
 
 __all__ = ["DistillConfig", "Distiller", "sigma_schedule", "ema_beta"]
 
@@ -265,6 +266,9 @@ class DistillConfig:
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _F32_MAX = float(torch.finfo(torch.float32).max)
 MAX_ROWS = 2 ** 31 - 1   # largest batch / sample count: torch indexes rows with int32 in places
+# The regression pairs' latents come from their own seed range, far from the evaluation's latent
+# seeds (gsd.evaluation.metrics.evaluation_latents), so that no evaluation sample is a training pair.
+REGRESS_SEED_BASE = 2 ** 62
 
 
 def sigma_schedule(t: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -365,6 +369,23 @@ class Distiller:
         self.totals = {"nan_samples": 0, "nan_grads": 0, "nan_iterations": 0}
         self.nan_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None
         self.regression_pairs: tuple | None = None  # (eps, x, labels or None), see set_regression_pairs
+
+    def draw_regression_pairs(self, progress=None) -> None:
+        """Draw config.regress_pairs pairs with the teacher's 18-step Heun sampler (35 teacher calls
+        each) and set them: latents from seed REGRESS_SEED_BASE + config.seed, so every rank and
+        every resume of a run draws the same pairs and none is an evaluation latent. `progress`:
+        a gsd.progress bar advanced by the pairs done. UsageError when the teacher's outputs are
+        not finite (an overflowing teacher)."""
+        c = self.config
+        eps, x, labels = teacher_ode_pairs(self.teacher, c.regress_pairs, self.sample_shape,
+                                           seed=REGRESS_SEED_BASE + int(c.seed), num_classes=self.num_classes,
+                                           device=self.device, progress=progress)
+        bad = int((~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).sum())
+        if bad:
+            raise UsageError(f"--lambda-regress: the teacher's ODE outputs are not finite for {bad} of "
+                             f"{c.regress_pairs} regression pairs (the teacher overflows); check the teacher, or "
+                             f"turn the term off with --lambda-regress 0")
+        self.set_regression_pairs(eps, x, labels)
 
     def set_regression_pairs(self, eps: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """The pairs of the regression term (config.lambda_regress > 0): latents eps (P, *sample_shape)

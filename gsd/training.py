@@ -30,7 +30,6 @@ from gsd.errors import TrainingStopped, UsageError
 from gsd.evaluation.metrics import evaluate_distillation, summary_rows
 from gsd.evaluation.plots import save_samples_png
 from gsd.progress import progress_bar
-from gsd.sampling.samplers import teacher_ode_pairs
 from gsd.teachers.loading import (
     check_teacher_fits, check_teacher_path, load_run_teacher, load_teacher, save_run_teacher,
 )
@@ -193,7 +192,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
     distiller.nan_hook = nan_hook
     distiller.enable_ddp()  # DDP on G and f_psi; weights broadcast from rank 0
     if dcfg.lambda_regress > 0:
-        _set_regression_pairs(distiller, f_phi, cfg, dataset, device, show)
+        _set_regression_pairs(distiller, show)
     elapsed_before = 0.0
     saved_at = None
     if resume_dir:
@@ -373,27 +372,15 @@ def _run(config, *, explicit, nan_hook) -> Path:
     return run_dir
 
 
-# The regression pairs' latents come from their own seed range, far from the evaluation's latent seeds
-# (gsd.evaluation.metrics.evaluation_latents), so that no evaluation sample is a training pair.
-REGRESS_SEED_BASE = 2 ** 62
-
-
-def _set_regression_pairs(distiller, teacher, cfg: dict, dataset, device, show: bool) -> None:
-    """Draw the regression term's pairs with the teacher's 18-step Heun sampler (35 calls each):
-    the same pairs on every rank and on --resume (seeded by the run's seed)."""
-    count = int(cfg["regress_pairs"])
+def _set_regression_pairs(distiller, show: bool) -> None:
+    """The regression term's pairs, with a progress bar (the same pairs on every rank and on --resume)."""
+    count = distiller.config.regress_pairs
     t0 = time.time()
     bar = progress_bar(total=count, desc="teacher ODE pairs", enabled=show, leave=False)
     try:
-        eps, x, labels = teacher_ode_pairs(teacher, count, dataset.sample_shape, seed=REGRESS_SEED_BASE + int(cfg["seed"]),
-                                           num_classes=distiller.num_classes, device=device, progress=bar)
+        distiller.draw_regression_pairs(progress=bar)
     finally:
         bar.close()
-    bad = int((~torch.isfinite(x.reshape(count, -1)).all(1)).sum())
-    if bad:
-        raise UsageError(f"--lambda-regress: the teacher's ODE outputs are not finite for {bad} of {count} regression "
-                         f"pairs (the teacher overflows); check the teacher, or turn the term off with --lambda-regress 0")
-    distiller.set_regression_pairs(eps, x, labels)
     if show:
         print(f"regression pairs: {count} teacher ODE outputs in {time.time() - t0:.1f} s", flush=True)
 

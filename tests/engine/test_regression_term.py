@@ -54,6 +54,20 @@ def test_conditional_pairs_carry_labels_the_teacher_was_called_with():
     torch.testing.assert_close(x, heun_sample(net, eps, labels), rtol=1e-6, atol=1e-7)
 
 
+def test_the_distiller_draws_its_pairs_from_its_teacher_and_seed():
+    def drawn(seed):
+        d = Distiller(tiny_mlp(seed=1), DistillConfig(batch=4, lambda_regress=1.0, regress_pairs=9, seed=seed),
+                      init=tiny_mlp(seed=2))
+        d.draw_regression_pairs()
+        return d
+    d = drawn(4)
+    eps, x, labels = d.regression_pairs
+    assert eps.shape == x.shape == (9, 2) and labels is None
+    torch.testing.assert_close(x, heun_sample(d.teacher, eps), rtol=1e-6, atol=1e-7)
+    assert torch.equal(drawn(4).regression_pairs[0], eps)      # a resumed run draws them again
+    assert not torch.equal(drawn(5).regression_pairs[0], eps)  # another seed, other pairs
+
+
 # ------------------------------------------------------------------ the term in the generator loss
 
 def _pair_set(d, count, seed=5):
