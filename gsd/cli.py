@@ -273,6 +273,11 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="Adam learning rate of generator and fake score (default per dataset)")
     p.add_argument("--ema-halflife", type=nonnegative_float, default=RUN_DEFAULTS["ema_halflife"],
                    help="EMA half-life of the generator, in images (default per dataset; 0 = no EMA)")
+    p.add_argument("--ema-rampup", type=nonnegative_float, default=RUN_DEFAULTS["ema_rampup"], metavar="RATIO",
+                   help="cap the EMA half-life at RATIO x the images seen so far, so that early weights "
+                        "leave the average quickly (EDM / SiD: 0.05); 0 = no cap (default: "
+                        f"{DATASET_DEFAULTS['digits']['ema_rampup']:g} for digits, "
+                        f"{DATASET_DEFAULTS['gmm']['ema_rampup']:g} elsewhere)")
 
 
 def unit_interval_float(text: str) -> float:

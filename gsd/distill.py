@@ -101,7 +101,8 @@ class DistillConfig:
     betas: tuple = (0.0, 0.999)
     adam_eps: float = 1e-8
     ema_halflife: float = 0.0             # in images; 0 = no EMA (ema_generator is the generator's copy)
-    # half-life <= ema_rampup * images seen (EDM's and SiD's ramp-up ratio 0.05); None = off
+    # half-life <= ema_rampup * images seen (EDM's and SiD's ramp-up ratio 0.05); 0 (or None, as
+    # checkpoints from before the flag may hold) = no ramp-up
     ema_rampup: float | None = 0.05
     gen_loss_scale: float = 100.0         # SiD's lsg
     fake_loss_scale: float = 1.0
@@ -190,6 +191,8 @@ class DistillConfig:
             raise UsageError(f"--adam-betas (adam_betas) must be two numbers in [0, 1), got {betas!r}")
         if not finite(self.ema_halflife) or self.ema_halflife < 0:
             raise UsageError(f"--ema-halflife must be >= 0 images, got {self.ema_halflife}")
+        if self.ema_rampup is not None and (not finite(self.ema_rampup) or self.ema_rampup < 0):
+            raise UsageError(f"--ema-rampup must be a finite number >= 0 (0 = no ramp-up), got {self.ema_rampup!r}")
         if self.irl_weighting not in ("global", "local"):
             raise UsageError(f"--irl-weighting must be global or local, got {self.irl_weighting!r}")
         if self.irl_scale != "optimal" and not (f32(self.irl_scale) and self.irl_scale > 0):
@@ -252,7 +255,7 @@ class DistillConfig:
             backend = "auto" if cfg["fused"] else "reference"
         same = ("alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "lambda_irl_raw", "irl_estimator",
                 "irl_neighbours", "irl_radius", "lambda_regress", "regress_pairs", "dropout", "irl_weighting", "irl_bandwidth", "irl_scale", "batch",
-                "lr", "lr_fake", "ema_halflife", "gen_loss_scale", "seed")
+                "lr", "lr_fake", "ema_halflife", "ema_rampup", "gen_loss_scale", "seed")
         return cls(**{k: cfg[k] for k in same}, betas=tuple(cfg["adam_betas"]), backend=backend,
                    batch_per_rank=cfg.get("batch_per_gpu"), precision=cfg.get("precision", "fp32"),
                    compile=bool(cfg.get("compile", False)), grad_checkpoint=bool(cfg.get("grad_checkpoint", False)))
@@ -759,7 +762,7 @@ class Distiller:
     def _update_ema(self) -> None:
         c = self.config
         halflife = c.ema_halflife
-        if c.ema_rampup is not None and halflife > 0:
+        if c.ema_rampup and halflife > 0:
             halflife = min(halflife, c.ema_rampup * (self.images_seen + c.batch))
         beta = ema_beta(c.batch, halflife)
         for pe, p in zip(self.ema_generator.parameters(), self.generator.parameters()):

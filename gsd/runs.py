@@ -82,8 +82,10 @@ def default_run_dir(dataset: str, root="runs") -> Path:
 # of these keys. Filled in here, not from today's defaults, which may change.
 LEGACY_SETTINGS = {"irl_estimator": "pairs", "irl_neighbours": 0, "dropout": None}
 # Settings added after the scale-free --lambda-irl, with the value every run before them had:
-# without them, resuming an older gmm run would switch its new per-dataset default on.
-ADDED_SETTINGS = {"lambda_regress": 0.0, "regress_pairs": 16384}
+# without them, resuming an older gmm run would switch its new per-dataset default on. (A run
+# from before the ramp-up ratio became 0.05 had 0.1: its checkpoint's value wins on --resume,
+# gsd.training.CKPT_OWNED.)
+ADDED_SETTINGS = {"lambda_regress": 0.0, "regress_pairs": 16384, "ema_rampup": 0.05}
 
 
 def upgrade_config(cfg: dict) -> dict:

@@ -40,8 +40,9 @@ __all__ = ["run", "summary_table", "TrainingStopped"]
 
 # DistillConfig fields that may differ from a checkpoint's own copy on --resume
 CKPT_FREE = ("backend", "compile", "grad_checkpoint")
-# DistillConfig fields with no flag: a resumed run keeps its checkpoint's value (a run started
-# before the EMA ramp-up ratio became 0.05 goes on with 0.1)
+# DistillConfig fields a resumed run takes from its checkpoint: a run started before the EMA
+# ramp-up ratio became 0.05 goes on with 0.1, although its config.json (which had no such key)
+# reads 0.05 today (runs.ADDED_SETTINGS)
 CKPT_OWNED = ("ema_rampup",)
 
 # log.jsonl keys averaged over the iterations of a record besides the losses (scale-free weight)

@@ -53,7 +53,7 @@ def test_from_run_config_maps_every_flag_named_field():
     given = dict(alpha=0.7, sigma_init=1.5, tmax=500, lambda_sid=0.5, lambda_irl=0.3, irl_estimator="pairs",
                  irl_neighbours=3, irl_radius=0.25, dropout=0.1, irl_weighting="local", irl_bandwidth=2.0,
                  irl_scale=4.0, batch=8, lr=1e-3, lr_fake=2e-3, adam_betas=[0.5, 0.9], ema_halflife=7.0,
-                 gen_loss_scale=3.0, seed=11, batch_per_gpu=4, precision="bf16", compile=True, grad_checkpoint=True,
+                 ema_rampup=0.3, gen_loss_scale=3.0, seed=11, batch_per_gpu=4, precision="bf16", compile=True, grad_checkpoint=True,
                  lambda_regress=2.5, regress_pairs=99, fused=True)
     cfg = config.resolve_config(given)
     d = DistillConfig.from_run_config(cfg)
@@ -78,3 +78,15 @@ def test_resolve_config_refuses_unknown_keys():
 
     with pytest.raises(UsageError, match="unknown config keys: nope"):
         config.resolve_config({"nope": 1})
+
+
+def test_ema_rampup_defaults_per_dataset_and_for_old_runs():
+    from gsd import runs
+    assert config.resolve_config({"dataset": "digits"})["ema_rampup"] == config.DATASET_DEFAULTS["digits"]["ema_rampup"]
+    assert config.resolve_config({"dataset": "gmm"})["ema_rampup"] == 0.05
+    assert config.resolve_config({"dataset": "digits", "ema_rampup": 0.0})["ema_rampup"] == 0.0
+    # a digits run saved before the flag existed had 0.05 (or 0.1, kept by its checkpoint), not
+    # today's digits default
+    old = config.resolve_config({"dataset": "digits"})
+    del old["ema_rampup"]
+    assert runs.upgrade_config(old)["ema_rampup"] == 0.05

@@ -325,16 +325,28 @@ def test_dropout_setting_changes_g_and_fake_score_only():
             DistillConfig(batch=8, dropout=bad).validate()
 
 
-def test_ema_rampup_ratio_is_005():
-    """EDM / SiD: the half-life is at most 0.05 x the images seen."""
-    d = make(DistillConfig(batch=8, lr=1e-3, ema_halflife=1e9))
-    assert d.config.ema_rampup == 0.05
+@pytest.mark.parametrize("rampup, halflife, expected", [
+    (0.05, 1e9, 0.05 * 1008),   # EDM / SiD: the half-life is at most 0.05 x the images seen
+    (0.2, 1e9, 0.2 * 1008),     # the digits default
+    (0.2, 150.0, 150.0),        # the cap above the half-life: the half-life itself
+    (0.0, 150.0, 150.0),        # 0: no ramp-up
+    (None, 150.0, 150.0),       # None, as checkpoints from before the flag may hold: no ramp-up
+])
+def test_ema_rampup_caps_the_half_life(rampup, halflife, expected):
+    d = make(DistillConfig(batch=8, lr=1e-3, ema_halflife=halflife, ema_rampup=rampup))
+    assert DistillConfig().ema_rampup == 0.05
     d.images_seen = 1000
     ema0 = [p.detach().clone() for p in d.ema_generator.parameters()]
     with torch.no_grad():
         for p in d.generator.parameters():
             p.add_(1.0)
     d._update_ema()
-    beta = 0.5 ** (8 / (0.05 * 1008))  # 0.896; the old ratio 0.1 gave 0.946
+    beta = 0.5 ** (8 / expected)
     for e0, e, p in zip(ema0, d.ema_generator.parameters(), d.generator.parameters()):
         torch.testing.assert_close(e, e0 + (1 - beta) * (p - e0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.2"])
+def test_ema_rampup_refuses_bad_values(bad):
+    with pytest.raises(UsageError, match="--ema-rampup"):
+        DistillConfig(batch=8, ema_rampup=bad).validate()

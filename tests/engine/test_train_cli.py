@@ -64,6 +64,8 @@ def test_inprocess_errors(tmp_path, capsys):
         (["--dataset", "digits", "--teacher", gmm_teacher], ["shape"]),  # an MLP teacher for 2-D data
         (["--lr", "-1"], ["--lr"]),
         (["--irl-scale", "big"], ["--irl-scale"]),
+        (["--ema-rampup", "-0.1"], ["--ema-rampup"]),
+        (["--ema-rampup", "nan"], ["--ema-rampup"]),
     ]
     for argv, needles in cases:
         code, err = run_cli_inprocess([*argv, "--out", str(out), *FAST], capsys)
@@ -79,13 +81,15 @@ def test_gmm_end_to_end_then_out_and_resume_checks(tmp_path, capsys):
     teacher = tiny_mlp_file(tmp_path)
     out = tmp_path / "gmm_run"
     argv = ["--dataset", "gmm", "--teacher", teacher, "--exact-teacher", "--iters", "6", "--batch", "32",
-            "--lambda-irl", "0.5", "--eval-samples", "300", "--ckpt-every", "4", "--out", str(out), *FAST]
+            "--lambda-irl", "0.5", "--ema-rampup", "0.3", "--eval-samples", "300", "--ckpt-every", "4",
+            "--out", str(out), *FAST]
     code = run_main(train.main, argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "run directory" in captured.out and str(out) in captured.out
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dataset"] == "gmm" and cfg["lambda_irl"] == 0.5 and cfg["exact_teacher"] is True
+    assert cfg["ema_rampup"] == 0.3 and runs.load_checkpoint_state(out, 6)["distiller"]["config"]["ema_rampup"] == 0.3
     log = runs.read_log(out)
     assert log[-1]["iteration"] == 6 and log[-1]["images_seen"] == 6 * 32
     assert {"time", "loss_sid", "loss_irl", "loss_fake", "nan_samples", "nan_grads"} <= set(log[-1])
@@ -108,6 +112,8 @@ def test_gmm_end_to_end_then_out_and_resume_checks(tmp_path, capsys):
     # --resume with a conflicting flag: refused
     code, err = run_cli_inprocess(["--resume", str(out), "--lambda-irl", "2", *FAST], capsys)
     assert_one_line_error(code, err, "lambda_irl")
+    code, err = run_cli_inprocess(["--resume", str(out), "--ema-rampup", "0.05", *FAST], capsys)
+    assert_one_line_error(code, err, "ema_rampup")
     code, err = run_cli_inprocess(["--resume", str(tmp_path), *FAST], capsys)
     assert_one_line_error(code, err, "not a gsd run")
     assert _files(out) == before
