@@ -3,7 +3,7 @@
     python benchmarks/gmm_stall.py --seeds 0 1 2              # every check, ~2 min per seed and check
     python benchmarks/gmm_stall.py --only regress --iters 6000
 
-The default gmm run (plain SiD, 3000 iterations) ends at a high-quality fraction of 0.92-0.95
+The gmm run as it was (plain SiD, 3000 iterations) ends at a high-quality fraction of 0.92-0.95
 with samples bridging neighbouring modes (results/student_vs_teacher.md). Two things could
 stop it there: the generator network cannot represent a sharper map, or SiD's training
 signal (the fake score f_psi learning G's distribution, and the gradient it gives) does not
@@ -24,8 +24,11 @@ ask for one. Each check below changes one of them and keeps everything else of t
   engine's own Distiller (its generator loss, fused ops, optimiser, EMA). This fake score has
   no lag behind G and no network error, but it has sampling noise and the blur's bias.
 
-- `sid+regress`: the default gmm run since then: SiD plus the regression of G onto fixed pairs of
-  the exact teacher's ODE map (the gmm default weight and pairs, drawn as gsd.train draws them).
+- `sid+regress`: SiD plus the regression of G onto fixed pairs of the exact teacher's ODE map
+  (the gmm default weight and pairs, drawn as gsd.train draws them), one pair per generated
+  sample as when these checks were made. Today's default draws 4 pairs per sample and runs
+  12000 iterations (`--iters 12000` here gives its length, not its pair batch;
+  results/gmm/regress.md).
 
 Each result is evaluated like a run (gsd.evaluation's mixture section: 4000 samples against
 the fixed true sample): sliced W2, high-quality fraction, NLL gap, mode-weight error. Writes
@@ -62,7 +65,9 @@ def _setup(seed: int, cache_dir, lambda_regress: float = 0.0):
     torch.manual_seed(seed)
     dataset = load_gmm()
     teacher = get_teacher(dataset, cache_dir=cache_dir, progress=False)
-    cfg = resolve_config({"dataset": "gmm", "fused": True, "seed": seed, "lambda_regress": lambda_regress})
+    # one pair per sample: the checks compare training signals at the cost they were measured at
+    cfg = resolve_config({"dataset": "gmm", "fused": True, "seed": seed, "lambda_regress": lambda_regress,
+                          "regress_ratio": 1})
     return dataset, teacher, cfg
 
 
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS))
-    p.add_argument("--iters", type=int, default=3000, help="updates of G (default: the gmm run's 3000)")
+    p.add_argument("--iters", type=int, default=3000, help="updates of G (default: 3000, the gmm run's length when these checks were made)")
     p.add_argument("--reference", type=int, default=4096, help="G samples behind the oracle fake score")
     p.add_argument("--bandwidth", type=float, default=0.01,
                    help="blur h of the oracle fake score's sample (mode std is 0.05; default: %(default)s)")

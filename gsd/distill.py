@@ -91,6 +91,7 @@ class DistillConfig:
     irl_radius: float = DISTILL_DEFAULTS["irl_radius"]          # neighbour distance in eps units
     lambda_regress: float = DISTILL_DEFAULTS["lambda_regress"]  # weight of the teacher-pair regression term
     regress_pairs: int = DISTILL_DEFAULTS["regress_pairs"]      # pairs it draws from (set_regression_pairs)
+    regress_ratio: int = DISTILL_DEFAULTS["regress_ratio"]      # pairs per generated sample in a generator step
     dropout: float | None = None          # dropout of G and f_psi (None: the init network's)
     irl_weighting: str = "global"
     irl_bandwidth: float | None = None
@@ -148,6 +149,12 @@ class DistillConfig:
         p = self.regress_pairs
         if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_ROWS:
             raise UsageError(f"--regress-pairs must be an integer in [1, {MAX_ROWS}], got {p!r}")
+        r = self.regress_ratio
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 1024:
+            raise UsageError(f"--regress-ratio must be an integer in [1, 1024], got {r!r}")
+        if self.lambda_regress > 0 and self.batch * (1 + r) > MAX_ROWS:
+            raise UsageError(f"--batch {self.batch} with --regress-ratio {r} asks G for more than {MAX_ROWS} rows "
+                             "in one pass")
         if self.dropout is not None and not (finite(self.dropout) and 0 <= self.dropout < 1):
             raise UsageError(f"--dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.irl_estimator not in ("pairs", "jvp"):
@@ -254,7 +261,7 @@ class DistillConfig:
         if backend is None:
             backend = "auto" if cfg["fused"] else "reference"
         same = ("alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "lambda_irl_raw", "irl_estimator",
-                "irl_neighbours", "irl_radius", "lambda_regress", "regress_pairs", "dropout", "irl_weighting", "irl_bandwidth", "irl_scale", "batch",
+                "irl_neighbours", "irl_radius", "lambda_regress", "regress_pairs", "regress_ratio", "dropout", "irl_weighting", "irl_bandwidth", "irl_scale", "batch",
                 "lr", "lr_fake", "ema_halflife", "ema_rampup", "gen_loss_scale", "seed")
         return cls(**{k: cfg[k] for k in same}, betas=tuple(cfg["adam_betas"]), backend=backend,
                    batch_per_rank=cfg.get("batch_per_gpu"), precision=cfg.get("precision", "fp32"),
@@ -551,7 +558,7 @@ class Distiller:
         """
         c = self.config
         n = eps.shape[0]
-        reg = self._regression_batch(n) if c.lambda_regress > 0 else None
+        reg = self._regression_batch(n * c.regress_ratio) if c.lambda_regress > 0 else None
         if reg is None:
             x_g = self._gen(self._call_g_train, eps, labels)
         else:

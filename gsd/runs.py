@@ -85,7 +85,7 @@ LEGACY_SETTINGS = {"irl_estimator": "pairs", "irl_neighbours": 0, "dropout": Non
 # without them, resuming an older gmm run would switch its new per-dataset default on. (A run
 # from before the ramp-up ratio became 0.05 had 0.1: its checkpoint's value wins on --resume,
 # gsd.training.CKPT_OWNED.)
-ADDED_SETTINGS = {"lambda_regress": 0.0, "regress_pairs": 16384, "ema_rampup": 0.05}
+ADDED_SETTINGS = {"lambda_regress": 0.0, "regress_pairs": 16384, "regress_ratio": 1, "ema_rampup": 0.05}
 
 
 def upgrade_config(cfg: dict) -> dict:

@@ -54,7 +54,7 @@ def test_from_run_config_maps_every_flag_named_field():
                  irl_neighbours=3, irl_radius=0.25, dropout=0.1, irl_weighting="local", irl_bandwidth=2.0,
                  irl_scale=4.0, batch=8, lr=1e-3, lr_fake=2e-3, adam_betas=[0.5, 0.9], ema_halflife=7.0,
                  ema_rampup=0.3, gen_loss_scale=3.0, seed=11, batch_per_gpu=4, precision="bf16", compile=True, grad_checkpoint=True,
-                 lambda_regress=2.5, regress_pairs=99, fused=True)
+                 lambda_regress=2.5, regress_pairs=99, regress_ratio=3, fused=True)
     cfg = config.resolve_config(given)
     d = DistillConfig.from_run_config(cfg)
     renamed = {"adam_betas": "betas", "batch_per_gpu": "batch_per_rank"}

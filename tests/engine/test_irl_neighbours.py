@@ -372,7 +372,7 @@ def _make_old_run(run_dir: Path, raw: float) -> None:
     """Rewrite a run directory as the code before the scale-free weight wrote it: `lambda_irl`
     is the raw weight, none of the new keys, EMA ramp-up ratio 0.1 in the checkpoint."""
     new_keys = ("lambda_irl_raw", "irl_estimator", "irl_neighbours", "irl_radius", "dropout", "lambda_regress",
-                "regress_pairs", "ema_rampup")
+                "regress_pairs", "regress_ratio", "ema_rampup")
     with open(run_dir / "config.json") as fh:
         cfg = json.load(fh)
     cfg = {k: v for k, v in cfg.items() if k not in new_keys}

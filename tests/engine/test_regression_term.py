@@ -87,10 +87,11 @@ def _reference_term(d, eps_p, x_p, idx, mu):
 
 
 @pytest.mark.parametrize("extra", [
-    dict(),                                                 # SiD + regression, the gmm default form
+    dict(),                                                 # SiD + regression, one pair per sample
+    dict(regress_ratio=3),                                  # three pairs per generated sample
     dict(lambda_irl=0.3, irl_neighbours=2),                 # scale-free isometric weight: it must not see the term
     dict(lambda_irl_raw=0.7),                               # raw isometric weight over random pairs
-], ids=["sid", "scale-free-groups", "raw-pairs"])
+], ids=["sid", "sid-ratio3", "scale-free-groups", "raw-pairs"])
 @pytest.mark.parametrize("make_net,shape", [(tiny_mlp, (2,)), (tiny_unet, (1, 8, 8))], ids=["mlp", "unet"])
 def test_term_adds_its_value_and_float64_gradient_and_nothing_else(extra, make_net, shape):
     mu, n, count = 3.7, 6, 11  # a batch of 6 (2 groups of 3), 11 pairs: no size a multiple of another
@@ -104,7 +105,8 @@ def test_term_adds_its_value_and_float64_gradient_and_nothing_else(extra, make_n
     t = torch.rand(n, generator=torch.Generator().manual_seed(10)) * 0.8
     noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(11))
     # the pair indices are the term's only draw from the run's RNG: reproduce them
-    idx = torch.randint(0, count, (n,), generator=torch.Generator().set_state(d.rng.get_state()))
+    ratio = extra.get("regress_ratio", 1)
+    idx = torch.randint(0, count, (n * ratio,), generator=torch.Generator().set_state(d.rng.get_state()))
     assert len(set(idx.tolist())) > 1
 
     loss, parts = d.generator_loss(eps, t=t, noise=noise)
@@ -159,6 +161,8 @@ def test_bad_pairs_are_refused():
     (dict(lambda_regress=-1.0), "--lambda-regress"), (dict(lambda_regress=float("nan")), "--lambda-regress"),
     (dict(regress_pairs=0), "--regress-pairs"), (dict(regress_pairs=2.5), "--regress-pairs"),
     (dict(regress_pairs=True), "--regress-pairs"),
+    (dict(regress_ratio=0), "--regress-ratio"), (dict(regress_ratio=1.5), "--regress-ratio"),
+    (dict(regress_ratio=True), "--regress-ratio"), (dict(regress_ratio=2000), "--regress-ratio"),
 ])
 def test_bad_settings_are_usage_errors(kw, match):
     with pytest.raises(UsageError, match=match):
@@ -169,6 +173,9 @@ def test_bad_settings_are_usage_errors(kw, match):
 
 def test_gmm_defaults_to_the_term_and_other_data_sets_do_not():
     assert resolve_config({"dataset": "gmm"})["lambda_regress"] == 10.0
+    assert resolve_config({"dataset": "gmm"})["regress_ratio"] == 4
+    assert resolve_config({"dataset": "digits"})["regress_ratio"] == 1
+    assert resolve_config({"dataset": "gmm", "regress_ratio": 1}, explicit={"regress_ratio"})["regress_ratio"] == 1
     assert resolve_config({"dataset": "digits"})["lambda_regress"] == 0.0
     assert resolve_config({"dataset": "gmm", "lambda_regress": 0.0}, explicit={"lambda_regress"})["lambda_regress"] == 0.0
     assert resolve_config({"dataset": "digits", "lambda_regress": 2.0}, explicit={"lambda_regress"})["lambda_regress"] == 2.0
@@ -182,7 +189,8 @@ def _gmm_argv(tmp_path, out, *extra):
 
 def test_bad_command_lines_fail_in_one_line_and_write_nothing(tmp_path, capsys):
     for flags, needle in ((["--lambda-regress", "-1"], "--lambda-regress"), (["--lambda-regress", "inf"], "--lambda-regress"),
-                          (["--regress-pairs", "0"], "--regress-pairs"), (["--regress-pairs", "1.5"], "--regress-pairs")):
+                          (["--regress-pairs", "0"], "--regress-pairs"), (["--regress-pairs", "1.5"], "--regress-pairs"),
+                          (["--regress-ratio", "0"], "--regress-ratio"), (["--regress-ratio", "2.5"], "--regress-ratio")):
         out = tmp_path / "bad"
         code, err = run_cli_inprocess(_gmm_argv(tmp_path, out, *flags), capsys)
         assert_one_line_error(code, err, needle)
@@ -191,20 +199,22 @@ def test_bad_command_lines_fail_in_one_line_and_write_nothing(tmp_path, capsys):
 
 def test_run_records_logs_and_resumes_exactly(tmp_path, capsys):
     out, whole = tmp_path / "run", tmp_path / "whole"
-    code = run_main(train.main, _gmm_argv(tmp_path, out, "--lambda-regress", "2.5"))
+    code = run_main(train.main, _gmm_argv(tmp_path, out, "--lambda-regress", "2.5", "--regress-ratio", "2"))
     assert code == 0, capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["lambda_regress"], cfg["regress_pairs"]) == (2.5, 37)
+    assert (cfg["lambda_regress"], cfg["regress_pairs"], cfg["regress_ratio"]) == (2.5, 37, 2)
     log = runs.read_log(out)
     assert all(r["loss_regress"] > 0 and r["loss_gen"] == pytest.approx(r["loss_sid"] + 2.5 * r["loss_regress"], rel=1e-5)
                for r in log)
-    for flag, value, key in (("--lambda-regress", "3", "lambda_regress"), ("--regress-pairs", "38", "regress_pairs")):
+    for flag, value, key in (("--lambda-regress", "3", "lambda_regress"), ("--regress-pairs", "38", "regress_pairs"),
+                             ("--regress-ratio", "1", "regress_ratio")):
         code, err = run_cli_inprocess(["--resume", str(out), flag, value, *FAST], capsys)
         assert_one_line_error(code, err, key)
     code = run_main(train.main, ["--resume", str(out), "--iters", "4", "--eval-samples", "0", *FAST])
     assert code == 0, capsys.readouterr().err
     # the resumed run draws the same pairs again: it equals one uninterrupted run
-    code = run_main(train.main, _gmm_argv(tmp_path, whole, "--lambda-regress", "2.5", "--iters", "4", "--ckpt-every", "4"))
+    code = run_main(train.main, _gmm_argv(tmp_path, whole, "--lambda-regress", "2.5", "--regress-ratio", "2", "--iters", "4",
+                                             "--ckpt-every", "4"))
     assert code == 0, capsys.readouterr().err
     a, b = runs.load_checkpoint_weights(out, 4), runs.load_checkpoint_weights(whole, 4)
     assert a.keys() == b.keys() and any(k.startswith("generator.") for k in a)
@@ -218,7 +228,7 @@ def test_a_run_from_before_the_term_resumes_without_it(tmp_path, capsys):
     out = tmp_path / "old"
     code = run_main(train.main, _gmm_argv(tmp_path, out, "--lambda-regress", "0"))
     assert code == 0, capsys.readouterr().err
-    new_keys = ("lambda_regress", "regress_pairs")
+    new_keys = ("lambda_regress", "regress_pairs", "regress_ratio")
     cfg = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in new_keys}
     (out / "config.json").write_text(json.dumps(cfg))
     state = runs.load_checkpoint_state(out, 2)
