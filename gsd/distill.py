@@ -152,9 +152,6 @@ class DistillConfig:
         r = self.regress_ratio
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 1024:
             raise UsageError(f"--regress-ratio must be an integer in [1, 1024], got {r!r}")
-        if self.lambda_regress > 0 and self.batch * (1 + r) > MAX_ROWS:
-            raise UsageError(f"--batch {self.batch} with --regress-ratio {r} asks G for more than {MAX_ROWS} rows "
-                             "in one pass")
         if self.dropout is not None and not (finite(self.dropout) and 0 <= self.dropout < 1):
             raise UsageError(f"--dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.irl_estimator not in ("pairs", "jvp"):
@@ -180,6 +177,9 @@ class DistillConfig:
             raise UsageError(f"--tmax must be an integer in [1, 1000], got {self.tmax}")
         if not isinstance(self.batch, int) or isinstance(self.batch, bool) or not 1 <= self.batch <= MAX_ROWS:
             raise UsageError(f"--batch must be an integer in [1, {MAX_ROWS}], got {self.batch!r}")
+        if self.lambda_regress > 0 and self.batch * (1 + self.regress_ratio) > MAX_ROWS:
+            raise UsageError(f"--batch {self.batch} with --regress-ratio {r} asks G for more than {MAX_ROWS} rows "
+                             "in one pass")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1024:
             raise UsageError(f"--seed must be an integer in [0, 2^63 - 1024), got {self.seed!r}")
         if self.batch % (k + 1):

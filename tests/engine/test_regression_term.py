@@ -163,10 +163,11 @@ def test_bad_pairs_are_refused():
     (dict(regress_pairs=True), "--regress-pairs"),
     (dict(regress_ratio=0), "--regress-ratio"), (dict(regress_ratio=1.5), "--regress-ratio"),
     (dict(regress_ratio=True), "--regress-ratio"), (dict(regress_ratio=2000), "--regress-ratio"),
+    (dict(lambda_regress=1.0, batch=2 ** 30, regress_ratio=2), "--regress-ratio"),  # > 2^31 - 1 rows in one pass
 ])
 def test_bad_settings_are_usage_errors(kw, match):
     with pytest.raises(UsageError, match=match):
-        DistillConfig(batch=4, **kw).validate()
+        DistillConfig(**{"batch": 4, **kw}).validate()
 
 
 # ------------------------------------------------------------------ defaults and the command line
