@@ -264,7 +264,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                         "each; default: %(default)s)")
     p.add_argument("--regress-ratio", type=positive_int, default=RUN_DEFAULTS["regress_ratio"], metavar="K",
                    help="pairs per generated sample in each generator step of --lambda-regress (the term's batch "
-                        f"is K x the generator's; default: {DATASET_DEFAULTS['gmm'].get('regress_ratio', 1)} "
+                        f"is K x the generator's; default: {DATASET_DEFAULTS['gmm']['regress_ratio']} "
                         f"for gmm, {RUN_DEFAULTS['regress_ratio']} elsewhere)")
     p.add_argument("--dropout", type=unit_interval_float, default=RUN_DEFAULTS["dropout"], metavar="P",
                    help="dropout probability of the generator and the fake score, in [0, 1) (default: the "

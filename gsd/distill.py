@@ -178,8 +178,8 @@ class DistillConfig:
         if not isinstance(self.batch, int) or isinstance(self.batch, bool) or not 1 <= self.batch <= MAX_ROWS:
             raise UsageError(f"--batch must be an integer in [1, {MAX_ROWS}], got {self.batch!r}")
         if self.lambda_regress > 0 and self.batch * (1 + self.regress_ratio) > MAX_ROWS:
-            raise UsageError(f"--batch {self.batch} with --regress-ratio {r} asks G for more than {MAX_ROWS} rows "
-                             "in one pass")
+            raise UsageError(f"--batch {self.batch} with --regress-ratio {self.regress_ratio} asks G for more than "
+                             f"{MAX_ROWS} rows in one pass")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1024:
             raise UsageError(f"--seed must be an integer in [0, 2^63 - 1024), got {self.seed!r}")
         if self.batch % (k + 1):
@@ -261,8 +261,9 @@ class DistillConfig:
         if backend is None:
             backend = "auto" if cfg["fused"] else "reference"
         same = ("alpha", "sigma_init", "tmax", "lambda_sid", "lambda_irl", "lambda_irl_raw", "irl_estimator",
-                "irl_neighbours", "irl_radius", "lambda_regress", "regress_pairs", "regress_ratio", "dropout", "irl_weighting", "irl_bandwidth", "irl_scale", "batch",
-                "lr", "lr_fake", "ema_halflife", "ema_rampup", "gen_loss_scale", "seed")
+                "irl_neighbours", "irl_radius", "lambda_regress", "regress_pairs", "regress_ratio", "dropout",
+                "irl_weighting", "irl_bandwidth", "irl_scale", "batch", "lr", "lr_fake", "ema_halflife", "ema_rampup",
+                "gen_loss_scale", "seed")
         return cls(**{k: cfg[k] for k in same}, betas=tuple(cfg["adam_betas"]), backend=backend,
                    batch_per_rank=cfg.get("batch_per_gpu"), precision=cfg.get("precision", "fp32"),
                    compile=bool(cfg.get("compile", False)), grad_checkpoint=bool(cfg.get("grad_checkpoint", False)))

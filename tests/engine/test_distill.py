@@ -333,8 +333,8 @@ def test_dropout_setting_changes_g_and_fake_score_only():
     (None, 150.0, 150.0),       # None, as checkpoints from before the flag may hold: no ramp-up
 ])
 def test_ema_rampup_caps_the_half_life(rampup, halflife, expected):
+    assert DistillConfig().ema_rampup == 0.05  # the library default is EDM's and SiD's
     d = make(DistillConfig(batch=8, lr=1e-3, ema_halflife=halflife, ema_rampup=rampup))
-    assert DistillConfig().ema_rampup == 0.05
     d.images_seen = 1000
     ema0 = [p.detach().clone() for p in d.ema_generator.parameters()]
     with torch.no_grad():
