@@ -442,15 +442,22 @@ def _check_against_checkpoint(cfg: dict, state: dict, run_dir, step: int) -> Non
 
 def _check_memory(cfg: dict, sample_shape, device: torch.device, world: int) -> None:
     """Refuse a batch / evaluation whose sample tensors alone cannot fit (a lower bound: ~16
-    batch-sized float32 tensors per step, 4 per evaluated sample). On CPU the limit is
-    cli.check_memory's (half the machine, GSD_MEMORY_LIMIT_GB overrides it); on CUDA the
-    device's memory."""
+    batch-sized float32 tensors per step, 4 more per regression row that G's forward carries
+    (batch x regress_ratio), the regression pairs kept for the run (latent and target), 4 per
+    evaluated sample). On CPU the limit is cli.check_memory's (half the machine,
+    GSD_MEMORY_LIMIT_GB overrides it); on CUDA the device's memory."""
 
     numel = math.prod(int(d) for d in sample_shape)
     per_rank = cfg.get("batch_per_gpu") or -(-cfg["batch"] // max(1, world))
     n_eval = cfg.get("eval_samples") or 0
-    needs = ((16 * 4 * numel * per_rank, f"--batch {cfg['batch']}",
-              "use a smaller --batch (or --batch-per-gpu with gradient accumulation)"),
+    regress = bool(cfg.get("lambda_regress"))
+    ratio = int(cfg.get("regress_ratio") or 1) if regress else 0
+    n_pairs = int(cfg.get("regress_pairs") or 0) if regress else 0
+    batch_what = f"--batch {cfg['batch']}" + (f" with --regress-ratio {ratio}" if regress else "")
+    needs = ((4 * numel * per_rank * (16 + 4 * ratio), batch_what,
+              "use a smaller --batch (or --batch-per-gpu with gradient accumulation)"
+              + (" or a smaller --regress-ratio" if regress else "")),
+             (2 * 4 * numel * n_pairs, f"--regress-pairs {n_pairs}", "use fewer"),
              (4 * 4 * numel * n_eval, f"--eval-samples {n_eval}", "use fewer"))
     for nbytes, what, hint in needs:
         if device.type != "cuda":

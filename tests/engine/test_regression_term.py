@@ -198,6 +198,27 @@ def test_bad_command_lines_fail_in_one_line_and_write_nothing(tmp_path, capsys):
         assert not out.exists()
 
 
+def test_memory_check_counts_the_regression_rows_and_pairs(tmp_path, capsys, monkeypatch):
+    from gsd.training import _check_memory
+
+    monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "1")
+    cpu = torch.device("cpu")
+    big = dict(batch=2 ** 22, eval_samples=0, regress_pairs=16384, regress_ratio=8)
+    # 2-D samples: the SiD step alone (16 x 4 B x 2 x 2^22 = 0.54 GB) fits, 8 regression rows per
+    # sample more (+ 4 x 4 B x 2 x 8 x 2^22 = 1.07 GB) do not; the ratio counts only with the term on
+    _check_memory(dict(big, lambda_regress=0.0), (2,), cpu, 1)
+    _check_memory(dict(big, lambda_regress=10.0, regress_ratio=1), (2,), cpu, 1)
+    with pytest.raises(UsageError, match="--regress-ratio 8"):
+        _check_memory(dict(big, lambda_regress=10.0), (2,), cpu, 1)
+    with pytest.raises(UsageError, match="--regress-pairs"):  # 2 x 4 B x 2 x 2^27 = 2.1 GB kept
+        _check_memory(dict(big, batch=8, regress_pairs=2 ** 27, lambda_regress=10.0), (2,), cpu, 1)
+    # and the command line refuses it in one line before writing anything
+    out = tmp_path / "big"
+    code, err = run_cli_inprocess(_gmm_argv(tmp_path, out, "--batch", str(2 ** 22), "--regress-ratio", "8"), capsys)
+    assert_one_line_error(code, err, "--regress-ratio 8", "GB")
+    assert not out.exists()
+
+
 def test_run_records_logs_and_resumes_exactly(tmp_path, capsys):
     out, whole = tmp_path / "run", tmp_path / "whole"
     code = run_main(train.main, _gmm_argv(tmp_path, out, "--lambda-regress", "2.5", "--regress-ratio", "2"))
