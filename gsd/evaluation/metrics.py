@@ -8,7 +8,8 @@ Everything here is a plain function of tensors / arrays (docs/definitions.md §3
   cached; its penultimate layer is the feature space of the digits Frechet distance
   (reported as "Frechet distance in digits-CNN features", never as FID).
 - `isometry_defect`: the optimal-scale isometry loss of a generator on held-out latents;
-  `local_isometry_defect`: the same loss over anchors and their sphere neighbours only.
+  `local_isometry_defect`: the same loss over anchors and their sphere neighbours only;
+  `local_defect_shares`: that loss split into each neighbourhood's share.
 - `measure_latency`: synchronised median wall time of a callable, warm-up excluded.
 - The evaluation core, one public function per section, shared by gsd.train's end-of-run
   evaluation (`evaluate_distillation`) and gsd.evaluate (`evaluate.evaluate_loaded`):
@@ -48,6 +49,7 @@ __all__ = [
     "frechet_distance", "feature_moments", "sliced_wasserstein", "mmd", "mode_coverage",
     "DigitsClassifier", "digits_classifier", "train_digits_classifier", "classifier_features",
     "isometry_defect", "measure_latency", "default_cache_dir", "DIGITS_FEATURE_NAME", "local_isometry_defect",
+    "local_defect_shares",
     "neighbour_latents", "LOCAL_ISOMETRY", "batched", "class_labels", "evaluation_latents", "latency_section",
     "geometry_section", "local_isometry_settings", "sample_quality", "real_noise_floor", "mixture_section",
     "mixture_metrics", "distribution_section", "FeatureSpace", "noise_verdict", "summary_rows",
@@ -381,6 +383,28 @@ def local_isometry_defect(generate: Callable, anchors: torch.Tensor, *, neighbou
     keep = ok.repeat_interleave(g).to(x.device)
     return float(gsd_kernels.isometry_loss(x[keep], z.reshape(len(z), -1)[keep.to(z.device)].double().to(x.device),
                                            groups=g, weighting="global", scale="optimal", backend=backend))
+
+
+def local_defect_shares(x: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each group's share of the grouped optimal-scale isometry loss (global weighting), float64 (G,).
+
+    With the one optimal scale c = S_{delta,dz} / S_{dz,dz} of all included pairs, the loss
+    1 - S_{delta,dz}^2 / (S_{delta,delta} S_{dz,dz}) equals sum over pairs (delta - c dz)^2 /
+    S_{delta,delta}, so it splits into one non-negative share per group (its ordered pairs'
+    residuals over S_{delta,delta}) and the shares sum to the loss: which neighbourhoods of the
+    latent space carry the defect. x, z: (N, ...) rows in groups of `groups` consecutive rows.
+    A reference computation (O(N g (D + d)), float64), not a training op."""
+    g = int(groups)
+    if g < 2 or x.shape[0] % g or x.shape[0] != z.shape[0]:
+        raise ValueError(f"groups must be >= 2 and divide the {x.shape[0]} rows of x and z, got {groups}")
+    xs = x.reshape(-1, g, math.prod(x.shape[1:])).double()
+    zs = z.reshape(-1, g, math.prod(z.shape[1:])).double().to(xs.device)
+    delta, dz = torch.cdist(xs, xs), torch.cdist(zs, zs)  # the diagonal is 0 and drops out of every sum
+    s_xx, s_zz = delta.square().sum(), dz.square().sum()
+    if s_xx == 0 or s_zz == 0:
+        return torch.zeros(xs.shape[0], dtype=torch.float64, device=xs.device)
+    c = (delta * dz).sum() / s_zz
+    return (delta - c * dz).square().sum((1, 2)) / s_xx
 
 
 # --------------------------------------------------------------------------- latency

@@ -177,6 +177,33 @@ def test_local_isometry_defect():
     assert v == pytest.approx(_grouped_loss_float64(wig(z3)[keep], z3[keep], 3), rel=1e-8)
 
 
+@pytest.mark.parametrize("n,g,shape_x,shape_z", [(2, 2, (5,), (3,)), (21, 3, (37,), (1, 2, 3)), (28, 4, (2, 3, 3), (64,))])
+def test_local_defect_shares_sum_to_the_grouped_loss(n, g, shape_x, shape_z):
+    gen = torch.Generator().manual_seed(n)
+    z = torch.randn(n, *shape_z, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, *shape_x, generator=gen, dtype=torch.float64) + 3.0  # offset: distances only
+    shares = metrics.local_defect_shares(x, z, g)
+    assert shares.shape == (n // g,) and shares.dtype == torch.float64 and bool((shares >= 0).all())
+    assert float(shares.sum()) == pytest.approx(_grouped_loss_float64(x, z, g), rel=1e-10)
+    # float32 inputs are computed in float64 too
+    assert float(metrics.local_defect_shares(x.float(), z.float(), g).sum()) == pytest.approx(
+        _grouped_loss_float64(x.float(), z.float(), g), rel=1e-5)
+
+
+def test_local_defect_shares_find_the_distorted_neighbourhood():
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(9, 9, generator=gen, dtype=torch.float64))
+    x = 2.0 * z @ q[:6]  # an exact scaled isometry: no group carries anything
+    assert float(metrics.local_defect_shares(x, z, 4).abs().max()) < 1e-12
+    x[17] += 0.5 * torch.randn(9, generator=gen, dtype=torch.float64)  # bend one neighbourhood (rows 16-19)
+    shares = metrics.local_defect_shares(x, z, 4)
+    assert int(shares.argmax()) == 4 and float(shares[4] / shares.sum()) > 0.5
+    for bad in (1, 3, 0):
+        with pytest.raises(ValueError, match="groups"):
+            metrics.local_defect_shares(x, z, bad)
+
+
 def test_real_noise_floor_sizes_and_values():
     from gsd.evaluation import feature_metrics as fm
 
