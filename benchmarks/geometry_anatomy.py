@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 
 from gsd import runs  # noqa: E402
 from gsd.errors import UsageError  # noqa: E402
+from gsd.evaluation.editing import load_generator  # noqa: E402
 from gsd.evaluation.metrics import digits_classifier, local_defect_shares, neighbour_latents  # noqa: E402
 from gsd.evaluation.ppl import PPL_EPS, float64_copy, path_length_samples, slerp  # noqa: E402
-from gsd.teachers.loading import load_run_teacher  # noqa: E402
 
 LATENT_SEED = 20261129   # anchors and PPL pairs: the same for every run
 CLASS_WINDOW = 0.02      # a PPL step is at a class change when G's class differs at t -/+ this
@@ -74,13 +74,10 @@ def check_runs(paths) -> str | None:
 
 def ema_generator(run_dir: Path):
     """The run's EMA generator in float64 as G(eps) -> samples, and its config."""
-    cfg = runs.read_config(run_dir)
-    net = load_run_teacher(run_dir, device="cpu", config=cfg)
-    weights, _ = runs.load_checkpoint(run_dir)
-    net.load_state_dict({k[len("ema."):]: v for k, v in weights.items() if k.startswith("ema.")}, strict=True)
-    g64 = float64_copy(net.eval())
-    s = float(cfg["sigma_init"])
-    return (lambda z: g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64))), cfg
+    _, info = load_generator(run_dir)
+    g64 = float64_copy(info["net"])
+    s = info["sigma_init"]
+    return (lambda z: g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64))), info["config"]
 
 
 @torch.no_grad()

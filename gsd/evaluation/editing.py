@@ -44,7 +44,8 @@ def load_generator(run_dir, device="cpu") -> tuple[Callable[[torch.Tensor], torc
     """The EMA one-step generator of a run: `(G, info)` with G(eps) -> samples.
 
     G takes standard-normal eps (N, *sample_shape) and evaluates D(sigma_init * eps; sigma_init)
-    without gradient. info: config, step, sample_shape, sigma_init, dataset.
+    without gradient. info: config, step, sample_shape, sigma_init, dataset, net (the EMA
+    denoiser D itself, for callers that need it in another precision).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -82,7 +83,7 @@ def load_generator(run_dir, device="cpu") -> tuple[Callable[[torch.Tensor], torc
         return torch.cat(out) if out else eps.new_zeros((0, *sample_shape))
 
     info = {"config": cfg, "step": step, "sample_shape": sample_shape, "sigma_init": sigma_init,
-            "dataset": cfg["dataset"], "device": str(device)}
+            "dataset": cfg["dataset"], "device": str(device), "net": net}
     return generate, info
 
 
