@@ -193,6 +193,51 @@ def _fake_backward(ctx, grad_loss, grad_sq, grad_valid):
 
 torch.library.register_autograd("gsd::fake_score_fwd", _fake_backward, setup_context=_fake_setup)
 
+# ------------------------------------------------------------- checks under torch.compile
+# Dynamo in fullgraph mode turns any exception raised while it traces into a many-line
+# `Unsupported: Observed exception`. A check that fails while tracing is therefore compiled
+# into an op that raises the same one-line error when the graph runs (the failing input is
+# what the graph was specialised on, so it runs only for such input).
+
+_ERRORS = {"ValueError": ValueError, "TypeError": TypeError}
+
+
+@torch.library.custom_op("gsd::raise_error", mutates_args=())
+def _raise_error(like: Tensor, kind: str, message: str) -> Tensor:
+    raise _ERRORS[kind](message)
+
+
+@_raise_error.register_fake
+def _(like, kind, message):
+    return like.new_empty(())
+
+
+def _failed_check(check, *args):
+    """None when check(*args) passes; under torch.compile a tensor that raises its error."""
+    try:
+        check(*args)
+    except (ValueError, TypeError) as e:
+        like = next((a for a in args if isinstance(a, Tensor)), None)
+        if not torch.compiler.is_compiling() or like is None:
+            raise
+        return _raise_error(like, type(e).__name__, str(e))
+    return None
+
+
+@torch.library.custom_op("gsd::checked_sigma", mutates_args=())
+def _checked_sigma(sigma: Tensor) -> Tensor:
+    """sigma itself, after the finite-and-positive check (which would be skipped while tracing)."""
+    validation.check_sigma_values(sigma)
+    return sigma.clone()
+
+
+@_checked_sigma.register_fake
+def _(sigma):
+    return torch.empty_like(sigma)
+
+
+torch.library.register_autograd("gsd::checked_sigma", lambda ctx, grad: grad)
+
 # ------------------------------------------------------------------------ public API
 
 
@@ -217,7 +262,9 @@ def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", 
     """Isometric regularisation loss between samples x (N, ...) and latents z (N, ...). docs/definitions.md §2.1.
 
     groups=None: all ordered pairs; groups=g: only pairs within consecutive blocks of g rows."""
-    validation.check_isometry_args(x, z, weighting, bandwidth, scale, groups)
+    failed = _failed_check(validation.check_isometry_args, x, z, weighting, bandwidth, scale, groups)
+    if failed is not None:
+        return failed
     name = _resolve(backend, x.device.type)
     groups = None if groups is None else int(groups)
     if name == "reference":
@@ -233,7 +280,9 @@ def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", 
 
 def sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2, backend="auto") -> Tensor:
     """SiD generator loss (docs/definitions.md §2.2); samples with non-finite values are dropped."""
-    validation.check_sid_args(x_g, y_real, y_fake, alpha)
+    failed = _failed_check(validation.check_sid_args, x_g, y_real, y_fake, alpha)
+    if failed is not None:
+        return failed
     name = _resolve(backend, x_g.device.type)
     if name == "reference":
         return reference.sid_generator_loss(x_g, y_real, y_fake, alpha=alpha)
@@ -245,7 +294,11 @@ def sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2, backend="auto") -> Ten
 
 def fake_score_loss(y_fake, x, sigma, *, sigma_data=0.5, backend="auto") -> Tensor:
     """EDM denoising loss of the fake score on generated samples (docs/definitions.md §2.3)."""
-    validation.check_fake_score_args(y_fake, x, sigma, sigma_data)
+    failed = _failed_check(validation.check_fake_score_args, y_fake, x, sigma, sigma_data)
+    if failed is not None:
+        return failed
+    if torch.compiler.is_compiling() and sigma.device.type == "cpu":
+        sigma = _checked_sigma(sigma)
     name = _resolve(backend, x.device.type)
     if name == "reference":
         return reference.fake_score_loss(y_fake, x, sigma, sigma_data=sigma_data)

@@ -63,30 +63,41 @@ def local_bandwidth_sq_grouped(z: torch.Tensor, groups: int) -> torch.Tensor:
     return (2.0 * g / ((g - 1) * n)) * (centred * centred).sum()
 
 
+def _masked_sqrt(d2: torch.Tensor) -> torch.Tensor:
+    """sqrt with derivative 0 where the distance is 0 (not `d2 > 0`: a NaN distance from a
+    NaN/inf input must stay NaN)."""
+    zero = d2 == 0
+    return torch.where(zero, torch.zeros_like(d2), torch.sqrt(torch.where(zero, torch.ones_like(d2), d2)))
+
+
+def _squared_distances(centred: torch.Tensor) -> torch.Tensor:
+    """||a_i - a_j||^2 over the last two axes of centred rows (..., n, D), 0 on the diagonal.
+
+    The squared norms are row sums, not `diagonal(gram)`: torch.compile's inductor gives wrong
+    gradients for a matmul whose diagonal is read back (pytorch 2.14, see
+    tests/kernels/test_ops_inductor.py). The diagonal is set to 0 explicitly, since the row sums
+    and the Gram matrix round differently."""
+    gram = centred @ centred.transpose(-1, -2)
+    sq_norms = (centred * centred).sum(-1)
+    d2 = (sq_norms[..., :, None] + sq_norms[..., None, :] - 2.0 * gram).clamp_min(0.0)
+    n = d2.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=d2.device)
+    return torch.where(eye, torch.zeros_like(d2), d2)
+
+
 def _pair_distances(a: torch.Tensor) -> torch.Tensor:
     """||a_i - a_j|| for all pairs via the Gram matrix of the centred batch.
 
     Centring first keeps `||a||^2 + ||b||^2 - 2 a.b` accurate for data with a large
-    common offset. The square root has derivative 0 where the distance is 0.
-    """
-    centred = a - a.mean(0, keepdim=True)
-    gram = centred @ centred.T
-    sq_norms = torch.diagonal(gram)
-    d2 = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_min(0.0)
-    zero = d2 == 0  # not `d2 > 0`: a NaN distance (NaN/inf input) must stay NaN
-    return torch.where(zero, torch.zeros_like(d2), torch.sqrt(torch.where(zero, torch.ones_like(d2), d2)))
+    common offset."""
+    return _masked_sqrt(_squared_distances(a - a.mean(0, keepdim=True)))
 
 
 def _group_distances(a: torch.Tensor, g: int) -> torch.Tensor:
     """||a_i - a_j|| within each group of g consecutive rows: (N/g, g, g), each group centred
     on its own mean (distances are translation invariant)."""
     blocks = a.reshape(a.shape[0] // g, g, a.shape[1])
-    centred = blocks - blocks.mean(1, keepdim=True)
-    gram = centred @ centred.transpose(1, 2)
-    sq_norms = torch.diagonal(gram, dim1=1, dim2=2)
-    d2 = (sq_norms[:, :, None] + sq_norms[:, None, :] - 2.0 * gram).clamp_min(0.0)
-    zero = d2 == 0
-    return torch.where(zero, torch.zeros_like(d2), torch.sqrt(torch.where(zero, torch.ones_like(d2), d2)))
+    return _masked_sqrt(_squared_distances(blocks - blocks.mean(1, keepdim=True)))
 
 
 def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", groups=None):

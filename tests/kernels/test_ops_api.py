@@ -113,7 +113,7 @@ def test_ops_work_under_torch_compile_fullgraph(device, backend):
                 + gsd_kernels.sid_generator_loss(x, y_real, y_fake, backend=backend)
                 + gsd_kernels.fake_score_loss(y_fake, x, sigma, backend=backend))
 
-    compiled = torch.compile(total, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(total, fullgraph=True)  # inductor, as users run it
     eager_val = total(x, z, y_real, y_fake, sigma)
     eager_grads = torch.autograd.grad(eager_val, (x, z, y_real, y_fake))
     val = compiled(x, z, y_real, y_fake, sigma)
