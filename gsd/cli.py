@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from gsd import parallel
 from gsd.config import DATASET_DEFAULTS, DISTILL_DEFAULTS, GSD_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; re-exported)
-from gsd.errors import UsageError  # noqa: F401  (re-exported: commands raise it from here)
+from gsd.errors import Terminated, UsageError  # noqa: F401  (UsageError re-exported: commands raise it from here)
 from gsd.evaluation.metrics import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY
 from gsd.util import (  # noqa: F401  (re-exported for the commands)
     check_creatable, check_image_output, check_memory, check_output_file, format_bytes, format_value,
@@ -318,6 +318,9 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

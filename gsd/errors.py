@@ -7,7 +7,8 @@ line with exit code 2 (`gsd.cli.run_main`), never as a traceback. Library module
 
 from __future__ import annotations
 
-__all__ = ["UsageError", "DataError", "PickleRefused", "GuidanceError", "TrainingStopped"]
+__all__ = ["UsageError", "DataError", "PickleRefused", "GuidanceError", "TrainingStopped", "StorageError",
+           "RunLocked", "DamagedCheckpoint", "Terminated"]
 
 
 class UsageError(Exception):
@@ -31,3 +32,21 @@ class GuidanceError(UsageError, ValueError):
 
 class TrainingStopped(UsageError):
     """A run that went wrong (non-finite, every sample dropped, exploding): one line, exit 2."""
+
+
+class StorageError(UsageError):
+    """A file could not be written (disk full, read-only, quota): one line, exit 2, with the
+    previous version of the file intact."""
+
+
+class RunLocked(UsageError):
+    """Another live process is using the run directory."""
+
+
+class DamagedCheckpoint(UsageError):
+    """A checkpoint fails its integrity checks (digest, dtype, finite values)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's warning before it kills): handled as the first Ctrl-C is,
+    and the command exits with 143 (128 + SIGTERM)."""

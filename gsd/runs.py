@@ -8,19 +8,26 @@ Layout of a run directory::
     checkpoints/
         ckpt-00000500.safetensors   network weights (generator, fake score, EMA)
         ckpt-00000500.pt            optimiser / EMA / RNG / step state (torch.save, weights_only)
+        ckpt-00000500.json          the sha256 of both halves (written after them)
         latest.json                 {"step": 500}: the newest complete checkpoint
     samples.png, metrics.json   written by the evaluation at the end
+    .gsd-lock                   held (flock) by the process using the directory
 
 Every file is written to a temporary name in the same folder, fsync'ed and moved into
 place with `os.replace`, and `latest.json` is replaced only after both halves of a
-checkpoint are on disk: a crash or kill at any moment leaves the previous checkpoint
-intact and `latest.json` pointing at a complete one. The temporary files a kill leaves
-(`.NAME.tmpPID`) are removed by `remove_stale_temp_files` on the next start.
+checkpoint and their digests are on disk: a crash or kill at any moment leaves the previous
+checkpoint intact and `latest.json` pointing at a complete one. The temporary files a kill
+leaves (`.NAME.tmpPID`) are removed by `remove_stale_temp_files` on the next start.
 
-If `latest.json` points at a checkpoint with a missing half, `find_checkpoint` falls back
-to the newest complete kept one. A run directory without any complete checkpoint holds no
-training: `prepare_run_dir(..., allow_restart=True)` lets a new run take it over
-(`clear_dead_run` removes its files; a folder with anything else in it is never emptied).
+Every load checks a checkpoint's digests, that its weights are float32 and that every float
+it holds is finite (`load_checkpoint_weights`, `load_checkpoint_state`); `load_intact_checkpoint`
+falls back from a damaged or incomplete latest checkpoint to the newest intact one, with a note.
+A run directory without any complete checkpoint holds no training: `prepare_run_dir(...,
+allow_restart=True)` lets a new run take it over (`clear_dead_run` removes its files; only a
+directory whose config.json this engine wrote, holding nothing but run files, is emptied).
+
+One process at a time uses a run directory: `RunLock` holds an exclusive flock on
+`.gsd-lock`, which the kernel releases when the process ends, however it ends.
 
 JSON files (config.json, metrics.json, log.jsonl) are standard JSON: a non-finite number
 is written as null.
@@ -28,6 +35,7 @@ is written as null.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -43,9 +51,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from gsd.errors import UsageError
+from gsd.config import RESUME_FREE, RUN_KEYS
+from gsd.errors import DamagedCheckpoint, RunLocked, StorageError, UsageError
 from gsd.fileio import (  # noqa: F401  (atomic writers: re-exported, runs' API since the start)
-    atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, jsonable as _jsonable, write_json_atomic,
+    atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, jsonable as _jsonable, read_json_file,
+    read_regular_file, sha256_hex, write_json_atomic,
 )
 from gsd.util import check_creatable
 
@@ -53,15 +63,25 @@ CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 CKPT_DIR = "checkpoints"
 LATEST_NAME = "latest.json"
+LOCK_NAME = ".gsd-lock"
 TEACHER_NAME = "teacher.safetensors"           # the run's copy of a gsd / imported EDM teacher
 TEACHER_FOLDER_NAME = "teacher-diffusers"      # the run's copy of a diffusers teacher
+# config.json's "run_format": what marks a directory as written by this engine, and the version
+# of its layout (checkpoint digests are required from this version on)
+RUN_FORMAT = "gsd-run/1"
+CKPT_FORMAT = "gsd-ckpt/1"
+# Run directories written before RUN_FORMAT existed are recognised by the keys every
+# gsd.train config.json has carried
+_LEGACY_RUN_KEYS = ("dataset", "sigma_init", "alpha", "lambda_sid", "teacher_file", "backend", "created")
+MAX_CHECKPOINT_BYTES = 2 ** 40   # a read bound, far above any network this engine trains
 
 __all__ = [
     "default_run_dir", "prepare_run_dir", "check_resume_dir", "diff_configs", "write_json_atomic",
     "read_config", "upgrade_config", "JsonlLogger", "read_log", "save_checkpoint", "load_checkpoint", "latest_step",
     "capture_rng_state", "restore_rng_state", "atomic_write_bytes", "atomic_torch_save",
     "atomic_save_safetensors", "find_checkpoint", "complete_steps", "check_out_path", "remove_stale_temp_files",
-    "restartable", "clear_dead_run", "load_checkpoint_weights", "load_checkpoint_state",
+    "restartable", "clear_dead_run", "load_checkpoint_weights", "load_checkpoint_state", "load_intact_checkpoint",
+    "is_run_config", "RunLock", "RUN_FORMAT", "teacher_copy_digest", "check_run_matches_checkpoint",
 ]
 
 
@@ -104,18 +124,27 @@ def upgrade_config(cfg: dict) -> dict:
     return out
 
 
+def is_run_config(cfg) -> bool:
+    """True for a config.json this engine wrote: it carries RUN_FORMAT, or (a run from before
+    the marker) every key a gsd.train config.json has had."""
+    if not isinstance(cfg, dict):
+        return False
+    if "run_format" in cfg:
+        return cfg["run_format"] == RUN_FORMAT
+    return all(k in cfg for k in _LEGACY_RUN_KEYS)
+
+
 def read_config(run_dir) -> dict:
-    """A run's config.json (upgraded to today's keys: `upgrade_config`)."""
+    """A run's config.json (upgraded to today's keys: `upgrade_config`); UsageError (one line)
+    when it is missing, not a regular file, not JSON, or of another run format."""
     path = Path(run_dir) / CONFIG_NAME
-    try:
-        with open(path) as fh:
-            cfg = json.load(fh)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise UsageError(f"{run_dir} is not a gsd run directory (no {CONFIG_NAME})")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}")
+    cfg = read_json_file(path)
     if not isinstance(cfg, dict):
         raise UsageError(f"{path} does not hold a run configuration")
+    if "run_format" in cfg and cfg["run_format"] != RUN_FORMAT:
+        raise UsageError(f"{path} has run format {cfg['run_format']!r}; this gsd reads {RUN_FORMAT!r}")
     return upgrade_config(cfg)
 
 
@@ -164,8 +193,8 @@ def check_out_path(out, flag: str = "--out") -> None:
 
 
 _TMP_RE = re.compile(r"^\..+\.tmp(\d+)$")
-_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.(safetensors|pt)$")
-_RUN_FILES = {CONFIG_NAME, LOG_NAME, TEACHER_NAME, TEACHER_FOLDER_NAME, CKPT_DIR}
+_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.(safetensors|pt|json)$")
+_RUN_FILES = {CONFIG_NAME, LOG_NAME, TEACHER_NAME, TEACHER_FOLDER_NAME, CKPT_DIR, LOCK_NAME}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -200,11 +229,19 @@ def remove_stale_temp_files(run_dir) -> list[Path]:
     return removed
 
 
+def _written_by_engine(out: Path) -> bool:
+    try:
+        return is_run_config(read_json_file(out / CONFIG_NAME))
+    except UsageError:
+        return False
+
+
 def restartable(out) -> bool:
-    """True for a run directory that has no complete checkpoint and holds nothing but the
-    files a run writes (config, log, teacher copy, checkpoint halves, temporary files)."""
+    """True for a run directory that this engine wrote (`is_run_config`), that has no complete
+    checkpoint and holds nothing but the files a run writes (config, log, teacher copy,
+    checkpoint halves, temporary files, the lock)."""
     out = Path(out)
-    if not (out / CONFIG_NAME).is_file() or find_checkpoint(out)[0] is not None:
+    if not (out / CONFIG_NAME).is_file() or not _written_by_engine(out) or find_checkpoint(out)[0] is not None:
         return False
     for p in out.iterdir():
         if p.name not in _RUN_FILES and not _TMP_RE.match(p.name):
@@ -225,6 +262,8 @@ def clear_dead_run(out) -> None:
     if not restartable(out):
         raise UsageError(f"--out {out} is no longer a run without checkpoints; choose another --out")
     for p in out.iterdir():
+        if p.name == LOCK_NAME:  # held by the caller: a new file would be a second lock
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
@@ -253,9 +292,63 @@ def prepare_run_dir(out, config: dict, *, allow_restart: bool = False) -> Path:
                 raise UsageError(f"--out {out} already holds this run; pass --resume {out} to continue it")
             raise UsageError(f"--out {out} already holds a different run; choose another --out "
                              f"or --resume {out} with its settings")
-        if any(out.iterdir()):
+        if any(p.name != LOCK_NAME for p in out.iterdir()):
             raise UsageError(f"--out {out} is not empty and is not a gsd run; choose another --out")
     return out
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of one process's use of it.
+
+    flock on `.gsd-lock`: the kernel drops it when the process exits or is killed, so a lock
+    left by a dead process is never stale. `acquire` raises RunLocked (one line, naming the
+    holder's pid) while another live process holds it."""
+
+    def __init__(self, run_dir, what: str = "run directory"):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.what = what
+        self._fd = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        if self._fd is not None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = self._holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLocked(f"{self.what} {self.path.parent} is in use by another gsd process"
+                                + (f" (pid {holder})" if holder else "") + "; wait for it to finish") from None
+            raise StorageError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd) -> str:
+        try:
+            return os.pread(fd, 32, 0).decode().strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def check_resume_dir(run_dir, given: dict, ignore: Iterable[str] = ("iters", "device", "out", "resume")) -> dict:
@@ -280,16 +373,24 @@ class JsonlLogger:
 
     def __init__(self, path, truncate_after_step: int | None = None):
         self.path = Path(path)
+        if os.path.lexists(self.path) and not self.path.is_file():
+            raise UsageError(f"{self.path} is not a regular file; move it away")
         if truncate_after_step is not None and self.path.exists():
             # a resumed run drops records written after its checkpoint (they will be redone)
-            keep = [r for r in read_log(self.path) if int(r.get("iteration", -1)) <= truncate_after_step]
+            keep = [r for r in read_log(self.path) if _record_step(r) <= truncate_after_step]
             atomic_write_bytes(self.path, "".join(json.dumps(_jsonable(r), allow_nan=False) + "\n"
                                                   for r in keep).encode())
-        self._fh = open(self.path, "a")
+        try:
+            self._fh = open(self.path, "a")
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def log(self, record: dict) -> None:
-        self._fh.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         try:
             os.fsync(self._fh.fileno())
         except OSError:
@@ -297,7 +398,10 @@ class JsonlLogger:
 
     def close(self) -> None:
         if not self._fh.closed:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # the flush of a full disk: the records were reported when written
+                pass
 
     def __enter__(self):
         return self
@@ -306,23 +410,36 @@ class JsonlLogger:
         self.close()
 
 
+MAX_LOG_BYTES = 2 ** 34
+
+
+def _record_step(record) -> int:
+    try:
+        return int(record.get("iteration", -1))
+    except (AttributeError, TypeError, ValueError):
+        return -1
+
+
 def read_log(path) -> list[dict]:
-    """Parsed records of a log (a torn last line from a crash is skipped)."""
+    """Parsed records of a log (a torn last line from a crash, or anything that is not a JSON
+    object, is skipped); UsageError (one line) when it is not a regular file."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != LOG_NAME:  # a run directory
         path = path / LOG_NAME
+    if not os.path.lexists(path):
+        return []
+    data = read_regular_file(path, max_bytes=MAX_LOG_BYTES)
     out = []
-    if not path.exists():
-        return out
-    with open(path) as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
@@ -367,41 +484,56 @@ def _ckpt_paths(run_dir, step: int) -> tuple[Path, Path]:
     return d / f"ckpt-{step:08d}.safetensors", d / f"ckpt-{step:08d}.pt"
 
 
-def _recorded_step(run_dir) -> int | None:
-    path = Path(run_dir) / CKPT_DIR / LATEST_NAME
+def _manifest_path(run_dir, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"ckpt-{step:08d}.json"
+
+
+def _needs_manifest(run_dir) -> bool:
+    """Runs of RUN_FORMAT write digests with every checkpoint; older runs have none."""
     try:
-        with open(path) as fh:
-            return int(json.load(fh)["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        cfg = read_json_file(Path(run_dir) / CONFIG_NAME)
+    except UsageError:
+        return True
+    return not isinstance(cfg, dict) or "run_format" in cfg
+
+
+def _recorded_step(run_dir) -> int | None:
+    try:
+        return int(read_json_file(Path(run_dir) / CKPT_DIR / LATEST_NAME)["step"])
+    except (UsageError, ValueError, KeyError, TypeError, OverflowError):
         return None
+
+
+def _is_complete(run_dir, step: int, needs_manifest: bool) -> bool:
+    w, s = _ckpt_paths(run_dir, step)
+    return w.is_file() and s.is_file() and (not needs_manifest or _manifest_path(run_dir, step).is_file())
 
 
 def latest_step(run_dir) -> int | None:
-    """The step `latest.json` names, if both halves of that checkpoint exist."""
+    """The step `latest.json` names, if that checkpoint's files all exist."""
     step = _recorded_step(run_dir)
-    if step is None:
+    if step is None or step < 0:
         return None
-    w, s = _ckpt_paths(run_dir, step)
-    return step if w.is_file() and s.is_file() else None
+    return step if _is_complete(run_dir, step, _needs_manifest(run_dir)) else None
 
 
 def complete_steps(run_dir) -> list[int]:
-    """Steps of which both halves (.safetensors and .pt) exist, ascending."""
+    """Steps whose files all exist (both halves, and their digests in runs of RUN_FORMAT),
+    ascending. Existence only: `load_intact_checkpoint` checks the contents."""
     d = Path(run_dir) / CKPT_DIR
     if not d.is_dir():
         return []
+    needs = _needs_manifest(run_dir)
     steps = set()
     for p in d.iterdir():
         m = _CKPT_RE.match(p.name)
-        if m and m.group(2) == "safetensors":
-            w, s = _ckpt_paths(run_dir, int(m.group(1)))
-            if w.is_file() and s.is_file():
-                steps.add(int(m.group(1)))
+        if m and m.group(2) == "safetensors" and _is_complete(run_dir, int(m.group(1)), needs):
+            steps.add(int(m.group(1)))
     return sorted(steps)
 
 
 def find_checkpoint(run_dir) -> tuple[int | None, str | None]:
-    """(step, note): the latest checkpoint, or, when a half of it is missing, the newest
+    """(step, note): the latest checkpoint, or, when a file of it is missing, the newest
     complete one with a one-line note saying so; (None, None) when there is none."""
     step = latest_step(run_dir)
     if step is not None:
@@ -417,20 +549,33 @@ def find_checkpoint(run_dir) -> tuple[int | None, str | None]:
 
 def save_checkpoint(run_dir, step: int, weights: dict[str, torch.Tensor], state: dict, *,
                     keep_every: int | None = None, metadata: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically and point `latest.json` at it.
+    """Write checkpoint `step` atomically, with the sha256 of both halves, and point
+    `latest.json` at it.
 
     The previous latest checkpoint is deleted afterwards unless its step is a multiple of
-    `keep_every` (periodic checkpoints are kept).
+    `keep_every` (periodic checkpoints are kept). A failed write (StorageError) leaves
+    `latest.json` at the previous checkpoint and no partial file under a checkpoint's name.
     """
     d = Path(run_dir) / CKPT_DIR
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot write {d}: {exc.strerror or exc}") from None
     previous = find_checkpoint(run_dir)[0]
     wpath, spath = _ckpt_paths(run_dir, step)
-    atomic_save_safetensors(weights, wpath, metadata={"step": step, **(metadata or {})})
-    atomic_torch_save({"step": step, **state}, spath)
+    manifest = _manifest_path(run_dir, step)
+    try:
+        manifest.unlink()  # a rewritten step is complete again only once its new digests are on disk
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(f"cannot write {manifest}: {exc.strerror or exc}") from None
+    digests = {"safetensors": atomic_save_safetensors(weights, wpath, metadata={"step": step, **(metadata or {})}),
+               "pt": atomic_torch_save({"step": step, **state}, spath)}
+    write_json_atomic(manifest, {"format": CKPT_FORMAT, "step": step, "sha256": digests})
     write_json_atomic(d / LATEST_NAME, {"step": step, "time": time.time()})
     if previous is not None and previous != step and not (keep_every and previous % keep_every == 0):
-        for p in _ckpt_paths(run_dir, previous):
+        for p in (*_ckpt_paths(run_dir, previous), _manifest_path(run_dir, previous)):
             try:
                 p.unlink()
             except OSError:
@@ -438,33 +583,161 @@ def save_checkpoint(run_dir, step: int, weights: dict[str, torch.Tensor], state:
     return wpath
 
 
-def load_checkpoint_weights(run_dir, step: int, map_location="cpu") -> dict:
-    """The network weights of checkpoint `step` (one-line UsageError when unreadable)."""
-    from safetensors.torch import load_file
+def _checked_bytes(run_dir, step: int, half: str) -> bytes:
+    """A checkpoint half's bytes, checked against the digest written with it (runs from before
+    digests existed have none to check)."""
+    path = _ckpt_paths(run_dir, step)[0 if half == "safetensors" else 1]
+    data = read_regular_file(path, max_bytes=MAX_CHECKPOINT_BYTES, what=f"checkpoint {step} in {run_dir}")
+    mpath = _manifest_path(run_dir, step)
+    if not os.path.lexists(mpath):
+        if _needs_manifest(run_dir):
+            raise DamagedCheckpoint(f"checkpoint {step} in {run_dir} has no digests ({mpath.name} is missing)")
+        return data
+    manifest = read_json_file(mpath, what=f"{mpath.name} in {run_dir}")
+    expected = manifest.get("sha256", {}).get(half) if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or manifest.get("format") != CKPT_FORMAT or not isinstance(expected, str):
+        raise DamagedCheckpoint(f"checkpoint {step} in {run_dir}: {mpath.name} is damaged")
+    if sha256_hex(data) != expected:
+        raise DamagedCheckpoint(f"checkpoint {step} in {run_dir} is damaged: {path.name} does not match the "
+                                f"digest written with it")
+    return data
 
-    wpath, _ = _ckpt_paths(run_dir, step)
+
+def _first_nonfinite(obj, prefix: str = "") -> str | None:
+    """The name of the first floating tensor holding NaN or inf in a nested state, or None."""
+    if isinstance(obj, torch.Tensor):
+        return prefix if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _first_nonfinite(v, f"{prefix}.{k}" if prefix else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def load_checkpoint_weights(run_dir, step: int, map_location="cpu") -> dict:
+    """The network weights of checkpoint `step`, after its integrity checks: the digest, float32
+    tensors, finite values. DamagedCheckpoint / UsageError (one line) otherwise."""
+    from safetensors.torch import load as load_bytes
+
+    data = _checked_bytes(run_dir, step, "safetensors")
     try:
-        return load_file(str(wpath), device=str(map_location))
+        weights = load_bytes(data)
     except Exception as exc:  # noqa: BLE001 - damaged files become a one-line error
-        raise UsageError(f"cannot read checkpoint {step} in {run_dir}: {exc}".splitlines()[0])
+        raise DamagedCheckpoint(f"cannot read checkpoint {step} in {run_dir}: {exc}".splitlines()[0]) from None
+    for name, value in weights.items():
+        if value.dtype != torch.float32:
+            raise DamagedCheckpoint(f"checkpoint {step} in {run_dir} is damaged: {name} is {value.dtype}, "
+                                    f"not float32")
+    bad = _first_nonfinite(weights)
+    if bad is not None:
+        raise DamagedCheckpoint(f"checkpoint {step} in {run_dir} has non-finite values in {bad}")
+    return {k: v.to(map_location) for k, v in weights.items()}
 
 
 def load_checkpoint_state(run_dir, step: int, map_location="cpu") -> dict:
-    """The training state of checkpoint `step`, loaded with weights_only (one-line UsageError)."""
-    _, spath = _ckpt_paths(run_dir, step)
+    """The training state of checkpoint `step`, loaded with weights_only after its digest is
+    checked, with finite floats; DamagedCheckpoint / UsageError (one line) otherwise."""
+    data = _checked_bytes(run_dir, step, "pt")
     try:
-        state = torch.load(spath, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - damaged files become a one-line error
-        raise UsageError(f"cannot read checkpoint {step} in {run_dir}: {exc}".splitlines()[0])
+        raise DamagedCheckpoint(f"cannot read checkpoint {step} in {run_dir}: {exc}".splitlines()[0]) from None
     if not isinstance(state, dict):
-        raise UsageError(f"cannot read checkpoint {step} in {run_dir}: it holds no training state")
+        raise DamagedCheckpoint(f"cannot read checkpoint {step} in {run_dir}: it holds no training state")
+    bad = _first_nonfinite(state)
+    if bad is not None:
+        raise DamagedCheckpoint(f"checkpoint {step} in {run_dir} has non-finite values in {bad}")
     return state
 
 
+def load_intact_checkpoint(run_dir, step: int | None = None, map_location="cpu") -> tuple[int, dict, dict, str | None]:
+    """(step, weights, state, note) of checkpoint `step`, or with step None of the newest intact
+    one: a damaged or incomplete latest checkpoint falls back to the newest checkpoint that
+    passes every check, and `note` says which were skipped and why. UsageError (one line) when
+    the asked-for checkpoint is damaged, or when no checkpoint is intact."""
+    if step is not None:
+        if not _is_complete(run_dir, step, _needs_manifest(run_dir)):
+            raise UsageError(f"{run_dir} has no complete checkpoint {step} (complete: "
+                             f"{', '.join(map(str, complete_steps(run_dir))) or 'none'})")
+        return (step, load_checkpoint_weights(run_dir, step, map_location),
+                load_checkpoint_state(run_dir, step, map_location), None)
+    first, note = find_checkpoint(run_dir)
+    if first is None:
+        raise UsageError(f"{run_dir} has no complete checkpoint")
+    skipped = [note] if note else []
+    candidates = [first] + [s for s in reversed(complete_steps(run_dir)) if s < first]
+    for candidate in candidates:
+        try:
+            weights = load_checkpoint_weights(run_dir, candidate, map_location)
+            state = load_checkpoint_state(run_dir, candidate, map_location)
+        except UsageError as exc:
+            skipped.append(str(exc))
+            continue
+        if candidate != first:
+            note = "; ".join(skipped) + f"; using checkpoint {candidate}, the newest intact one"
+        return candidate, weights, state, note
+    raise DamagedCheckpoint(f"{run_dir} has no intact checkpoint ({'; '.join(skipped)})")
+
+
 def load_checkpoint(run_dir, step: int | None = None, map_location="cpu") -> tuple[dict, dict]:
-    """(weights, state) of checkpoint `step` (default: latest). State loads with weights_only."""
-    if step is None:
-        step = latest_step(run_dir)
-        if step is None:
-            raise UsageError(f"{run_dir} has no complete checkpoint")
-    return load_checkpoint_weights(run_dir, step, map_location), load_checkpoint_state(run_dir, step, map_location)
+    """(weights, state) of checkpoint `step` (default: the newest intact one), checked."""
+    _step, weights, state, _note = load_intact_checkpoint(run_dir, step, map_location)
+    return weights, state
+
+
+# --------------------------------------------------------------------------- parts of one run
+
+def teacher_copy_digest(run_dir, name: str) -> str:
+    """sha256 of a run's teacher copy: the file, or for a folder (diffusers) the digests of its
+    files by relative path."""
+    path = Path(run_dir) / name
+    if path.is_dir() and not path.is_symlink():
+        h = []
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.append(f"{p.relative_to(path).as_posix()}:"
+                     f"{sha256_hex(read_regular_file(p, max_bytes=MAX_CHECKPOINT_BYTES))}")
+        return sha256_hex("\n".join(h).encode())
+    return sha256_hex(read_regular_file(path, max_bytes=MAX_CHECKPOINT_BYTES, what=f"teacher copy {path}"))
+
+
+# settings a checkpoint keeps its own value of (runs.ADDED_SETTINGS: a run started before the
+# EMA ramp-up ratio became 0.05 goes on with 0.1, while its config.json reads 0.05 today)
+CKPT_OWNED = ("ema_rampup",)
+
+
+def check_run_matches_checkpoint(run_dir, cfg: dict, state: dict, step: int, what: str) -> None:
+    """UsageError (one line, starting with `what`) unless config.json (`cfg`, as read_config
+    gives it) holds the settings checkpoint `step` was trained with, and the run's teacher copy
+    is the file it was trained with: a hand edit (sigma_init, exact_teacher, teacher_file) or a
+    replaced teacher would otherwise silently change what is trained or measured."""
+    dist = state.get("distiller")
+    saved = state.get("run_config")
+    if not isinstance(saved, dict):  # checkpoints from before run_config: the distiller's settings
+        saved = dist.get("config") if isinstance(dist, dict) else None
+    if not isinstance(saved, dict):
+        raise DamagedCheckpoint(f"{what}: checkpoint {step} holds no settings; it is damaged")
+    saved = upgrade_config(saved)
+    skip = set(RESUME_FREE) | set(CKPT_OWNED)
+    diff = [k for k in RUN_KEYS if k in saved and k in cfg and k not in skip and _norm(saved[k]) != _norm(cfg[k])]
+    if diff:
+        shown = "; ".join(f"{k}: {CONFIG_NAME} has {cfg[k]!r}, the checkpoint {saved[k]!r}" for k in diff[:4])
+        raise UsageError(f"{what}: {CONFIG_NAME} does not match checkpoint {step} ({shown}); it was edited: put "
+                         f"back the checkpoint's values")
+    digest = state.get("teacher_sha256")
+    if digest is None:
+        return  # a run from before teacher digests
+    name = str(cfg.get("teacher_file") or TEACHER_NAME)
+    if cfg.get("teacher_sha256") not in (None, digest):
+        raise UsageError(f"{what}: {CONFIG_NAME}'s teacher_sha256 does not match checkpoint {step}'s; it was "
+                         f"edited: put back the checkpoint's value")
+    if not os.path.lexists(Path(run_dir) / name):
+        raise UsageError(f"{what}: the teacher copy {name} is missing from {run_dir}")
+    if teacher_copy_digest(run_dir, name) != digest:
+        raise UsageError(f"{what}: the teacher copy {name} is not the teacher checkpoint {step} was trained with "
+                         f"(its sha256 differs); put back the run's own teacher copy")

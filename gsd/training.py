@@ -26,7 +26,7 @@ from gsd.config import (
 )
 from gsd.data import GMMDenoiser, load_dataset
 from gsd.distill import DistillConfig, Distiller, MAX_ROWS
-from gsd.errors import TrainingStopped, UsageError
+from gsd.errors import Terminated, TrainingStopped, UsageError
 from gsd.evaluation.metrics import evaluate_distillation, summary_rows
 from gsd.evaluation.plots import save_samples_png
 from gsd.progress import progress_bar
@@ -40,10 +40,8 @@ __all__ = ["run", "summary_table", "TrainingStopped"]
 
 # DistillConfig fields that may differ from a checkpoint's own copy on --resume
 CKPT_FREE = ("backend", "compile", "grad_checkpoint")
-# DistillConfig fields a resumed run takes from its checkpoint: a run started before the EMA
-# ramp-up ratio became 0.05 goes on with 0.1, although its config.json (which had no such key)
-# reads 0.05 today (runs.ADDED_SETTINGS)
-CKPT_OWNED = ("ema_rampup",)
+# DistillConfig fields a resumed run takes from its checkpoint (runs.CKPT_OWNED)
+CKPT_OWNED = runs.CKPT_OWNED
 
 # log.jsonl keys averaged over the iterations of a record besides the losses (scale-free weight)
 LOGGED_MEANS = ("irl_weight", "irl_gnorm_sid", "irl_gnorm_irl")
@@ -78,14 +76,32 @@ def run(config: dict | argparse.Namespace, *, explicit: dict | None = None, nan_
     after the settings are checked and destroyed on return (unless it existed before).
     """
     owns_group = not parallel.is_distributed()
+    lock = _RunDirLock()
     try:
-        return _run(config, explicit=explicit, nan_hook=nan_hook)
+        return _run(config, explicit=explicit, nan_hook=nan_hook, lock=lock)
     finally:
+        lock.release()
         if owns_group:
             parallel.shutdown()
 
 
-def _run(config, *, explicit, nan_hook) -> Path:
+class _RunDirLock:
+    """The run directory's lock, taken by the process that writes it (rank 0 under torchrun)."""
+
+    def __init__(self):
+        self._lock = None
+
+    def take(self, run_dir, what: str) -> None:
+        if parallel.env_rank() == 0 and self._lock is None:
+            self._lock = runs.RunLock(run_dir, what).acquire()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _run(config, *, explicit, nan_hook, lock) -> Path:
     given = dict(vars(config) if isinstance(config, argparse.Namespace) else config)
     explicit = dict(given) if explicit is None else dict(explicit)
     t_start = time.perf_counter()
@@ -93,7 +109,7 @@ def _run(config, *, explicit, nan_hook) -> Path:
     # ---------------------------------------------------------------- every check first
     # (settings, --out / --resume, the fused backend: before the data set or teacher is loaded)
     resume_dir = given.get("resume")
-    ckpt_note = ckpt_state = None
+    ckpt_note = ckpt_state = ckpt_weights = None
     if resume_dir:
         resume_dir = Path(resume_dir)
         if given.get("out") and Path(given["out"]).resolve() != resume_dir.resolve():
@@ -123,14 +139,15 @@ def _run(config, *, explicit, nan_hook) -> Path:
             if key in given and given[key] is not None and key not in ("resume", "out"):
                 cfg[key] = given[key]
         _validate(cfg, resuming=True)
-        step, ckpt_note = runs.find_checkpoint(run_dir)
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise UsageError(f"--resume {run_dir} is not writable")
+        lock.take(run_dir, "--resume")  # before reading the checkpoint another process may be writing
+        step, ckpt_weights, ckpt_state, ckpt_note = runs.load_intact_checkpoint(run_dir)
         if cfg["iters"] < step:
             raise UsageError(f"--resume {run_dir} --iters {cfg['iters']}: the run has already reached iteration "
                              f"{step}; give --iters {step} or more")
-        if not os.access(run_dir, os.W_OK | os.X_OK):
-            raise UsageError(f"--resume {run_dir} is not writable")
-        ckpt_state = runs.load_checkpoint_state(run_dir, step)
         _check_against_checkpoint(cfg, ckpt_state, run_dir, step)
+        runs.check_run_matches_checkpoint(run_dir, saved, ckpt_state, step, f"--resume {run_dir}")
     else:
         cfg = resolve_config({k: v for k, v in given.items() if k != "resume"}, explicit)
         run_dir = Path(cfg["out"]) if cfg.get("out") else runs.default_run_dir(cfg["dataset"])
@@ -196,14 +213,15 @@ def _run(config, *, explicit, nan_hook) -> Path:
         _set_regression_pairs(distiller, show)
     elapsed_before = 0.0
     saved_at = None
+    teacher_sha256 = None
     if resume_dir:
-        def load_weights():
+        def check_world():
             saved_world = int(ckpt_state["distiller"].get("world_size", 1))
             if saved_world != world:
                 raise UsageError(f"--resume {run_dir}: its checkpoint was written by {saved_world} process(es), "
                                  f"this launch has {world}")
-            return runs.load_checkpoint_weights(run_dir, step)
-        weights = parallel.agree(load_weights)
+        parallel.agree(check_world)
+        weights, ckpt_weights = ckpt_weights, None
         state = ckpt_state
         distiller.load_weights({k: v.to(device) for k, v in weights.items()})
         distiller.load_training_state(state["distiller"])
@@ -213,6 +231,8 @@ def _run(config, *, explicit, nan_hook) -> Path:
         elapsed_before = float(state.get("elapsed", 0.0))
         saved_at = distiller.iteration
         if main_rank:
+            teacher_sha256 = state.get("teacher_sha256") or runs.teacher_copy_digest(
+                run_dir, str(saved.get("teacher_file") or runs.TEACHER_NAME))  # a run from before digests
             if ckpt_note:
                 print(f"note: {ckpt_note}", file=sys.stderr)
             runs.remove_stale_temp_files(run_dir)  # left by a kill during a write
@@ -226,17 +246,23 @@ def _run(config, *, explicit, nan_hook) -> Path:
         else:
             logger = _NullLogger()
     elif main_rank:
-        if runs.restartable(run_dir):  # a crash or kill before its first checkpoint: nothing to keep
-            runs.clear_dead_run(run_dir)
-            print(f"note: --out {run_dir} held a run with no complete checkpoint; starting it again",
-                  file=sys.stderr)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--out {run_dir}: cannot create it ({exc.strerror or exc})") from None
+        lock.take(run_dir, "--out")
+        # again under the lock: another process may have started a run here since the checks
+        runs.prepare_run_dir(run_dir, _training_view(cfg), allow_restart=True)
+        if runs.restartable(run_dir):  # a crash or kill before its first checkpoint: nothing to keep
+            runs.clear_dead_run(run_dir)
+            print(f"note: --out {run_dir} held a run with no complete checkpoint; starting it again",
+                  file=sys.stderr)
         runs.remove_stale_temp_files(run_dir)
         teacher_file = save_run_teacher(teacher_net, run_dir, cfg["teacher"] or "default teacher")
+        teacher_sha256 = runs.teacher_copy_digest(run_dir, teacher_file)
         record = {k: v for k, v in cfg.items()}
+        record["run_format"] = runs.RUN_FORMAT
+        record["teacher_sha256"] = teacher_sha256
         record["backend"] = dcfg.backend
         record["backends"] = backends
         record["teacher_file"] = teacher_file
@@ -248,7 +274,15 @@ def _run(config, *, explicit, nan_hook) -> Path:
         logger = _NullLogger()
     parallel.barrier()
 
+    if not resume_dir:
+        # dropout draws from the global RNG: seeded by --seed (a resume restores its state)
+        torch.manual_seed((int(cfg["seed"]) * 1_000_003 + 0x5EED + parallel.rank()) % 2 ** 63)
+
     # ---------------------------------------------------------------- training loop
+    guard = _StopRule(int(cfg.get("max_bad_iters", DEFAULT_MAX_BAD_ITERS)))
+    if resume_dir and isinstance(ckpt_state.get("stop_rule"), dict):
+        guard.load_state(ckpt_state["stop_rule"])
+
     def checkpoint(elapsed):
         # collective: every rank's sampling stream goes into the state; rank 0 writes it
         dstate = distiller.training_state()
@@ -258,14 +292,14 @@ def _run(config, *, explicit, nan_hook) -> Path:
         if main_rank:
             runs.save_checkpoint(run_dir, distiller.iteration, distiller.weights(),
                                  {"distiller": dstate, "rng": runs.capture_rng_state(), "elapsed": elapsed,
-                                  "run_config": _training_view(cfg), **extra},
+                                  "run_config": _training_view(cfg), "teacher_sha256": teacher_sha256,
+                                  "stop_rule": guard.state(), **extra},
                                  keep_every=cfg["keep_every"] or None)
         parallel.barrier()
         return distiller.iteration
 
     t_train = time.perf_counter()
     total = int(cfg["iters"])
-    guard = _StopRule(int(cfg.get("max_bad_iters", DEFAULT_MAX_BAD_ITERS)))
     interrupts = _DeferredInterrupt(enabled=world == 1)
     mid_step = False
     try:
@@ -309,34 +343,35 @@ def _run(config, *, explicit, nan_hook) -> Path:
                         raise TrainingStopped(guard.message(it, saved_at, run_dir))
                     if it % cfg["ckpt_every"] == 0 and it < total and not bad:  # never checkpoint a bad iteration
                         saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
-                    if interrupts.requested:  # Ctrl-C during this iteration: it is complete now
-                        raise KeyboardInterrupt
+                    if interrupts.requested:  # Ctrl-C or SIGTERM during this iteration: it is complete now
+                        raise interrupts.interrupt()
         except TrainingStopped:
             bar.close()
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             bar.close()
             logger.close()
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             if world > 1:  # the other ranks may be anywhere: no collective checkpoint now
                 if main_rank:
-                    print(f"interrupted; continue from the last checkpoint with --resume {run_dir}",
+                    print(f"{what}; continue from the last checkpoint with --resume {run_dir}",
                           file=sys.stderr)
                 raise
             if mid_step:
                 # part of iteration k+1 is applied (a step, Adam moments, the RNG): never save that
-                print(f"interrupted in iteration {distiller.iteration + 1}, which is not saved; "
+                print(f"{what} in iteration {distiller.iteration + 1}, which is not saved; "
                       + (f"continue from the checkpoint of iteration {saved_at} with --resume {run_dir}"
                          if saved_at is not None else f"no checkpoint yet: start it again with --out {run_dir}"),
                       file=sys.stderr)
                 raise
             if saved_at != distiller.iteration:
                 saved_at = checkpoint(elapsed_before + time.perf_counter() - t_train)
-            print(f"interrupted; checkpoint of iteration {distiller.iteration} saved, continue with "
+            print(f"{what}; checkpoint of iteration {distiller.iteration} saved, continue with "
                   f"--resume {run_dir}", file=sys.stderr)
             raise
         bar.close()
         train_seconds = elapsed_before + time.perf_counter() - t_train
-        if saved_at != distiller.iteration and (world > 1 or runs.latest_step(run_dir) != distiller.iteration):
+        if saved_at != distiller.iteration:  # also over a damaged checkpoint of this step
             checkpoint(train_seconds)
     finally:
         logger.close()
@@ -512,6 +547,17 @@ class _StopRule:
             self.reason = reason
         return bad
 
+    def state(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run judges its iterations as the
+        uninterrupted run would (not against a new reference taken mid-divergence)."""
+        return {"reference": self.reference, "recent": list(self.recent), "streak": self.streak}
+
+    def load_state(self, state: dict) -> None:
+        ref = state.get("reference")
+        self.reference = float(ref) if isinstance(ref, (int, float)) else None
+        self.recent = [float(v) for v in state.get("recent", [])][-EXPLODE_WINDOW:]
+        self.streak = int(state.get("streak", 0))
+
     @property
     def stopped(self) -> bool:
         return self.limit > 0 and self.streak >= self.limit
@@ -525,31 +571,43 @@ class _StopRule:
 
 
 class _DeferredInterrupt:
-    """Ctrl-C (SIGINT) while training: the first one lets the current iteration finish (it
-    sets `requested`); a second one interrupts at once. Only in the main thread of a
-    one-process run; the previous handler is put back on exit."""
+    """Ctrl-C (SIGINT) or SIGTERM while training: the first one lets the current iteration
+    finish (it sets `requested`, and `terminated` for SIGTERM, which batch schedulers send
+    before they kill); a second one interrupts at once. Only in the main thread of a
+    one-process run; the previous handlers are put back on exit."""
 
     def __init__(self, enabled: bool):
         import threading
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested = False
-        self._previous = None
+        self.terminated = False
+        self._previous = {}
 
     def _handler(self, signum, frame):
+        import signal
         if self.requested:
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.requested = True
+        self.terminated = signum == signal.SIGTERM
+
+    def interrupt(self) -> KeyboardInterrupt:
+        """The exception that ends the run once the requested iteration is complete."""
+        return Terminated() if self.terminated else KeyboardInterrupt()
 
     def __enter__(self):
         if self.enabled:
             import signal
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
         if self.enabled:
             import signal
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            for sig, previous in self._previous.items():
+                if previous is None:
+                    previous = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+                signal.signal(sig, previous)
         return False
 
 

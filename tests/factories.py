@@ -40,3 +40,19 @@ def tiny_mlp_file(tmp_path, name: str = "tiny_gmm.safetensors") -> str:
     path = tmp_path / name
     save_denoiser(path, tiny_mlp(seed=3))
     return str(path)
+
+
+def as_run_from_before_digests(run_dir) -> None:
+    """Make a run directory look as one written before config.json carried `run_format` and
+    `teacher_sha256` and checkpoints carried digests (tests that rewrite a checkpoint to imitate
+    an older version need that version's layout, or the digests rightly refuse the rewrite)."""
+    import json
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    for key in ("run_format", "teacher_sha256"):
+        cfg.pop(key, None)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    for manifest in (run_dir / "checkpoints").glob("ckpt-*.json"):
+        manifest.unlink()

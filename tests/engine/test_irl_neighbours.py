@@ -15,6 +15,7 @@ import torch
 
 import gsd_kernels
 from gsd import runs, train
+from factories import as_run_from_before_digests
 from gsd.cli import UsageError, run_main
 from gsd.distill import DistillConfig, Distiller, sigma_schedule
 from cli_checks import assert_one_line_error
@@ -373,6 +374,7 @@ def _make_old_run(run_dir: Path, raw: float) -> None:
     is the raw weight, none of the new keys, EMA ramp-up ratio 0.1 in the checkpoint."""
     new_keys = ("lambda_irl_raw", "irl_estimator", "irl_neighbours", "irl_radius", "dropout", "lambda_regress",
                 "regress_pairs", "regress_ratio", "ema_rampup")
+    as_run_from_before_digests(run_dir)
     with open(run_dir / "config.json") as fh:
         cfg = json.load(fh)
     cfg = {k: v for k, v in cfg.items() if k not in new_keys}

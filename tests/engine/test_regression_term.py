@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gsd import runs, train
+from factories import as_run_from_before_digests
 from gsd.cli import run_main
 from gsd.config import resolve_config
 from gsd.distill import DistillConfig, Distiller
@@ -251,6 +252,7 @@ def test_a_run_from_before_the_term_resumes_without_it(tmp_path, capsys):
     code = run_main(train.main, _gmm_argv(tmp_path, out, "--lambda-regress", "0"))
     assert code == 0, capsys.readouterr().err
     new_keys = ("lambda_regress", "regress_pairs", "regress_ratio")
+    as_run_from_before_digests(out)
     cfg = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in new_keys}
     (out / "config.json").write_text(json.dumps(cfg))
     state = runs.load_checkpoint_state(out, 2)

@@ -21,7 +21,7 @@ from gsd.cli import run_main
 from gsd.distill import Distiller
 from gsd.models.networks import save_denoiser
 from cli_checks import assert_one_line_error
-from factories import tiny_mlp
+from factories import as_run_from_before_digests, tiny_mlp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -131,6 +131,8 @@ def test_fused_run_records_the_backends_that_ran(tmp_path, capsys):
 
     # a run directory written before "backends" existed (config.json without it, "auto" in
     # the checkpoint's own config) still resumes, and then records what runs now
+    as_run_from_before_digests(out)
+    cfg = json.loads((out / "config.json").read_text())
     cfg.pop("backends")
     cfg["backend"] = "auto"
     runs.write_json_atomic(out / "config.json", cfg)

@@ -52,10 +52,20 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp" in p.name]
 
 
+def _resign(run_dir, step):
+    """Digests matching the checkpoint's files as they are now (a writer that also forged them)."""
+    import hashlib
+    d = run_dir / "checkpoints"
+    digests = {half: hashlib.sha256((d / f"ckpt-{step:08d}.{half}").read_bytes()).hexdigest()
+               for half in ("safetensors", "pt")}
+    (d / f"ckpt-{step:08d}.json").write_text(json.dumps({"format": "gsd-ckpt/1", "step": step, "sha256": digests}))
+
+
 def test_state_is_loaded_with_weights_only(tmp_path):
     bad = {"obj": object}  # not allowed by weights_only=True
     runs.save_checkpoint(tmp_path, 1, _weights(1), {"x": 1})
     runs.atomic_torch_save({"step": 1, **bad}, tmp_path / "checkpoints" / "ckpt-00000001.pt")
+    _resign(tmp_path, 1)  # past the digest check: weights_only itself must refuse it
     with pytest.raises(UsageError, match="cannot read checkpoint"):
         runs.load_checkpoint(tmp_path)
 
@@ -165,7 +175,7 @@ def test_find_checkpoint_falls_back_to_newest_complete(tmp_path):
 def test_restartable_run_dirs(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    runs.write_json_atomic(run / "config.json", {"dataset": "gmm"})
+    runs.write_json_atomic(run / "config.json", {"dataset": "gmm", "run_format": runs.RUN_FORMAT})
     (run / "log.jsonl").write_text("")
     (run / "teacher.safetensors").write_bytes(b"x")
     # what a kill during the first checkpoint leaves: one half, temp files
