@@ -22,6 +22,7 @@ from gsd.util import (  # noqa: F401  (re-exported for the commands)
     check_creatable, check_image_output, check_memory, check_output_file, format_bytes, format_value,
     memory_limit_bytes, sampler_table,
 )
+from gsd.util import one_line
 from gsd.util import MAX_SEED  # noqa: F401  (re-exported)
 
 
@@ -321,6 +322,10 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except Terminated:
         print("terminated", file=sys.stderr)
         return 143
+    except OSError as exc:  # a file the user pointed at: unreadable, a link we may not follow, ...
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or one_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ import os
 
 from gsd.errors import UsageError
 
-__all__ = ["DISTILL_DEFAULTS", "GSD_DEFAULTS", "DATASET_DEFAULTS", "RUN_DEFAULTS", "TRAINING_KEYS", "RUN_KEYS", "RESUME_FREE",
+__all__ = ["VALUE_RANGES", "DISTILL_DEFAULTS", "GSD_DEFAULTS", "DATASET_DEFAULTS", "RUN_DEFAULTS", "TRAINING_KEYS", "RUN_KEYS", "RESUME_FREE",
            "DEFAULT_MAX_BAD_ITERS", "EXPLODE_FACTOR", "EXPLODE_WINDOW", "resolve_config"]
 
 
@@ -38,6 +38,18 @@ GSD_DEFAULTS = {
     "irl_radius": 0.5,        # at distance 0.5 in eps units
 }
 
+
+# Valid ranges of SiD's alpha and the loss weights (docs/definitions.md §3.3; alpha > 0 besides).
+# Generous margins around what is used (SiD: alpha 1.0-1.2, lambda_sid 1; GSD: lambda_irl 0.01-1): larger
+# values can only overflow the generator's float32 gradients (x gen_loss_scale 100), which
+# the ops then zero, so that nothing is learnt.
+VALUE_RANGES = {
+    "alpha": (0.0, 10.0),
+    "lambda_sid": (0.0, 1e4),
+    "lambda_irl": (0.0, 100.0),
+    "lambda_irl_raw": (0.0, 1e4),
+    "lambda_regress": (0.0, 1e4),
+}
 
 # The stop rule of a run that goes wrong (--max-bad-iters): an iteration is bad when a loss
 # is non-finite, when one of its two steps dropped every sample, or when the loss explodes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import pickle
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,7 +22,7 @@ from gsd.errors import DataError, UsageError
 from gsd.util import one_line
 
 DATASETS = ("digits", "gmm", "cifar10", "folder")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 GMM_TRAIN_SAMPLES = 20_000
@@ -451,9 +452,11 @@ def load_cifar10(data_root, resolution=None, download: bool = False) -> Dataset:
 
 
 def _list_images(root: str) -> list[str]:
-    """Image files under root, sorted per folder. Symbolic links are followed, but every real
-    folder and every real file is taken once: a link loop (self -> .) or two links to the same
-    place would otherwise repeat images (or, with two loops, never end)."""
+    """Image files under root, sorted per folder; hidden files and hidden folders (names starting
+    with '.', e.g. .git/) are skipped. Symbolic links are followed, but every real folder and
+    every real file is taken once: a link loop (self -> .) or two links to the same place would
+    otherwise repeat images (or, with two loops, never end). Anything named as an image that is
+    not a regular file (a pipe, which would block the reader forever, or a device) is refused."""
     found, seen_dirs, seen_files = [], set(), set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -461,10 +464,18 @@ def _list_images(root: str) -> list[str]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
         for fname in sorted(filenames):
             if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
                 path = os.path.join(dirpath, fname)
+                try:
+                    regular = stat.S_ISREG(os.stat(path).st_mode)
+                except OSError as exc:
+                    raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+                if not regular:
+                    raise DataError(f"image folder {root}: {path} is not a regular file (a pipe or a device); "
+                                    f"move it out of the folder")
                 real_file = os.path.realpath(path)
                 if real_file not in seen_files:
                     seen_files.add(real_file)
@@ -473,35 +484,56 @@ def _list_images(root: str) -> list[str]:
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# transparent pixels are composited onto this background (docs/definitions.md §3.5)
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def _to_rgb_or_grey_float(img, path: str):
+    """An 8-bit RGB image, or a float image of values in [0, 255] for deeper integer images."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > 65535:
+            raise DataError(f"image {path} has integer values outside 0..65535 (unsupported)")
+        # a declared 16-bit image keeps its scale; a 32-bit container says nothing of the depth of
+        # its values, so its range decides: up to 255 it holds 8-bit values, else 16-bit ones
+        full = 255.0 if img.mode == "I" and high <= 255 else 65535.0
+        return Image.fromarray((values * (255.0 / full)).astype(np.float32), mode="F")
+    if img.mode == "F":
+        raise DataError(f"image {path} is a floating-point image (mode F): its value range is unknown, "
+                        f"convert it to 8 or 16 bits")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def _load_image(path: str, resolution: int) -> np.ndarray:
-    """(R, R, 3) float32 in [0, 255]: RGB, shorter side resized to R, centre-cropped.
+    """(R, R, 3) float32 in [0, 255]: EXIF orientation applied, transparency composited onto
+    ALPHA_BACKGROUND, the centred square of the shorter side resampled to R x R.
 
     16-bit greyscale images keep their full range (scaled by 255/65535); converting them to
-    8-bit RGB the plain way would clip every value above 255 to white."""
-    from PIL import Image
+    8-bit RGB the plain way would clip every value above 255 to white. The square is resampled
+    straight from the source (PIL's resize box), so a long thin image costs no more memory than
+    its own pixels (resizing it whole first made a 1x300000 PNG take 1.4 GB at R = 32)."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
             img.draft("RGB", (resolution, resolution))  # cheap JPEG downscale, never below target
-            if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
-                values = np.asarray(img, dtype=np.float64)
-                if values.size and (values.min() < 0 or values.max() > 65535):
-                    raise DataError(f"image {path} has 32-bit integer values outside 0..65535 (unsupported)")
-                img = Image.fromarray((values * (255.0 / 65535.0)).astype(np.float32), mode="F")
-            elif img.mode == "F":
-                raise DataError(f"image {path} is a floating-point image (mode F): its value range is unknown, "
-                                f"convert it to 8 or 16 bits")
-            else:
-                img = img.convert("RGB")
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb_or_grey_float(img, path)
             w, h = img.size
-            scale = resolution / min(w, h)
-            new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-            if (new_w, new_h) != (w, h):
-                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-            left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-            img = img.crop((left, top, left + resolution, top + resolution))
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            box = (left, top, left + side, top + side)
+            if side == resolution:
+                img = img.crop(box)
+            else:
+                img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
             out = np.asarray(img, dtype=np.float32)
     except DataError:
         raise

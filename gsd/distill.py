@@ -69,13 +69,13 @@ import torch
 import torch.nn as nn
 
 from gsd import parallel
-from gsd.config import DISTILL_DEFAULTS
+from gsd.config import DISTILL_DEFAULTS, VALUE_RANGES
 from gsd.errors import UsageError
 from gsd.jacobian_isometry import distortion_terms
 from gsd.models.networks import set_dropout, set_gradient_checkpointing
 from gsd.sampling.samplers import teacher_ode_pairs
 
-__all__ = ["DistillConfig", "Distiller", "sigma_schedule", "ema_beta"]
+__all__ = ["DistillConfig", "Distiller", "sigma_schedule", "ema_beta", "check_irl_radius"]
 
 
 @dataclass
@@ -129,10 +129,12 @@ class DistillConfig:
         def f32(v):  # a factor the networks / Adam turn into a float32 must fit in one
             return finite(v) and abs(v) <= _F32_MAX
 
-        for name in ("lambda_sid", "lambda_irl", "lambda_irl_raw", "lambda_regress"):
+        for name, (low, high) in VALUE_RANGES.items():
             v = getattr(self, name)
-            if not f32(v) or v < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+            if not finite(v) or not low <= v <= high or (name == "alpha" and v == 0):
+                span = f"({low:g}, {high:g}] (SiD uses 1.0-1.2)" if name == "alpha" else f"[{low:g}, {high:g}]"
+                why = "; larger values only overflow the generator's gradients" if finite(v) and v > high else ""
+                raise UsageError(f"--{name.replace('_', '-')} must be a number in {span}, got {v!r}{why}")
         if self.lambda_irl > 0 and self.lambda_irl_raw > 0:
             raise UsageError("--lambda-irl (scale-free) and --lambda-irl-raw (raw) are two definitions of one "
                              "weight: give one of them")
@@ -147,8 +149,9 @@ class DistillConfig:
         if not f32(self.irl_radius) or self.irl_radius <= 0:
             raise UsageError(f"--irl-radius must be a finite number > 0, got {self.irl_radius!r}")
         p = self.regress_pairs
-        if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_ROWS:
-            raise UsageError(f"--regress-pairs must be an integer in [1, {MAX_ROWS}], got {p!r}")
+        if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_REGRESS_PAIRS:
+            raise UsageError(f"--regress-pairs must be an integer in [1, {MAX_REGRESS_PAIRS}], got {p!r} (35 teacher "
+                             f"calls each, computed before training)")
         r = self.regress_ratio
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 1024:
             raise UsageError(f"--regress-ratio must be an integer in [1, 1024], got {r!r}")
@@ -166,8 +169,6 @@ class DistillConfig:
                              (self.irl_bandwidth is not None, "--irl-bandwidth")):
                 if bad:
                     raise UsageError(f"--irl-estimator jvp cannot honour {why}")
-        if not finite(self.alpha) or self.alpha <= 0:
-            raise UsageError(f"--alpha must be a finite number > 0 (SiD uses 1.0-1.2), got {self.alpha}")
         if not finite(self.sigma_min) or not finite(self.sigma_max) or not (0 < self.sigma_min < self.sigma_max):
             raise UsageError("need 0 < sigma_min < sigma_max")
         if not finite(self.sigma_init) or not 0 < self.sigma_init <= self.sigma_max:
@@ -277,6 +278,9 @@ class DistillConfig:
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _F32_MAX = float(torch.finfo(torch.float32).max)
 MAX_ROWS = 2 ** 31 - 1   # largest batch / sample count: torch indexes rows with int32 in places
+# 64x the default 16384: 36M teacher calls before the first iteration; 1e8 pairs were hours of
+# silent work before the run directory existed
+MAX_REGRESS_PAIRS = 2 ** 20
 # The regression pairs' latents come from their own seed range, far from the evaluation's latent
 # seeds (gsd.evaluation.metrics.evaluation_latents), so that no evaluation sample is a training pair.
 REGRESS_SEED_BASE = 2 ** 62
@@ -296,18 +300,35 @@ def ema_beta(batch: int, halflife_images: float) -> float:
     return 0.5 ** (batch / halflife_images)
 
 
-def _sanitize_grads(params) -> int:
-    """Zero non-finite gradient elements in place; return how many there were."""
-    bad = 0
+# A neighbour eps + R u differs from its anchor eps by R/sqrt(D) per component on average; below
+# ~1000 float32 rounding steps (of unit-sized values) that difference, and G's response to it,
+# is rounding noise, and at R = 1e-12 the neighbours round to their anchors: the term's loss is 1
+# and its weight 0, a plain SiD run that calls itself GSD.
+MIN_IRL_RADIUS_PER_SQRT_DIM = 1e3 * float(torch.finfo(torch.float32).eps)
+
+
+def check_irl_radius(radius: float, neighbours: int, dim: int) -> None:
+    """UsageError unless neighbours at distance `radius` in a `dim`-dimensional latent resolve in float32."""
+    low = MIN_IRL_RADIUS_PER_SQRT_DIM * math.sqrt(dim)
+    if neighbours > 0 and radius < low:
+        raise UsageError(f"--irl-radius {radius:g} is below {low:.3g} (1.2e-4 x sqrt of the latent dimension {dim}): "
+                         f"the neighbours would differ from their anchors only by float32 rounding")
+
+
+def _sanitize_grads(params) -> tuple[int, int]:
+    """Zero non-finite gradient elements in place; return (how many there were, how many
+    gradient elements there are)."""
+    bad = total = 0
     for p in params:
         g = p.grad
         if g is None:
             continue
+        total += g.numel()
         finite = torch.isfinite(g)
         if not bool(finite.all()):
             bad += int((~finite).sum())
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-    return bad
+    return bad, total
 
 
 def _row_valid(x: torch.Tensor) -> torch.Tensor:
@@ -339,6 +360,7 @@ class Distiller:
         self.sample_shape = tuple(sample_shape if sample_shape is not None else getattr(init, "sample_shape", ()))
         if not self.sample_shape:
             raise ValueError("sample_shape is unknown: pass it explicitly")
+        check_irl_radius(config.irl_radius, config.irl_neighbours, math.prod(self.sample_shape))
         self.num_classes = int(getattr(init, "label_dim", 0) if num_classes is None else num_classes)
 
         # float32 whatever the modules' dtype (see the module docstring: Adam's eps is 0 in fp16)
@@ -527,11 +549,11 @@ class Distiller:
             d = n - (valid & _row_valid(y_fake.detach())).sum()
             dropped = d if dropped is None else dropped + d
         self.scaler_f.unscale_(self.opt_f)
-        bad_grads = _sanitize_grads(self.fake.parameters())
+        bad_grads, n_grads = _sanitize_grads(self.fake.parameters())
         self.scaler_f.step(self.opt_f)  # fp16: a step whose gradients overflowed is skipped
         self.scaler_f.update()
         return {"loss_fake": loss_sum / self.accum, "nan_samples": int(dropped), "nan_grads": bad_grads,
-                "rows": n * self.accum}
+                "rows": n * self.accum, "grads": n_grads}
 
     def generator_loss(self, eps: torch.Tensor, labels=None, *, t: torch.Tensor | None = None,
                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -756,7 +778,7 @@ class Distiller:
             for key, v in parts.items():
                 acc[key] = acc.get(key, 0.0) + v / self.accum
         self.scaler_g.unscale_(self.opt_g)
-        bad_grads = _sanitize_grads(self.generator.parameters())
+        bad_grads, n_grads = _sanitize_grads(self.generator.parameters())
         self.scaler_g.step(self.opt_g)  # fp16: a step whose gradients overflowed is skipped
         self.scaler_g.update()
         self._update_ema()
@@ -764,6 +786,7 @@ class Distiller:
         acc["nan_samples"] = nan_samples
         acc["nan_grads"] = bad_grads
         acc["rows"] = self.micro_batch * self.accum
+        acc["grads"] = n_grads
         return acc
 
     @torch.no_grad()
@@ -789,13 +812,18 @@ class Distiller:
         nan_samples = nan_grads = 0
         # per step: [dropped, rows]; a step that drops every row trains on nothing
         f_rows = [0, 0]
+        zeroed = False  # a step whose every gradient value was non-finite (and zeroed) learnt nothing
         if self.config.lambda_sid > 0:  # f_psi only matters to the SiD term
             f = self.fake_score_step()
             out["loss_fake"] = f["loss_fake"]
             nan_samples += f["nan_samples"]
             nan_grads += f["nan_grads"]
             f_rows = [f["nan_samples"], f["rows"]]
+            zeroed = 0 < f["grads"] <= f["nan_grads"] and not self.scaler_f.is_enabled()
         g = self.generator_step()
+        g_grads = g.pop("grads")
+        # under fp16 an overflowing step is the GradScaler's to skip (it lowers its scale), not a bad one
+        zeroed = zeroed or (0 < g_grads <= g["nan_grads"] and not self.scaler_g.is_enabled())
         g_rows = [g["nan_samples"], g.pop("rows")]
         nan_samples += g.pop("nan_samples")
         nan_grads += g.pop("nan_grads")
@@ -809,6 +837,7 @@ class Distiller:
             nan_samples, nan_grads = int(counts[0]), int(s_max[1])
             f_rows, g_rows = [int(v) for v in counts[2:4]], [int(v) for v in counts[4:6]]
         out["all_dropped"] = any(rows > 0 and dropped >= rows for dropped, rows in (f_rows, g_rows))
+        out["all_grads_zeroed"] = zeroed  # gradients are averaged over the processes: the same on every rank
         self.iteration += 1
         self.images_seen += self.config.batch
         out["nan_samples"] = nan_samples

@@ -42,16 +42,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part.
     StorageError (one line) when the file system refuses (full, read-only, quota)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_file(tmp, data)
         os.replace(tmp, path)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None

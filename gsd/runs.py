@@ -570,9 +570,17 @@ def save_checkpoint(run_dir, step: int, weights: dict[str, torch.Tensor], state:
         pass
     except OSError as exc:
         raise StorageError(f"cannot write {manifest}: {exc.strerror or exc}") from None
-    digests = {"safetensors": atomic_save_safetensors(weights, wpath, metadata={"step": step, **(metadata or {})}),
-               "pt": atomic_torch_save({"step": step, **state}, spath)}
-    write_json_atomic(manifest, {"format": CKPT_FORMAT, "step": step, "sha256": digests})
+    try:
+        digests = {"safetensors": atomic_save_safetensors(weights, wpath, metadata={"step": step, **(metadata or {})}),
+                   "pt": atomic_torch_save({"step": step, **state}, spath)}
+        write_json_atomic(manifest, {"format": CKPT_FORMAT, "step": step, "sha256": digests})
+    except StorageError:
+        for p in (wpath, spath, manifest):  # no half of this step is left to look like a checkpoint
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        raise
     write_json_atomic(d / LATEST_NAME, {"step": step, "time": time.time()})
     if previous is not None and previous != step and not (keep_every and previous % keep_every == 0):
         for p in (*_ckpt_paths(run_dir, previous), _manifest_path(run_dir, previous)):

@@ -26,7 +26,7 @@ from gsd.sampling.guidance import (MASK_NAMES, classifier_loss, guidance_classif
                           inpainting_loss)
 from gsd.evaluation.metrics import digits_classifier
 from gsd.evaluation.plots import check_grid_size, save_image_grid
-from gsd.sampling.samplers import guided_sample, latents_for_seeds
+from gsd.sampling.samplers import guided_sample, latents_for_seeds, MAX_SAMPLER_STEPS
 from gsd.teachers.training import get_teacher
 from gsd.util import resolve_device
 
@@ -51,7 +51,8 @@ def build_parser():
     add_teacher_args(p)
     add_cache_arg(p)
     p.add_argument("--num", type=count_int, default=16, help="number of samples")
-    p.add_argument("--steps", type=count_int, default=30, help="sampler steps (= network evaluations)")
+    p.add_argument("--steps", type=bounded_int(1, MAX_SAMPLER_STEPS, "more steps than any sampler takes"),
+                   default=30, help=f"sampler steps (= network evaluations), at most {MAX_SAMPLER_STEPS}")
     add_guidance_args(p)
     p.add_argument("--scale", type=bounded_int(1, MAX_SCALE), default=4, help="pixel upscaling of the PNG")
     return p

@@ -25,8 +25,8 @@ from gsd.config import (
     RUN_KEYS,
 )
 from gsd.data import GMMDenoiser, load_dataset
-from gsd.distill import DistillConfig, Distiller, MAX_ROWS
-from gsd.errors import Terminated, TrainingStopped, UsageError
+from gsd.distill import check_irl_radius, DistillConfig, Distiller, MAX_ROWS
+from gsd.errors import StorageError, Terminated, TrainingStopped, UsageError
 from gsd.evaluation.metrics import evaluate_distillation, summary_rows
 from gsd.evaluation.plots import save_samples_png
 from gsd.progress import progress_bar
@@ -150,6 +150,9 @@ def _run(config, *, explicit, nan_hook, lock) -> Path:
         runs.check_run_matches_checkpoint(run_dir, saved, ckpt_state, step, f"--resume {run_dir}")
     else:
         cfg = resolve_config({k: v for k, v in given.items() if k != "resume"}, explicit)
+        if cfg["irl_estimator"] == "jvp" and explicit.get("irl_radius") is not None:
+            raise UsageError("--irl-estimator jvp cannot honour --irl-radius (it probes the Jacobian at the anchors, "
+                             "with no neighbours)")
         run_dir = Path(cfg["out"]) if cfg.get("out") else runs.default_run_dir(cfg["dataset"])
         cfg["out"] = str(run_dir)
         _validate(cfg)
@@ -174,6 +177,7 @@ def _run(config, *, explicit, nan_hook, lock) -> Path:
         ds = load_dataset(cfg["dataset"], data_root=cfg["data_root"], resolution=cfg["resolution"],
                           download=cfg["download"])
         _check_memory(cfg, ds.sample_shape, device, world)
+        check_irl_radius(cfg["irl_radius"], cfg["irl_neighbours"], math.prod(ds.sample_shape))
         net = None
         if resume_dir:
             net = load_run_teacher(run_dir, device=device, dataset=ds)
@@ -290,11 +294,16 @@ def _run(config, *, explicit, nan_hook, lock) -> Path:
         if world > 1:
             extra["rng_ranks"] = [s.cpu() for s in parallel.all_gather_objects(distiller.rng.get_state())]
         if main_rank:
-            runs.save_checkpoint(run_dir, distiller.iteration, distiller.weights(),
-                                 {"distiller": dstate, "rng": runs.capture_rng_state(), "elapsed": elapsed,
-                                  "run_config": _training_view(cfg), "teacher_sha256": teacher_sha256,
-                                  "stop_rule": guard.state(), **extra},
-                                 keep_every=cfg["keep_every"] or None)
+            state = {"distiller": dstate, "rng": runs.capture_rng_state(), "elapsed": elapsed,
+                     "run_config": _training_view(cfg), "teacher_sha256": teacher_sha256,
+                     "stop_rule": guard.state(), **extra}
+            try:
+                runs.save_checkpoint(run_dir, distiller.iteration, distiller.weights(), state,
+                                     keep_every=cfg["keep_every"] or None)
+            except StorageError as exc:  # say what is kept: the previous checkpoint is intact
+                kept = (f"the checkpoint of iteration {saved_at} is intact; free space and --resume {run_dir}"
+                        if saved_at is not None else "no checkpoint was written yet")
+                raise StorageError(f"{exc}; {kept}") from None
         parallel.barrier()
         return distiller.iteration
 
@@ -370,6 +379,8 @@ def _run(config, *, explicit, nan_hook, lock) -> Path:
                   f"--resume {run_dir}", file=sys.stderr)
             raise
         bar.close()
+        if guard.limit > 0 and guard.streak:  # it ended in bad iterations: never checkpoint, evaluate or report them
+            raise TrainingStopped(guard.message(distiller.iteration, saved_at, run_dir, ended=True))
         train_seconds = elapsed_before + time.perf_counter() - t_train
         if saved_at != distiller.iteration:  # also over a damaged checkpoint of this step
             checkpoint(train_seconds)
@@ -413,8 +424,17 @@ def _set_regression_pairs(distiller, show: bool) -> None:
     count = distiller.config.regress_pairs
     t0 = time.time()
     bar = progress_bar(total=count, desc="teacher ODE pairs", enabled=show, leave=False)
+
+    class Estimate:  # after the first chunk: how long the pairs will take, in one line
+        def update(self, n):
+            bar.update(n)
+            if show and not getattr(self, "said", False) and n < count:
+                self.said = True
+                left = (time.time() - t0) / n * (count - n)
+                if left > 30:
+                    bar.write(f"regression pairs: {count} teacher ODE outputs, about {left / 60:.1f} min more")
     try:
-        distiller.draw_regression_pairs(progress=bar)
+        distiller.draw_regression_pairs(progress=Estimate())
     finally:
         bar.close()
     if show:
@@ -524,6 +544,8 @@ class _StopRule:
             reason = "non-finite loss " + ", ".join(k for k, v in losses.items() if not math.isfinite(v))
         elif out.get("all_dropped"):
             reason = "a step dropped every sample (non-finite generator samples, teacher or fake-score outputs)"
+        elif out.get("all_grads_zeroed"):
+            reason = "every gradient value of a step was non-finite (zeroed: the step learnt nothing)"
         else:
             if self.reference is None:
                 # computed before this start's first update (loss_gen of a SiD iteration follows
@@ -562,12 +584,13 @@ class _StopRule:
     def stopped(self) -> bool:
         return self.limit > 0 and self.streak >= self.limit
 
-    def message(self, iteration: int, saved_at, run_dir) -> str:
+    def message(self, iteration: int, saved_at, run_dir, ended: bool = False) -> str:
         kept = (f"its last checkpoint (iteration {saved_at}) is kept" if saved_at is not None
                 else "it has no checkpoint")
-        return (f"training stopped at iteration {iteration}: {self.streak} bad iterations in a row (the last: "
-                f"{self.reason}); lower --lr / --lr-fake or check the teacher; {kept} in {run_dir} "
-                f"(--max-bad-iters sets the rule)")
+        what = (f"training stopped at its last iteration ({iteration}): the last {self.streak} were bad and are "
+                f"not saved" if ended else f"training stopped at iteration {iteration}: {self.streak} bad iterations in a row")
+        return (f"{what} (the last: {self.reason}); lower --lr / --lr-fake, the loss weights, or check the teacher; "
+                f"{kept} in {run_dir} (--max-bad-iters sets the rule)")
 
 
 class _DeferredInterrupt:

@@ -108,7 +108,10 @@ def check_creatable(path, start, flag: str) -> None:
     /proc, /sys or /dev, and the nearest existing folder at or above `start` is a writable
     folder on a writable file system. Nothing is created. Shared by output files
     (check_output_file) and run directories (gsd.runs.check_out_path)."""
-    real = os.path.realpath(os.path.abspath(path))
+    try:
+        real = os.path.realpath(os.path.abspath(path))
+    except OSError as exc:  # a link into a place we may not read (/proc/1/cwd)
+        raise UsageError(f"{flag} {path}: cannot resolve it ({exc.strerror or exc})") from None
     for kernel in _KERNEL_FILE_SYSTEMS:
         if real == kernel or real.startswith(kernel + os.sep):
             raise UsageError(f"{flag} {path} is inside {kernel}, a kernel file system; choose a place on disk")
@@ -144,20 +147,30 @@ def check_output_file(path, flag: str = "--out") -> str:
 
 
 def check_image_output(path, flag: str = "--out", suffixes: Sequence[str] | None = None) -> str:
-    """check_output_file, and the file name's extension is an image format PIL writes
-    (or one of `suffixes` when given, e.g. ('.png',))."""
+    """check_output_file, the file name's extension is an image format PIL writes (or one of
+    `suffixes` when given, e.g. ('.png',)), and an existing file there is an image: an image
+    output replaces an old image, never anything else."""
     path = check_output_file(path, flag)
     ext = os.path.splitext(path)[1].lower()
+    from PIL import Image
+
     if suffixes is not None:
         if ext not in suffixes:
             raise UsageError(f"{flag} must name a {' or '.join(suffixes)} file, got {path!r}")
-        return path
-    from PIL import Image
-
-    fmt = Image.registered_extensions().get(ext)
-    if fmt is None or fmt not in Image.SAVE:
-        raise UsageError(f"{flag} {path}: {ext or 'no extension'} is not an image format that can be written "
-                         f"(use .png)")
+    else:
+        fmt = Image.registered_extensions().get(ext)
+        if fmt is None or fmt not in Image.SAVE:
+            raise UsageError(f"{flag} {path}: {ext or 'no extension'} is not an image format that can be written "
+                             f"(use .png)")
+    if os.path.lexists(path):
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise UsageError(f"{flag} {path} exists and is not a regular file; refusing to replace it")
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception:  # noqa: BLE001 - PIL raises many types for what is not an image
+            raise UsageError(f"{flag} {path} exists and is not an image; refusing to overwrite it (choose another "
+                             f"name or remove it)") from None
     return path
 
 

@@ -267,6 +267,9 @@ def isometry_loss(x, z, *, weighting="global", bandwidth=None, scale="optimal", 
         return failed
     name = _resolve(backend, x.device.type)
     groups = None if groups is None else int(groups)
+    # numbers as Python floats from here (a Fraction or numpy scalar passes the checks)
+    bandwidth = None if bandwidth is None else float(bandwidth)
+    scale = scale if isinstance(scale, str) else float(scale)
     if name == "reference":
         return reference.isometry_loss(x, z, weighting=weighting, bandwidth=bandwidth, scale=scale, groups=groups)
     check_grouped_backend(name, groups)
@@ -284,6 +287,7 @@ def sid_generator_loss(x_g, y_real, y_fake, *, alpha=1.2, backend="auto") -> Ten
     if failed is not None:
         return failed
     name = _resolve(backend, x_g.device.type)
+    alpha = float(alpha)
     if name == "reference":
         return reference.sid_generator_loss(x_g, y_real, y_fake, alpha=alpha)
     dtype = compute_dtype(x_g, y_real, y_fake)
@@ -300,6 +304,7 @@ def fake_score_loss(y_fake, x, sigma, *, sigma_data=0.5, backend="auto") -> Tens
     if torch.compiler.is_compiling() and sigma.device.type == "cpu":
         sigma = _checked_sigma(sigma)
     name = _resolve(backend, x.device.type)
+    sigma_data = float(sigma_data)
     if name == "reference":
         return reference.fake_score_loss(y_fake, x, sigma, sigma_data=sigma_data)
     dtype = compute_dtype(y_fake, x)

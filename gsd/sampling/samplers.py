@@ -201,6 +201,9 @@ def churn_sample(denoiser, latents: torch.Tensor, class_labels=None, *, num_step
 # Ancestral sampler and loss guidance (DSG / DPS).
 
 GUIDANCE_METHODS = ("none", "dsg", "dps")
+# more sampler steps than any diffusion sampler takes (DDPM's 1000); a bound on the schedule
+# tensors and noise draws a mistyped count would allocate
+MAX_SAMPLER_STEPS = 10_000
 STOCHASTIC_SAMPLERS = ("ancestral",)
 _DETERMINISTIC_SAMPLERS = ("heun", "euler")
 
