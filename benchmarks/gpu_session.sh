@@ -74,7 +74,8 @@ build() {
   $PY -c "import gsd_kernels as g; import gsd_kernels._C as C; assert C.has_cuda(), 'no CUDA in _C'; print('backends', g.available_backends('cuda'))"
 }
 tests() {
-  local files="tests/kernels/test_native_primitives.py tests/kernels/test_triton_primitives.py tests/kernels/test_ops.py tests/kernels/test_ops_api.py"
+  # test_isometry_groups.py: the grouped cuda/triton kernels' only GPU test
+  local files="tests/kernels/test_native_primitives.py tests/kernels/test_triton_primitives.py tests/kernels/test_ops.py tests/kernels/test_ops_api.py tests/kernels/test_isometry_groups.py"
   for f in tests/kernels/test_kernel_*.py; do [[ -e $f ]] && files="$files $f"; done
   if [[ $DRY == 1 ]]; then echo "dry run: would run pytest on $files"; return 0; fi
   $PY -m pytest -q -n 8 -p no:cacheprovider -rfE --timeout=120 $files

@@ -740,25 +740,38 @@ class Distiller:
         """--irl-estimator jvp: the relaxed distortion measure of G's Jacobian at the anchors
         (every latent of the micro-batch, one Gaussian probe each, drawn from the run's RNG),
         gsd.jacobian_isometry. It is a separate pass through G (a forward, and vector-Jacobian
-        products with a graph for the double backward), in float32 without autocast, through the plain module (not the
-        compiled or DDP wrapper). Anchors whose x_g was dropped, or whose terms are
-        non-finite, are left out."""
+        products with a graph for the double backward), in float32 without autocast, through the
+        plain module (not the compiled or DDP wrapper).
+
+        Anchors whose x_g was dropped are left out before the pass, and anchors whose terms come
+        out non-finite are left out by a pass without them (with the same probes): dropping them
+        from the mean afterwards would keep their graph, whose backward puts NaN into the
+        parameter gradients."""
 
         c = self.config
-        n = eps.shape[0]
-        sigma = torch.full((n,), c.sigma_init, device=eps.device)
+        z = c.sigma_init * eps
+        # the probes as distortion_terms would draw them, kept for a pass over fewer anchors
+        u = torch.randn((1, *z.shape), generator=self.rng, device=z.device, dtype=z.dtype)
+        keep = valid.clone()
+        while True:
+            rows = keep.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                parts["loss_irl"] = float("nan")
+                return None
+            sigma = torch.full((rows.numel(),), c.sigma_init, device=eps.device)
+            sub_labels = None if labels is None else labels[rows]
 
-        def fn(z):
-            return self.generator(z, sigma, labels)
+            def fn(t):
+                return self.generator(t, sigma, sub_labels)
 
-        # the double-backward route: about 1.5x cheaper than forward-mode AD on the digits network,
-        # it runs through gradient checkpointing, and it draws dropout masks as a plain forward does
-        num, den = distortion_terms(fn, c.sigma_init * eps, probes=1, generator=self.rng, method="double_backward")
-        keep = valid & torch.isfinite(num) & torch.isfinite(den)
-        if not bool(keep.any()):
-            parts["loss_irl"] = float("nan")
-            return None
-        l_irl = num[keep].mean() / den[keep].mean() ** 2
+            # the double-backward route: about 1.5x cheaper than forward-mode AD on the digits network,
+            # it runs through gradient checkpointing, and it draws dropout masks as a plain forward does
+            num, den = distortion_terms(fn, z[rows], probes=u[:, rows], method="double_backward")
+            finite = torch.isfinite(num) & torch.isfinite(den)
+            if bool(finite.all()):
+                break
+            keep[rows[~finite]] = False
+        l_irl = num.mean() / den.mean() ** 2
         parts["loss_irl"] = float(l_irl.detach())
         return l_irl
 

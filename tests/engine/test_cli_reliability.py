@@ -21,11 +21,14 @@ def test_max_seed_is_accepted_by_torch_numpy_and_sklearn():
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    torch.Generator().manual_seed(cli.MAX_SEED)
-    np.random.RandomState(cli.MAX_SEED)
-    LogisticRegression(random_state=cli.MAX_SEED).fit(np.array([[0.0], [1.0]]), [0, 1])
+    assert torch.Generator().manual_seed(cli.MAX_SEED).initial_seed() == cli.MAX_SEED
+    assert np.array_equal(np.random.RandomState(cli.MAX_SEED).randint(0, 1000, 5),
+                          np.random.RandomState(cli.MAX_SEED).randint(0, 1000, 5))
+    fitted = LogisticRegression(random_state=cli.MAX_SEED).fit(np.array([[0.0], [1.0]]), [0, 1])
+    assert list(fitted.predict(np.array([[-5.0], [6.0]]))) == [0, 1]
     # commands derive seeds as seed * stride + offset; the largest stride used is 1e8
-    torch.Generator().manual_seed(cli.MAX_SEED * 100_000_000 + 10 ** 9)
+    derived = cli.MAX_SEED * 100_000_000 + 10 ** 9
+    assert torch.Generator().manual_seed(derived).initial_seed() == derived
 
 
 def test_bounded_int_and_count_int():

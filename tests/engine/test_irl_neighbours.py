@@ -222,6 +222,31 @@ OLD_LOSSES = {
 
 
 @pytest.mark.parametrize("raw", [0.0, 0.3])
+def test_no_neighbours_with_the_raw_weight_against_the_float64_oracle(raw):
+    """The K = 0 raw-weight generator loss, written out in float64 from tests/oracles.py (no
+    gsd_kernels, no Distiller code) on the same networks and draws."""
+    import oracles
+    d = make(batch=8, lambda_irl_raw=raw, seed=5)
+    eps, _ = d._generator_latents(8)
+    t, noise = torch.rand(8) * 0.8, torch.randn(8, 2)
+    loss, parts = d.generator_loss(eps, t=t, noise=noise)
+    c = d.config
+    with torch.no_grad():
+        x = d.generator(c.sigma_init * eps, torch.full((8,), c.sigma_init))
+        sigma = sigma_schedule(t, c.sigma_min, c.sigma_max, c.rho)
+        x_t = x + sigma[:, None] * noise
+        y_real, y_fake = d.teacher(x_t, sigma), d.fake(x_t, sigma)
+    want_sid = oracles.sid_generator(x.double(), y_real.double(), y_fake.double(), alpha=c.alpha)
+    assert parts["loss_sid"] == pytest.approx(float(want_sid), rel=1e-5)
+    want = c.lambda_sid * want_sid
+    if raw:
+        want_irl = oracles.isometry(x.double(), (c.sigma_init * eps).double())
+        assert parts["loss_irl"] == pytest.approx(float(want_irl), rel=1e-5)
+        want = want + raw * want_irl
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("raw", [0.0, 0.3])
 def test_no_neighbours_with_the_raw_weight_is_the_old_training(raw, monkeypatch):
     spy = _Spy(monkeypatch)
     d = make(batch=8, lambda_irl_raw=raw, seed=5)
@@ -257,10 +282,10 @@ def test_scale_free_with_fp16_scaler_and_accumulation_matches_fp32():
     d = make(batch=8, lambda_irl=0.5, irl_neighbours=1, precision="fp16", seed=3)
     before = [p.detach().clone() for p in d.generator.parameters()]
     out = d.generator_step()
-    if out["nan_grads"]:
-        assert math.isfinite(out["loss_gen"]) and "irl_weight" not in out
-        assert all(torch.equal(p0, p) for p0, p in zip(before, d.generator.parameters()))
-        assert d.scaler_g.get_scale() < 65536.0
+    assert out["nan_grads"] > 0  # seeded: this step does overflow
+    assert math.isfinite(out["loss_gen"]) and "irl_weight" not in out
+    assert all(torch.equal(p0, p) for p0, p in zip(before, d.generator.parameters()))
+    assert d.scaler_g.get_scale() < 65536.0
 
     # accumulation: the step's gradient is the mean of the two micro-steps' (each with its own w)
     cfg = dict(batch=8, batch_per_rank=4, lambda_irl=0.5, irl_neighbours=1, seed=3)
@@ -454,6 +479,44 @@ def test_jvp_term_is_the_relaxed_distortion_of_g_at_the_anchors():
     a, b = (torch.cat([g.flatten() for g in grads(net)]).double() for net in (d.generator, gen))
     assert float(torch.linalg.vector_norm(a - b)) <= 1e-4 * float(torch.linalg.vector_norm(b))
     assert float(torch.linalg.vector_norm(b)) > 0
+
+
+def test_jvp_term_leaves_non_finite_anchors_out_of_the_graph(monkeypatch):
+    """An anchor whose Jacobian terms come out non-finite: the term and the parameter gradients
+    equal those of the batch without that anchor (same probes), with no NaN to zero. Dropping
+    the anchor from the mean after the pass kept its graph, whose backward multiplied 0 by inf."""
+    import gsd.distill
+    from gsd.jacobian_isometry import distortion_terms
+
+    d = Distiller(tiny_unet(1), DistillConfig(batch=3, lr=1e-3, lambda_sid=0.0, lambda_irl_raw=0.7,
+                                              irl_estimator="jvp"), init=tiny_unet(2))
+    eps, _ = d._generator_latents(3)
+    bad_row = (2.5 * eps[1]).clone()
+
+    def overflowing(fn, z, **kw):  # the anchor equal to bad_row overflows inside its graph
+        num, den = distortion_terms(fn, z, **kw)
+        hit = (z.flatten(1) == bad_row.flatten()).all(1)
+        return num * torch.where(hit, torch.tensor(float("inf")), torch.tensor(1.0)), den
+    monkeypatch.setattr(gsd.distill, "distortion_terms", overflowing)
+    rng = torch.Generator().manual_seed(0)
+    rng.set_state(d.rng.get_state())
+    u = torch.randn((1, 3, 1, 8, 8), generator=rng)
+    d.generator.zero_grad(set_to_none=True)
+    loss, parts = d.generator_loss(eps)
+    loss.backward()
+    got = torch.cat([g.flatten() for g in grads(d.generator)])
+    assert torch.isfinite(got).all()
+
+    from gsd.jacobian_isometry import relaxed_distortion
+    gen = copy.deepcopy(d.generator)
+    gen.zero_grad(set_to_none=True)
+    keep = torch.tensor([0, 2])
+    want = 0.7 * relaxed_distortion(lambda z: gen(z, torch.full((2,), 2.5)), 2.5 * eps[keep], probes=u[:, keep],
+                                    method="double_backward")
+    want.backward()
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    ref = torch.cat([g.flatten() for g in grads(gen)])
+    assert float(torch.linalg.vector_norm(got.double() - ref.double())) <= 1e-4 * float(torch.linalg.vector_norm(ref))
 
 
 def test_jvp_refuses_layer_norm_networks():

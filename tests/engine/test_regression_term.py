@@ -69,6 +69,26 @@ def test_the_distiller_draws_its_pairs_from_its_teacher_and_seed():
     assert not torch.equal(drawn(5).regression_pairs[0], eps)  # another seed, other pairs
 
 
+def test_regression_pair_latents_are_never_evaluation_latents():
+    """The pairs are drawn from seed REGRESS_SEED_BASE + --seed, above every latent seed an
+    evaluation uses (seed * SEED_STRIDE + offset + i for seeds up to MAX_SEED): no evaluation
+    sample is a training pair. Checked on the seed ranges and on the latents themselves."""
+    from gsd.distill import REGRESS_SEED_BASE
+    from gsd.evaluation.metrics import (ISOMETRY_SEED_OFFSET, LOCAL_ISOMETRY_SEED_OFFSET, SEED_STRIDE,
+                                        evaluation_latents)
+    from gsd.util import MAX_SEED
+    assert max(ISOMETRY_SEED_OFFSET, LOCAL_ISOMETRY_SEED_OFFSET) < SEED_STRIDE
+    largest_evaluation_seed = MAX_SEED * SEED_STRIDE + SEED_STRIDE - 1
+    assert largest_evaluation_seed < REGRESS_SEED_BASE < REGRESS_SEED_BASE + MAX_SEED < 2 ** 63
+    d = Distiller(tiny_mlp(seed=1), DistillConfig(batch=4, lambda_regress=1.0, regress_pairs=512, seed=0),
+                  init=tiny_mlp(seed=2))
+    d.draw_regression_pairs()
+    pairs = d.regression_pairs[0].reshape(512, -1)
+    for offset in (0, ISOMETRY_SEED_OFFSET, LOCAL_ISOMETRY_SEED_OFFSET):
+        eval_eps, _ = evaluation_latents(0, 2048, (2,), "cpu", offset=offset)
+        assert float(torch.cdist(pairs.double(), eval_eps.reshape(2048, -1).double()).min()) > 0
+
+
 # ------------------------------------------------------------------ the term in the generator loss
 
 def _pair_set(d, count, seed=5):
