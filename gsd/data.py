@@ -451,6 +451,32 @@ def load_cifar10(data_root, resolution=None, download: bool = False) -> Dataset:
                    {"root": folder, "label_names": label_names})
 
 
+class RealSamples:
+    """Real samples for SiDA's discriminator: a data set's samples drawn uniformly with
+    replacement, or, for a data set with a known mixture (gmm), fresh draws from it. All
+    randomness comes from the caller's generator (the run's own, so --resume draws the same)."""
+
+    def __init__(self, dataset: Dataset, conditional: bool):
+        if conditional and (dataset.labels is None or not dataset.num_classes):
+            raise DataError(f"--dataset {dataset.name} has no labels for a class-conditional generator")
+        self.dataset = dataset
+        self.conditional = conditional
+
+    def sample(self, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x (n, *sample_shape) float32, labels (n,) int64 or None) on `device`."""
+        ds = self.dataset
+        dev = generator.device
+        if ds.mixture is not None:
+            m = ds.mixture
+            ids = torch.multinomial(m.weights.to(dev), n, replacement=True, generator=generator)
+            noise = torch.randn(n, m.dim, generator=generator, device=dev, dtype=torch.float64)
+            x = m.means.to(dev)[ids] + m.stds.to(dev)[ids, None] * noise
+            return x.to(device=device, dtype=torch.float32), None
+        idx = torch.randint(0, len(ds), (n,), generator=generator, device=dev).cpu()
+        labels = ds.labels[idx].to(device) if self.conditional else None
+        return ds.data[idx].to(device=device, dtype=torch.float32), labels
+
+
 def _list_images(root: str) -> list[str]:
     """Image files under root, sorted per folder; hidden files and hidden folders (names starting
     with '.', e.g. .git/) are skipped. Symbolic links are followed, but every real folder and

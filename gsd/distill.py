@@ -69,6 +69,7 @@ import torch
 import torch.nn as nn
 
 from gsd import parallel
+from gsd.adversarial import discriminator_loss, generator_adversarial_loss
 from gsd.config import DISTILL_DEFAULTS, VALUE_RANGES
 from gsd.errors import UsageError
 from gsd.jacobian_isometry import distortion_terms
@@ -92,6 +93,14 @@ class DistillConfig:
     lambda_regress: float = DISTILL_DEFAULTS["lambda_regress"]  # weight of the teacher-pair regression term
     regress_pairs: int = DISTILL_DEFAULTS["regress_pairs"]      # pairs it draws from (set_regression_pairs)
     regress_ratio: int = DISTILL_DEFAULTS["regress_ratio"]      # pairs per generated sample in a generator step
+    # SiDA (docs/definitions.md §3.8): f_psi's encoder as discriminator; lambda_adv mixes its
+    # term into G's gradient, (1 - lambda_adv) L + lambda_adv L_adv (SiDA: 0.5); 0 = off
+    lambda_adv: float = 0.0
+    adv_loss_scale_g: float = 0.01        # SiDA's loss_scaling_G_gan
+    adv_loss_scale_d: float = 1.0         # SiDA's loss_scaling_D
+    adv_g_warmup: int = 100_000           # images seen before G is first stepped
+    adv_mix_warmup: int = 200_000         # images seen before the adversarial term enters G's gradient
+    adv_clip: float = 1.0                 # f_psi's gradients are clipped by value to this
     dropout: float | None = None          # dropout of G and f_psi (None: the init network's)
     irl_weighting: str = "global"
     irl_bandwidth: float | None = None
@@ -155,6 +164,20 @@ class DistillConfig:
         r = self.regress_ratio
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 1024:
             raise UsageError(f"--regress-ratio must be an integer in [1, 1024], got {r!r}")
+        if not finite(self.lambda_adv) or not 0 <= self.lambda_adv <= 1:
+            raise UsageError(f"--lambda-adv (a mixing weight) must be a number in [0, 1], got {self.lambda_adv!r}")
+        if self.lambda_adv > 0 and self.lambda_sid == 0:
+            raise UsageError("--lambda-adv needs the fake-score network, which --lambda-sid 0 does not train")
+        for name in ("adv_loss_scale_g", "adv_loss_scale_d"):
+            v = getattr(self, name)
+            if not finite(v) or not 0 <= v <= 1e4:
+                raise UsageError(f"--{name.replace('_', '-')} must be a number in [0, 10000], got {v!r}")
+        for name in ("adv_g_warmup", "adv_mix_warmup"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2 ** 62:
+                raise UsageError(f"--{name.replace('_', '-')} must be a number of images >= 0, got {v!r}")
+        if not finite(self.adv_clip) or not 0 < self.adv_clip <= 1e6:
+            raise UsageError(f"--adv-clip must be a number in (0, 1e6], got {self.adv_clip!r}")
         if self.dropout is not None and not (finite(self.dropout) and 0 <= self.dropout < 1):
             raise UsageError(f"--dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.irl_estimator not in ("pairs", "jvp"):
@@ -243,6 +266,11 @@ class DistillConfig:
             raise UsageError(f"{per} samples per process and micro-step (--batch {self.batch} / world size "
                              f"{world}, or --batch-per-gpu) is not a multiple of --irl-neighbours + 1 = {g}")
         return self.batch // (per * world)
+
+    @property
+    def adv_on(self) -> bool:
+        """Whether SiDA's adversarial terms are trained (the discriminator from the first step)."""
+        return self.lambda_adv > 0
 
     @property
     def irl_on(self) -> bool:
@@ -353,8 +381,13 @@ class Distiller:
     """
 
     def __init__(self, teacher: nn.Module, config: DistillConfig, *, init: nn.Module | None = None,
-                 sample_shape=None, num_classes: int | None = None, device="cpu"):
+                 sample_shape=None, num_classes: int | None = None, device="cpu", real_data=None):
         self.config = config.validate()
+        if config.adv_on and real_data is None:
+            raise UsageError("--lambda-adv: SiDA's discriminator needs real samples, and none were given "
+                             "(a data set with samples, or gmm's mixture)")
+        # real samples for the discriminator: real_data.sample(n, generator, device) -> (x, labels or None)
+        self.real_data = real_data
         self.device = torch.device(device)
         init = teacher if init is None else init
         self.sample_shape = tuple(sample_shape if sample_shape is not None else getattr(init, "sample_shape", ()))
@@ -474,13 +507,14 @@ class Distiller:
         self._call_f = wrap(self.fake)                # frozen f_psi in the generator step
         self._call_teacher = wrap(self.teacher)
 
-    def _net(self, net, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
-        """A network forward under the run's autocast; the output is fp32 for the losses."""
+    def _net(self, net, x: torch.Tensor, sigma: torch.Tensor, labels=None, **kw):
+        """A network forward under the run's autocast; the outputs are fp32 for the losses (kw:
+        return_logits / decoder_rows of the gsd architectures, for SiDA)."""
         if self._amp_dtype is None:
-            return net(x, sigma, labels)
+            return net(x, sigma, labels, **kw)
         with torch.autocast(device_type=self.device.type, dtype=self._amp_dtype):
-            out = net(x, sigma, labels)
-        return out.float()
+            out = net(x, sigma, labels, **kw)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     def _gen(self, net, eps: torch.Tensor, labels=None, amp: bool = True) -> torch.Tensor:
         s = self.config.sigma_init
@@ -529,31 +563,66 @@ class Distiller:
         # off); generator_step puts G back in train mode
         self.generator.eval()
         self.opt_f.zero_grad(set_to_none=True)
-        loss_sum, dropped = 0.0, None
+        loss_sum, d_sum, dropped = 0.0, 0.0, None
         for k in range(self.accum):
             # independent latents: the neighbour groups serve only the generator's isometry term
-            eps, labels = self._latents(n)
+            real = None
+            if c.adv_on:  # SiDA: real samples, whose labels the generated ones take
+                real, real_labels = self.real_data.sample(n, self.rng, self.device)
+                eps, labels = self._randn(n, *self.sample_shape), real_labels
+            else:
+                eps, labels = self._latents(n)
             with torch.no_grad():
                 x_g = self._gen(self._call_g, eps, labels)
             x_g = self._apply_hook("fake", x_g)
-            valid = _row_valid(x_g)
-            x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
             sigma = (self._randn(n) * c.p_std + c.p_mean).exp()
             noise = self._randn(n, *self.sample_shape)
             with self._no_sync(self._f_train, k == self.accum - 1):
-                y_fake = self._net(self._call_f_train, x_in + _bcast(sigma, x_in) * noise, sigma, labels)
-                loss = _ops().fake_score_loss(y_fake, x_g, sigma, sigma_data=c.sigma_data, backend=c.backend)
-                self.scaler_f.scale(loss * (c.fake_loss_scale / self.accum)).backward()
+                loss, loss_d, keep = self.fake_score_terms(x_g, sigma, noise, labels, real)
+                total = loss * c.fake_loss_scale + (0 if loss_d is None else loss_d * c.adv_loss_scale_d)
+                self.scaler_f.scale(total / self.accum).backward()
             loss_sum += float(loss.detach())
-            # the rows the op dropped: non-finite x_g or non-finite f_psi output
-            d = n - (valid & _row_valid(y_fake.detach())).sum()
+            d_sum += 0.0 if loss_d is None else float(loss_d.detach())
+            d = n - keep.sum()
             dropped = d if dropped is None else dropped + d
         self.scaler_f.unscale_(self.opt_f)
         bad_grads, n_grads = _sanitize_grads(self.fake.parameters())
+        if c.adv_on:  # SiDA clips f_psi's gradients by value once the discriminator trains it
+            torch.nn.utils.clip_grad_value_(self.fake.parameters(), c.adv_clip)
         self.scaler_f.step(self.opt_f)  # fp16: a step whose gradients overflowed is skipped
         self.scaler_f.update()
-        return {"loss_fake": loss_sum / self.accum, "nan_samples": int(dropped), "nan_grads": bad_grads,
-                "rows": n * self.accum, "grads": n_grads}
+        out = {"loss_fake": loss_sum / self.accum, "nan_samples": int(dropped), "nan_grads": bad_grads,
+               "rows": n * self.accum, "grads": n_grads}
+        if c.adv_on:
+            out["loss_d"] = d_sum / self.accum
+        return out
+
+    def fake_score_terms(self, x_g: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, labels=None,
+                         real: torch.Tensor | None = None):
+        """(fake-score loss, discriminator loss or None, kept rows) of one micro-batch: f_psi
+        denoises x_g + sigma noise; with `real` (SiDA) its encoder also scores real + sigma noise
+        (the same sigma and noise) in the same pass, which decodes the generated rows only."""
+        c = self.config
+        n = x_g.shape[0]
+        valid = _row_valid(x_g)
+        x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
+        x_noisy = x_in + _bcast(sigma, x_in) * noise
+        if real is None:
+            y_fake = self._net(self._call_f_train, x_noisy, sigma, labels)
+            loss_d = None
+        else:
+            both = torch.cat([x_noisy, real + _bcast(sigma, real) * noise])
+            y_fake, logits = self._net(self._call_f_train, both, torch.cat([sigma, sigma]),
+                                       None if labels is None else torch.cat([labels, labels]),
+                                       return_logits=True, decoder_rows=n)
+            logit_fake, logit_real = logits[:n], logits[n:]
+        loss = _ops().fake_score_loss(y_fake, x_g, sigma, sigma_data=c.sigma_data, backend=c.backend)
+        # the rows the op dropped: non-finite x_g or non-finite f_psi output (and, with SiDA, logits)
+        keep = valid & _row_valid(y_fake.detach())
+        if real is not None:
+            keep = keep & _row_valid(logit_fake.detach()) & _row_valid(logit_real.detach())
+            loss_d = discriminator_loss(logit_fake, logit_real, sigma, keep, sigma_data=c.sigma_data)
+        return loss, loss_d, keep
 
     def generator_loss(self, eps: torch.Tensor, labels=None, *, t: torch.Tensor | None = None,
                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -599,7 +668,8 @@ class Distiller:
         x_irl = x_g.detach().requires_grad_(True) if scale_free else x_g
         used = valid  # rows that entered some loss: x_g finite and, for SiD, finite network outputs
         parts: dict = {}
-        l_sid = None
+        l_sid = l_adv = None
+        mix = c.lambda_adv if self.adversarial_mixing else 0.0  # SiDA: (1 - mix) L + mix L_adv
         if c.lambda_sid > 0:
             x_in = torch.where(_bcast(valid, x_sid), x_sid, torch.zeros_like(x_sid))
             self.fake.eval().requires_grad_(False)
@@ -610,10 +680,18 @@ class Distiller:
                 noise = self._randn(n, *self.sample_shape)
             x_t = x_in + _bcast(sigma, x_in) * noise
             y_real = self._net(self._call_teacher, x_t, sigma, labels)
-            y_fake = self._net(self._call_f, x_t, sigma, labels)
+            if mix:  # the discriminator's logits come with f_psi's denoising, in one pass
+                y_fake, logits = self._net(self._call_f, x_t, sigma, labels, return_logits=True)
+            else:
+                y_fake = self._net(self._call_f, x_t, sigma, labels)
             l_sid = _ops().sid_generator_loss(x_sid, y_real, y_fake, alpha=c.alpha, backend=c.backend)
             used = valid & _row_valid(y_real.detach()) & _row_valid(y_fake.detach())
             parts["loss_sid"] = float(l_sid.detach())
+            if mix:
+                used = used & _row_valid(logits.detach())
+                l_adv = generator_adversarial_loss(logits, x_sid, y_real, used, loss_scale=c.adv_loss_scale_g,
+                                                   gen_loss_scale=c.gen_loss_scale)
+                parts["loss_adv"] = float(l_adv.detach())
         l_irl, factor = (self._irl_term(x_irl, eps, labels, valid, parts) if c.irl_on else (None, 1))
         parts["nan_samples"] = int(n - used.sum())
         l_reg = None if reg is None else self._regress_term(both[n:], target_r, parts)
@@ -621,6 +699,7 @@ class Distiller:
         sid_value = parts.get("loss_sid", 0.0)
         irl_value = parts.get("loss_irl", 0.0) if l_irl is not None else 0.0
 
+        adv_value = parts.get("loss_adv", 0.0) if l_adv is not None else 0.0
         if not scale_free:
             # under DDP every rank must back-propagate through G, even if all its terms drop out
             x_in = torch.where(_bcast(valid, x_g), x_g, torch.zeros_like(x_g))
@@ -631,7 +710,11 @@ class Distiller:
                 total = total + (c.lambda_irl_raw * factor) * l_irl
             if l_reg is not None:
                 total = total + c.lambda_regress * l_reg
-            parts["loss_gen"] = c.lambda_sid * sid_value + c.lambda_irl_raw * irl_value + reg_value
+            value = c.lambda_sid * sid_value + c.lambda_irl_raw * irl_value + reg_value
+            if mix:
+                total = (1 - mix) * total + (mix * l_adv if l_adv is not None else 0.0)
+                value = (1 - mix) * value + mix * adv_value
+            parts["loss_gen"] = value
             return total, parts
 
         # fp16: the x-gradients pass through the autocast networks, so they are taken at the
@@ -641,16 +724,16 @@ class Distiller:
                      if self.scaler_g.is_enabled() else 1.0)
         keep = _bcast(valid, x_g)
 
-        def x_grad(loss, x, weight):
+        def x_grad(loss, x, weight, retain=False):
             if loss is None or not loss.requires_grad:
                 return torch.zeros_like(x_g)
-            (g,) = torch.autograd.grad(loss * (weight * amp_scale), x, allow_unused=True)
+            (g,) = torch.autograd.grad(loss * (weight * amp_scale), x, allow_unused=True, retain_graph=retain)
             if g is None:
                 return torch.zeros_like(x_g)
             g = g / amp_scale if amp_scale != 1.0 else g
             return torch.where(keep, g, torch.zeros_like(g))  # dropped rows take no part
 
-        g_sid = x_grad(l_sid, x_sid, c.lambda_sid)
+        g_sid = x_grad(l_sid, x_sid, c.lambda_sid, retain=l_adv is not None)  # the adversarial term shares f_psi's pass
         g_irl = x_grad(l_irl, x_irl, float(factor))
         sq = torch.stack([g_sid.double().square().sum(), g_irl.double().square().sum()])
         if self.world > 1:
@@ -670,13 +753,16 @@ class Distiller:
             # value reported is the SiD term's
             m, w = float("nan"), 0.0
         g = (g_sid + m * g_irl).detach()
+        value = c.lambda_sid * sid_value + w * irl_value
+        if mix:  # SiDA's mixture: the scale-free weight stays relative to the SiD term alone
+            g = (1 - mix) * g + mix * x_grad(l_adv, x_sid, 1.0).detach()
+            value = (1 - mix) * value + mix * adv_value
         x_in = torch.where(keep, x_g, torch.zeros_like(x_g))
         surrogate = (x_in * g).sum()
-        value = c.lambda_sid * sid_value + w * irl_value
-        parts["loss_gen"] = value + reg_value
+        parts["loss_gen"] = value + (1 - mix) * reg_value
         total = surrogate - surrogate.detach() + value
         if l_reg is not None:  # its own value and gradient; the scale-free weight is not relative to it
-            total = total + c.lambda_regress * l_reg
+            total = total + ((1 - mix) * c.lambda_regress) * l_reg
         return total, parts
 
     def _regression_batch(self, n: int):
@@ -775,8 +861,24 @@ class Distiller:
         parts["loss_irl"] = float(l_irl.detach())
         return l_irl
 
+    @property
+    def adversarial_mixing(self) -> bool:
+        """SiDA's term is in G's gradient: adversarial training on, and more than adv_mix_warmup
+        images seen (SiDA's rule; 0 = from the first iteration)."""
+        c = self.config
+        return c.adv_on and (c.adv_mix_warmup == 0 or self.images_seen > c.adv_mix_warmup)
+
+    @property
+    def generator_held(self) -> bool:
+        """SiDA does not step G until more than adv_g_warmup images were seen (0 = no hold)."""
+        c = self.config
+        return c.adv_on and c.adv_g_warmup > 0 and self.images_seen <= c.adv_g_warmup
+
     def generator_step(self) -> dict:
         c = self.config
+        if self.generator_held:  # only the fake score and its discriminator learn meanwhile
+            self._update_ema()
+            return {"nan_samples": 0, "nan_grads": 0, "rows": 0, "grads": 0}
         self.generator.train().requires_grad_(True)
         self.opt_g.zero_grad(set_to_none=True)
         acc: dict = {}
@@ -829,6 +931,8 @@ class Distiller:
         if self.config.lambda_sid > 0:  # f_psi only matters to the SiD term
             f = self.fake_score_step()
             out["loss_fake"] = f["loss_fake"]
+            if "loss_d" in f:
+                out["loss_d"] = f["loss_d"]
             nan_samples += f["nan_samples"]
             nan_grads += f["nan_grads"]
             f_rows = [f["nan_samples"], f["rows"]]

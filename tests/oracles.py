@@ -67,3 +67,25 @@ def fake_score(y_fake, x, sigma, sigma_data=0.5):
         lam = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
         total = total + lam * ((yf - xi) ** 2).sum()
     return total / n
+
+
+# SiDA (docs/definitions.md §3.6), re-stated in float64 from the official code's formulas: BCE
+# with logits, label 1: log(1 + e^-l) = softplus(-l); label 0: softplus(l).
+
+def sida_discriminator(logit_fake, logit_real, sigma, sigma_data=0.5):
+    """(1/n) sum_i lambda(sigma_i) (mean BCE(real, 1) + mean BCE(fake, 0)) / 2."""
+    n = logit_fake.shape[0]
+    lf, lr, s = logit_fake.double(), logit_real.double(), sigma.double().reshape(n)
+    bce = (torch.nn.functional.softplus(-lr).mean() + torch.nn.functional.softplus(lf).mean()) / 2
+    lam = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
+    return (lam * bce).sum() / n
+
+
+def sida_generator(logits, x, y_real, loss_scale=0.01):
+    """SiDA's scaled generator term: loss_scale (1/n) sum_i D mean BCE(clamp(l, -10, 10), 1) / w_i,
+    w_i = max(mean |x_i - y_real_i|, 1e-5) (no gradient)."""
+    n = x.shape[0]
+    x64 = x.double().reshape(n, -1)
+    bce = torch.nn.functional.softplus(-logits.double().clamp(-10, 10)).mean()
+    w = (x64 - y_real.double().reshape(n, -1)).abs().mean(1).clamp_min(1e-5).detach()
+    return loss_scale * (x64.shape[1] * bce / w).sum() / n

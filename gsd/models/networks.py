@@ -316,6 +316,13 @@ class UNetBlock(_CheckpointedBlock):
         return h
 
 
+def _decoder_rows(rows, x, emb, skips):
+    """The encoder's outputs cut to the first `rows` rows for the decoder (all when None)."""
+    if rows is None:
+        return x, emb, skips
+    return x[:rows], emb[:rows], [s[:rows] for s in skips]
+
+
 class SongUNet(nn.Module):
     """DDPM++ U-Net (Song et al. 2021 as configured in EDM), positional noise embedding.
 
@@ -427,12 +434,19 @@ class SongUNet(nn.Module):
         return F.silu(self.map_layer1(emb))
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, *, return_logits: bool = False,
+                decoder_rows: int | None = None):
+        """The output; with return_logits (output, logits): the logits are the channel mean of
+        the encoder's last feature map, (N, 1, H', W'), SiDA's discriminator (docs/definitions.md
+        §3.8). decoder_rows=k: the decoder runs on the first k rows only (the output has k rows,
+        the logits N), so that one pass scores extra rows with the encoder alone."""
         emb = self.embed(noise_labels, class_labels, augment_labels).to(x.dtype)
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
+        logits = x.mean(dim=1, keepdim=True) if return_logits else None
+        x, emb, skips = _decoder_rows(decoder_rows, x, emb, skips)
         out = None
         normed = None
         for name, block in self.dec.items():
@@ -444,7 +458,7 @@ class SongUNet(nn.Module):
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return out
+        return (out, logits) if return_logits else out
 
 
 # ----------------------------------------------------------------------------------------
@@ -498,7 +512,17 @@ class MLPDenoiserNet(nn.Module):
         self.norm_out = nn.LayerNorm(hidden)
         self.fc_out = Linear(hidden, dim, init_mode="xavier_uniform", init_weight=1e-5)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None):
+    @property
+    def encoder_blocks(self) -> int:
+        """The blocks on the encoder side, for SiDA's logits: the first half, rounded up (a
+        U-Net's encoder is its first half too)."""
+        return (len(self.blocks) + 1) // 2
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+                return_logits: bool = False, decoder_rows: int | None = None):
+        """The output; with return_logits (output, logits): the logits are the mean over the
+        hidden features after the encoder-side blocks, (N, 1) (the analogue of the U-Nets'
+        encoder logits, docs/definitions.md §3.8). decoder_rows as SongUNet.forward."""
         shape = x.shape
         h = x.reshape(shape[0], -1)
         if h.shape[1] != self.dim:
@@ -510,9 +534,14 @@ class MLPDenoiserNet(nn.Module):
             emb = emb + self.map_label(class_labels.to(h.dtype) * math.sqrt(self.label_dim))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         h = self.fc_in(h)
-        for block in self.blocks:
+        for block in self.blocks[:self.encoder_blocks]:
             h = block(h, emb)
-        return self.fc_out(F.silu(self.norm_out(h))).reshape(shape)
+        logits = h.mean(dim=1, keepdim=True) if return_logits else None
+        h, emb, _ = _decoder_rows(decoder_rows, h, emb, [])
+        for block in self.blocks[self.encoder_blocks:]:
+            h = block(h, emb)
+        out = self.fc_out(F.silu(self.norm_out(h))).reshape(h.shape[0], *shape[1:])
+        return (out, logits) if return_logits else out
 
 
 # ----------------------------------------------------------------------------------------
@@ -605,7 +634,9 @@ class NCSNppUNet(SongUNet):
         self.enc = enc
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, *, return_logits: bool = False,
+                decoder_rows: int | None = None):
+        """As SongUNet.forward, logits and decoder_rows included."""
         emb = self.embed(noise_labels, class_labels, augment_labels).to(x.dtype)
         skips = []
         aux = x
@@ -619,6 +650,8 @@ class NCSNppUNet(SongUNet):
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
+        logits = x.mean(dim=1, keepdim=True) if return_logits else None
+        x, emb, skips = _decoder_rows(decoder_rows, x, emb, skips)
         out = normed = None
         for name, block in self.dec.items():
             if name.endswith("_aux_norm"):
@@ -629,7 +662,7 @@ class NCSNppUNet(SongUNet):
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return out
+        return (out, logits) if return_logits else out
 
 
 class DhariwalUNet(nn.Module):
@@ -704,7 +737,9 @@ class DhariwalUNet(nn.Module):
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, *, return_logits: bool = False,
+                decoder_rows: int | None = None):
+        """As SongUNet.forward, logits and decoder_rows included."""
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
@@ -722,11 +757,14 @@ class DhariwalUNet(nn.Module):
         for blk in self.enc.values():
             x = blk(x, emb) if isinstance(blk, UNetBlock) else blk(x)
             skips.append(x)
+        logits = x.mean(dim=1, keepdim=True) if return_logits else None
+        x, emb, skips = _decoder_rows(decoder_rows, x, emb, skips)
         for blk in self.dec.values():
             if x.shape[1] != blk.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = blk(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        out = self.out_conv(F.silu(self.out_norm(x)))
+        return (out, logits) if return_logits else out
 
 
 # Every architecture a gsd denoiser file may name (its config "arch").
@@ -793,7 +831,11 @@ class EDMPrecond(nn.Module):
             return F.one_hot(idx, self.label_dim).to(dtype)
         return class_labels.to(dtype).reshape(-1, self.label_dim)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, *, return_logits: bool = False,
+                decoder_rows: int | None = None):
+        """D(x; sigma); with return_logits (D, logits): the raw network's encoder logits (SiDA's
+        discriminator), in the compute dtype, unscaled. decoder_rows=k: D of the first k rows
+        only, the logits of all (one pass scores real samples with the encoder alone)."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(dtype)
         n = x.shape[0]
@@ -815,9 +857,14 @@ class EDMPrecond(nn.Module):
         # elsewhere (c_out is ~0 there, so D = x).
         c_noise = sigma.clamp_min(1e-30).log().reshape(n) / 4
         model_dtype = next(self.model.parameters()).dtype
-        F_x = self.model((c_in * x).to(model_dtype), c_noise.to(model_dtype),
-                         None if labels is None else labels.to(model_dtype))
-        return c_skip * x + c_out * F_x.to(dtype)
+        args = ((c_in * x).to(model_dtype), c_noise.to(model_dtype), None if labels is None else labels.to(model_dtype))
+        if not return_logits and decoder_rows is None:
+            F_x = self.model(*args)
+            return c_skip * x + c_out * F_x.to(dtype)
+        rows = n if decoder_rows is None else int(decoder_rows)
+        F_x, logits = self.model(*args, return_logits=True, decoder_rows=decoder_rows)
+        D_x = c_skip[:rows] * x[:rows] + c_out[:rows] * F_x.to(dtype)
+        return (D_x, logits.to(dtype)) if return_logits else D_x
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ FLOORS = [
     ("infrastructure", ["gsd.runs", "gsd.parallel", "gsd.data", "gsd.jacobian_isometry"]),
     ("models", ["gsd.models.*"]),
     ("samplers, teachers, metric primitives", [
-        "gsd.sampling", "gsd.sampling.samplers", "gsd.teachers.*", "gsd.evaluation",
+        "gsd.sampling", "gsd.sampling.samplers", "gsd.teachers.*", "gsd.evaluation", "gsd.adversarial",
         "gsd.evaluation.feature_metrics", "gsd.evaluation.fid", "gsd.evaluation.ppl", "gsd.evaluation.plots"]),
     ("metrics, guidance, distiller", ["gsd.evaluation.metrics", "gsd.sampling.guidance", "gsd.distill"]),
     ("run-level libraries", ["gsd.evaluation.core", "gsd.evaluation.editing", "gsd.training"]),
