@@ -75,6 +75,7 @@ from gsd.errors import UsageError
 from gsd.jacobian_isometry import distortion_terms
 from gsd.models.networks import set_dropout, set_gradient_checkpointing
 from gsd.sampling.samplers import teacher_ode_pairs
+from gsd_kernels.reference import local_bandwidth_sq, local_bandwidth_sq_grouped
 
 __all__ = ["DistillConfig", "Distiller", "sigma_schedule", "ema_beta", "check_irl_radius"]
 
@@ -327,6 +328,13 @@ def ema_beta(batch: int, halflife_images: float) -> float:
         return 0.0
     return 0.5 ** (batch / halflife_images)
 
+
+# The scale-free weight's floor on the isometric gradient's norm, in units of sqrt(N) / delta
+# (Distiller._irl_gradient_floor). An exact linear isometry gives 1e-9 (float64 kernels) to
+# 6e-8 (the float32 reference) in these units, one perturbed by 1e-3 (L ~ 2e-8) ~5e-6, maps with
+# the isometry loss of trained generators (L ~ 1e-4 - 1e-2) 3e-4 - 3e-3: the floor binds only
+# near an exact isometry.
+IRL_GRADIENT_FLOOR = 1e-5
 
 # A neighbour eps + R u differs from its anchor eps by R/sqrt(D) per component on average; below
 # ~1000 float32 rounding steps (of unit-sized values) that difference, and G's response to it,
@@ -740,7 +748,9 @@ class Distiller:
             torch.distributed.all_reduce(sq)
         n_sid, n_irl = float(sq[0].sqrt()), float(sq[1].sqrt())
         if math.isfinite(n_sid) and math.isfinite(n_irl):
-            m = c.lambda_irl * n_sid / n_irl if n_irl > 0 else 0.0
+            floor = self._irl_gradient_floor(x_irl.detach(), valid, factor)
+            m = c.lambda_irl * n_sid / max(n_irl, floor) if n_irl > 0 else 0.0
+            parts["irl_floored"] = float(0 < n_irl < floor)
             # m is the weight of L_irl in lambda_sid L_sid + m L_irl, in one process and under DDP
             # alike: there each rank's SiD gradient is that of its local mean (world x its share
             # of the global mean's), and g_irl that of world x the global loss (factor), so the
@@ -764,6 +774,25 @@ class Distiller:
         if l_reg is not None:  # its own value and gradient; the scale-free weight is not relative to it
             total = total + ((1 - mix) * c.lambda_regress) * l_reg
         return total, parts
+
+    def _irl_gradient_floor(self, x: torch.Tensor, valid: torch.Tensor, factor: float) -> float:
+        """The least norm the scale-free weight divides the isometric x-gradient's by:
+        IRL_GRADIENT_FLOOR sqrt(N) / delta, delta the RMS distance of the pairs the loss compares
+        (its own length scale; the norm of a gradient of a [0, 1]-valued loss of distances scales
+        as sqrt(N) / delta), in the frame of the factor the term is back-propagated with. Where G
+        is already an exact isometry the gradient is rounding noise, and dividing by its norm
+        made w explode (36-79) and push that noise at F x the SiD gradient's norm."""
+        k = self.config.irl_neighbours
+        keep = valid.reshape(-1, k + 1).all(1).repeat_interleave(k + 1) if k > 0 else valid  # whole groups
+        rows = x if bool(keep.all()) else x[keep]
+        if rows.shape[0] < 2:
+            return 0.0
+        rows = rows.reshape(rows.shape[0], -1).double()
+        d2 = local_bandwidth_sq_grouped(rows, k + 1) if k > 0 else local_bandwidth_sq(rows)
+        if not float(d2) > 0:
+            return 0.0
+        n = rows.shape[0] * self.world
+        return float(factor) * IRL_GRADIENT_FLOOR * math.sqrt(n) / math.sqrt(float(d2))
 
     def _regression_batch(self, n: int):
         """n pairs (eps, teacher output, labels) drawn with replacement from the regression pairs."""

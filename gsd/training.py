@@ -44,7 +44,7 @@ CKPT_FREE = ("backend", "compile", "grad_checkpoint")
 CKPT_OWNED = runs.CKPT_OWNED
 
 # log.jsonl keys averaged over the iterations of a record besides the losses (scale-free weight)
-LOGGED_MEANS = ("irl_weight", "irl_gnorm_sid", "irl_gnorm_irl")
+LOGGED_MEANS = ("irl_weight", "irl_gnorm_sid", "irl_gnorm_irl", "irl_floored")
 
 
 def _validate(cfg: dict, resuming: bool = False) -> None:

@@ -572,3 +572,39 @@ def test_a_backend_without_groups_is_refused_before_anything_is_written(tmp_path
     code, err = run_cli_inprocess(["--irl-neighbours", "1", "--lambda-irl", "0.1", "--out", str(out), *FAST], capsys)
     assert_one_line_error(code, err, "--irl-neighbours 1", "not implemented")
     assert not out.exists()
+
+
+class _Isometry(torch.nn.Module):
+    """G(z) = A z with A a scaled orthogonal matrix: an exact isometry of the latent."""
+
+    def __init__(self, dim, scale=0.3):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(dim, dim))
+        self.a = torch.nn.Parameter(scale * q)
+        self.sample_shape = (dim,)
+        self.label_dim = 0
+
+    def forward(self, x, sigma, labels=None):
+        return x @ self.a.T
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_scale_free_weight_has_a_floor_where_g_is_an_exact_isometry(k):
+    """An exact isometry leaves only rounding noise in the isometric gradient: w is capped by the
+    floor, so the term pushes (far) less than F x the SiD gradient's norm; a G that is not an
+    isometry keeps the scale-free rule exactly (the floor does not bind)."""
+    f = 0.5
+    for iso, binds in ((True, True), (False, False)):
+        d = make(batch=16, lambda_irl=f, irl_neighbours=k, irl_radius=0.5)
+        if iso:
+            d.generator = _Isometry(2)
+            d._g_train = d.generator
+            d._build_calls()
+        eps, _ = d._generator_latents(16)
+        _, parts = d.generator_loss(eps)
+        pushed = parts["irl_weight"] * parts["irl_gnorm_irl"]
+        if binds:
+            assert parts["irl_floored"] == 1.0 and pushed < 1e-2 * f * parts["irl_gnorm_sid"]
+        else:
+            assert parts["irl_floored"] == 0.0
+            assert pushed == pytest.approx(f * parts["irl_gnorm_sid"], rel=1e-6)
