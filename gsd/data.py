@@ -1,4 +1,4 @@
-"""Data sets (docs/definitions.md §3.5): digits, gmm, cifar10, folder.
+"""Data sets (docs/definitions.md §3.5): digits, gmm, shapes, cifar10, folder.
 
 Images are float32 (N, C, H, W) in [-1, 1]; the Gaussian mixture is float32 (N, dim).
 `GaussianMixture` also gives the exact EDM denoiser of the mixture (posterior mean of
@@ -21,7 +21,7 @@ from torch import nn
 from gsd.errors import DataError, UsageError
 from gsd.util import one_line
 
-DATASETS = ("digits", "gmm", "cifar10", "folder")
+DATASETS = ("digits", "gmm", "shapes", "cifar10", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -192,6 +192,33 @@ def load_gmm(num_samples: int = GMM_TRAIN_SAMPLES, seed: int = 0) -> Dataset:
     x, ids = mixture.sample(num_samples, generator=gen)
     return Dataset("gmm", x, ids, mixture.num_components, (mixture.dim,), mixture,
                    {"std": mixture.std()})
+
+
+SHAPES_SEED = 0  # the fixed training set of --dataset shapes
+
+
+def check_shapes_settings(resolution, kinds) -> tuple[int, int]:
+    """(resolution, kinds) of --dataset shapes, refused in one line outside the renderer's range."""
+    from gsd.shapes import DEFAULT_RESOLUTION, MAX_KINDS, RESOLUTIONS
+    res = DEFAULT_RESOLUTION if resolution is None else resolution
+    if isinstance(res, bool) or not isinstance(res, (int, np.integer)) or not RESOLUTIONS[0] <= res <= RESOLUTIONS[1]:
+        raise DataError(f"--resolution {res!r} is outside --dataset shapes' range [{RESOLUTIONS[0]}, {RESOLUTIONS[1]}]")
+    if isinstance(kinds, bool) or not isinstance(kinds, (int, np.integer)) or not 1 <= kinds <= MAX_KINDS:
+        raise DataError(f"--shapes-kinds must be an integer in [1, {MAX_KINDS}] (the renderer's kinds), got {kinds!r}")
+    return int(res), int(kinds)
+
+
+def load_shapes(resolution=None, kinds: int = 3) -> Dataset:
+    """The rendered shapes (gsd.shapes): TRAIN_IMAGES images of a fixed seed, grey, their
+    factors in info["factors"] (continuous, (N, 5)) and the kind as the class label (none for
+    one kind)."""
+    from gsd.shapes import TRAIN_IMAGES, render, sample_factors
+    res, kinds = check_shapes_settings(resolution, kinds)
+    factors, kind = sample_factors(TRAIN_IMAGES, kinds, torch.Generator().manual_seed(SHAPES_SEED))
+    data = render(factors, kind, res)
+    labels, classes = (kind, kinds) if kinds > 1 else (None, 0)
+    return Dataset("shapes", data, labels, classes, (1, res, res), None,
+                   {"factors": factors, "kinds": kinds, "kind": kind})
 
 
 # ----------------------------------------------------------------------------------------
@@ -590,8 +617,10 @@ def load_folder(data_root, resolution=None) -> Dataset:
     return Dataset("folder", data, None, 0, (3, res, res), None, {"root": root, "files": len(files)})
 
 
-def load_dataset(name: str, data_root=None, resolution=None, download: bool = False) -> Dataset:
+def load_dataset(name: str, data_root=None, resolution=None, download: bool = False, shapes_kinds: int = 3) -> Dataset:
     """Load a data set by name (docs/definitions.md §3.5); DataError with a one-line message on failure."""
+    if name == "shapes":
+        return load_shapes(resolution, shapes_kinds)
     if name == "digits":
         _check_resolution(name, resolution, 8)
         return load_digits()

@@ -19,7 +19,7 @@ GSD = Path(__file__).resolve().parents[2] / "gsd" if (Path(__file__).parent.name
 # floor -> modules (a name ending in ".*" is a whole package)
 FLOORS = [
     ("ground", ["gsd", "gsd.errors", "gsd.util", "gsd.fileio", "gsd.config", "gsd.progress"]),
-    ("infrastructure", ["gsd.runs", "gsd.parallel", "gsd.data", "gsd.jacobian_isometry"]),
+    ("infrastructure", ["gsd.runs", "gsd.parallel", "gsd.data", "gsd.shapes", "gsd.jacobian_isometry"]),
     ("models", ["gsd.models.*"]),
     ("samplers, teachers, metric primitives", [
         "gsd.sampling", "gsd.sampling.samplers", "gsd.teachers.*", "gsd.evaluation", "gsd.adversarial",
