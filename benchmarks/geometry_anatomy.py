@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from gsd import runs  # noqa: E402
 from gsd.errors import UsageError  # noqa: E402
-from gsd.evaluation.editing import load_generator  # noqa: E402
+from gsd.generator import load_generator  # noqa: E402
 from gsd.evaluation.metrics import digits_classifier, local_defect_shares, neighbour_latents  # noqa: E402
 from gsd.evaluation.ppl import PPL_EPS, float64_copy, path_length_samples, slerp  # noqa: E402
 
@@ -74,10 +74,10 @@ def check_runs(paths) -> str | None:
 
 def ema_generator(run_dir: Path):
     """The run's EMA generator in float64 as G(eps) -> samples, and its config."""
-    _, info = load_generator(run_dir)
-    g64 = float64_copy(info["net"])
-    s = info["sigma_init"]
-    return (lambda z: g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64))), info["config"]
+    gen = load_generator(run_dir)
+    g64 = float64_copy(gen.net)
+    s = gen.sigma_init
+    return (lambda z: g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64))), gen.info["config"]
 
 
 @torch.no_grad()

@@ -49,8 +49,8 @@ def curve(run_dir: Path, num_samples: int, space_cache: dict, teacher_cache: dic
         space_cache[ds.name] = metrics.FeatureSpace(ds, run.device)
     space = space_cache[ds.name]
     eps, labels = metrics.evaluation_latents(0, num_samples, ds.sample_shape, run.device, run.num_classes)
-    dist = run.distiller
-    s = float(dist.config.sigma_init)
+    gen = run.generator
+    s = gen.sigma_init
     net0 = run.extra["teacher_net"]
 
     def g0(e, lab):  # step 0: the teacher network used as a one-step generator (G's initial weights)
@@ -61,9 +61,8 @@ def curve(run_dir: Path, num_samples: int, space_cache: dict, teacher_cache: dic
         gens = [(0, g0)] + [(st, None) for st in runs.complete_steps(run_dir)]
         for step, fn in gens:
             if fn is None:
-                weights, _ = runs.load_checkpoint(run_dir, step)
-                dist.load_weights({k: v.to(run.device) for k, v in weights.items()})
-                fn = dist.generate
+                gen.load_checkpoint_weights(runs.load_checkpoint_weights(run_dir, step))
+                fn = gen
             x = metrics.batched(fn, eps, labels)
             m: dict = {}
             result: dict = {}

@@ -18,6 +18,7 @@ from gsd import parallel
 from gsd.config import DATASET_DEFAULTS, DISTILL_DEFAULTS, GSD_DEFAULTS, RUN_DEFAULTS  # noqa: F401  (the flags' defaults; re-exported)
 from gsd.errors import Terminated, UsageError  # noqa: F401  (UsageError re-exported: commands raise it from here)
 from gsd.evaluation.metrics import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY
+from gsd.sampling.seeds import LABEL_RULES, parse_seeds
 from gsd.util import (  # noqa: F401  (re-exported for the commands)
     check_creatable, check_image_output, check_memory, check_output_file, format_bytes, format_value,
     memory_limit_bytes, sampler_table,
@@ -310,6 +311,39 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
                    help="class for --guidance class (None: sample i gets class i mod num_classes)")
     p.add_argument("--mask", choices=["top", "bottom", "left", "right", "center"], default=None,
                    help="HIDDEN region for --guidance inpaint (None: cycle through all five)")
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type of --seeds: EDM's syntax, '0-49999' or '1,5,10-20' (gsd.sampling.seeds)."""
+    try:
+        return parse_seeds(text, flag="")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip())
+
+
+def add_generator_args(p: argparse.ArgumentParser) -> None:
+    """SOURCE and how its generator is read: what gsd.generator.load_generator takes."""
+    p.add_argument("source", metavar="SOURCE",
+                   help="a run directory (its EMA generator), a generator file from python -m gsd.export, or an "
+                        "official SiD/SiDA generator snapshot .pkl (with --trust-pickle)")
+    p.add_argument("--step", type=nonnegative_int, default=None,
+                   help="checkpoint of a run directory (default: %(default)s = the latest complete one)")
+    p.add_argument("--raw", action="store_true",
+                   help="a run's generator G itself instead of its EMA (the default, what is evaluated)")
+    add_trust_pickle_arg(p)
+    p.add_argument("--sigma-init", type=positive_float, default=None, metavar="S",
+                   help="noise level of a SiD pickle's input, which the pickle does not record (default: %(default)s "
+                        "= SiD's 2.5); runs and exported files record their own")
+
+
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    """--class / --labels of a class-conditional generator."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--class", dest="class_idx", type=nonnegative_int, default=None, metavar="C",
+                   help="class of every image (class-conditional generators only)")
+    g.add_argument("--labels", choices=list(LABEL_RULES), default=None,
+                   help="label of each seed for a class-conditional generator: random (drawn from a stream of the "
+                        "seed's own) or balanced (seed mod the number of classes) (default: %(default)s = random)")
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,8 @@ COMMANDS = {
     "gsd-sample": "gsd.sample",
     "gsd-teacher": "gsd.teacher",
     "gsd-import-teacher": "gsd.import_teacher",
+    "gsd-generate": "gsd.generate",
+    "gsd-export": "gsd.export",
 }
 
 
@@ -43,3 +45,5 @@ edit = _entry("gsd-edit")
 sample = _entry("gsd-sample")
 teacher = _entry("gsd-teacher")
 import_teacher = _entry("gsd-import-teacher")
+generate = _entry("gsd-generate")
+export = _entry("gsd-export")

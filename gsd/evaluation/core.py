@@ -13,13 +13,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from gsd import runs
 from gsd.config import resolve_config, RUN_DEFAULTS
 from gsd.data import GMMDenoiser, load_dataset
-from gsd.distill import DistillConfig, Distiller
+from gsd.distill import DistillConfig
 from gsd.errors import UsageError
 from gsd.evaluation.fid import (
     FID_BOOTSTRAPS, FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception, locate_fid_weights,
@@ -27,14 +28,15 @@ from gsd.evaluation.fid import (
 from gsd.evaluation.metrics import (
     batched as _batched, class_labels as _labels, distribution_section, evaluation_latents,
     FeatureSpace as _Features, geometry_section, ISOMETRY_SEED_OFFSET, LATENCY_METHOD,
-    latency_section as interleaved_latency, local_isometry_settings, MAX_ISOMETRY_LATENTS, real_noise_floor,
-    sample_quality, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE, summary_rows,
+    latency_section as interleaved_latency, local_isometry_settings, MAX_ISOMETRY_LATENTS, one_step_samples,
+    real_noise_floor, sample_quality, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE, summary_rows,
 )
+from gsd.generator import OneStepGenerator, load_generator
 from gsd.evaluation.ppl import float64_copy, heun_sample_float64, perceptual_path_length
 from gsd.fileio import jsonable
 from gsd.sampling.samplers import heun_nfe, heun_sample
 from gsd.teachers.loading import load_run_teacher
-from gsd.util import check_memory, format_value, one_line, resolve_device, sampler_table
+from gsd.util import check_memory, format_value, resolve_device, sampler_table
 
 __all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
            "evaluate_loaded", "format_table", "machine_info", "default_num_samples"]
@@ -81,13 +83,40 @@ def machine_info(device) -> dict:
 
 # --------------------------------------------------------------------------- loading a run
 
+class _DistillerView:
+    """What `LoadedRun.distiller` offered before runs were loaded as a generator alone (a whole
+    Distiller: G, f_psi, Adam): generate, ema_generator, load_weights, config.sigma_init,
+    num_classes, iteration. Scripts written against it keep working; new code uses
+    `LoadedRun.generator`."""
+
+    def __init__(self, run: "LoadedRun"):
+        self._gen = run.generator
+        self.config = SimpleNamespace(sigma_init=run.generator.sigma_init)
+        self.num_classes = run.generator.label_dim
+        self.iteration = run.step
+
+    @property
+    def ema_generator(self) -> torch.nn.Module:
+        return self._gen.net
+
+    @torch.no_grad()
+    def generate(self, eps: torch.Tensor, class_labels=None, *, ema: bool = True) -> torch.Tensor:
+        if not ema:
+            raise UsageError("a loaded run holds its EMA generator only (gsd.generator.load_generator(raw=True) "
+                             "loads G)")
+        return self._gen(eps, class_labels)
+
+    def load_weights(self, weights: dict) -> None:
+        self._gen.load_checkpoint_weights(weights)
+
+
 @dataclass
 class LoadedRun:
     run_dir: Path
     config: dict
     step: int
     dataset: object
-    distiller: object          # gsd.distill.Distiller with the checkpoint's weights
+    generator: OneStepGenerator  # the checkpoint's EMA generator (gsd.generator.load_generator)
     teacher: torch.nn.Module   # f_phi: the network teacher or the exact gmm denoiser
     teacher_id: str            # identifies the teacher (for caching teacher-side results)
     device: torch.device
@@ -95,7 +124,11 @@ class LoadedRun:
 
     @property
     def num_classes(self) -> int:
-        return int(self.distiller.num_classes)
+        return int(self.generator.label_dim)
+
+    @property
+    def distiller(self) -> _DistillerView:
+        return _DistillerView(self)
 
     @property
     def sample_shape(self) -> tuple:
@@ -153,7 +186,7 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
     known.pop("resume", None)
     try:
         full = resolve_config(known)
-        dcfg = DistillConfig.from_run_config(full)
+        DistillConfig.from_run_config(full)  # the settings must still make a valid distillation
     except UsageError as exc:
         raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} is not usable by this gsd version ({exc})") from None
     except (KeyError, TypeError, ValueError) as exc:
@@ -172,17 +205,13 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
         f_phi = teacher_net
         teacher_id = "net:" + _network_id(teacher_net)
 
-    weights, _state = runs.load_checkpoint(run_dir, step)
-    distiller = Distiller(f_phi, dcfg, init=teacher_net, sample_shape=dataset.sample_shape, device=dev)
-    try:
-        distiller.load_weights({k: v.to(dev) for k, v in weights.items()})
-    except (RuntimeError, KeyError, ValueError) as exc:
-        first = one_line(exc, 160)
-        raise UsageError(f"checkpoint {step} in {run_dir} does not fit this gsd version's networks ({first})") \
-            from None
-    distiller.iteration = int(step)
-    return LoadedRun(run_dir=run_dir, config=cfg, step=int(step), dataset=dataset, distiller=distiller,
-                     teacher=f_phi, teacher_id=teacher_id, device=dev, extra={"teacher_net": teacher_net})
+    generator = load_generator(run_dir, step=step, device=dev)
+    if generator.sample_shape != tuple(dataset.sample_shape):
+        raise UsageError(f"checkpoint {step} in {run_dir} makes samples of shape {generator.sample_shape}, its data "
+                         f"set {tuple(dataset.sample_shape)}")
+    teacher = f_phi.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)  # as the Distiller holds it
+    return LoadedRun(run_dir=run_dir, config=cfg, step=int(step), dataset=dataset, generator=generator,
+                     teacher=teacher, teacher_id=teacher_id, device=dev, extra={"teacher_net": teacher_net})
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -258,9 +287,9 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
     eps, labels = evaluation_latents(seed, num_samples, shape, dev, nc)
     ppl_seed = 7919 + int(seed)
 
-    gen = run.distiller.generate
+    gen = run.generator
     with torch.no_grad():
-        x_one = _batched(lambda e, l: gen(e, l), eps, labels)
+        x_one = one_step_samples(gen, seed, num_samples, shape, dev, nc)  # as gsd.generate computes them
 
     key = (run.teacher_id, ds.name, num_samples, int(seed), ppl_samples, isometry_latents, teacher_steps, str(dev),
            feats.ppl_name)
@@ -325,8 +354,8 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
     # ---- PPL
     result["ppl_feature"] = feats.ppl_name
     if ppl_samples > 0:
-        g64 = float64_copy(run.distiller.ema_generator)
-        s = float(run.distiller.config.sigma_init)
+        g64 = float64_copy(run.generator.net)
+        s = run.generator.sigma_init
 
         def g_fn(z, l=None):
             return g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64, device=z.device), l)

@@ -17,9 +17,9 @@ from gsd.data import load_dataset
 from gsd.errors import UsageError
 from gsd.evaluation.metrics import classifier_features, digits_classifier
 from gsd.evaluation.plots import save_grid
+from gsd.generator import load_generator as load_one_step_generator
 from gsd.sampling.samplers import latents_for_seeds
-from gsd.teachers.loading import load_run_teacher
-from gsd.util import check_memory, MAX_SEED, one_line, resolve_device
+from gsd.util import check_memory, MAX_SEED
 
 __all__ = ["load_generator", "slerp", "fit_direction", "find_directions", "filtered_mean", "edit_metrics",
            "DEFAULT_ALPHAS", "DEFAULT_NUM", "MAX_ALPHA", "ALPHA_WHY", "write_figures"]
@@ -41,49 +41,31 @@ INTERP_SEED_BASE = 50_000_000
 
 
 def load_generator(run_dir, device="cpu") -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
-    """The EMA one-step generator of a run: `(G, info)` with G(eps) -> samples.
+    """The EMA one-step generator of a run as editing uses it: `(G, info)` with G(eps) -> samples.
 
-    G takes standard-normal eps (N, *sample_shape) and evaluates D(sigma_init * eps; sigma_init)
-    without gradient. info: config, step, sample_shape, sigma_init, dataset, net (the EMA
-    denoiser D itself, for callers that need it in another precision).
+    The run's generator is gsd.generator.load_generator's (the loader of every command); G takes
+    standard-normal eps (N, *sample_shape), evaluates it without gradient in chunks of 512 and
+    returns float32 CPU samples. info: config, step, sample_shape, sigma_init, dataset, device,
+    net (the EMA denoiser D itself, for callers that need it in another precision) and
+    generator (the OneStepGenerator).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run directory")
-    cfg = runs.read_config(run_dir)
-    if "dataset" not in cfg or "sigma_init" not in cfg:
-        raise UsageError(f"{run_dir} is not a gsd.train run directory (config.json has no dataset/sigma_init)")
-    device = resolve_device(device)
-    net = load_run_teacher(run_dir, device="cpu", config=cfg)  # the generator has the teacher's architecture
-    weights, _state = runs.load_checkpoint(run_dir)
-    step = runs.latest_step(run_dir)
-    ema = {k[len("ema."):]: v for k, v in weights.items() if k.startswith("ema.")}
-    try:
-        net.load_state_dict(ema, strict=True)
-    except RuntimeError as exc:
-        raise UsageError(f"checkpoint {step} of {run_dir} does not fit its teacher's network "
-                         f"({one_line(exc, 160)})") from None
-    net = net.to(device).eval().requires_grad_(False)
-    if int(getattr(net, "label_dim", 0)):
+    runs.read_config(run_dir)  # a folder that is not a run says so in the run's own words
+    gen = load_one_step_generator(run_dir, device=device)
+    if gen.label_dim:
         raise UsageError(f"{run_dir}: the generator is class-conditional; latent editing needs an "
                          "unconditional one")
-    sigma_init = float(cfg["sigma_init"])
-    sample_shape = tuple(net.sample_shape) or None
-    if sample_shape is None:
-        sample_shape = tuple(load_dataset(cfg["dataset"], data_root=cfg.get("data_root"),
-                                          resolution=cfg.get("resolution")).sample_shape)
 
     @torch.no_grad()
     def generate(eps: torch.Tensor, batch: int = 512) -> torch.Tensor:
-        out = []
-        for i in range(0, len(eps), batch):
-            e = eps[i:i + batch].to(device, torch.float32)
-            sig = torch.full((e.shape[0],), sigma_init, device=device)
-            out.append(net(sigma_init * e, sig).float().cpu())
-        return torch.cat(out) if out else eps.new_zeros((0, *sample_shape))
+        out = [gen(eps[i:i + batch]).float().cpu() for i in range(0, len(eps), batch)]
+        return torch.cat(out) if out else eps.new_zeros((0, *gen.sample_shape))
 
-    info = {"config": cfg, "step": step, "sample_shape": sample_shape, "sigma_init": sigma_init,
-            "dataset": cfg["dataset"], "device": str(device), "net": net}
+    info = {"config": gen.info["config"], "step": gen.info["step"], "sample_shape": gen.sample_shape,
+            "sigma_init": gen.sigma_init, "dataset": gen.info["dataset"], "device": str(gen.device), "net": gen.net,
+            "generator": gen}
     return generate, info
 
 

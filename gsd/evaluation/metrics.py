@@ -43,6 +43,7 @@ from gsd.evaluation.fid import FID_FEATURE_NAME
 from gsd.evaluation.ppl import float64_copy
 from gsd.progress import progress_bar
 from gsd.sampling.samplers import heun_nfe, heun_sample, latents_for_seeds
+from gsd.sampling.seeds import BLOCK, blocked_forward
 from gsd.util import cache_dir as default_cache_dir, format_value
 
 __all__ = [
@@ -50,7 +51,8 @@ __all__ = [
     "DigitsClassifier", "digits_classifier", "train_digits_classifier", "classifier_features",
     "isometry_defect", "measure_latency", "default_cache_dir", "DIGITS_FEATURE_NAME", "local_isometry_defect",
     "local_defect_shares",
-    "neighbour_latents", "LOCAL_ISOMETRY", "batched", "class_labels", "evaluation_latents", "latency_section",
+    "neighbour_latents", "LOCAL_ISOMETRY", "batched", "class_labels", "evaluation_latents", "one_step_samples",
+    "latency_section",
     "geometry_section", "local_isometry_settings", "sample_quality", "real_noise_floor", "mixture_section",
     "mixture_metrics", "distribution_section", "FeatureSpace", "noise_verdict", "summary_rows",
     "evaluate_distillation",
@@ -475,6 +477,16 @@ def evaluation_latents(seed: int, num: int, shape, device, num_classes: int = 0,
     return latents_for_seeds(range(base, base + num), shape, device), class_labels(num, num_classes, device)
 
 
+def one_step_samples(generate: Callable, seed: int, num: int, shape, device, num_classes: int = 0) -> torch.Tensor:
+    """generate(eps, labels) on the evaluation latents of `seed` (`evaluation_latents`), computed as
+    gsd.generate computes seeds: whole blocks of BLOCK latents, the padding dropped. float32, CPU.
+    The base seed * 1e8 is a multiple of BLOCK, so sample i is gsd.generate's image of seed
+    seed * 1e8 + i (with --labels balanced where the classes divide 1e8)."""
+    padded = -(-int(num) // BLOCK) * BLOCK
+    eps, labels = evaluation_latents(seed, padded, shape, device, num_classes)
+    return blocked_forward(generate, eps, labels)[:num]
+
+
 def latency_section(fns: dict, device, *, warmup: int = 2, repeats: int = 7) -> dict:
     """Median ms per callable, repeats interleaved (a load change hits every variant alike).
 
@@ -797,7 +809,7 @@ def evaluate_distillation(generate: Callable, teacher, dataset, *, device="cpu",
         return heun_sample(teacher, e, l, num_steps=teacher_steps)
 
     with torch.no_grad():
-        x_one = batched(generate, eps, labels)
+        x_one = one_step_samples(generate, seed, num_samples, shape, device, num_classes)
         x_teacher = batched(teacher_map, eps, labels)
 
     metrics: dict = {"one_step": {"nfe": 1}, "teacher": {"nfe": nfe_t}, "num_samples": num_samples}

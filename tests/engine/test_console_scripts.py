@@ -25,6 +25,8 @@ BAD_INPUT = {
     "gsd-sample": (["--teacher", "/nonexistent", "--out", "{tmp}/g.png"], "/nonexistent"),
     "gsd-teacher": (["--dataset", "nope"], "nope"),
     "gsd-import-teacher": (["/nonexistent.pkl", "--out", "{tmp}/t.safetensors", "--trust-pickle"], "/nonexistent"),
+    "gsd-generate": (["/nonexistent", "--out", "{tmp}/samples"], "/nonexistent"),
+    "gsd-export": (["/nonexistent", "--out", "{tmp}/G.safetensors"], "/nonexistent"),
 }
 
 

@@ -18,19 +18,24 @@ GSD = Path(__file__).resolve().parents[2] / "gsd" if (Path(__file__).parent.name
 
 # floor -> modules (a name ending in ".*" is a whole package)
 FLOORS = [
-    ("ground", ["gsd", "gsd.errors", "gsd.util", "gsd.fileio", "gsd.config", "gsd.progress"]),
-    ("infrastructure", ["gsd.runs", "gsd.parallel", "gsd.data", "gsd.shapes", "gsd.jacobian_isometry"]),
+    ("ground", ["gsd.errors", "gsd.util", "gsd.fileio", "gsd.config", "gsd.progress"]),
+    ("infrastructure", ["gsd.runs", "gsd.parallel", "gsd.data", "gsd.shapes", "gsd.jacobian_isometry",
+                        "gsd.image_files"]),
     ("models", ["gsd.models.*"]),
     ("samplers, teachers, metric primitives", [
-        "gsd.sampling", "gsd.sampling.samplers", "gsd.teachers.*", "gsd.evaluation", "gsd.adversarial",
+        "gsd.sampling", "gsd.sampling.samplers", "gsd.sampling.seeds", "gsd.teachers.*", "gsd.evaluation",
+        "gsd.adversarial",
         "gsd.evaluation.feature_metrics", "gsd.evaluation.fid", "gsd.evaluation.ppl", "gsd.evaluation.plots"]),
-    ("metrics, guidance, distiller", ["gsd.evaluation.metrics", "gsd.sampling.guidance", "gsd.distill"]),
-    ("run-level libraries", ["gsd.evaluation.core", "gsd.evaluation.editing", "gsd.training"]),
+    # the package itself (`gsd`) sits with the generator loader it hands out lazily (gsd.load_generator)
+    ("metrics, guidance, distiller, generator", ["gsd.evaluation.metrics", "gsd.evaluation.fid_stats",
+                                                 "gsd.sampling.guidance", "gsd.distill", "gsd.generator", "gsd",
+                                                 "gsd.evaluation.factors"]),
+    ("run-level libraries", ["gsd.evaluation.core", "gsd.evaluation.editing", "gsd.training", "gsd.generation"]),
     ("commands", ["gsd.cli", "gsd.console", "gsd.train", "gsd.teacher", "gsd.sample", "gsd.evaluate", "gsd.edit",
-                  "gsd.import_teacher", "gsd.experiments"]),
+                  "gsd.import_teacher", "gsd.experiments", "gsd.generate", "gsd.export", "gsd.fid"]),
 ]
 COMMANDS = {"gsd.train", "gsd.teacher", "gsd.sample", "gsd.evaluate", "gsd.edit", "gsd.import_teacher",
-            "gsd.experiments"}
+            "gsd.experiments", "gsd.generate", "gsd.export", "gsd.fid"}
 COMMAND_LAYER = COMMANDS | {"gsd.cli", "gsd.console"}
 
 
