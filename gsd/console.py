@@ -23,6 +23,7 @@ COMMANDS = {
     "gsd-import-teacher": "gsd.import_teacher",
     "gsd-generate": "gsd.generate",
     "gsd-export": "gsd.export",
+    "gsd-fid": "gsd.fid",
 }
 
 
@@ -47,3 +48,4 @@ teacher = _entry("gsd-teacher")
 import_teacher = _entry("gsd-import-teacher")
 generate = _entry("gsd-generate")
 export = _entry("gsd-export")
+fid = _entry("gsd-fid")

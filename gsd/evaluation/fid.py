@@ -1,30 +1,33 @@
-"""FID with pytorch-fid's Inception weights, offline (docs/definitions.md §3.6).
+"""FID with pytorch-fid's Inception weights (docs/definitions.md §3.6, §3.10).
 
-No machine of this project can download anything, so the Inception network is built
-here without `pytorch_fid.inception.fid_inception_v3` (which fetches its weights): it is
-torchvision's Inception-v3 architecture (1008 classes, no aux head, no init) with the
-blocks that pytorch-fid patches to match TensorFlow's FID graph replaced by pytorch-fid's
-own `FIDInceptionA/C/E_1/E_2` classes, then loaded from a local state dict:
+The Inception network is built here without `pytorch_fid.inception.fid_inception_v3` (which
+fetches its weights on every construction): it is torchvision's Inception-v3 architecture
+(1008 classes, no aux head, no init) with the blocks that pytorch-fid patches to match
+TensorFlow's FID graph replaced by pytorch-fid's own `FIDInceptionA/C/E_1/E_2` classes, then
+loaded from a local state dict:
 
 - `--fid-weights PATH`, or
 - the torch hub cache, `<torch.hub.get_dir()>/checkpoints/pt_inception-2015-12-05-*.pth`
-  (where pytorch-fid leaves the file after a download on a connected machine).
+  (where pytorch-fid keeps the file), into which `fid_weights(download=True)` downloads it
+  from pytorch-fid's release when it is missing, as pytorch-fid does. Offline, that is one
+  line naming the file and where to put it; no other feature space is ever used instead.
 
-When neither exists, `locate_fid_weights` says so and nobody computes a number: callers
-record `"fid": null` with the reason.
-
-Features: the 2048-d output of the final average pool ("pool3"), as pytorch-fid. Images in
-[-1, 1] (any size, 1 or 3 channels) are clamped to [-1, 1], replicated to 3 channels,
-resized to 299x299 (bilinear, align_corners=False, as pytorch-fid) and fed to the network
-in its expected [-1, 1] range (pytorch-fid maps its [0, 1] input to that range; our data
-are already there). Frechet distance: `fid_from_features` (float64).
+Features: the 2048-d output of the final average pool ("pool3"), as pytorch-fid.
+`uint8_features` is pytorch-fid's preprocessing of image files, from uint8 pixels: /255 to
+[0, 1] float32 (torchvision's ToTensor), greyscale replicated to RGB, bilinear resize to
+299x299 (align_corners=False), then 2x - 1. `FIDInceptionFeatures.forward` takes float
+images in [-1, 1] instead (PPL's feature space): clamped, replicated to 3 channels, resized.
+Frechet distance: `fid_from_features` (float64).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
+import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +36,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gsd.errors import UsageError
+from gsd.progress import progress_bar
 from gsd.util import one_line
-from gsd.models.networks import check_state_dict
+from gsd.models.networks import build_on_meta, check_state_dict
 
-__all__ = ["FID_WEIGHTS_PATTERN", "FID_FEATURE_NAME", "FID_BOOTSTRAPS", "hub_checkpoint_dir", "locate_fid_weights",
+__all__ = ["FID_WEIGHTS_PATTERN", "FID_WEIGHTS_NAME", "FID_WEIGHTS_URL", "FID_FEATURE_NAME", "FID_BOOTSTRAPS",
+           "FID_PREPROCESSING", "hub_checkpoint_dir", "locate_fid_weights", "fid_weights", "file_sha256",
            "build_fid_inception_architecture", "FIDInceptionFeatures", "load_fid_inception",
-           "inception_features", "fid_from_features", "compute_fid"]
+           "inception_features", "uint8_features", "fid_from_features", "compute_fid"]
 
 FID_WEIGHTS_PATTERN = "pt_inception-2015-12-05-*.pth"
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
+FID_PREPROCESSING = ("uint8 pixels (generated images: EDM's x * 127.5 + 128, clipped, truncated); pytorch-fid's: "
+                     "/255, greyscale to RGB, bilinear resize to 299x299, 2x - 1")
+DOWNLOAD_TIMEOUT_S = 60
 FID_FEATURE_NAME = "pytorch-fid InceptionV3 pool3 (2048-d)"
 FID_RESOLUTION = 299
 # Resamples of FID's bootstrap interval: each costs an SVD of an n_a x n_b matrix (seconds at
@@ -73,7 +83,52 @@ def locate_fid_weights(explicit=None) -> tuple[Path | None, str | None]:
     if found:
         return Path(found[-1]), None
     return None, (f"pytorch-fid Inception weights not found: no file matches {pattern} and no --fid-weights "
-                  f"was given (this machine cannot download them)")
+                  f"was given")
+
+
+def _download(url: str, dest: Path) -> None:
+    """Fetch `url` into `dest` (a temporary name in its folder until it is checked and complete)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as fh:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                fh.write(chunk)
+        _check_weights_file(tmp)  # an error page saved as .pth must not sit in the cache
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def fid_weights(explicit=None, *, download: bool = True) -> Path:
+    """The Inception weights file: --fid-weights (must exist), else the torch hub cache, else (with
+    download) pytorch-fid's release downloaded into the hub cache. UsageError (one line) naming
+    the file and where it goes when none is at hand."""
+    path, reason = locate_fid_weights(explicit)
+    if path is not None:
+        return path
+    dest = hub_checkpoint_dir() / FID_WEIGHTS_NAME
+    where = (f"put {FID_WEIGHTS_NAME} (from {FID_WEIGHTS_URL}) in {dest.parent}, or pass --fid-weights PATH")
+    if not download:
+        raise UsageError(f"{reason}: {where}")
+    print(f"downloading pytorch-fid's Inception weights to {dest}", file=sys.stderr, flush=True)
+    try:
+        _download(FID_WEIGHTS_URL, dest)
+    except UsageError as exc:
+        raise UsageError(f"the downloaded Inception weights are not usable ({exc}); {where}") from None
+    except (OSError, ValueError) as exc:  # URLError, timeouts and HTTP errors are OSErrors
+        raise UsageError(f"pytorch-fid's Inception weights are not in {dest.parent} and cannot be downloaded "
+                         f"({one_line(getattr(exc, 'reason', exc), 120)}): {where}") from None
+    return dest
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def build_fid_inception_architecture() -> nn.Module:
@@ -120,7 +175,20 @@ class FIDInceptionFeatures(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.preprocess(x)
+        return self.pool3(self.preprocess(x))
+
+    def forward_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """pool3 features of (N, H, W, C) uint8 images, C = 1 or 3: pytorch-fid's preprocessing of
+        image files, step for step (ToTensor's /255, resize in [0, 1], then 2x - 1)."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+            raise ValueError(f"expected (N, H, W, 1 or 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
+        x = images.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+        if x.shape[1] == 1:  # PIL's convert('RGB') of a greyscale image repeats it
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        return self.pool3(2 * x - 1)
+
+    def pool3(self, h: torch.Tensor) -> torch.Tensor:
         for name in self._LAYERS:
             if name == "maxpool":
                 h = F.max_pool2d(h, kernel_size=3, stride=2)
@@ -129,8 +197,8 @@ class FIDInceptionFeatures(nn.Module):
         return F.adaptive_avg_pool2d(h, (1, 1)).flatten(1)
 
 
-def load_fid_inception(path, device="cpu") -> FIDInceptionFeatures:
-    """The feature network with the state dict in `path` (pytorch-fid's .pth); UsageError on a bad file."""
+def _check_weights_file(path) -> dict:
+    """The state dict in `path` if it is pytorch-fid's Inception; UsageError (one line) otherwise."""
     path = Path(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -141,9 +209,15 @@ def load_fid_inception(path, device="cpu") -> FIDInceptionFeatures:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"FID weights {path} do not hold a state dict of tensors")
-    net = build_fid_inception_architecture()
-
+    net = build_on_meta(build_fid_inception_architecture)  # names and shapes only, no memory
     check_state_dict(net.state_dict(), state, f"FID weights {path} are not pytorch-fid's Inception")
+    return state
+
+
+def load_fid_inception(path, device="cpu") -> FIDInceptionFeatures:
+    """The feature network with the state dict in `path` (pytorch-fid's .pth); UsageError on a bad file."""
+    state = _check_weights_file(path)
+    net = build_fid_inception_architecture()
     net.load_state_dict(state, strict=True)
     return FIDInceptionFeatures(net).to(device).eval().requires_grad_(False)
 
@@ -156,6 +230,23 @@ def inception_features(model: FIDInceptionFeatures, images: torch.Tensor, batch:
     for i in range(0, len(images), batch):
         out.append(model(images[i:i + batch].to(dev)).double().cpu())
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def uint8_features(model: FIDInceptionFeatures, batches, *, total: int | None = None, desc: str = "Inception features",
+                   progress: bool = False) -> np.ndarray:
+    """(N, 2048) float64 pool3 features of uint8 NHWC image batches (numpy arrays), as
+    pytorch-fid computes them for image files."""
+    dev = next(model.parameters()).device
+    out = []
+    bar = progress_bar(total=total, desc=desc, enabled=progress)
+    try:
+        for b in batches:
+            out.append(model.forward_uint8(torch.from_numpy(np.ascontiguousarray(b)).to(dev)).double().cpu())
+            bar.update(len(b))
+    finally:
+        bar.close()
+    return torch.cat(out).numpy() if out else np.zeros((0, 2048))
 
 
 def fid_from_features(a, b) -> float:

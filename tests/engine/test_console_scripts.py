@@ -27,6 +27,7 @@ BAD_INPUT = {
     "gsd-import-teacher": (["/nonexistent.pkl", "--out", "{tmp}/t.safetensors", "--trust-pickle"], "/nonexistent"),
     "gsd-generate": (["/nonexistent", "--out", "{tmp}/samples"], "/nonexistent"),
     "gsd-export": (["/nonexistent", "--out", "{tmp}/G.safetensors"], "/nonexistent"),
+    "gsd-fid": (["calc", "--images", "/nonexistent", "--ref", "{tmp}/ref.npz"], "/nonexistent"),
 }
 
 
