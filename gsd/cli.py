@@ -192,7 +192,7 @@ def add_fid_weights_arg(p: argparse.ArgumentParser) -> None:
 def add_num_samples_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=bounded_int(2, ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY), default=None,
                    help="samples per Frechet distance / FID (default: %(default)s = 1797 for digits, "
-                        "4000 for gmm, 2000 otherwise)")
+                        "4000 for gmm, 50000 for cifar10 and folder: the FID protocol's)")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

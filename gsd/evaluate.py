@@ -9,8 +9,14 @@ started from the same latents:
 
 - Frechet distance in the run's feature space: the digits CNN's penultimate features for
   digits (labelled as such, not FID), raw coordinates for gmm;
-- FID with pytorch-fid's Inception weights when they are on disk (`gsd.evaluation.fid`); otherwise
-  `"fid": null` and `"fid_unavailable": "<reason>"`; never a made-up number;
+- FID with pytorch-fid's Inception weights (`gsd.evaluation.fid`; for cifar10 and folder runs,
+  downloaded into the torch hub cache when missing and online), computed as `python -m gsd.fid
+  calc` scores image files: the one-step samples (gsd.generate's images of the evaluation seeds)
+  as uint8, pytorch-fid's preprocessing, against --fid-ref REF.npz or the run's data rendered to
+  uint8 the same way; `fid_protocol` names the samples, seeds, reference and the weights file's
+  sha256. Without weights: `"fid": null` and `"fid_unavailable": "<reason>"`; never a made-up
+  number, never another feature space under FID's name. --num-samples defaults to 50000 for
+  cifar10 and folder runs (the field's protocol);
 - PPL (`gsd.evaluation.ppl`), eps = 1e-4, 1%-99% filter, in a named feature space, for G and for the
   teacher's Heun map (a deterministic function of the same initial noise);
 - KID with its standard error, precision / recall (k = 3) and a 95% bootstrap interval of FD,
@@ -66,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fid_weights_arg(p)
     p.add_argument("--require-fid", action="store_true",
                    help="fail (exit 2) when no Inception weights are at hand instead of recording fid: null")
+    p.add_argument("--fid-ref", default=None, metavar="REF.npz",
+                   help="reference statistics of the FID (mu, sigma: python -m gsd.fid ref, or EDM's files) (default: "
+                        "%(default)s = the run's data set, min(its size, --num-samples) images rendered to uint8)")
     p.add_argument("--latency-batch", type=count_int, default=64, help="batch size of the latency measurement")
     p.add_argument("--latency-repeats", type=count_int, default=7, help="timed repeats (median reported)")
     p.add_argument("--isometry-latents", type=bounded_int(2, MAX_ISOMETRY_LATENTS, SEED_RANGE_WHY),
@@ -85,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           ppl_samples=args.ppl_samples, seed=args.seed, fid_weights=args.fid_weights,
                           require_fid=args.require_fid, latency_batch=args.latency_batch,
                           latency_repeats=args.latency_repeats, isometry_latents=args.isometry_latents,
-                          cache_dir=args.cache_dir, classifier_epochs=args.classifier_epochs, progress=args.progress)
+                          cache_dir=args.cache_dir, classifier_epochs=args.classifier_epochs, progress=args.progress,
+                          fid_ref=args.fid_ref)
     print(format_table(result))
     print(f"wrote {Path(args.run_dir) / EVAL_NAME}")
     return 0

@@ -1,7 +1,12 @@
 """The evaluation of a saved run: load it (`load_run`), compose the shared evaluation
 sections of gsd.evaluation.metrics on it (`evaluate_loaded`), write eval.json (`evaluate_run`). The
 library behind `python -m gsd.evaluate` (whose docstring lists the numbers) and the
-evaluation step of gsd.experiments."""
+evaluation step of gsd.experiments.
+
+The run's generator is loaded by gsd.generator.load_generator, the loader of every command, and
+its samples are computed as gsd.generate computes them (whole blocks of seeds); FID runs on
+those samples written to uint8 and read back with pytorch-fid's preprocessing, as
+`python -m gsd.fid calc` scores image files (docs/definitions.md §3.10)."""
 
 from __future__ import annotations
 
@@ -23,8 +28,11 @@ from gsd.data import GMMDenoiser, load_dataset
 from gsd.distill import DistillConfig
 from gsd.errors import UsageError
 from gsd.evaluation.fid import (
-    FID_BOOTSTRAPS, FID_FEATURE_NAME, fid_from_features, inception_features, load_fid_inception, locate_fid_weights,
+    FID_BOOTSTRAPS, FID_FEATURE_NAME, FID_PREPROCESSING, fid_from_features, fid_weights as fetch_fid_weights,
+    file_sha256,
+    load_fid_inception, locate_fid_weights, uint8_features,
 )
+from gsd.evaluation.fid_stats import Reference, extra_metrics, fid_against, load_reference, statistics
 from gsd.evaluation.metrics import (
     batched as _batched, class_labels as _labels, distribution_section, evaluation_latents,
     FeatureSpace as _Features, geometry_section, ISOMETRY_SEED_OFFSET, LATENCY_METHOD,
@@ -32,6 +40,7 @@ from gsd.evaluation.metrics import (
     real_noise_floor, sample_quality, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE, summary_rows,
 )
 from gsd.generator import OneStepGenerator, load_generator
+from gsd.image_files import to_uint8
 from gsd.evaluation.ppl import float64_copy, heun_sample_float64, perceptual_path_length
 from gsd.fileio import jsonable
 from gsd.sampling.samplers import heun_nfe, heun_sample
@@ -51,9 +60,18 @@ _FORMAT_KEYS = ("run_format", "gsd_format", "format", "format_version")
 
 # float32 copies of the sample set held at once: latents, one-step samples, teacher samples, features
 EVAL_COPIES = 4
+# Data sets whose evaluation is the field's FID protocol: 50000 samples by default, and the
+# Inception weights are downloaded when missing (digits and gmm have feature spaces of their own)
+FID_PROTOCOL_DATASETS = ("cifar10", "folder")
+FID_PROTOCOL_SAMPLES = 50_000
+# Exact FID through the n x n SVD (with its bootstrap interval and the real-vs-real noise floor)
+# while generated x reference samples stay below this; above it, FID from the 2048-d moments
+FID_EXACT_MAX_PAIRS = 25_000_000
 
 
 def default_num_samples(dataset_name: str, dataset_len: int) -> int:
+    if dataset_name in FID_PROTOCOL_DATASETS:
+        return FID_PROTOCOL_SAMPLES
     return {"digits": dataset_len, "gmm": 4000}.get(dataset_name, 2000)
 
 
@@ -246,8 +264,14 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
                     fid_weights=None, require_fid: bool = False, fid_model=None, latency_batch: int = 64,
                     latency_repeats: int = 7, latency_warmup: int = 2, isometry_latents: int = 512, cache_dir=None,
                     classifier_epochs: int = 30, teacher_steps: int = 18, teacher_cache: dict | None = None,
-                    progress: bool = False, features: _Features | None = None) -> tuple[dict, dict]:
-    """Every metric of a loaded run; returns (result for eval.json, {"one_step": x, "teacher": x} samples)."""
+                    progress: bool = False, features: _Features | None = None,
+                    fid_ref=None) -> tuple[dict, dict]:
+    """Every metric of a loaded run; returns (result for eval.json, {"one_step": x, "teacher": x} samples).
+
+    FID (with Inception weights from `fid_weights`, the torch hub cache, or, for the FID-protocol
+    data sets cifar10 and folder, downloaded into it) is computed on the samples as uint8 images
+    against `fid_ref` (reference statistics, gsd.evaluation.fid_stats) or, by default, against
+    min(len(data), num_samples) real images rendered to uint8 the same way."""
 
     t_start = time.perf_counter()
     dev = run.device
@@ -267,18 +291,27 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
                  f"--isometry-latents {isometry_latents} / --latency-batch {latency_batch}", "lower them")
 
     # FID availability first: a missing file must fail before minutes of sampling
-    fid_reason = None
+    fid_reason, fid_path, ref = None, None, None
     if fid_model is None:
         if not is_image:
             fid_reason = f"FID needs image data; {ds.name} samples have shape {shape}"
             if fid_weights is not None:
                 locate_fid_weights(fid_weights)  # still refuse a --fid-weights that is not a file
         else:
-            path, fid_reason = locate_fid_weights(fid_weights)
-            if path is not None:
-                fid_model = load_fid_inception(path, dev)
+            fid_path, fid_reason = locate_fid_weights(fid_weights)  # a bad --fid-weights is an error
+            if fid_path is None:
+                try:  # cifar10 / folder: as pytorch-fid, fetch the weights when the network is reachable
+                    fid_path, fid_reason = fetch_fid_weights(None, download=ds.name in FID_PROTOCOL_DATASETS), None
+                except UsageError as exc:
+                    fid_reason = str(exc)  # names the file and where it goes
+            if fid_path is not None:
+                fid_model = load_fid_inception(fid_path, dev)
     if fid_model is None and require_fid:
         raise UsageError(f"--require-fid: {fid_reason}")
+    if fid_ref is not None:
+        if not is_image:
+            raise UsageError(f"--fid-ref: {ds.name} samples have shape {shape}, not images")
+        ref = fid_ref if isinstance(fid_ref, Reference) else load_reference(fid_ref, "--fid-ref")
 
     feats = features or _Features(ds, dev, cache_dir=cache_dir, classifier_epochs=classifier_epochs,
                                   progress=progress, fid_model=fid_model)
@@ -321,31 +354,10 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
     real = ds.data
     distribution_section(result, ds, feats, [(one, x_one), (teach, x_teacher)], num_samples)
 
-    # ---- FID
+    # ---- FID: on the samples as uint8 images, pytorch-fid's preprocessing (as gsd.fid calc)
     if fid_model is not None:
-        n_real = min(len(real), max(num_samples, 2))
-        idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[:n_real]
-        f_real = inception_features(fid_model, real[idx])
-        # FID with its bootstrap interval, and KID / precision / recall in the Inception space:
-        # under kid/precision/recall when the data set has no other feature space, else
-        # under *_inception keys (FID_BOOTSTRAPS resamples: each costs an n x n SVD)
-        primary = feats.fd is None and ds.mixture is None
-        for m, x in ((one, x_one), (teach, x_teacher)):
-            q = sample_quality(inception_features(fid_model, x), f_real, fd=fid_from_features, fd_key="fid",
-                               bootstraps=FID_BOOTSTRAPS)
-            m["fid"], m["fid_ci"] = q.pop("fid"), q.pop("fid_ci")
-            m.update(q if primary else {_inception_key(k): v for k, v in q.items()})
-        floor = real_noise_floor(f_real, num_samples, fd=fid_from_features, fd_key="fid", bootstraps=FID_BOOTSTRAPS)
-        if primary:
-            result["noise_floor"] = floor
-            result["kid_feature"] = FID_FEATURE_NAME
-        else:
-            result["noise_floor_inception"] = floor
-        result["fid_bootstraps"] = FID_BOOTSTRAPS
-        result["fid"], result["fid_teacher"] = one["fid"], teach["fid"]
-        result["fid_feature"] = FID_FEATURE_NAME
-        result["fid_real_samples"] = int(n_real)
-        result["fid_unavailable"] = None
+        _fid_section(result, run, fid_model, fid_path, ref, [(one, x_one), (teach, x_teacher)], num_samples,
+                     primary=feats.fd is None and ds.mixture is None, progress=progress)
     else:
         one["fid"] = teach["fid"] = None
         result["fid"] = result["fid_teacher"] = None
@@ -398,11 +410,80 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
     return result, {"one_step": x_one, "teacher": x_teacher}
 
 
+def _uint8_batches(x: torch.Tensor, size: int = 50):
+    for i in range(0, len(x), size):
+        yield to_uint8(torch.nan_to_num(x[i:i + size], nan=0.0))
+
+
+def _fid_section(result: dict, run: LoadedRun, model, weights_path, ref: Reference | None, entries, num_samples: int,
+                 *, primary: bool, progress: bool) -> None:
+    """FID of each (metrics dict, samples) entry, as gsd.fid calc scores image files, with the
+    protocol that makes the number comparable: samples, seeds, reference, weights file."""
+    ds = run.dataset
+    real = ds.data
+    if ref is None:  # the data set rendered to uint8 as generated images are written
+        n_real = min(len(real), max(num_samples, 2))
+        idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[:n_real]
+        f_real = uint8_features(model, _uint8_batches(real[idx]), total=n_real, desc="Inception features (real)",
+                                progress=progress)
+        mu, sigma = statistics(f_real)
+        ref = Reference(mu, sigma, f_real, description=f"{ds.name}: {n_real} of its {len(real)} images rendered to "
+                                                         f"uint8 as generated images are (seeded selection 1)")
+        ref_info = {"data_set": ds.name, "images": int(n_real), "of": len(real), "selection": "torch randperm seed 1",
+                    "rendering": "uint8 by EDM's rule, as generated images"}
+    else:
+        f_real = ref.features
+        ref_info = {"file": ref.path, "sha256": ref.sha256, "features": ref.count}
+    exact = f_real is not None and num_samples * len(f_real) <= FID_EXACT_MAX_PAIRS
+    nonfinite = {}
+    for (m, x), name in zip(entries, ("one_step", "teacher")):
+        nonfinite[name] = int((~torch.isfinite(x.reshape(len(x), -1)).all(1)).sum())
+        f = uint8_features(model, _uint8_batches(x), total=len(x), desc=f"Inception features ({name})",
+                           progress=progress)
+        if exact:  # the n x n route: exact FID with its bootstrap interval, KID and precision / recall
+            q = sample_quality(f, f_real, fd=fid_from_features, fd_key="fid", bootstraps=FID_BOOTSTRAPS)
+        else:
+            q = {"fid": fid_against(f, ref), "fid_ci": None}
+            if f_real is not None:
+                q.update({k: v for k, v in extra_metrics(f, f_real).items() if not k.endswith("_used")})
+        m["fid"], m["fid_ci"] = q.pop("fid"), q.pop("fid_ci")
+        m.update(q if primary else {_inception_key(k): v for k, v in q.items()})
+    if exact:
+        floor = real_noise_floor(f_real, num_samples, fd=fid_from_features, fd_key="fid", bootstraps=FID_BOOTSTRAPS)
+    else:
+        floor = {"what": "not computed: the FID interval and real-vs-real floor need n x n work beyond "
+                         f"{FID_EXACT_MAX_PAIRS} pairs (FID itself is exact, from the 2048-d moments)"}
+    one, teach = entries[0][0], entries[1][0]
+    if primary:
+        result["noise_floor"] = floor
+        result["kid_feature"] = FID_FEATURE_NAME
+    else:
+        result["noise_floor_inception"] = floor
+    result["fid_bootstraps"] = FID_BOOTSTRAPS if exact else 0
+    result["fid"], result["fid_teacher"] = one["fid"], teach["fid"]
+    result["fid_feature"] = FID_FEATURE_NAME
+    result["fid_real_samples"] = None if f_real is None else int(len(f_real))
+    result["fid_unavailable"] = None
+    seeds = result["latent_seeds"]
+    result["fid_protocol"] = {
+        "num_samples": int(num_samples), "latent_seeds": seeds,
+        "labels": None if not run.num_classes else f"seed mod {run.num_classes} (gsd.generate --labels balanced)",
+        "generation": "gsd.generate's: the EMA generator on aligned blocks of seeds, uint8 by EDM's rule",
+        "reference": ref_info, "reference_description": ref.description,
+        "weights": None if weights_path is None else str(weights_path),
+        "weights_sha256": None if weights_path is None else file_sha256(weights_path),
+        "preprocessing": FID_PREPROCESSING, "feature": FID_FEATURE_NAME,
+        "nonfinite_samples": {"count": nonfinite, "written as": "NaN as 0, +-inf clipped"},
+    }
+
+
 def evaluate_run(run_dir, *, device="auto", step: int | None = None, write: bool = True, **kw) -> dict:
     """Load a run, evaluate it, write RUN_DIR/eval.json (atomically); returns the result."""
 
     if kw.get("fid_weights") is not None:
         locate_fid_weights(kw["fid_weights"])  # a bad path fails before the run is loaded
+    if kw.get("fid_ref") is not None:
+        kw["fid_ref"] = load_reference(kw["fid_ref"], "--fid-ref")  # likewise a bad reference file
     run = load_run(run_dir, step=step, device=device)
     result, _ = evaluate_loaded(run, **kw)
     if write:
@@ -427,6 +508,12 @@ def format_table(result: dict) -> str:
     lines.append(f"FD feature space: {result['fd_feature']}")
     if result.get("fid_unavailable"):
         lines.append(f"FID: not computed ({result['fid_unavailable']})")
+    proto = result.get("fid_protocol")
+    if proto:
+        sha = proto["weights_sha256"]
+        lines.append(f"FID protocol: {proto['num_samples']} samples (seeds {proto['latent_seeds'][0]}.."
+                     f"{proto['latent_seeds'][1]}) against {proto['reference_description']}; Inception weights "
+                     f"{proto['weights']}" + (f" (sha256 {sha[:16]}...)" if sha else ""))
     lines.append(f"PPL feature space: {result['ppl_feature']}")
     lat = result.get("latency")
     if lat:

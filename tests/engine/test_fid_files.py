@@ -246,3 +246,36 @@ def test_missing_weights_are_downloaded_into_the_hub_cache_or_named_in_one_line(
                          str(tmp_path / "nope.pth")], capsys)
     assert_one_line_error(code, err, "no such file")
 
+
+def test_evaluate_scores_gsd_generates_images_as_fid_calc_does(folders, torch_home, tmp_path, capsys):
+    """gsd.evaluate's FID is `gsd.fid calc` over gsd.generate's PNGs of the evaluation seeds, and
+    eval.json names the protocol: samples, seeds, reference file and weights file (sha256)."""
+    import hashlib
+    import json
+
+    from gsd import evaluate
+    from test_evaluate import FAST, make_tiny_digits_run
+
+    run = make_tiny_digits_run(tmp_path, tmp_path / "cache")
+    ref = tmp_path / "ref.npz"
+    assert _fid(["ref", "--images", str(folders / "A"), "--dest", str(ref)], capsys)[0] == 0
+    code, out, err = _run(lambda a: run_main(evaluate.main, a),
+                          [str(run), "--fid-ref", str(ref), "--num-samples", "10", "--ppl-samples", "0",
+                           "--cache-dir", str(tmp_path / "cache"), *FAST], capsys)
+    assert code == 0, err
+    res = json.loads((run / "eval.json").read_text())
+    proto = res["fid_protocol"]
+    assert proto["num_samples"] == 10 and proto["latent_seeds"] == [0, 9]
+    assert proto["reference"]["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
+    assert proto["weights_sha256"] == hashlib.sha256(torch_home.read_bytes()).hexdigest()
+    assert "FID protocol: 10 samples" in out
+    assert _run(lambda a: run_main(generate.main, a), [str(run), "--seeds", "0-9", "--out", str(tmp_path / "png"),
+                                                       "--device", "cpu", "--no-progress"], capsys)[0] == 0
+    code, out, err = _fid(["calc", "--images", str(tmp_path / "png"), "--ref", str(ref)], capsys)
+    assert code == 0, err
+    assert res["fid"] == pytest.approx(_value(out, "FID"), rel=1e-6)
+    # a reference of the wrong kind is refused before the run is evaluated
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3))
+    code, _, err = _run(lambda a: run_main(evaluate.main, a), [str(run), "--fid-ref", str(tmp_path / "bad.npz"),
+                                                               *FAST], capsys)
+    assert_one_line_error(code, err, "--fid-ref", "sigma")
