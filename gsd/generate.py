@@ -63,11 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                           step=args.step, raw=args.raw, trust_pickle=args.trust_pickle, sigma_init=args.sigma_init,
                           progress=args.progress)
     if res["rank"] == 0:
-        where = ", ".join(p for p in (outs.folder, outs.npz, outs.grid) if p)
         labels = "" if res["labels"] is None else f", labels {res['labels']}"
-        skipped = f", {res['skipped']} already there" if res["skipped"] else ""
+        done = []
+        if outs.folder:
+            skipped = f", {res['skipped']} already there" if res["skipped"] else ""
+            done.append(f"{res['written']} PNG files in {outs.folder}{skipped}")
+        done += [p for p in (outs.npz, outs.grid) if p]
         print(f"{res['seeds']} images of {'x'.join(map(str, res['image_shape']))} from {res['generator']['source']}"
-              f"{labels}: {res['written']} PNG files written{skipped}; {where} ({res['seconds']:.1f} s)")
+              f"{labels}: {'; '.join(done)} ({res['seconds']:.1f} s)")
     return 0
 
 

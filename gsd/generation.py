@@ -309,6 +309,6 @@ def _generate(source, seeds, outs: Outputs, *, labels, batch, device, step, raw,
             grid = grid_uint8(images)
             atomic_write_bytes(outs.grid, png_bytes(grid))
     parallel.barrier()
-    return {"seeds": len(seeds), "written": written, "skipped": len(seeds) - len(todo) if outs.folder else 0,
+    return {"seeds": len(seeds), "written": written, "skipped": len(seeds) - len(write_set) if outs.folder else 0,
             "seconds": time.perf_counter() - t0, "generator": gen.info, "labels": rule, "world": world,
             "image_shape": gen.sample_shape, "outputs": outs, "rank": rank}

@@ -129,8 +129,14 @@ def test_interrupt_and_resume_give_the_uninterrupted_files(files, tmp_path, caps
     assert_one_line_error(code, err, "not empty", "--resume")
     code, out, err = _gen([files["rgb"], "--seeds", "0-99", "--out", str(part), "--resume", "--batch", "48"], capsys)
     assert code == 0, err
-    assert "52 PNG files written" in out and "48 already there" in out
+    assert "52 PNG files in" in out and "48 already there" in out
     assert _pngs(part) == _pngs(full) and not stale.exists()
+    assert (part / "000000.png").stat().st_mtime_ns == before
+    # a grid of a finished folder: every image is computed for it, no file is rewritten
+    code, out, err = _gen([files["rgb"], "--seeds", "0-99", "--out", str(part), "--resume", "--grid",
+                           str(tmp_path / "grid.png")], capsys)
+    assert code == 0, err
+    assert "0 PNG files in" in out and "100 already there" in out and (tmp_path / "grid.png").is_file()
     assert (part / "000000.png").stat().st_mtime_ns == before
     # another generator, or other labels, cannot continue the folder
     code, _, err = _gen([files["grey"], "--seeds", "0-99", "--out", str(part), "--resume"], capsys)
