@@ -7,7 +7,7 @@ This splits both figures of each run's EMA generator by the digit class its samp
 (the cached digits CNN, the one behind FD), to show which part the term moves:
 
 - local defect: held-out anchors with 3 neighbours at radius 0.5 (the evaluation's setting);
-  `gsd.evaluation.metrics.local_defect_shares` splits the grouped loss into one share per
+  `gsd.evaluation.geometry.local_defect_shares` splits the grouped loss into one share per
   group, and a group "crosses" when some neighbour's sample is classified differently from its
   anchor's. Reported: the crossing groups' fraction and share, and the loss left in the
   others (what a term acting only at class boundaries could not remove).
@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 from gsd import runs  # noqa: E402
 from gsd.errors import UsageError  # noqa: E402
 from gsd.generator import load_generator  # noqa: E402
-from gsd.evaluation.metrics import digits_classifier, local_defect_shares, neighbour_latents  # noqa: E402
+from gsd.evaluation.digits_classifier import digits_classifier
+from gsd.evaluation.geometry import local_defect_shares, neighbour_latents
 from gsd.evaluation.ppl import PPL_EPS, float64_copy, path_length_samples, slerp  # noqa: E402
 
 LATENT_SEED = 20261129   # anchors and PPL pairs: the same for every run

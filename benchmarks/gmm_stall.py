@@ -61,7 +61,7 @@ CHECKS = ("sid", "regress", "oracle-fake", "sid+regress")
 def _setup(seed: int, cache_dir, lambda_regress: float = 0.0):
     from gsd.config import resolve_config
     from gsd.data import load_gmm
-    from gsd.teachers.training import get_teacher
+    from gsd.teachers.recipes import get_teacher
     torch.manual_seed(seed)
     dataset = load_gmm()
     teacher = get_teacher(dataset, cache_dir=cache_dir, progress=False)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gsd.errors import DataError, UsageError
+from gsd.errors import DataError
 from gsd.util import one_line
 
 DATASETS = ("digits", "gmm", "shapes", "cifar10", "folder")

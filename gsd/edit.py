@@ -31,9 +31,9 @@ Figures of merit, on held-out source latents (seeds disjoint from the fitting se
   distance of classifier features between consecutive points divided by h^2 (h in alpha
   units), percentile-filtered (keep 1%..99%) like PPL, then averaged; the same along
   random unit directions as a reference. Feature network: the digits CNN's penultimate
-  layer (`gsd.evaluation.metrics.DIGITS_FEATURE_NAME`), raw coordinates for gmm.
+  layer (`gsd.evaluation.digits_classifier.DIGITS_FEATURE_NAME`), raw coordinates for gmm.
 
-Library (gsd.evaluation.editing, re-exported here): `edit_metrics(run_dir, ...) -> dict` (no files
+Library (gsd.evaluation.editing): `edit_metrics(run_dir, ...) -> dict` (no files
 written), `load_generator`, `slerp`, `fit_direction`, `find_directions`, `filtered_mean`.
 """
 
@@ -43,12 +43,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from gsd.fileio import write_json_atomic
 from gsd import runs
-from gsd.evaluation.editing import (  # noqa: F401  (the library lived here before gsd.evaluation.editing; re-exported)
-    ALPHA_WHY, DEFAULT_ALPHAS, DEFAULT_NUM, MAX_ALPHA, edit_metrics, filtered_mean, find_directions, fit_direction,
-    load_generator, slerp, write_figures,
-)
-from gsd.cli import MAX_SEED, UsageError, add_runtime_args, bounded_float, check_memory, count_int, make_parser, run_main
+from gsd.evaluation.editing import ALPHA_WHY, DEFAULT_ALPHAS, DEFAULT_NUM, MAX_ALPHA, edit_metrics, write_figures
+from gsd.cli import add_runtime_args, make_parser, run_main
+from gsd.argtypes import bounded_float, count_int
+from gsd.errors import UsageError
 
 __all__ = ["build_parser", "main"]
 
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = write_figures(result, out_dir, seed=args.seed)
     result.pop("_state")
     result["files"] = files
-    runs.write_json_atomic(out_dir / "edit.json", result)
+    write_json_atomic(out_dir / "edit.json", result)
     print(_format(result))
     print(f"wrote {', '.join(files + ['edit.json'])} to {out_dir}")
     return 0

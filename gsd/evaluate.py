@@ -43,13 +43,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from gsd.cli import (MAX_COUNT, UsageError, add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg,
-                  bounded_int, count_int, make_parser, nonnegative_int, run_main, seed_int)
-from gsd.evaluation.core import (  # noqa: F401  (the library lived here before gsd.evaluation.core; re-exported)
-    EVAL_FORMAT, EVAL_NAME, REQUIRED_CONFIG_KEYS, LoadedRun, default_num_samples, evaluate_loaded, evaluate_run,
-    format_table, load_run, machine_info,
-)
-from gsd.evaluation.metrics import MAX_ISOMETRY_LATENTS, SEED_RANGE_WHY, SEED_STRIDE  # noqa: F401  (SEED_STRIDE re-exported)
+from gsd.cli import add_cache_arg, add_device_arg, add_fid_weights_arg, add_num_samples_arg, make_parser, run_main
+from gsd.argtypes import MAX_COUNT, bounded_int, count_int, nonnegative_int, seed_int
+from gsd.errors import UsageError
+from gsd.evaluation.core import EVAL_NAME, evaluate_run, format_table
+from gsd.seed_ranges import MAX_ISOMETRY_LATENTS, SEED_RANGE_WHY
 
 __all__ = ["build_parser", "main"]
 

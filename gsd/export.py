@@ -19,7 +19,10 @@ import os
 import sys
 from typing import Sequence
 
-from gsd.cli import UsageError, check_output_file, make_parser, nonnegative_int, run_main
+from gsd.cli import make_parser, run_main
+from gsd.argtypes import nonnegative_int
+from gsd.errors import UsageError
+from gsd.util import check_output_file
 from gsd.generator import export_generator
 
 __all__ = ["build_parser", "main"]

@@ -29,8 +29,10 @@ import sys
 import time
 from typing import Sequence
 
-from gsd.cli import (UsageError, add_device_arg, add_fid_weights_arg, check_output_file, count_int, make_parser,
-                     run_main)
+from gsd.cli import add_device_arg, add_fid_weights_arg, make_parser, run_main
+from gsd.argtypes import count_int
+from gsd.errors import UsageError
+from gsd.util import check_output_file
 from gsd.evaluation.fid import FID_FEATURE_NAME, FID_PREPROCESSING, fid_weights, file_sha256, load_fid_inception, \
     uint8_features
 from gsd.evaluation.fid_stats import (METRICS_MAX, dataset_images, extra_metrics, fid_against, load_reference,

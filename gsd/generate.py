@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from gsd.cli import (add_device_arg, add_generator_args, add_label_args, count_int, exit_process, make_parser,
-                     run_main, seed_list)
+from gsd.cli import (
+    add_device_arg, add_generator_args, add_label_args, exit_process, make_parser, run_main, seed_list,
+)
+from gsd.argtypes import count_int
 from gsd.generation import check_outputs, generate_images
 
 __all__ = ["build_parser", "main"]

@@ -215,28 +215,89 @@ def generate_images(source, seeds: Sequence[int], outs: Outputs, *, labels=None,
             parallel.shutdown()
 
 
+def _load_checked(source, seeds, outs: Outputs, *, labels, device, step, raw, trust_pickle, sigma_init):
+    """The generator, its label rule and the folder's manifest, every check done before a file is written."""
+    gen = load_generator(source, step=step, raw=raw, device=device, trust_pickle=trust_pickle, sigma_init=sigma_init)
+    if not gen.is_image or gen.sample_shape[0] not in (1, 3):
+        raise UsageError(f"{source} makes samples of shape {gen.sample_shape}, not images with 1 or 3 channels")
+    rule = gen.label_rule(labels)
+    c, h, w = gen.sample_shape
+    if outs.npz or outs.grid:
+        check_memory(2 * len(seeds) * c * h * w * max(parallel.world_size(), 1), f"{len(seeds)} images of "
+                     f"{w}x{h}x{c} in memory for the npz / grid", "generate fewer seeds per call, or write a PNG folder")
+    if outs.grid:
+        check_grid_size(len(seeds), gen.sample_shape, what=f"the grid of {len(seeds)} images")
+    manifest = _manifest(gen, seeds, rule, outs, device)
+    if outs.folder and outs.resume and (Path(outs.folder) / MANIFEST_NAME).is_file():
+        _check_resume(outs.folder, manifest)
+    return gen, rule, manifest
+
+
+def _missing(seeds, outs: Outputs) -> tuple[list, set]:
+    """(seeds to compute, in order; seeds to write): every seed for an npz / grid, the missing
+    files of a folder."""
+    def absent(s):
+        return not os.path.exists(os.path.join(outs.folder, seed_file_name(s, outs.subdirs)))
+    keep_images = bool(outs.npz or outs.grid)
+    todo = [s for s in seeds if absent(s)] if outs.folder and not keep_images else list(seeds)
+    write_set = set(todo) if not outs.folder else {s for s in todo if absent(s)}
+    return todo, write_set
+
+
+def _compute_blocks(gen, rule, blocks, per_step: int, todo_set: set, write_set: set, outs: Outputs, bar):
+    """This rank's blocks: PNG files written as they come, images kept for an npz / grid.
+    No collective in here: a rank that fails reports it to the others through parallel.agree."""
+    keep_images = bool(outs.npz or outs.grid)
+    writer = _Writer() if outs.folder else None
+    kept: dict[int, tuple[np.ndarray, int | None]] = {}
+    written, failed = 0, None
+    try:
+        for i in range(0, len(blocks), per_step):
+            block_seeds, x, lab = gen.run_blocks(blocks[i:i + per_step], rule)
+            rows = [j for j, s in enumerate(block_seeds) if s in todo_set]
+            sel = [block_seeds[j] for j in rows]
+            x = x[rows]
+            check_finite(x, sel)
+            u8 = to_uint8(x)
+            if writer is not None:
+                items = [(os.path.join(outs.folder, seed_file_name(s, outs.subdirs)), u8[k])
+                         for k, s in enumerate(sel) if s in write_set]
+                writer.submit(items)
+                written += len(items)
+            if keep_images:
+                for k, s in enumerate(sel):
+                    kept[s] = (u8[k], None if lab is None else int(lab[rows[k]]))
+            bar.update(len(sel))
+        if writer is not None:
+            writer.wait()
+    except BaseException as exc:
+        failed = exc
+        raise
+    finally:
+        if writer is not None:
+            writer.close(finish=failed is None or isinstance(failed, KeyboardInterrupt))
+        bar.close()
+    return kept, written
+
+
+def _write_collected(gen, seeds, kept: dict, outs: Outputs) -> None:
+    """The npz and / or grid of every seed, in the order given (main process)."""
+    images = np.stack([kept[s][0] for s in seeds])
+    lab_arr = None if gen.label_dim == 0 else np.array([kept[s][1] for s in seeds], dtype=np.int64)
+    if outs.npz:
+        os.makedirs(os.path.dirname(os.path.abspath(outs.npz)), exist_ok=True)
+        atomic_write_bytes(outs.npz, npz_bytes(images, lab_arr))
+    if outs.grid:
+        os.makedirs(os.path.dirname(os.path.abspath(outs.grid)), exist_ok=True)
+        atomic_write_bytes(outs.grid, png_bytes(grid_uint8(images)))
+
+
 def _generate(source, seeds, outs: Outputs, *, labels, batch, device, step, raw, trust_pickle, sigma_init, progress,
               t0) -> dict:
-    dev = device
     rank, world = parallel.rank(), parallel.world_size()
-
-    def load():
-        gen = load_generator(source, step=step, raw=raw, device=dev, trust_pickle=trust_pickle, sigma_init=sigma_init)
-        if not gen.is_image or gen.sample_shape[0] not in (1, 3):
-            raise UsageError(f"{source} makes samples of shape {gen.sample_shape}, not images with 1 or 3 channels")
-        rule = gen.label_rule(labels)
-        c, h, w = gen.sample_shape
-        if outs.npz or outs.grid:
-            check_memory(2 * len(seeds) * c * h * w * max(world, 1), f"{len(seeds)} images of {w}x{h}x{c} in memory "
-                         f"for the npz / grid", "generate fewer seeds per call, or write a PNG folder")
-        if outs.grid:
-            check_grid_size(len(seeds), gen.sample_shape, what=f"the grid of {len(seeds)} images")
-        manifest = _manifest(gen, seeds, rule, outs, dev)
-        if outs.folder and outs.resume and (Path(outs.folder) / MANIFEST_NAME).is_file():
-            _check_resume(outs.folder, manifest)
-        return gen, rule, manifest
-
-    gen, rule, manifest = parallel.agree(load)
+    gen, rule, manifest = parallel.agree(lambda: _load_checked(
+        source, seeds, outs, labels=labels, device=device, step=step, raw=raw, trust_pickle=trust_pickle,
+        sigma_init=sigma_init))
 
     if outs.folder and parallel.is_main():
         os.makedirs(outs.folder, exist_ok=True)
@@ -244,70 +305,23 @@ def _generate(source, seeds, outs: Outputs, *, labels, batch, device, step, raw,
         write_json_atomic(Path(outs.folder) / MANIFEST_NAME, manifest)
     parallel.barrier()
 
-    # what is left to do: every seed for an npz / grid, the missing files of a folder
     keep_images = bool(outs.npz or outs.grid)
-    if outs.folder and not keep_images:
-        todo = [s for s in seeds if not os.path.exists(os.path.join(outs.folder, seed_file_name(s, outs.subdirs)))]
-    else:
-        todo = list(seeds)
+    todo, write_set = _missing(seeds, outs)
     todo_set = set(todo)
-    write_set = todo_set if not outs.folder else \
-        {s for s in todo if not os.path.exists(os.path.join(outs.folder, seed_file_name(s, outs.subdirs)))}
     parallel.barrier()  # every rank has listed the folder before any rank writes to it
     blocks = blocks_of(todo)[rank::world]
     per_step = max(1, -(-int(batch) // BLOCK))
     mine = sum(1 for b in blocks for s in range(b * BLOCK, (b + 1) * BLOCK) if s in todo_set)
     bar = progress_bar(total=mine, desc="generate" + (f" (rank {rank} of {world})" if world > 1 else ""),
                        enabled=progress and parallel.is_main())
-
-    def work():
-        # no collective in here: a rank that fails reports it to the others through agree()
-        writer = _Writer() if outs.folder else None
-        kept: dict[int, tuple[np.ndarray, int | None]] = {}
-        written, failed = 0, None
-        try:
-            for i in range(0, len(blocks), per_step):
-                block_seeds, x, lab = gen.run_blocks(blocks[i:i + per_step], rule)
-                rows = [j for j, s in enumerate(block_seeds) if s in todo_set]
-                sel = [block_seeds[j] for j in rows]
-                x = x[rows]
-                check_finite(x, sel)
-                u8 = to_uint8(x)
-                if writer is not None:
-                    items = [(os.path.join(outs.folder, seed_file_name(s, outs.subdirs)), u8[k])
-                             for k, s in enumerate(sel) if s in write_set]
-                    writer.submit(items)
-                    written += len(items)
-                if keep_images:
-                    for k, s in enumerate(sel):
-                        kept[s] = (u8[k], None if lab is None else int(lab[rows[k]]))
-                bar.update(len(sel))
-            if writer is not None:
-                writer.wait()
-        except BaseException as exc:
-            failed = exc
-            raise
-        finally:
-            if writer is not None:
-                writer.close(finish=failed is None or isinstance(failed, KeyboardInterrupt))
-            bar.close()
-        return kept, written
-
-    kept, written = parallel.agree(work)
+    kept, written = parallel.agree(lambda: _compute_blocks(gen, rule, blocks, per_step, todo_set, write_set, outs,
+                                                           bar))
     if keep_images:
         parts = parallel.all_gather_objects(kept)
         kept = {k: v for part in parts for k, v in part.items()}
     written = sum(parallel.all_gather_objects(written))
     if parallel.is_main() and keep_images:
-        images = np.stack([kept[s][0] for s in seeds])
-        lab_arr = None if gen.label_dim == 0 else np.array([kept[s][1] for s in seeds], dtype=np.int64)
-        if outs.npz:
-            os.makedirs(os.path.dirname(os.path.abspath(outs.npz)), exist_ok=True)
-            atomic_write_bytes(outs.npz, npz_bytes(images, lab_arr))
-        if outs.grid:
-            os.makedirs(os.path.dirname(os.path.abspath(outs.grid)), exist_ok=True)
-            grid = grid_uint8(images)
-            atomic_write_bytes(outs.grid, png_bytes(grid))
+        _write_collected(gen, seeds, kept, outs)
     parallel.barrier()
     return {"seeds": len(seeds), "written": written, "skipped": len(seeds) - len(write_set) if outs.folder else 0,
             "seconds": time.perf_counter() - t0, "generator": gen.info, "labels": rule, "world": world,

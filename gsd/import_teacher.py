@@ -14,20 +14,18 @@ diffusers UNet2DModel folder needs no export: `load_teacher` wraps it on the fly
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from gsd.cli import UsageError, add_trust_pickle_arg, check_output_file, make_parser, run_main
+from gsd.cli import add_trust_pickle_arg, make_parser, run_main
+from gsd.errors import UsageError
+from gsd.util import check_output_file
 from gsd.teachers.edm_pickle import export_edm_pickle
-from gsd.models.networks import load_denoiser, read_denoiser_metadata
-from gsd.teachers.loading import (  # noqa: F401  (the loaders lived here before gsd.teachers.loading; re-exported)
-    check_teacher_path, load_run_teacher, load_teacher, load_teacher_any, save_run_teacher, teacher_kind,
-)
+from gsd.models.checkpoint import load_denoiser, read_denoiser_metadata
+from gsd.teachers.loading import load_teacher, teacher_kind
 
 __all__ = ["build_parser", "main", "check_out_file"]
 

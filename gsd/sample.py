@@ -19,15 +19,19 @@ from typing import Sequence
 
 import torch
 
-from gsd.cli import (UsageError, add_cache_arg, add_teacher_args, add_data_args, add_guidance_args, add_runtime_args, bounded_int,
-                     check_image_output, check_memory, count_int, format_bytes, make_parser, run_main)
+from gsd.cli import (
+    add_cache_arg, add_teacher_args, add_data_args, add_guidance_args, add_runtime_args, make_parser, run_main,
+)
+from gsd.argtypes import bounded_int, count_int
+from gsd.errors import UsageError
+from gsd.util import check_image_output, check_memory, format_bytes
 from gsd.data import load_dataset
 from gsd.sampling.guidance import (MASK_NAMES, classifier_loss, guidance_classifier, heldout_indices, inpaint_mask,
                           inpainting_loss)
-from gsd.evaluation.metrics import digits_classifier
+from gsd.evaluation.digits_classifier import digits_classifier
 from gsd.evaluation.plots import check_grid_size, save_image_grid
 from gsd.sampling.samplers import guided_sample, latents_for_seeds, MAX_SAMPLER_STEPS
-from gsd.teachers.training import get_teacher
+from gsd.teachers.recipes import get_teacher
 from gsd.util import resolve_device
 
 # Sampling keeps a few float32 copies of the whole set at once (latents, the current x,
@@ -102,12 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate_out(args)
     dataset = load_dataset(args.dataset, data_root=args.data_root, resolution=args.resolution,
-                           download=args.download)
+                           download=args.download, shapes_kinds=args.shapes_kinds)
     _validate(args, dataset)
 
     device = resolve_device(args.device)
     teacher = get_teacher(dataset, teacher_path=args.teacher, cache_dir=args.cache_dir, device=device,
-                          trust_pickle=args.trust_pickle)
+                          trust_pickle=args.trust_pickle, conditional=args.conditional)
     n = args.num
     seeds = [args.seed * 1_000_003 + i for i in range(n)]
     latents = latents_for_seeds(seeds, dataset.sample_shape, device=device)

@@ -3,7 +3,7 @@
     python -m gsd.teacher --dataset digits            # train (or find) the cached teacher
     python -m gsd.teacher --dataset gmm --out t.safetensors --iters 2000
 
-The training and the cache are the library module gsd.teachers.training (`get_teacher`,
+The training and the cache are the library module gsd.teachers.recipes (`get_teacher`,
 `train_teacher`); this module is the command line.
 """
 
@@ -14,16 +14,16 @@ import os
 import sys
 from typing import Sequence
 
-from gsd.cli import (UsageError, add_cache_arg, add_data_args, add_runtime_args, check_image_output, check_memory,
-                     check_output_file, count_int, make_parser, nonnegative_float, positive_float, run_main)
+from gsd.cli import add_cache_arg, add_data_args, add_runtime_args, make_parser, run_main
+from gsd.argtypes import count_int, nonnegative_float, positive_float
+from gsd.errors import UsageError
+from gsd.util import check_image_output, check_memory, check_output_file
 from gsd.data import Dataset, load_dataset
-from gsd.models.networks import default_config, read_denoiser_metadata
-from gsd.evaluation.plots import check_grid_size, grid_layout, save_image_grid  # noqa: F401  (re-exported)
+from gsd.models.networks import default_config
+from gsd.models.checkpoint import read_denoiser_metadata
+from gsd.evaluation.plots import save_image_grid
 from gsd.sampling.samplers import heun_sample, latents_for_seeds
-from gsd.teachers.training import (  # noqa: F401  (the library lived here before; re-exported)
-    RECIPES, default_teacher_recipe, edm_loss, full_recipe, get_teacher, teacher_cache_path, train_and_save,
-    train_teacher,
-)
+from gsd.teachers.recipes import RECIPES, full_recipe, get_teacher, teacher_cache_path, train_and_save
 from gsd.util import resolve_device
 
 __all__ = ["build_parser", "main", "check_teacher_out"]
@@ -101,13 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--cache-dir {args.cache_dir} is a file, not a folder")
     device = resolve_device(args.device)
     dataset = load_dataset(args.dataset, data_root=args.data_root, resolution=args.resolution,
-                           download=args.download)
+                           download=args.download, shapes_kinds=args.shapes_kinds)
+    if args.conditional and not dataset.num_classes:
+        raise UsageError(f"--conditional: --dataset {dataset.name} has no class labels")
     if args.grid is not None and len(dataset.sample_shape) != 3:
         raise UsageError("--grid needs an image data set")
     recipe = full_recipe(dataset.name, dict(iters=args.iters, batch=args.batch, lr=args.lr,
                                              ema_halflife_images=args.ema_halflife))
     _check_batch_memory(dataset, recipe["batch"])
-    config = default_config(dataset.name, dataset.sample_shape, 0)
+    config = default_config(dataset.name, dataset.sample_shape, dataset.num_classes if args.conditional else 0)
     if out is None:
         path = teacher_cache_path(dataset, config, recipe, args.seed, args.cache_dir)
         existed = os.path.exists(path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from gsd.models.networks import build_denoiser, save_denoiser
+from gsd.models.networks import build_denoiser
+from gsd.models.checkpoint import save_denoiser
 
 
 def tiny_mlp(dim: int = 2, seed: int = 0):

@@ -14,16 +14,14 @@ import hashlib
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from gsd import runs
-from gsd.config import resolve_config, RUN_DEFAULTS
+from gsd.config import REQUIRED_CONFIG_KEYS, resolve_config, RUN_DEFAULTS
 from gsd.data import GMMDenoiser, load_dataset
 from gsd.distill import DistillConfig
 from gsd.errors import UsageError
@@ -33,28 +31,25 @@ from gsd.evaluation.fid import (
     load_fid_inception, locate_fid_weights, uint8_features,
 )
 from gsd.evaluation.fid_stats import Reference, extra_metrics, fid_against, load_reference, statistics
+from gsd.evaluation.assemble import evaluation_sections
 from gsd.evaluation.metrics import (
-    batched as _batched, class_labels as _labels, distribution_section, evaluation_latents,
-    FeatureSpace as _Features, geometry_section, ISOMETRY_SEED_OFFSET, LATENCY_METHOD,
-    latency_section as interleaved_latency, local_isometry_settings, MAX_ISOMETRY_LATENTS, one_step_samples,
-    real_noise_floor, sample_quality, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE, summary_rows,
+    batched, evaluation_latents, FeatureSpace as _Features, geometry_section, real_noise_floor, sample_quality,
+    summary_rows,
 )
+from gsd.seed_ranges import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE
 from gsd.generator import OneStepGenerator, load_generator
 from gsd.image_files import to_uint8
 from gsd.evaluation.ppl import float64_copy, heun_sample_float64, perceptual_path_length
-from gsd.fileio import jsonable
+from gsd.fileio import jsonable, write_json_atomic
 from gsd.sampling.samplers import heun_nfe, heun_sample
 from gsd.teachers.loading import load_run_teacher
-from gsd.util import check_memory, format_value, resolve_device, sampler_table
+from gsd.util import check_memory, check_output_file, format_value, resolve_device, sampler_table
 
 __all__ = ["EVAL_FORMAT", "EVAL_NAME", "REQUIRED_CONFIG_KEYS", "LoadedRun", "load_run", "evaluate_run",
            "evaluate_loaded", "format_table", "machine_info", "default_num_samples"]
 
 EVAL_FORMAT = "gsd-eval/1"
 EVAL_NAME = "eval.json"
-# Keys every run written by this version's gsd.train carries in config.json.
-REQUIRED_CONFIG_KEYS = ("dataset", "sigma_init", "alpha", "tmax", "lambda_sid", "lambda_irl", "batch", "seed",
-                        "exact_teacher", "teacher_file", "backend", "ema_halflife", "lr")
 # Names under which a run might record a format/version (checked when present).
 _FORMAT_KEYS = ("run_format", "gsd_format", "format", "format_version")
 
@@ -101,33 +96,6 @@ def machine_info(device) -> dict:
 
 # --------------------------------------------------------------------------- loading a run
 
-class _DistillerView:
-    """What `LoadedRun.distiller` offered before runs were loaded as a generator alone (a whole
-    Distiller: G, f_psi, Adam): generate, ema_generator, load_weights, config.sigma_init,
-    num_classes, iteration. Scripts written against it keep working; new code uses
-    `LoadedRun.generator`."""
-
-    def __init__(self, run: "LoadedRun"):
-        self._gen = run.generator
-        self.config = SimpleNamespace(sigma_init=run.generator.sigma_init)
-        self.num_classes = run.generator.label_dim
-        self.iteration = run.step
-
-    @property
-    def ema_generator(self) -> torch.nn.Module:
-        return self._gen.net
-
-    @torch.no_grad()
-    def generate(self, eps: torch.Tensor, class_labels=None, *, ema: bool = True) -> torch.Tensor:
-        if not ema:
-            raise UsageError("a loaded run holds its EMA generator only (gsd.generator.load_generator(raw=True) "
-                             "loads G)")
-        return self._gen(eps, class_labels)
-
-    def load_weights(self, weights: dict) -> None:
-        self._gen.load_checkpoint_weights(weights)
-
-
 @dataclass
 class LoadedRun:
     run_dir: Path
@@ -143,10 +111,6 @@ class LoadedRun:
     @property
     def num_classes(self) -> int:
         return int(self.generator.label_dim)
-
-    @property
-    def distiller(self) -> _DistillerView:
-        return _DistillerView(self)
 
     @property
     def sample_shape(self) -> tuple:
@@ -184,22 +148,24 @@ def _network_id(net: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
-    """A run's config, data set, teacher and checkpoint; UsageError (one line) on any problem."""
-    run_dir = Path(run_dir)
+def _check_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         raise UsageError(f"{run_dir}: no such run directory")
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a directory")
+
+
+def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
+    """A run's config, data set, teacher and checkpoint; UsageError (one line) on any problem.
+
+    step None: the newest intact checkpoint (a damaged or incomplete latest one falls back,
+    with a note on stderr). The checkpoint is checked against config.json and the run's teacher
+    copy before anything else is loaded (gsd.generator.load_generator)."""
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir)
     cfg = runs.read_config(run_dir)
     _check_run_config(run_dir, cfg)
-    if step is None:
-        step = runs.latest_step(run_dir)
-        if step is None:
-            raise UsageError(f"{run_dir} has no complete checkpoint ({runs.CKPT_DIR}/{runs.LATEST_NAME} missing or "
-                             f"pointing at missing files)")
     dev = resolve_device(device)
-
     known = {k: v for k, v in cfg.items() if k in RUN_DEFAULTS}
     known.pop("resume", None)
     try:
@@ -210,9 +176,11 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"{run_dir}/{runs.CONFIG_NAME} is not usable by this gsd version "
                          f"({type(exc).__name__}: {exc})") from None
+    generator = load_generator(run_dir, step=step, device=dev)
+    step = generator.info["step"]
 
     dataset = load_dataset(full["dataset"], data_root=full.get("data_root"), resolution=full.get("resolution"),
-                           download=False)
+                           shapes_kinds=full["shapes_kinds"], download=False)
     teacher_net = load_run_teacher(run_dir, device=dev, config=cfg, dataset=dataset)  # the one fit check
     if full["exact_teacher"]:
         if dataset.mixture is None:
@@ -222,8 +190,6 @@ def load_run(run_dir, *, step: int | None = None, device="cpu") -> LoadedRun:
     else:
         f_phi = teacher_net
         teacher_id = "net:" + _network_id(teacher_net)
-
-    generator = load_generator(run_dir, step=step, device=dev)
     if generator.sample_shape != tuple(dataset.sample_shape):
         raise UsageError(f"checkpoint {step} in {run_dir} makes samples of shape {generator.sample_shape}, its data "
                          f"set {tuple(dataset.sample_shape)}")
@@ -243,11 +209,11 @@ def _inception_key(key: str) -> str:
 
 
 def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples, seed, ppl_seed, isometry_latents,
-                  teacher_steps, progress) -> dict:
+                  teacher_steps) -> dict:
     """Samples and metrics that depend only on the teacher (shared between runs of one teacher)."""
 
     t0 = time.perf_counter()
-    x = _batched(lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), eps, labels)
+    x = batched(lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), eps, labels)
     t64 = float64_copy(run.teacher)
     ppl = None
     if ppl_samples > 0:
@@ -258,6 +224,69 @@ def _teacher_side(run: LoadedRun, eps, labels, feats: _Features, *, ppl_samples,
     geo = geometry_section(lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), run.sample_shape,
                            run.device, run.num_classes, seed=seed, isometry_latents=isometry_latents)
     return {"samples": x, "ppl": ppl, **geo, "seconds": time.perf_counter() - t0}
+
+
+def _check_sizes(shape, num_samples: int, isometry_latents: int, latency_batch: int, ppl_samples: int) -> None:
+    """One-line errors for sample counts outside the seed range or the machine's memory."""
+    if num_samples < 2:
+        raise UsageError(f"--num-samples must be >= 2, got {num_samples}")
+    if num_samples > ISOMETRY_SEED_OFFSET:
+        raise UsageError(f"--num-samples must be <= {ISOMETRY_SEED_OFFSET} ({_SEED_RANGE_WHY}), got {num_samples}")
+    numel = math.prod(shape)
+    check_memory(EVAL_COPIES * 4 * num_samples * numel,
+                 f"evaluating --num-samples {num_samples} samples of shape {tuple(shape)}", "lower --num-samples")
+    check_memory(EVAL_COPIES * 4 * max(isometry_latents, latency_batch) * numel,
+                 f"--isometry-latents {isometry_latents} / --latency-batch {latency_batch}", "lower them")
+    # PPL draws both ends of every pair and its interpolation weight up front, in float64
+    check_memory(3 * 8 * ppl_samples * numel, f"--ppl-samples {ppl_samples} latent pairs of shape {tuple(shape)}",
+                 "lower --ppl-samples")
+
+
+def _fid_network(run: LoadedRun, fid_weights, require_fid: bool, dev):
+    """(Inception network or None, its weights file or None, why there is none): decided before
+    minutes of sampling, so that a missing file fails first. cifar10 / folder fetch the weights
+    when the network is reachable, as pytorch-fid does."""
+    ds, shape = run.dataset, run.sample_shape
+    fid_path, reason, model = None, None, None
+    if len(shape) != 3:
+        reason = f"FID needs image data; {ds.name} samples have shape {shape}"
+        if fid_weights is not None:
+            locate_fid_weights(fid_weights)  # still refuse a --fid-weights that is not a file
+    else:
+        fid_path, reason = locate_fid_weights(fid_weights)  # a bad --fid-weights is an error
+        if fid_path is None:
+            try:
+                fid_path, reason = fetch_fid_weights(None, download=ds.name in FID_PROTOCOL_DATASETS), None
+            except UsageError as exc:
+                reason = str(exc)  # names the file and where it goes
+        if fid_path is not None:
+            model = load_fid_inception(fid_path, dev)
+    if model is None and require_fid:
+        raise UsageError(f"--require-fid: {reason}")
+    return model, fid_path, reason
+
+
+def _ppl_section(result: dict, run: LoadedRun, tside: dict, feats: _Features, *, ppl_samples: int, ppl_seed: int):
+    """PPL of the one-step generator (float64 copy) next to the teacher's (from `tside`)."""
+    one, teach = result["one_step"], result["teacher"]
+    result["ppl_feature"] = feats.ppl_name
+    if ppl_samples <= 0:
+        one["ppl"] = teach["ppl"] = None
+        return
+    g64 = float64_copy(run.generator.net)
+    s = run.generator.sigma_init
+
+    def g_fn(z, l=None):
+        return g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64, device=z.device), l)
+
+    ppl_one = perceptual_path_length(g_fn, run.sample_shape, num=ppl_samples, features=feats.ppl, seed=ppl_seed,
+                                     device=run.device, batch=256, num_classes=run.num_classes)
+    one["ppl"], one["ppl_stderr"] = ppl_one["ppl"], ppl_one["ppl_stderr"]
+    tp = tside["ppl"]
+    teach["ppl"], teach["ppl_stderr"] = tp["ppl"], tp["ppl_stderr"]
+    result["ppl_settings"] = {k: ppl_one[k] for k in ("eps", "percentiles", "num_pairs")}
+    result["ppl_settings"]["slerp"] = "latents z1, z2 ~ N(0, I) of the data shape (not normalised)"
+    result["ppl_settings"]["num_kept"] = {"one_step": ppl_one["num_kept"], "teacher": tp["num_kept"]}
 
 
 def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_samples: int = 512, seed: int = 0,
@@ -274,70 +303,35 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
     min(len(data), num_samples) real images rendered to uint8 the same way."""
 
     t_start = time.perf_counter()
-    dev = run.device
-    ds = run.dataset
-    shape = run.sample_shape
-    is_image = len(shape) == 3
+    dev, ds, shape = run.device, run.dataset, run.sample_shape
     if num_samples is None:
         num_samples = default_num_samples(ds.name, len(ds))
-    if num_samples < 2:
-        raise UsageError(f"--num-samples must be >= 2, got {num_samples}")
-    if num_samples > ISOMETRY_SEED_OFFSET:
-        raise UsageError(f"--num-samples must be <= {ISOMETRY_SEED_OFFSET} ({_SEED_RANGE_WHY}), got {num_samples}")
-    numel = math.prod(shape)
-    check_memory(EVAL_COPIES * 4 * num_samples * numel,
-                 f"evaluating --num-samples {num_samples} samples of shape {tuple(shape)}", "lower --num-samples")
-    check_memory(EVAL_COPIES * 4 * max(isometry_latents, latency_batch) * numel,
-                 f"--isometry-latents {isometry_latents} / --latency-batch {latency_batch}", "lower them")
-
-    # FID availability first: a missing file must fail before minutes of sampling
-    fid_reason, fid_path, ref = None, None, None
+    _check_sizes(shape, num_samples, isometry_latents, latency_batch, ppl_samples)
+    fid_path, fid_reason, ref = None, None, None
     if fid_model is None:
-        if not is_image:
-            fid_reason = f"FID needs image data; {ds.name} samples have shape {shape}"
-            if fid_weights is not None:
-                locate_fid_weights(fid_weights)  # still refuse a --fid-weights that is not a file
-        else:
-            fid_path, fid_reason = locate_fid_weights(fid_weights)  # a bad --fid-weights is an error
-            if fid_path is None:
-                try:  # cifar10 / folder: as pytorch-fid, fetch the weights when the network is reachable
-                    fid_path, fid_reason = fetch_fid_weights(None, download=ds.name in FID_PROTOCOL_DATASETS), None
-                except UsageError as exc:
-                    fid_reason = str(exc)  # names the file and where it goes
-            if fid_path is not None:
-                fid_model = load_fid_inception(fid_path, dev)
-    if fid_model is None and require_fid:
-        raise UsageError(f"--require-fid: {fid_reason}")
+        fid_model, fid_path, fid_reason = _fid_network(run, fid_weights, require_fid, dev)
     if fid_ref is not None:
-        if not is_image:
+        if len(shape) != 3:
             raise UsageError(f"--fid-ref: {ds.name} samples have shape {shape}, not images")
         ref = fid_ref if isinstance(fid_ref, Reference) else load_reference(fid_ref, "--fid-ref")
 
     feats = features or _Features(ds, dev, cache_dir=cache_dir, classifier_epochs=classifier_epochs,
                                   progress=progress, fid_model=fid_model)
-    nc = run.num_classes
     base = int(seed) * SEED_STRIDE
-    eps, labels = evaluation_latents(seed, num_samples, shape, dev, nc)
     ppl_seed = 7919 + int(seed)
-
-    gen = run.generator
-    with torch.no_grad():
-        x_one = one_step_samples(gen, seed, num_samples, shape, dev, nc)  # as gsd.generate computes them
-
     key = (run.teacher_id, ds.name, num_samples, int(seed), ppl_samples, isometry_latents, teacher_steps, str(dev),
            feats.ppl_name)
     if teacher_cache is not None and key in teacher_cache:
         tside = teacher_cache[key]
     else:
+        eps, labels = evaluation_latents(seed, num_samples, shape, dev, run.num_classes)
         tside = _teacher_side(run, eps, labels, feats, ppl_samples=ppl_samples, seed=seed, ppl_seed=ppl_seed,
-                              isometry_latents=isometry_latents, teacher_steps=teacher_steps, progress=progress)
+                              isometry_latents=isometry_latents, teacher_steps=teacher_steps)
         if teacher_cache is not None:
             teacher_cache[key] = tside
-    x_teacher = tside["samples"]
 
-    nfe_t = heun_nfe(teacher_steps)
     one = {"sampler": "one-step generator (EMA)", "nfe": 1}
-    teach = {"sampler": f"teacher Heun, {teacher_steps} steps", "nfe": nfe_t}
+    teach = {"sampler": f"teacher Heun, {teacher_steps} steps", "nfe": heun_nfe(teacher_steps)}
     result: dict = {
         "format": EVAL_FORMAT, "run_dir": str(run.run_dir), "step": run.step, "dataset": ds.name,
         "lambda_sid": run.config.get("lambda_sid"), "lambda_irl": run.config.get("lambda_irl"),
@@ -349,65 +343,24 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
                      "latency_repeats": int(latency_repeats), "teacher_steps": int(teacher_steps),
                      "fid_weights": None if fid_weights is None else str(fid_weights)},
     }
-
-    # ---- Frechet distance in the run's feature space
-    real = ds.data
-    distribution_section(result, ds, feats, [(one, x_one), (teach, x_teacher)], num_samples)
-
-    # ---- FID: on the samples as uint8 images, pytorch-fid's preprocessing (as gsd.fid calc)
+    samples = evaluation_sections(
+        result, run.generator, lambda e, l: heun_sample(run.teacher, e, l, num_steps=teacher_steps), ds, feats,
+        seed=seed, num_samples=num_samples, num_classes=run.num_classes, device=dev,
+        isometry_latents=isometry_latents, latency_batch=latency_batch, latency_repeats=latency_repeats,
+        latency_warmup=latency_warmup, x_teacher=tside["samples"], teacher_geometry=tside)
+    pairs = [(one, samples["one_step"]), (teach, samples["teacher"])]
+    # FID: on the samples as uint8 images, pytorch-fid's preprocessing (as gsd.fid calc)
     if fid_model is not None:
-        _fid_section(result, run, fid_model, fid_path, ref, [(one, x_one), (teach, x_teacher)], num_samples,
+        _fid_section(result, run, fid_model, fid_path, ref, pairs, num_samples,
                      primary=feats.fd is None and ds.mixture is None, progress=progress)
     else:
         one["fid"] = teach["fid"] = None
         result["fid"] = result["fid_teacher"] = None
         result["fid_unavailable"] = fid_reason
-
-    # ---- PPL
-    result["ppl_feature"] = feats.ppl_name
-    if ppl_samples > 0:
-        g64 = float64_copy(run.generator.net)
-        s = run.generator.sigma_init
-
-        def g_fn(z, l=None):
-            return g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64, device=z.device), l)
-
-        ppl_one = perceptual_path_length(g_fn, shape, num=ppl_samples, features=feats.ppl, seed=ppl_seed,
-                                         device=dev, batch=256, num_classes=nc)
-        one["ppl"], one["ppl_stderr"] = ppl_one["ppl"], ppl_one["ppl_stderr"]
-        tp = tside["ppl"]
-        teach["ppl"], teach["ppl_stderr"] = tp["ppl"], tp["ppl_stderr"]
-        result["ppl_settings"] = {k: ppl_one[k] for k in ("eps", "percentiles", "num_pairs")}
-        result["ppl_settings"]["slerp"] = "latents z1, z2 ~ N(0, I) of the data shape (not normalised)"
-        result["ppl_settings"]["num_kept"] = {"one_step": ppl_one["num_kept"], "teacher": tp["num_kept"]}
-    else:
-        one["ppl"] = teach["ppl"] = None
-
-    # ---- isometry defect
-    geo = geometry_section(gen, shape, dev, nc, seed=seed, isometry_latents=isometry_latents)
-    one.update(geo)
-    result["isometry_defect"] = geo["isometry_defect"]
-    result["local_isometry_defect"] = geo["local_isometry_defect"]
-    for k in geo:
-        teach[k] = tside[k]
-    result["isometry_latents"] = int(isometry_latents)
-    result["local_isometry"] = local_isometry_settings(seed)
-
-    # ---- latency (batch 64, same latents, interleaved repeats)
-    nb = min(latency_batch, num_samples)
-    eps_b, lab_b = eps[:nb], None if labels is None else labels[:nb]
-    lat = interleaved_latency({"one": lambda: gen(eps_b, lab_b),
-                               "teacher": lambda: heun_sample(run.teacher, eps_b, lab_b, num_steps=teacher_steps)},
-                              dev, warmup=latency_warmup, repeats=latency_repeats)
-    one["latency_ms"], teach["latency_ms"] = lat["one"], lat["teacher"]
-    result["latency"] = {"batch": int(nb), "repeats": int(latency_repeats), "one_step_ms": lat["one"],
-                         "teacher_ms": lat["teacher"], "speedup": lat["teacher"] / lat["one"],
-                         "reduction": 1.0 - lat["one"] / lat["teacher"],
-                         "method": LATENCY_METHOD}
-
+    _ppl_section(result, run, tside, feats, ppl_samples=ppl_samples, ppl_seed=ppl_seed)
     result["machine"] = machine_info(dev)
     result["seconds"] = round(time.perf_counter() - t_start, 2)
-    return result, {"one_step": x_one, "teacher": x_teacher}
+    return result, {"one_step": samples["one_step"], "teacher": samples["teacher"]}
 
 
 def _uint8_batches(x: torch.Tensor, size: int = 50):
@@ -484,10 +437,14 @@ def evaluate_run(run_dir, *, device="auto", step: int | None = None, write: bool
         locate_fid_weights(kw["fid_weights"])  # a bad path fails before the run is loaded
     if kw.get("fid_ref") is not None:
         kw["fid_ref"] = load_reference(kw["fid_ref"], "--fid-ref")  # likewise a bad reference file
-    run = load_run(run_dir, step=step, device=device)
-    result, _ = evaluate_loaded(run, **kw)
-    if write:
-        runs.write_json_atomic(Path(run_dir) / EVAL_NAME, jsonable(result))
+    _check_run_dir(Path(run_dir))
+    if write:  # a run directory eval.json cannot be written to fails now, not after the evaluation
+        check_output_file(Path(run_dir) / EVAL_NAME, "RUN_DIR")
+    with runs.RunLock(run_dir, shared=True):  # never scores a run gsd.train is writing
+        run = load_run(run_dir, step=step, device=device)
+        result, _ = evaluate_loaded(run, **kw)
+        if write:
+            write_json_atomic(Path(run_dir) / EVAL_NAME, jsonable(result))
     return result
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,7 +14,7 @@ import torch
 from gsd import runs
 from gsd.data import load_dataset
 from gsd.errors import UsageError
-from gsd.evaluation.metrics import classifier_features, digits_classifier
+from gsd.evaluation.digits_classifier import classifier_features, digits_classifier
 from gsd.evaluation.plots import save_grid
 from gsd.generator import load_generator as load_one_step_generator
 from gsd.sampling.samplers import latents_for_seeds
@@ -201,19 +200,19 @@ def _path_sq_steps(generate, features, z, direction, step_norm, steps: int) -> n
     return ((f[:, 1:] - f[:, :-1]) ** 2).sum(-1).reshape(-1).numpy()
 
 
-def edit_metrics(run_dir, *, num: int = DEFAULT_NUM, alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0,
-                 device="cpu", target_classes: Sequence[int] | None = None, num_edit: int = 256,
-                 path_steps: int = 8, return_state: bool = False) -> dict:
-    """Edit success rates and edit-path smoothness of a run's one-step generator.
+# What edit.json's numbers mean (written next to them)
+CONVENTION = ("z = sigma_init * eps, flattened; edit z' = z + alpha * R * n with n the unit normal of a one-vs-rest "
+              "logistic-regression boundary on z and R = sigma_init * sqrt(D) (the typical latent norm): alpha is the "
+              "step as a fraction of the latent norm")
+PATH_DEFINITION = (f"mean over the target classes of the {PERCENTILES[0]:g}%-{PERCENTILES[1]:g}% "
+                   "percentile-filtered mean of ||f(G(z + (a+h) R n)) - f(G(z + a R n))||^2 / h^2, "
+                   f"a = 0, h, ..., max(alphas); h = max(alphas) / path_steps in alpha units; "
+                   "path_smoothness_random: the same along random unit directions")
+SUCCESS_DEFINITION = ("per target class c: among held-out sources not labelled c, the fraction labelled c after the "
+                      "edit; averaged over the fitted classes")
 
-    num: labelled samples G(z) used to fit the boundaries; num_edit: held-out source latents
-    that are edited; alphas: edit steps as fractions of the typical latent norm
-    sigma_init * sqrt(D); path_steps: points per edit path (0 .. max(alphas)) for the
-    smoothness. Returns a JSON-able dict (see the module docstring); nothing is written.
-    With `return_state`, the dict also holds "_state" (latents, directions, generator) for
-    the figures of the CLI.
-    """
-    t0 = time.perf_counter()
+
+def _check_edit_args(alphas, num: int, num_edit: int, path_steps: int, seed: int) -> list[float]:
     alphas = [float(a) for a in alphas]
     if not alphas or any(not (math.isfinite(a) and 0 < a <= MAX_ALPHA) for a in alphas):
         raise UsageError(f"alphas must be numbers in (0, {MAX_ALPHA:g}] ({ALPHA_WHY}), got {alphas}")
@@ -221,41 +220,23 @@ def edit_metrics(run_dir, *, num: int = DEFAULT_NUM, alphas: Sequence[float] = D
         raise UsageError("need num >= 2, num_edit >= 1, path_steps >= 1")
     if not 0 <= int(seed) <= MAX_SEED:
         raise UsageError(f"seed must be in [0, {MAX_SEED}], got {seed}")
-    generate, info = load_generator(run_dir, device)
-    d = int(np.prod(info["sample_shape"]))
-    # float64 latents of the fitting set and of one class's edit paths, float32 samples of each
-    check_memory(12 * max(num, num_edit * (path_steps + 1)) * d,
-                 f"--num {num} / --num-edit {num_edit} x --path-steps {path_steps} latents of dimension {d}",
-                 "lower them")
-    lab = _labeller(info, info["device"])
-    num_classes = lab["num_classes"]
+    return alphas
+
+
+def _target_classes(target_classes, num_classes: int, dataset: str) -> list[int]:
     if target_classes is None:
-        classes = list(range(num_classes))
-    else:
-        classes = [int(c) for c in target_classes]
-        bad = [c for c in classes if not 0 <= c < num_classes]
-        if bad:
-            raise UsageError(f"--target-class {bad[0]}: {info['dataset']} has classes 0-{num_classes - 1}")
+        return list(range(num_classes))
+    classes = [int(c) for c in target_classes]
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise UsageError(f"--target-class {bad[0]}: {dataset} has classes 0-{num_classes - 1}")
+    return classes
 
-    shape = info["sample_shape"]
-    dim = int(np.prod(shape))
-    s_init = info["sigma_init"]
-    radius = s_init * math.sqrt(dim)  # typical latent norm (E||z|| ~ sigma_init sqrt(D))
-    off = int(seed) * 1_000_000
 
-    # 1. labelled samples -> one boundary per class
-    eps_fit = latents_for_seeds(range(FIT_SEED_BASE + off, FIT_SEED_BASE + off + num), shape)
-    z_fit = (s_init * eps_fit).reshape(num, dim).double()
-    y_fit = lab["label"](generate(eps_fit))
-    counts = torch.bincount(y_fit, minlength=num_classes).tolist()
-    directions, skipped = find_directions(z_fit, y_fit, classes, seed=seed)
-
-    # 2. held-out sources: success rates and path smoothness per class
-    eps_src = latents_for_seeds(range(EDIT_SEED_BASE + off, EDIT_SEED_BASE + off + num_edit), shape)
-    z_src = (s_init * eps_src).reshape(num_edit, dim).double()
-    y_src = lab["label"](generate(eps_src))
-    a_max = max(alphas)
-    h = a_max / path_steps
+def _class_edits(generate, lab: dict, directions: dict, z_src, y_src, *, alphas, radius: float, s_init: float,
+                 shape, h: float, path_steps: int) -> dict:
+    """Per target class: the success rate of the edit at each alpha and the path smoothness, over
+    the held-out sources not already labelled with the class."""
     per_class = {}
     for c, dinfo in directions.items():
         n_c = torch.as_tensor(dinfo["normal"], dtype=torch.float64)
@@ -275,6 +256,51 @@ def edit_metrics(run_dir, *, num: int = DEFAULT_NUM, alphas: Sequence[float] = D
                                 zs, n_c, h * radius, path_steps)
             rec["path_smoothness"] = filtered_mean(d2 / h ** 2)
         per_class[str(c)] = rec
+    return per_class
+
+
+def edit_metrics(run_dir, *, num: int = DEFAULT_NUM, alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0,
+                 device="cpu", target_classes: Sequence[int] | None = None, num_edit: int = 256,
+                 path_steps: int = 8, return_state: bool = False) -> dict:
+    """Edit success rates and edit-path smoothness of a run's one-step generator.
+
+    num: labelled samples G(z) used to fit the boundaries; num_edit: held-out source latents
+    that are edited; alphas: edit steps as fractions of the typical latent norm
+    sigma_init * sqrt(D); path_steps: points per edit path (0 .. max(alphas)) for the
+    smoothness. Returns a JSON-able dict (see the module docstring); nothing is written.
+    With `return_state`, the dict also holds "_state" (latents, directions, generator) for
+    the figures of the CLI.
+    """
+    t0 = time.perf_counter()
+    alphas = _check_edit_args(alphas, num, num_edit, path_steps, seed)
+    generate, info = load_generator(run_dir, device)
+    shape = info["sample_shape"]
+    dim = int(np.prod(shape))
+    # float64 latents of the fitting set and of one class's edit paths, float32 samples of each
+    check_memory(12 * max(num, num_edit * (path_steps + 1)) * dim,
+                 f"--num {num} / --num-edit {num_edit} x --path-steps {path_steps} latents of dimension {dim}",
+                 "lower them")
+    lab = _labeller(info, info["device"])
+    num_classes = lab["num_classes"]
+    classes = _target_classes(target_classes, num_classes, info["dataset"])
+    s_init = info["sigma_init"]
+    radius = s_init * math.sqrt(dim)  # typical latent norm (E||z|| ~ sigma_init sqrt(D))
+    off = int(seed) * 1_000_000
+
+    # 1. labelled samples -> one boundary per class
+    eps_fit = latents_for_seeds(range(FIT_SEED_BASE + off, FIT_SEED_BASE + off + num), shape)
+    z_fit = (s_init * eps_fit).reshape(num, dim).double()
+    y_fit = lab["label"](generate(eps_fit))
+    counts = torch.bincount(y_fit, minlength=num_classes).tolist()
+    directions, skipped = find_directions(z_fit, y_fit, classes, seed=seed)
+
+    # 2. held-out sources: success rates and path smoothness per class
+    eps_src = latents_for_seeds(range(EDIT_SEED_BASE + off, EDIT_SEED_BASE + off + num_edit), shape)
+    z_src = (s_init * eps_src).reshape(num_edit, dim).double()
+    y_src = lab["label"](generate(eps_src))
+    h = max(alphas) / path_steps
+    per_class = _class_edits(generate, lab, directions, z_src, y_src, alphas=alphas, radius=radius, s_init=s_init,
+                             shape=shape, h=h, path_steps=path_steps)
 
     # reference: the same paths along random unit directions
     g = torch.Generator().manual_seed(INTERP_SEED_BASE + off + 1)
@@ -289,38 +315,18 @@ def edit_metrics(run_dir, *, num: int = DEFAULT_NUM, alphas: Sequence[float] = D
     smooth = [r["path_smoothness"] for r in fitted]
     cfg = info["config"]
     out = {
-        "run_dir": str(Path(run_dir)),
-        "dataset": info["dataset"],
-        "checkpoint_step": info["step"],
-        "lambda_irl": cfg.get("lambda_irl"),
-        "fused": cfg.get("fused"),
+        "run_dir": str(Path(run_dir)), "dataset": info["dataset"], "checkpoint_step": info["step"],
+        "lambda_irl": cfg.get("lambda_irl"), "fused": cfg.get("fused"),
         "generator": "EMA generator of the latest checkpoint",
-        "latent_dim": dim,
-        "sigma_init": s_init,
-        "latent_norm": radius,
-        "convention": ("z = sigma_init * eps, flattened; edit z' = z + alpha * R * n with n the unit normal "
-                       "of a one-vs-rest logistic-regression boundary on z and R = sigma_init * sqrt(D) "
-                       "(the typical latent norm): alpha is the step as a fraction of the latent norm"),
-        "alphas": alphas,
-        "num": int(num),
-        "num_edit": int(num_edit),
-        "seed": int(seed),
-        "labeller": lab["labeller"],
-        "feature": lab["feature"],
-        "target_classes": classes,
-        "label_counts": counts,
+        "latent_dim": dim, "sigma_init": s_init, "latent_norm": radius, "convention": CONVENTION,
+        "alphas": alphas, "num": int(num), "num_edit": int(num_edit), "seed": int(seed),
+        "labeller": lab["labeller"], "feature": lab["feature"], "target_classes": classes, "label_counts": counts,
         "skipped_classes": {str(k): v for k, v in skipped.items()},
         "success_rate": success,
         "path_smoothness": float(np.mean(smooth)) if smooth else None,
         "path_smoothness_random": filtered_mean(d2_rand / h ** 2),
-        "path_step": h,
-        "path_steps": int(path_steps),
-        "path_definition": (f"mean over the target classes of the {PERCENTILES[0]:g}%-{PERCENTILES[1]:g}% "
-                            "percentile-filtered mean of ||f(G(z + (a+h) R n)) - f(G(z + a R n))||^2 / h^2, "
-                            f"a = 0, h, ..., max(alphas); h = max(alphas) / path_steps in alpha units; "
-                            "path_smoothness_random: the same along random unit directions"),
-        "success_definition": ("per target class c: among held-out sources not labelled c, the fraction "
-                               "labelled c after the edit; averaged over the fitted classes"),
+        "path_step": h, "path_steps": int(path_steps),
+        "path_definition": PATH_DEFINITION, "success_definition": SUCCESS_DEFINITION,
         "per_class": per_class,
         "seconds": round(time.perf_counter() - t0, 2),
     }

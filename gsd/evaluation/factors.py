@@ -15,7 +15,7 @@ rotation. The kind enters only where said.
 - **Factor PPL** (`factor_ppl`): `gsd.evaluation.ppl.perceptual_path_length` (its slerp,
   eps = 1e-4 and 1%-99% filter) with the regressed normalised factors as the features:
   E[||f(G(slerp(t + eps))) - f(G(slerp(t)))||^2 / eps^2]. Needs a float64 generator, like pixel PPL.
-- **Local factor isometry** (`local_factor_isometry`): `gsd.evaluation.metrics.local_isometry_defect`
+- **Local factor isometry** (`local_factor_isometry`): `gsd.evaluation.geometry.local_isometry_defect`
   (the grouped optimal-scale isometry loss over an anchor and K neighbours at radius R, same
   anchors and directions as the pixel figure) on the regressed normalised factors instead of
   pixels; 0 when factor distances are one multiple of latent distances in every neighbourhood.
@@ -72,9 +72,10 @@ import torch.nn.functional as F
 
 from gsd import shapes
 from gsd.errors import UsageError
-from gsd.evaluation.metrics import (LOCAL_DIRECTION_SEED, LOCAL_ISOMETRY, LOCAL_ISOMETRY_SEED_OFFSET, SEED_STRIDE,
-                                    classifier_features, evaluation_latents, local_isometry_defect,
-                                    local_isometry_settings, neighbour_latents, one_step_samples, sample_quality)
+from gsd.evaluation.metrics import evaluation_latents, local_isometry_settings, one_step_samples, sample_quality
+from gsd.evaluation.digits_classifier import classifier_features
+from gsd.evaluation.geometry import LOCAL_ISOMETRY, local_isometry_defect, neighbour_latents
+from gsd.seed_ranges import LOCAL_DIRECTION_SEED, LOCAL_ISOMETRY_SEED_OFFSET, SEED_STRIDE
 from gsd.evaluation.ppl import PPL_EPS, float64_copy, perceptual_path_length
 from gsd.fileio import atomic_save_safetensors
 from gsd.progress import progress_bar
@@ -349,7 +350,7 @@ def local_factor_isometry(generate: Callable, regressor: nn.Module, latent_shape
                           batch: int = 512) -> dict:
     """The local isometry defect of the map latent -> regressed normalised factors.
 
-    `gsd.evaluation.metrics.local_isometry_defect` (grouped optimal-scale isometry loss, groups
+    `gsd.evaluation.geometry.local_isometry_defect` (grouped optimal-scale isometry loss, groups
     of an anchor and its K neighbours at radius R) with G's pixels replaced by the regressed
     factors of G's images. Defaults: the pixel figure's fixed settings and seeds
     (`LOCAL_ISOMETRY`, anchors `evaluation_latents(seed, ..., offset=LOCAL_ISOMETRY_SEED_OFFSET)`,

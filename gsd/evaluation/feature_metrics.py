@@ -13,7 +13,7 @@ float64. Pairwise work is done in row blocks, so memory stays O(N * block), neve
 - `mixture_nll`, `mode_weight_error`: exact metrics of samples against a known mixture.
 - `within_noise`: whether the difference of two values is explained by their noise.
 - `frechet_distance`, `feature_moments`: the Frechet distance of Gaussians fitted to two
-  feature sets (gsd.evaluation.metrics re-exports them).
+  feature sets.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from gsd.errors import UsageError
 from gsd.progress import progress_bar
 from gsd.util import one_line
-from gsd.models.networks import build_on_meta, check_state_dict
+from gsd.models.checkpoint import build_on_meta, check_state_dict
 
 __all__ = ["FID_WEIGHTS_PATTERN", "FID_WEIGHTS_NAME", "FID_WEIGHTS_URL", "FID_FEATURE_NAME", "FID_BOOTSTRAPS",
            "FID_PREPROCESSING", "hub_checkpoint_dir", "locate_fid_weights", "fid_weights", "file_sha256",
@@ -253,7 +253,7 @@ def fid_from_features(a, b) -> float:
     """Frechet distance between the Gaussians fitted (unbiased covariance) to two feature sets.
 
     `||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))`, the value of
-    `gsd.evaluation.metrics.frechet_distance` (and of pytorch-fid up to its sqrtm round-off), computed
+    `gsd.evaluation.feature_metrics.frechet_distance` (and of pytorch-fid up to its sqrtm round-off), computed
     through the centred samples: with `S = X^T X / (n - 1)`, the eigenvalues of `S_a S_b` are
     the squared singular values of `X_a X_b^T / sqrt((n_a - 1)(n_b - 1))`, so the trace term is
     that matrix's nuclear norm. No D x D matrix (D = 2048) is formed, so it is exact and fast

@@ -1,4 +1,5 @@
-"""PNG figures: image grids (one-step vs teacher from the same seeds) and 2-D scatters (gmm)."""
+"""PNG figures: image grids (one-step vs teacher from the same seeds), 2-D scatters (gmm), and the
+study's figures (loss curves, FD over training, latency bars, samples; gsd.study)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from gsd.fileio import atomic_write_bytes
 from gsd.util import check_memory
 
 __all__ = ["image_grid", "save_grid", "save_comparison", "save_scatter_comparison", "save_samples_png",
-           "grid_layout", "check_grid_size", "save_image_grid"]
+           "grid_layout", "check_grid_size", "save_image_grid", "plot_losses", "plot_fd_curves", "plot_latency",
+           "plot_samples"]
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, upscale: int = 1,
@@ -177,3 +179,86 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, sc
     os.makedirs(folder, exist_ok=True)
     img.save(path)
     return path
+
+
+# --------------------------------------------------------------------------- the study's figures (gsd.study)
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path):
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _plt().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_losses(logs: dict, path: Path):
+    plt = _plt()
+    keys = ["loss_sid", "loss_irl", "loss_fake"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, recs in logs.items():
+            pts = [(r["iteration"], r[key]) for r in recs if isinstance(r.get(key), (int, float))
+                   and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), label=name, lw=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+        if key == "loss_fake":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle("training losses (log.jsonl, averaged over each logging interval)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_fd_curves(curves: dict, teacher_fd, label: str, path: Path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, curve in curves.items():
+        if curve:
+            ax.plot([c["iteration"] for c in curve], [c["fd"] for c in curve], marker="o", ms=3, label=name)
+    if teacher_fd is not None:
+        ax.axhline(teacher_fd, color="k", ls="--", lw=1, label="teacher Heun (35 NFE)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("FD")
+    ax.set_yscale("log")
+    ax.set_title(f"FD over training ({label.split(' (')[0]})", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_latency(results: dict, path: Path):
+    plt = _plt()
+    first = next(iter(results.values()))
+    names = [f"teacher Heun\n({first['teacher']['nfe']} NFE)"] + [f"{v}\n(1 NFE)" for v in results]
+    vals = [first["teacher"]["latency_ms"]] + [r["one_step"]["latency_ms"] for r in results.values()]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    bars = ax.bar(names, vals, color=["#888"] + ["#2a7"] * len(results))
+    for b, val in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, val, f"{val:.1f} ms", ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"ms per batch of {first['latency']['batch']} (median)")
+    ax.set_title(f"inference latency on {first['machine']['device']} ({first['machine']['cpu']})", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_samples(samples: dict, dataset, path: Path):
+
+    first = next(iter(samples.values()))
+    n = 64 if first["teacher"].ndim == 4 else 2000
+    panels = [("teacher Heun (35 NFE)", first["teacher"][:n])]
+    panels += [(f"{v} (1 NFE)", s["one_step"][:n]) for v, s in samples.items()]
+    save_samples_png(panels, path, means=dataset.mixture.means if dataset.mixture is not None else None)

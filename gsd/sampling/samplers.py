@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from gsd.errors import GuidanceError, UsageError
+from gsd.errors import GuidanceError
 
 __all__ = ["edm_sigma_steps", "heun_sample", "teacher_ode_pairs", "euler_sample", "churn_sample", "heun_nfe",
            "latents_for_seeds", "SeedStreams", "ancestral_sigmas", "ancestral_sample", "dsg_step",

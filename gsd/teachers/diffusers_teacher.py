@@ -46,7 +46,8 @@ from torch import nn
 
 from gsd.errors import UsageError
 from gsd.util import one_line as _one_line
-from gsd.models.networks import build_on_meta, check_sigma_data, note_float32_cast
+from gsd.models.networks import check_sigma_data
+from gsd.models.checkpoint import build_on_meta, note_float32_cast
 
 __all__ = ["DiffusersTeacher", "load_diffusers_teacher", "save_diffusers_teacher", "vp_betas",
            "is_diffusers_folder", "DEFAULT_SCHEDULE"]

@@ -44,22 +44,18 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import math
 import os
 import pickle
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gsd.errors import PickleRefused, UsageError
 from gsd.util import one_line as _one_line
-from gsd.models.networks import (Conv2d, DhariwalUNet, EDMPrecond, FourierEmbedding, FusedDownConv2d, GroupNorm,  # noqa: F401
-                          Linear, NCSNppUNet, PositionalEmbedding, SongUNet, UNetBlock,
-                          build_on_meta, check_int, check_sigma_data, check_unet_args, min_tensor_count,
-                          note_float32_cast, save_denoiser, to_float32_state)
+from gsd.models.networks import DhariwalUNet, EDMPrecond, FourierEmbedding, NCSNppUNet, SongUNet, UNetBlock, check_int, check_sigma_data
+from gsd.models.checkpoint import build_on_meta, min_tensor_count, note_float32_cast, save_denoiser, to_float32_state
 
 __all__ = ["PickleRefused", "PersistentRecord", "ObjectRecord", "restricted_load", "load_edm_pickle",
            "records_to_denoiser", "export_edm_pickle", "NCSNppUNet", "DhariwalUNet", "FourierEmbedding",

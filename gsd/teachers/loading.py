@@ -19,7 +19,7 @@ import torch
 from gsd.teachers.diffusers_teacher import DiffusersTeacher, is_diffusers_folder, load_diffusers_teacher, save_diffusers_teacher
 from gsd.teachers.edm_pickle import load_edm_pickle
 from gsd.errors import UsageError
-from gsd.models.networks import load_denoiser, save_denoiser
+from gsd.models.checkpoint import load_denoiser, save_denoiser
 from gsd.runs import TEACHER_FOLDER_NAME, TEACHER_NAME, read_config
 from gsd.util import one_line
 

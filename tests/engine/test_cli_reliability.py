@@ -5,15 +5,16 @@ import argparse
 
 import pytest
 
-from gsd import cli
+from gsd import argtypes, util
+from gsd.errors import UsageError
 
 
 def test_seed_int_accepts_its_range_and_refuses_outside():
-    assert cli.seed_int("0") == 0
-    assert cli.seed_int(str(cli.MAX_SEED)) == cli.MAX_SEED
-    for bad in (str(10 ** 20), str(cli.MAX_SEED + 1), "-1", "1e20", "x"):
+    assert argtypes.seed_int("0") == 0
+    assert argtypes.seed_int(str(util.MAX_SEED)) == util.MAX_SEED
+    for bad in (str(10 ** 20), str(util.MAX_SEED + 1), "-1", "1e20", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
-            cli.seed_int(bad)
+            argtypes.seed_int(bad)
 
 
 def test_max_seed_is_accepted_by_torch_numpy_and_sklearn():
@@ -21,41 +22,41 @@ def test_max_seed_is_accepted_by_torch_numpy_and_sklearn():
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    assert torch.Generator().manual_seed(cli.MAX_SEED).initial_seed() == cli.MAX_SEED
-    assert np.array_equal(np.random.RandomState(cli.MAX_SEED).randint(0, 1000, 5),
-                          np.random.RandomState(cli.MAX_SEED).randint(0, 1000, 5))
-    fitted = LogisticRegression(random_state=cli.MAX_SEED).fit(np.array([[0.0], [1.0]]), [0, 1])
+    assert torch.Generator().manual_seed(util.MAX_SEED).initial_seed() == util.MAX_SEED
+    assert np.array_equal(np.random.RandomState(util.MAX_SEED).randint(0, 1000, 5),
+                          np.random.RandomState(util.MAX_SEED).randint(0, 1000, 5))
+    fitted = LogisticRegression(random_state=util.MAX_SEED).fit(np.array([[0.0], [1.0]]), [0, 1])
     assert list(fitted.predict(np.array([[-5.0], [6.0]]))) == [0, 1]
     # commands derive seeds as seed * stride + offset; the largest stride used is 1e8
-    derived = cli.MAX_SEED * 100_000_000 + 10 ** 9
+    derived = util.MAX_SEED * 100_000_000 + 10 ** 9
     assert torch.Generator().manual_seed(derived).initial_seed() == derived
 
 
 def test_bounded_int_and_count_int():
-    parse = cli.bounded_int(2, 5, "why not")
+    parse = argtypes.bounded_int(2, 5, "why not")
     assert parse("2") == 2 and parse("5") == 5
     with pytest.raises(argparse.ArgumentTypeError, match="why not"):
         parse("6")
     with pytest.raises(argparse.ArgumentTypeError):
         parse("1")
-    assert cli.count_int(str(cli.MAX_COUNT)) == cli.MAX_COUNT
+    assert argtypes.count_int(str(argtypes.MAX_COUNT)) == argtypes.MAX_COUNT
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.count_int(str(10 ** 20))
+        argtypes.count_int(str(10 ** 20))
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.count_int("0")
+        argtypes.count_int("0")
 
 
 def test_check_memory_refuses_beyond_the_limit(monkeypatch):
     monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "1")
-    assert cli.memory_limit_bytes() == 10 ** 9
-    cli.check_memory(0.9e9, "x")
-    with pytest.raises(cli.UsageError, match=r"25\.6 GB.*1\.0 GB limit"):
-        cli.check_memory(25.6e9, "the samples")
+    assert util.memory_limit_bytes() == 10 ** 9
+    util.check_memory(0.9e9, "x")
+    with pytest.raises(UsageError, match=r"25\.6 GB.*1\.0 GB limit"):
+        util.check_memory(25.6e9, "the samples")
     monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "nan")
-    with pytest.raises(cli.UsageError):
-        cli.memory_limit_bytes()
+    with pytest.raises(UsageError):
+        util.memory_limit_bytes()
     monkeypatch.delenv("GSD_MEMORY_LIMIT_GB")
-    assert cli.memory_limit_bytes() > 10 ** 8
+    assert util.memory_limit_bytes() > 10 ** 8
 
 
 # ---------------------------------------------------------------- quiet logs (issue 10 item 4)
@@ -212,7 +213,7 @@ def test_sample_grid_check_matches_the_written_grid(tmp_path):
     # the size check computes the same layout as the writer (guards against the two drifting apart)
     from PIL import Image
 
-    from gsd.teacher import grid_layout, save_image_grid
+    from gsd.evaluation.plots import grid_layout, save_image_grid
 
     for n, nrow, scale in [(1, None, 1), (7, None, 2), (12, 6, 1), (5, 3, 3)]:
         path = tmp_path / f"g{n}.png"

@@ -54,7 +54,8 @@ def test_from_run_config_maps_every_flag_named_field():
                  irl_neighbours=3, irl_radius=0.25, dropout=0.1, irl_weighting="local", irl_bandwidth=2.0,
                  irl_scale=4.0, batch=8, lr=1e-3, lr_fake=2e-3, adam_betas=[0.5, 0.9], ema_halflife=7.0,
                  ema_rampup=0.3, gen_loss_scale=3.0, seed=11, batch_per_gpu=4, precision="bf16", compile=True, grad_checkpoint=True,
-                 lambda_regress=2.5, regress_pairs=99, regress_ratio=3, fused=True)
+                 lambda_regress=2.5, regress_pairs=99, regress_ratio=3, fused=True, lambda_adv=0.4,
+                 adv_loss_scale_g=0.02, adv_loss_scale_d=1.5, adv_g_warmup=10, adv_mix_warmup=20, adv_clip=0.5)
     cfg = config.resolve_config(given)
     d = DistillConfig.from_run_config(cfg)
     renamed = {"adam_betas": "betas", "batch_per_gpu": "batch_per_rank"}
@@ -89,4 +90,64 @@ def test_ema_rampup_defaults_per_dataset_and_for_old_runs():
     # today's digits default
     old = config.resolve_config({"dataset": "digits"})
     del old["ema_rampup"]
-    assert runs.upgrade_config(old)["ema_rampup"] == 0.05
+    assert config.upgrade_config(old)["ema_rampup"] == 0.05
+
+
+PROBE = '''
+    Setting("probe_knob", 7, "a setting added by a test, as one row", group="train", type=positive_int),
+    Setting("probe_field", 0.5, "a setting the Distiller reads, as one row", type=positive_float,
+            field="probe_field"),
+'''
+
+
+def test_a_new_setting_is_one_row(tmp_path):
+    """A setting declared by one row in gsd.config.SETTINGS (nothing else edited) has its flag and
+    --help line, lands in config.json, is compared on --resume, and a DistillConfig field."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gsd.config
+    src = Path(gsd.config.__file__).read_text()
+    marker = "    # ------------------------------------------------------------------ testing / experiment knobs"
+    assert marker in src
+    patched = tmp_path / "config_with_probe.py"
+    patched.write_text(src.replace(marker, PROBE + marker))
+    teacher = tmp_path / "t.safetensors"
+    from factories import tiny_mlp
+    from gsd.models.checkpoint import save_denoiser
+    save_denoiser(teacher, tiny_mlp(seed=5))
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('gsd.config', {str(patched)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['gsd.config'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "if sys.argv[1] == 'field':\n"
+        "    from gsd.distill import DistillConfig\n"
+        "    print(DistillConfig().probe_field, DistillConfig.from_run_config(module.resolve_config({'probe_field': 2.0})).probe_field)\n"
+        "    sys.exit(0)\n"
+        "from gsd import train\n"
+        "from gsd.cli import run_main\n"
+        "sys.exit(run_main(train.main, sys.argv[1:]))\n")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+
+    def launch(*argv):
+        return subprocess.run([sys.executable, str(launcher), *argv], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    helped = launch("--help")
+    assert helped.returncode == 0 and "--probe-knob" in helped.stdout and "a setting added by a test" in helped.stdout
+    out = tmp_path / "run"
+    base = ["--dataset", "gmm", "--teacher", str(teacher), "--exact-teacher", "--batch", "16", "--iters", "2",
+            "--eval-samples", "0", "--no-progress", "--device", "cpu", "--out", str(out)]
+    done = launch(*base, "--probe-knob", "9")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "config.json").read_text())["probe_knob"] == 9
+    refused = launch("--resume", str(out), "--iters", "3", "--probe-knob", "10", "--no-progress")
+    assert refused.returncode == 2 and "probe_knob" in refused.stderr, refused.stderr
+    field = launch("field")
+    assert field.returncode == 0 and field.stdout.split() == ["0.5", "2.0"], field.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gsd.cli import UsageError
+from gsd.errors import UsageError
 from gsd.data import (DataError, Dataset, GaussianMixture, GMMDenoiser, default_gmm, load_dataset)
 
 

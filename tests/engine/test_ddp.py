@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from gsd import runs
 from gsd.distill import DistillConfig, Distiller
-from gsd.models.networks import save_denoiser
+from gsd.models.checkpoint import save_denoiser
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2

@@ -8,9 +8,12 @@ import shutil
 import pytest
 import torch
 
-from gsd.cli import UsageError, run_main
+from gsd.cli import run_main
+from gsd.evaluation import core as eval_core
+from gsd.errors import UsageError
 from gsd.teachers.diffusers_teacher import DiffusersTeacher, load_diffusers_teacher, save_diffusers_teacher, vp_betas
-from gsd.import_teacher import load_teacher_any, main as import_main
+from gsd.import_teacher import main as import_main
+from gsd.teachers.loading import load_teacher_any
 
 diffusers = pytest.importorskip("diffusers")  # CI installs it through the `test` extra
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
@@ -200,9 +203,9 @@ def test_train_distils_a_diffusers_folder_end_to_end(tmp_path, capsys):
     """`python -m gsd.train --teacher FOLDER`: the run keeps a diffusers copy of the teacher that
     reproduces it exactly (schedule included); resume, evaluate and edit rebuild the generator
     from that copy."""
-    from gsd import evaluate, runs, train
-    from gsd.edit import load_generator
-    from gsd.import_teacher import load_run_teacher
+    from gsd import runs, train
+    from gsd.evaluation.editing import load_generator
+    from gsd.teachers.loading import load_run_teacher
 
     folder = tmp_path / "digits-unet"
     tiny_unet(in_channels=1, out_channels=1).save_pretrained(folder)
@@ -226,8 +229,8 @@ def test_train_distils_a_diffusers_folder_end_to_end(tmp_path, capsys):
         capsys.readouterr().err
     assert runs.latest_step(out) == 3
 
-    run = evaluate.load_run(out)
-    gen = run.distiller.ema_generator
+    run = eval_core.load_run(out)
+    gen = run.generator.net
     assert isinstance(gen, DiffusersTeacher)
     weights, _ = runs.load_checkpoint(out)
     for name, value in gen.state_dict().items():
@@ -239,7 +242,7 @@ def test_train_distils_a_diffusers_folder_end_to_end(tmp_path, capsys):
     eps = torch.randn(5, 1, 8, 8)
     y = G(eps)
     assert y.shape == (5, 1, 8, 8) and torch.isfinite(y).all()
-    torch.testing.assert_close(y, run.distiller.generate(eps))
+    torch.testing.assert_close(y, run.generator(eps))
 
 
 def test_evaluation_cache_key_sees_the_schedule(unet_folder):

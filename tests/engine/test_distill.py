@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import gsd_kernels
-from gsd.cli import UsageError
-from gsd.distill import DistillConfig, Distiller, ema_beta, sigma_schedule
+from gsd.errors import UsageError
+from gsd.distill import DistillConfig, Distiller, ema_beta
+from gsd.objective.generator import sigma_schedule
 from factories import tiny_mlp, tiny_unet
 from gsd.models.networks import build_denoiser
 

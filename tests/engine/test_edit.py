@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from gsd import edit, train
+from gsd.evaluation import editing
+from gsd.errors import UsageError
+from gsd.distillation.run import run as distill_run
 from gsd.cli import run_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +30,7 @@ def tiny_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("edit")
     teacher = tiny_unet_file(tmp)
-    out = train.run(dict(dataset="digits", teacher=teacher, iters=3, batch=8, lambda_irl=0.5, eval_samples=0,
+    out = distill_run(dict(dataset="digits", teacher=teacher, iters=3, batch=8, lambda_irl=0.5, eval_samples=0,
                          progress=False, device="cpu", out=str(tmp / "run"), cache_dir=str(tmp / "cache"),
                          classifier_epochs=1, log_every=100))
     return Path(out)
@@ -39,13 +42,13 @@ def test_slerp_endpoints_and_norms():
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(5, 1, 8, 8, generator=g)
     z2 = torch.randn(5, 1, 8, 8, generator=g) * 1.7
-    assert torch.equal(edit.slerp(z1, z2, 0.0), z1)
-    assert torch.equal(edit.slerp(z1, z2, 1.0), z2)
+    assert torch.equal(editing.slerp(z1, z2, 0.0), z1)
+    assert torch.equal(editing.slerp(z1, z2, 1.0), z2)
     r1 = z1.flatten(1).norm(dim=1)
     r2 = z2.flatten(1).norm(dim=1)
     prev_cos = None
     for t in np.linspace(0.05, 0.95, 7):
-        zt = edit.slerp(z1, z2, float(t))
+        zt = editing.slerp(z1, z2, float(t))
         rt = zt.flatten(1).norm(dim=1)
         torch.testing.assert_close(rt, (1 - t) * r1 + t * r2, rtol=1e-5, atol=1e-5)  # norms interpolate
         cos = torch.nn.functional.cosine_similarity(zt.flatten(1), z1.flatten(1))
@@ -54,14 +57,14 @@ def test_slerp_endpoints_and_norms():
         prev_cos = cos
     # equal norms: the norm stays constant along the great circle, the midpoint bisects the angle
     z2n = z2 / r2.view(-1, 1, 1, 1) * r1.view(-1, 1, 1, 1)
-    mid = edit.slerp(z1, z2n, 0.5)
+    mid = editing.slerp(z1, z2n, 0.5)
     torch.testing.assert_close(mid.flatten(1).norm(dim=1), r1, rtol=1e-5, atol=1e-5)
     c1 = torch.nn.functional.cosine_similarity(mid.flatten(1), z1.flatten(1))
     c2 = torch.nn.functional.cosine_similarity(mid.flatten(1), z2n.flatten(1))
     torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
     # per-row t and (nearly) parallel rows
     t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
-    out = edit.slerp(z1, 2 * z1, t)
+    out = editing.slerp(z1, 2 * z1, t)
     torch.testing.assert_close(out, z1 * (1 + t).view(-1, 1, 1, 1))
 
 
@@ -74,25 +77,25 @@ def test_planted_direction_is_recovered():
     w /= np.linalg.norm(w)
     z = 2.5 * rng.standard_normal((1000, d))
     y = (z @ w > 0).astype(int)
-    n, acc = edit.fit_direction(z, y)
+    n, acc = editing.fit_direction(z, y)
     assert float(n @ w) > 0.9 and acc > 0.9
     assert np.linalg.norm(n) == pytest.approx(1.0)
     # one-vs-rest: class 1 is the positive side of w, class 0 the negative side
-    dirs, skipped = edit.find_directions(torch.as_tensor(z), torch.as_tensor(y), [0, 1, 7])
+    dirs, skipped = editing.find_directions(torch.as_tensor(z), torch.as_tensor(y), [0, 1, 7])
     assert float(dirs[1]["normal"] @ w) > 0.9 and float(dirs[0]["normal"] @ w) < -0.9
     assert 7 in skipped and 7 not in dirs
 
 
 def test_filtered_mean_drops_outliers():
     v = np.concatenate([np.ones(1000), [1e9]])
-    assert edit.filtered_mean(v) == pytest.approx(1.0)
-    assert math.isnan(edit.filtered_mean([float("nan")]))
+    assert editing.filtered_mean(v) == pytest.approx(1.0)
+    assert math.isnan(editing.filtered_mean([float("nan")]))
 
 
 # ------------------------------------------------------------------------------- on a run
 
 def test_edit_metrics_and_cli_write_edit_json(tiny_run, tmp_path, capsys):
-    m = edit.edit_metrics(tiny_run, num=200, alphas=(0.25, 0.5), num_edit=16, path_steps=2)
+    m = editing.edit_metrics(tiny_run, num=200, alphas=(0.25, 0.5), num_edit=16, path_steps=2)
     for k in ("success_rate", "path_smoothness", "path_smoothness_random", "feature", "convention", "alphas",
               "per_class", "label_counts", "latent_norm", "lambda_irl", "checkpoint_step"):
         assert k in m, k
@@ -177,10 +180,10 @@ def test_huge_numbers_and_bad_out_are_one_line(tiny_run, tmp_path, capsys, monke
         except SystemExit as exc:
             code = exc.code
         _one_line(code, capsys.readouterr().err, needle)
-    with pytest.raises(edit.UsageError, match="alphas"):
-        edit.edit_metrics(tiny_run, alphas=[1e308])
-    with pytest.raises(edit.UsageError, match="seed"):
-        edit.edit_metrics(tiny_run, seed=10 ** 20)
+    with pytest.raises(UsageError, match="alphas"):
+        editing.edit_metrics(tiny_run, alphas=[1e308])
+    with pytest.raises(UsageError, match="seed"):
+        editing.edit_metrics(tiny_run, seed=10 ** 20)
 
 
 def test_sizes_beyond_memory_are_one_line(tiny_run, capsys, monkeypatch):

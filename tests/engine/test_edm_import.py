@@ -17,11 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from gsd.cli import UsageError, run_main
-from gsd.teachers.edm_pickle import (DhariwalUNet, NCSNppUNet, PickleRefused, export_edm_pickle, load_edm_pickle,
+from gsd.cli import run_main
+from gsd.errors import UsageError
+from gsd.models.networks import DhariwalUNet, NCSNppUNet
+from gsd.teachers.edm_pickle import (PickleRefused, export_edm_pickle, load_edm_pickle,
                             restricted_load)
-from gsd.import_teacher import load_teacher_any, main as import_main
-from gsd.models.networks import EDMPrecond, SongUNet, load_denoiser, read_denoiser_metadata
+from gsd.import_teacher import main as import_main
+from gsd.teachers.loading import load_teacher_any
+from gsd.models.networks import EDMPrecond, SongUNet
+from gsd.models.checkpoint import load_denoiser, read_denoiser_metadata
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -19,8 +19,9 @@ import torch.nn as nn
 from gsd import shapes
 from gsd.errors import UsageError
 from gsd.evaluation import factors as fa
-from gsd.evaluation.metrics import (LOCAL_DIRECTION_SEED, LOCAL_ISOMETRY_SEED_OFFSET, evaluation_latents,
-                                    neighbour_latents, one_step_samples)
+from gsd.evaluation.metrics import evaluation_latents, one_step_samples
+from gsd.evaluation.geometry import neighbour_latents
+from gsd.seed_ranges import LOCAL_DIRECTION_SEED, LOCAL_ISOMETRY_SEED_OFFSET
 from gsd.evaluation.ppl import slerp_velocity
 from gsd.fileio import jsonable
 

@@ -143,7 +143,7 @@ def test_precision_recall_statistics():
 
 
 def test_fd_bootstrap_interval():
-    from gsd.evaluation.metrics import frechet_distance
+    from gsd.evaluation.feature_metrics import frechet_distance
 
     rng = _rng(2)
     widths = []

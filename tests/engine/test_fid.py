@@ -12,7 +12,8 @@ import torch
 from gsd import evaluate
 
 from gsd.evaluation import fid
-from gsd.cli import UsageError, run_main
+from gsd.cli import run_main
+from gsd.errors import UsageError
 
 
 def _scipy_fd(a, b):
@@ -34,7 +35,7 @@ def _scipy_fd(a, b):
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # rank-deficient covariances, on purpose
 def test_fid_formula_matches_references():
-    from gsd.evaluation.metrics import frechet_distance
+    from gsd.evaluation.feature_metrics import frechet_distance
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((300, 6)) @ rng.standard_normal((6, 6))

@@ -16,7 +16,8 @@ from PIL import Image
 from cli_checks import assert_one_line_error
 from gsd import fid as fid_cmd
 from gsd import generate
-from gsd.cli import UsageError, run_main
+from gsd.cli import run_main
+from gsd.errors import UsageError
 from gsd.evaluation import fid
 from gsd.evaluation.fid_stats import dataset_images
 from test_generator import image_net, write_generator_file

@@ -16,9 +16,12 @@ import gsd
 from cli_checks import assert_one_line_error
 from factories import tiny_unet
 from gsd import export
-from gsd.cli import UsageError, run_main
+from gsd.distillation.run import run as distill_run
+from gsd.cli import run_main
+from gsd.errors import UsageError
 from gsd.generator import GENERATOR_KIND, OneStepGenerator, load_generator
-from gsd.models.networks import build_denoiser, load_denoiser, save_denoiser
+from gsd.models.networks import build_denoiser
+from gsd.models.checkpoint import load_denoiser, save_denoiser
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,7 +59,7 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("genrun")
     teacher = root / "teacher.safetensors"
     save_denoiser(teacher, tiny_unet())
-    return train.run(dict(teacher=str(teacher), iters=4, batch=8, lambda_irl=0.5, eval_samples=0, progress=False,
+    return distill_run(dict(teacher=str(teacher), iters=4, batch=8, lambda_irl=0.5, eval_samples=0, progress=False,
                           device="cpu", out=str(root / "run"), cache_dir=str(root / "cache"), ckpt_every=2,
                           keep_every=2, fused=True))
 
@@ -96,7 +99,6 @@ def test_every_loader_of_a_run_uses_the_same_generator(run_dir):
     g_edit, info = edit_generator(run_dir)
     with torch.no_grad():
         assert torch.equal(run.generator(eps), G(eps))
-        assert torch.equal(run.distiller.generate(eps), G(eps))  # the older interface
         assert torch.equal(g_edit(eps), G(eps))
     assert info["step"] == 4 and info["sigma_init"] == 2.5
 

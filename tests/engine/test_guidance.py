@@ -193,7 +193,8 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path):
 
 @pytest.fixture
 def tiny_teacher(tmp_path):
-    from gsd.models.networks import build_denoiser, default_config, save_denoiser
+    from gsd.models.networks import build_denoiser, default_config
+    from gsd.models.checkpoint import save_denoiser
 
     net = build_denoiser(default_config("digits", (1, 8, 8), 0))  # untrained: only the plumbing is tested
     path = tmp_path / "tiny.safetensors"

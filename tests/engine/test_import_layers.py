@@ -1,9 +1,10 @@
-"""The import layering of gsd/ (docs/architecture.md): a small AST check, no dependency.
+"""The import layering of gsd/ (docs/architecture.md, whose floor table this test reads) and
+of gsd_kernels, which never imports gsd: a small AST check, no dependency.
 
 Each module sits on a floor; it may import modules of its own floor or below, never above.
 On top of that: no import cycle, only the command layer imports gsd.cli, and no command
 module imports another. Every import statement counts, also those inside functions, so a
-lazy import cannot hide an edge. A new module must be given a floor here.
+lazy import cannot hide an edge. A new module must be given a floor in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -16,27 +17,25 @@ import pytest
 GSD = Path(__file__).resolve().parents[2] / "gsd" if (Path(__file__).parent.name == "engine") \
     else Path(__file__).resolve().parents[2] / "gsd"
 
-# floor -> modules (a name ending in ".*" is a whole package)
-FLOORS = [
-    ("ground", ["gsd.errors", "gsd.util", "gsd.fileio", "gsd.config", "gsd.progress"]),
-    ("infrastructure", ["gsd.runs", "gsd.parallel", "gsd.data", "gsd.shapes", "gsd.jacobian_isometry",
-                        "gsd.image_files"]),
-    ("models", ["gsd.models.*"]),
-    ("samplers, teachers, metric primitives", [
-        "gsd.sampling", "gsd.sampling.samplers", "gsd.sampling.seeds", "gsd.teachers.*", "gsd.evaluation",
-        "gsd.adversarial",
-        "gsd.evaluation.feature_metrics", "gsd.evaluation.fid", "gsd.evaluation.ppl", "gsd.evaluation.plots"]),
-    # the package itself (`gsd`) sits with the generator loader it hands out lazily (gsd.load_generator)
-    ("metrics, guidance, distiller, generator", ["gsd.evaluation.metrics", "gsd.evaluation.fid_stats",
-                                                 "gsd.sampling.guidance", "gsd.distill", "gsd.generator", "gsd",
-                                                 "gsd.evaluation.factors"]),
-    ("run-level libraries", ["gsd.evaluation.core", "gsd.evaluation.editing", "gsd.training", "gsd.generation"]),
-    ("commands", ["gsd.cli", "gsd.console", "gsd.train", "gsd.teacher", "gsd.sample", "gsd.evaluate", "gsd.edit",
-                  "gsd.import_teacher", "gsd.experiments", "gsd.generate", "gsd.export", "gsd.fid"]),
-]
-COMMANDS = {"gsd.train", "gsd.teacher", "gsd.sample", "gsd.evaluate", "gsd.edit", "gsd.import_teacher",
-            "gsd.experiments", "gsd.generate", "gsd.export", "gsd.fid"}
-COMMAND_LAYER = COMMANDS | {"gsd.cli", "gsd.console"}
+ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+
+
+def floors_from_docs(text: str) -> list[tuple[str, list[str]]]:
+    """The floor table of docs/architecture.md, lowest floor first: (label, modules), a name
+    ending in ".*" a whole package. The docs show what this test checks: one table for both."""
+    body = text.split("<!-- floors: begin")[1].split("<!-- floors: end -->")[0]
+    rows = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| floor")]
+    out = []
+    for row in rows:
+        label, modules = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        names = [m.strip().strip("`") for m in modules.split(",")]
+        out.append((label, [n if n == "gsd" else f"gsd.{n}" for n in names]))
+    return list(reversed(out))
+
+
+FLOORS = floors_from_docs(ARCHITECTURE.read_text())
+COMMAND_LAYER = set(FLOORS[-1][1])
+COMMANDS = COMMAND_LAYER - {"gsd.cli", "gsd.console"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -83,7 +82,7 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
     for name, deps in sorted(graph.items()):
         f = floor_of(name)
         if f is None:
-            out.append(f"{name} has no floor in test_import_layers.FLOORS")
+            out.append(f"{name} has no floor in docs/architecture.md's floor table")
             continue
         for d in sorted(deps):
             fd = floor_of(d)
@@ -150,3 +149,28 @@ def test_the_check_catches_a_cycle():
     sources["gsd.runs"] += "\nfrom gsd import data\n"
     found = violations(graph_of(sources))
     assert any(v.startswith("import cycle:") and "gsd.data" in v and "gsd.runs" in v for v in found), found
+
+
+def engine_imports(root: Path) -> list[str]:
+    """Every import of gsd (the engine) in the Python files under `root`, anywhere in a file."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.relative_to(root)} imports {n}" for n in names if n == "gsd" or n.startswith("gsd.")]
+    return found
+
+
+def test_the_kernels_never_import_the_engine():
+    """gsd_kernels sits below gsd: none of its modules imports gsd."""
+    kernels = GSD.parent / "gsd_kernels"
+    assert len(list(kernels.rglob("*.py"))) > 5  # the walk found the package
+    assert engine_imports(kernels) == []
+
+
+def test_the_kernel_check_catches_an_engine_import(tmp_path):
+    (tmp_path / "ok.py").write_text("import gsd_kernels\nfrom gsd_kernels.reference import isometry_loss\n")
+    (tmp_path / "bad.py").write_text("def f():\n    from gsd.config import RUN_DEFAULTS\n")
+    (tmp_path / "worse.py").write_text("import gsd.runs\n")
+    assert engine_imports(tmp_path) == ["bad.py imports gsd.config", "worse.py imports gsd.runs"]

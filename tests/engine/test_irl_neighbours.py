@@ -14,10 +14,13 @@ import pytest
 import torch
 
 import gsd_kernels
+from gsd.fileio import atomic_torch_save
 from gsd import runs, train
 from factories import as_run_from_before_digests
-from gsd.cli import UsageError, run_main
-from gsd.distill import DistillConfig, Distiller, sigma_schedule
+from gsd.cli import run_main
+from gsd.errors import UsageError
+from gsd.distill import DistillConfig, Distiller
+from gsd.objective.generator import sigma_schedule
 from cli_checks import assert_one_line_error
 from factories import tiny_mlp, tiny_unet
 from factories import tiny_mlp_file
@@ -414,7 +417,7 @@ def _make_old_run(run_dir: Path, raw: float) -> None:
     rc["lambda_irl"] = raw
     state["run_config"] = rc
     state.pop("step", None)
-    runs.atomic_torch_save({"step": step, **state}, run_dir / runs.CKPT_DIR / f"ckpt-{step:08d}.pt")
+    atomic_torch_save({"step": step, **state}, run_dir / runs.CKPT_DIR / f"ckpt-{step:08d}.pt")
 
 
 def test_old_run_resumes_with_its_lambda_irl_as_the_raw_weight(tmp_path, capsys):
@@ -445,7 +448,7 @@ def test_old_run_resumes_with_its_lambda_irl_as_the_raw_weight(tmp_path, capsys)
 def test_old_irl_only_run_is_still_usable_by_evaluate(tmp_path, capsys):
     """An old `--lambda-sid 0 --lambda-irl 0.5` run (raw) must not meet today's rule that the
     scale-free weight needs SiD."""
-    from gsd.evaluate import load_run
+    from gsd.evaluation.core import load_run
 
     out = tmp_path / "old_nosid"
     code = run_main(train.main, _gmm_argv(tmp_path, out, "--lambda-sid", "0", "--lambda-irl-raw", "0.5"))
@@ -485,7 +488,7 @@ def test_jvp_term_leaves_non_finite_anchors_out_of_the_graph(monkeypatch):
     """An anchor whose Jacobian terms come out non-finite: the term and the parameter gradients
     equal those of the batch without that anchor (same probes), with no NaN to zero. Dropping
     the anchor from the mean after the pass kept its graph, whose backward multiplied 0 by inf."""
-    import gsd.distill
+    import gsd.objective.isometry
     from gsd.jacobian_isometry import distortion_terms
 
     d = Distiller(tiny_unet(1), DistillConfig(batch=3, lr=1e-3, lambda_sid=0.0, lambda_irl_raw=0.7,
@@ -497,7 +500,7 @@ def test_jvp_term_leaves_non_finite_anchors_out_of_the_graph(monkeypatch):
         num, den = distortion_terms(fn, z, **kw)
         hit = (z.flatten(1) == bad_row.flatten()).all(1)
         return num * torch.where(hit, torch.tensor(float("inf")), torch.tensor(1.0)), den
-    monkeypatch.setattr(gsd.distill, "distortion_terms", overflowing)
+    monkeypatch.setattr(gsd.objective.isometry, "distortion_terms", overflowing)
     rng = torch.Generator().manual_seed(0)
     rng.set_state(d.rng.get_state())
     u = torch.randn((1, 3, 1, 8, 8), generator=rng)

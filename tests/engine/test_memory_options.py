@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gsd.config import resolve_config
-from gsd.cli import UsageError
+from gsd.errors import UsageError
 from gsd.distill import DistillConfig, Distiller
 from gsd.models.networks import build_denoiser, set_gradient_checkpointing
 

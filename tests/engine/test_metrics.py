@@ -8,6 +8,11 @@ import scipy.linalg
 import torch
 
 from gsd.evaluation import metrics
+from gsd.evaluation import distances
+from gsd.evaluation import digits_classifier as digits_cnn
+from gsd.evaluation import geometry
+from gsd import seed_ranges
+from gsd.evaluation import feature_metrics as fm
 
 
 def _scipy_fd(a, b):
@@ -22,8 +27,8 @@ def test_frechet_matches_scipy_formula():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((600, 5)) @ rng.standard_normal((5, 5))
     b = rng.standard_normal((500, 5)) * 1.5 + 0.3
-    assert metrics.frechet_distance(a, b) == pytest.approx(_scipy_fd(a, b), rel=1e-6, abs=1e-9)
-    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert fm.frechet_distance(a, b) == pytest.approx(_scipy_fd(a, b), rel=1e-6, abs=1e-9)
+    assert fm.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_frechet_known_answer_from_moments():
@@ -31,11 +36,11 @@ def test_frechet_known_answer_from_moments():
     d = 4
     mu1, mu2 = np.zeros(d), np.full(d, 0.5)
     s1, s2 = 1.0, 2.0
-    fd = metrics.frechet_distance((mu1, s1 ** 2 * np.eye(d)), (mu2, s2 ** 2 * np.eye(d)), moments=True)
+    fd = fm.frechet_distance((mu1, s1 ** 2 * np.eye(d)), (mu2, s2 ** 2 * np.eye(d)), moments=True)
     assert fd == pytest.approx(d * 0.25 + d * (s1 - s2) ** 2, rel=1e-12)
     # torch input works too
     x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert metrics.frechet_distance(x, x + 1.0) == pytest.approx(3.0, rel=1e-6)
+    assert fm.frechet_distance(x, x + 1.0) == pytest.approx(3.0, rel=1e-6)
 
 
 def test_sliced_wasserstein_shift():
@@ -44,12 +49,12 @@ def test_sliced_wasserstein_shift():
     x = torch.randn(4000, d, generator=g, dtype=torch.float64)
     shift = torch.tensor([0.6, -0.3, 0.9], dtype=torch.float64)
     y = x + shift  # same samples shifted: SW_2 = ||m|| / sqrt(d) in expectation over directions
-    sw = metrics.sliced_wasserstein(x, y, num_projections=1000)
+    sw = distances.sliced_wasserstein(x, y, num_projections=1000)
     assert sw == pytest.approx(float(shift.norm()) / math.sqrt(d), rel=0.05)
     z = torch.randn(3000, d, generator=g, dtype=torch.float64) + shift  # independent samples, unequal sizes
-    assert metrics.sliced_wasserstein(x, z, num_projections=500) == pytest.approx(float(shift.norm()) / math.sqrt(d),
+    assert distances.sliced_wasserstein(x, z, num_projections=500) == pytest.approx(float(shift.norm()) / math.sqrt(d),
                                                                                   rel=0.1)
-    assert metrics.sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert distances.sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_mmd_orders_distributions():
@@ -57,8 +62,8 @@ def test_mmd_orders_distributions():
     x = torch.randn(300, 2, generator=g)
     same = torch.randn(300, 2, generator=g)
     far = torch.randn(300, 2, generator=g) + 2.0
-    assert abs(metrics.mmd(x, same)) < 0.02
-    assert metrics.mmd(x, far) > 0.2
+    assert abs(distances.mmd(x, same)) < 0.02
+    assert distances.mmd(x, far) > 0.2
 
 
 def test_mode_coverage():
@@ -66,24 +71,24 @@ def test_mode_coverage():
     g = torch.Generator().manual_seed(0)
     ids = torch.tensor([0, 1, 2] * 100)  # mode 3 never drawn
     x = means[ids] + 0.02 * torch.randn(300, 2, generator=g)
-    cov = metrics.mode_coverage(x, means, 0.02)
+    cov = distances.mode_coverage(x, means, 0.02)
     assert cov["num_modes"] == 4 and cov["modes_covered"] == 3
     assert cov["counts"][3] == 0 and cov["high_quality_fraction"] > 0.95
     # samples far from every mode count for nothing; NaN rows are ignored
     junk = torch.cat([x, torch.full((50, 2), 0.5), torch.full((3, 2), float("nan"))])
-    cov2 = metrics.mode_coverage(junk, means, 0.02)
+    cov2 = distances.mode_coverage(junk, means, 0.02)
     assert cov2["modes_covered"] == 3 and cov2["high_quality_fraction"] < 300 / 353 + 1e-9
     full = means[torch.arange(400) % 4] + 0.02 * torch.randn(400, 2, generator=g)
-    assert metrics.mode_coverage(full, means, 0.02)["modes_covered"] == 4
+    assert distances.mode_coverage(full, means, 0.02)["modes_covered"] == 4
 
 
 def test_isometry_defect_linear_and_nonlinear():
     z = torch.randn(128, 4, generator=torch.Generator().manual_seed(0))
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
     lin = lambda e: 3.0 * e @ q[:4]  # a scaled isometry: defect 0
-    assert metrics.isometry_defect(lin, z) == pytest.approx(0.0, abs=1e-5)
+    assert geometry.isometry_defect(lin, z) == pytest.approx(0.0, abs=1e-5)
     bent = lambda e: torch.tanh(3 * e) ** 3
-    assert metrics.isometry_defect(bent, z) > 0.01
+    assert geometry.isometry_defect(bent, z) > 0.01
 
 
 def test_measure_latency_positive():
@@ -95,19 +100,19 @@ def test_digits_classifier_cached(tmp_path):
     from gsd.data import load_dataset
 
     ds = load_dataset("digits")
-    model, info = metrics.digits_classifier(ds, cache_dir=tmp_path, epochs=2)
+    model, info = digits_cnn.digits_classifier(ds, cache_dir=tmp_path, epochs=2)
     assert 0.5 < info["test_accuracy"] <= 1.0
-    feats = metrics.classifier_features(model, ds.data[:10])
+    feats = digits_cnn.classifier_features(model, ds.data[:10])
     assert feats.shape == (10, 64)
-    again, info2 = metrics.digits_classifier(ds, cache_dir=tmp_path, epochs=2)  # from the cache
+    again, info2 = digits_cnn.digits_classifier(ds, cache_dir=tmp_path, epochs=2)  # from the cache
     assert info2["test_accuracy"] == info["test_accuracy"]
-    assert torch.equal(metrics.classifier_features(again, ds.data[:10]), feats)
+    assert torch.equal(digits_cnn.classifier_features(again, ds.data[:10]), feats)
 
 
 def test_digits_classifier_progress_in_a_log_is_plain_lines(tmp_path, capsys):
     from gsd.data import load_dataset
 
-    metrics.digits_classifier(load_dataset("digits"), cache_dir=tmp_path, epochs=2, progress=True)
+    digits_cnn.digits_classifier(load_dataset("digits"), cache_dir=tmp_path, epochs=2, progress=True)
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if "digits classifier" in l]
     assert "\r" not in err and 2 <= len(lines) <= 4, err
@@ -131,16 +136,16 @@ def _grouped_loss_float64(x, z, g):
 
 def test_neighbour_latents_are_on_the_sphere_around_each_anchor():
     a = torch.randn(5, 1, 3, 3, generator=torch.Generator().manual_seed(0))
-    z = metrics.neighbour_latents(a, neighbours=3, radius=0.5, seed=1)
+    z = geometry.neighbour_latents(a, neighbours=3, radius=0.5, seed=1)
     assert z.shape == (20, 1, 3, 3)
     grp = z.reshape(5, 4, -1)
     assert torch.equal(grp[:, 0], a.reshape(5, -1))
     dist = (grp[:, 1:] - grp[:, :1]).norm(dim=2)
     assert torch.allclose(dist, torch.full_like(dist, 0.5), atol=1e-6)
-    assert torch.equal(z, metrics.neighbour_latents(a, neighbours=3, radius=0.5, seed=1))
+    assert torch.equal(z, geometry.neighbour_latents(a, neighbours=3, radius=0.5, seed=1))
     for bad in (dict(neighbours=0), dict(radius=0.0), dict(radius=float("inf"))):
         with pytest.raises(ValueError):
-            metrics.neighbour_latents(a, **bad)
+            geometry.neighbour_latents(a, **bad)
 
 
 def test_local_isometry_defect():
@@ -148,18 +153,18 @@ def test_local_isometry_defect():
     anchors = torch.randn(33, d, generator=torch.Generator().manual_seed(0))
     q, _ = torch.linalg.qr(torch.randn(9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     lin = lambda e: 2.5 * e.double() @ q[:d] + 1.0  # noqa: E731 - an exact scaled isometry
-    assert metrics.local_isometry_defect(lin, anchors) == pytest.approx(0.0, abs=1e-10)
+    assert geometry.local_isometry_defect(lin, anchors) == pytest.approx(0.0, abs=1e-10)
     # a local wiggle that random pairs of the whole batch barely see
     w = torch.randn(d, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     wig = lambda e: lin(e) + 0.05 * torch.sin(8.0 * e.double() @ w)  # noqa: E731
-    local = metrics.local_isometry_defect(wig, anchors)
-    assert local > 1e-3 and local > 10 * metrics.isometry_defect(wig, anchors)
+    local = geometry.local_isometry_defect(wig, anchors)
+    assert local > 1e-3 and local > 10 * geometry.isometry_defect(wig, anchors)
     # against the grouped loss written out in float64
-    z = metrics.neighbour_latents(anchors, neighbours=3, radius=0.5)
+    z = geometry.neighbour_latents(anchors, neighbours=3, radius=0.5)
     assert local == pytest.approx(_grouped_loss_float64(wig(z), z, 4), rel=1e-8)
     # the same seeds give the same value; another direction seed another one
-    assert metrics.local_isometry_defect(wig, anchors) == local
-    assert metrics.local_isometry_defect(wig, anchors, seed=5) != local
+    assert geometry.local_isometry_defect(wig, anchors) == local
+    assert geometry.local_isometry_defect(wig, anchors, seed=5) != local
     # labels reach the generator, one per group member; a group with a NaN output is left out
     seen = []
 
@@ -170,10 +175,10 @@ def test_local_isometry_defect():
         return out
 
     lab = torch.arange(33) % 3
-    v = metrics.local_isometry_defect(labelled, anchors, labels=lab, neighbours=2)
+    v = geometry.local_isometry_defect(labelled, anchors, labels=lab, neighbours=2)
     assert torch.equal(torch.cat(seen), lab.repeat_interleave(3))
     keep = (lab != 0).repeat_interleave(3)
-    z3 = metrics.neighbour_latents(anchors, neighbours=2, radius=0.5)
+    z3 = geometry.neighbour_latents(anchors, neighbours=2, radius=0.5)
     assert v == pytest.approx(_grouped_loss_float64(wig(z3)[keep], z3[keep], 3), rel=1e-8)
 
 
@@ -182,11 +187,11 @@ def test_local_defect_shares_sum_to_the_grouped_loss(n, g, shape_x, shape_z):
     gen = torch.Generator().manual_seed(n)
     z = torch.randn(n, *shape_z, generator=gen, dtype=torch.float64)
     x = torch.randn(n, *shape_x, generator=gen, dtype=torch.float64) + 3.0  # offset: distances only
-    shares = metrics.local_defect_shares(x, z, g)
+    shares = geometry.local_defect_shares(x, z, g)
     assert shares.shape == (n // g,) and shares.dtype == torch.float64 and bool((shares >= 0).all())
     assert float(shares.sum()) == pytest.approx(_grouped_loss_float64(x, z, g), rel=1e-10)
     # float32 inputs are computed in float64 too
-    assert float(metrics.local_defect_shares(x.float(), z.float(), g).sum()) == pytest.approx(
+    assert float(geometry.local_defect_shares(x.float(), z.float(), g).sum()) == pytest.approx(
         _grouped_loss_float64(x.float(), z.float(), g), rel=1e-5)
 
 
@@ -195,24 +200,24 @@ def test_local_defect_shares_find_the_distorted_neighbourhood():
     z = torch.randn(40, 6, generator=gen, dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.randn(9, 9, generator=gen, dtype=torch.float64))
     x = 2.0 * z @ q[:6]  # an exact scaled isometry: no group carries anything
-    assert float(metrics.local_defect_shares(x, z, 4).abs().max()) < 1e-12
+    assert float(geometry.local_defect_shares(x, z, 4).abs().max()) < 1e-12
     x[17] += 0.5 * torch.randn(9, generator=gen, dtype=torch.float64)  # bend one neighbourhood (rows 16-19)
-    shares = metrics.local_defect_shares(x, z, 4)
+    shares = geometry.local_defect_shares(x, z, 4)
     assert int(shares.argmax()) == 4 and float(shares[4] / shares.sum()) > 0.5
     for bad in (1, 3, 0):
         with pytest.raises(ValueError, match="groups"):
-            metrics.local_defect_shares(x, z, bad)
+            geometry.local_defect_shares(x, z, bad)
 
 
 def test_real_noise_floor_sizes_and_values():
     from gsd.evaluation import feature_metrics as fm
 
     f = np.random.default_rng(0).standard_normal((23, 3))
-    perm = torch.randperm(23, generator=torch.Generator().manual_seed(metrics.REAL_SPLIT_SEED)).numpy()
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(seed_ranges.REAL_SPLIT_SEED)).numpy()
     floor = metrics.real_noise_floor(f, 100, bootstraps=20)
     assert floor["size"] == 11 and "fewer than the 100 evaluated" in floor["what"]
     a, b = f[perm[:11]], f[perm[11:22]]
-    assert floor["fd"] == pytest.approx(metrics.frechet_distance(a, b), rel=1e-12)
+    assert floor["fd"] == pytest.approx(fm.frechet_distance(a, b), rel=1e-12)
     assert floor["kid"] == pytest.approx(fm.kid(a, b)[0], rel=1e-12)
     assert floor["precision"] == fm.precision_recall(b, a)["precision"]  # the first half plays "generated"
     small = metrics.real_noise_floor(f, 7, bootstraps=20)

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from gsd.cli import UsageError
-from gsd.models.networks import (Conv2d, EDMPrecond, MLPDenoiserNet, SongUNet, UNetBlock, build_denoiser,
-                          count_parameters, default_config, edm_coefficients, edm_ddpmpp_config, load_denoiser,
-                          read_denoiser_metadata, save_denoiser)
+from gsd.errors import UsageError
+from gsd.models.networks import Conv2d, EDMPrecond, MLPDenoiserNet, SongUNet, UNetBlock, build_denoiser, count_parameters, default_config, edm_coefficients, edm_ddpmpp_config
+from gsd.models.checkpoint import load_denoiser, read_denoiser_metadata, save_denoiser
 
 
 def tiny_unet_config(res=8, label_dim=0, attn=(4,)):

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from gsd.fileio import atomic_torch_save
 from gsd import runs, train
 from factories import as_run_from_before_digests
 from gsd.cli import run_main
@@ -73,9 +74,9 @@ def test_regression_pair_latents_are_never_evaluation_latents():
     """The pairs are drawn from seed REGRESS_SEED_BASE + --seed, above every latent seed an
     evaluation uses (seed * SEED_STRIDE + offset + i for seeds up to MAX_SEED): no evaluation
     sample is a training pair. Checked on the seed ranges and on the latents themselves."""
-    from gsd.distill import REGRESS_SEED_BASE
-    from gsd.evaluation.metrics import (ISOMETRY_SEED_OFFSET, LOCAL_ISOMETRY_SEED_OFFSET, SEED_STRIDE,
-                                        evaluation_latents)
+    from gsd.seed_ranges import REGRESS_SEED_BASE
+    from gsd.evaluation.metrics import evaluation_latents
+    from gsd.seed_ranges import ISOMETRY_SEED_OFFSET, LOCAL_ISOMETRY_SEED_OFFSET, SEED_STRIDE
     from gsd.util import MAX_SEED
     assert max(ISOMETRY_SEED_OFFSET, LOCAL_ISOMETRY_SEED_OFFSET) < SEED_STRIDE
     largest_evaluation_seed = MAX_SEED * SEED_STRIDE + SEED_STRIDE - 1
@@ -220,7 +221,7 @@ def test_bad_command_lines_fail_in_one_line_and_write_nothing(tmp_path, capsys):
 
 
 def test_memory_check_counts_the_regression_rows_and_pairs(tmp_path, capsys, monkeypatch):
-    from gsd.training import _check_memory
+    from gsd.distillation.run import _check_memory
 
     monkeypatch.setenv("GSD_MEMORY_LIMIT_GB", "1")
     cpu = torch.device("cpu")
@@ -279,7 +280,7 @@ def test_a_run_from_before_the_term_resumes_without_it(tmp_path, capsys):
     state["distiller"]["config"] = {k: v for k, v in state["distiller"]["config"].items() if k not in new_keys}
     state["run_config"] = {k: v for k, v in state["run_config"].items() if k not in new_keys}
     state.pop("step", None)
-    runs.atomic_torch_save({"step": 2, **state}, out / runs.CKPT_DIR / "ckpt-00000002.pt")
+    atomic_torch_save({"step": 2, **state}, out / runs.CKPT_DIR / "ckpt-00000002.pt")
     assert runs.read_config(out)["lambda_regress"] == 0.0
     code = run_main(train.main, ["--resume", str(out), "--iters", "3", "--log-every", "1", "--eval-samples", "0", *FAST])
     assert code == 0, capsys.readouterr().err

@@ -16,6 +16,8 @@ from PIL import Image
 
 import gsd_kernels
 from gsd import runs, sample, train
+from gsd.distillation.run import run as distill_run
+from gsd.errors import TrainingStopped
 from gsd.cli import run_main
 from gsd.data import DataError, load_dataset
 from cli_checks import assert_one_line_error
@@ -204,7 +206,7 @@ def test_a_run_whose_gradients_are_all_zeroed_does_not_end_well(tmp_path):
     """Every generator gradient non-finite (zeroed) on every iteration of a 5-iteration run:
     each counts as bad, and the run ends with one line, keeping nothing of those iterations."""
     import gsd.distill
-    real = gsd.distill._sanitize_grads
+    real = gsd.distill.sanitize_grads
 
     def poisoned(params):
         params = list(params)
@@ -213,14 +215,14 @@ def test_a_run_whose_gradients_are_all_zeroed_does_not_end_well(tmp_path):
                 p.grad.fill_(float("inf"))
         return real(params)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gsd.distill, "_sanitize_grads", poisoned)
+        mp.setattr(gsd.distill, "sanitize_grads", poisoned)
         cfg = dict(dataset="gmm", teacher=str(tmp_path / "t.safetensors"), exact_teacher=True, batch=16, iters=5,
                    eval_samples=0, progress=False, device="cpu", out=str(tmp_path / "z"), log_every=1)
         from factories import tiny_mlp
-        from gsd.models.networks import save_denoiser
+        from gsd.models.checkpoint import save_denoiser
         save_denoiser(cfg["teacher"], tiny_mlp(seed=5))
-        with pytest.raises(train.TrainingStopped, match="gradient value"):
-            train.run(cfg)
+        with pytest.raises(TrainingStopped, match="gradient value"):
+            distill_run(cfg)
     assert runs.latest_step(tmp_path / "z") is None
 
 

@@ -16,10 +16,14 @@ import pytest
 import torch
 
 import gsd_kernels
+from gsd.fileio import atomic_torch_save, write_json_atomic
 from gsd import runs, train
+from gsd.distillation.run import run as distill_run
+from gsd.errors import TrainingStopped
+from gsd.config import DEFAULT_MAX_BAD_ITERS, EXPLODE_WINDOW
 from gsd.cli import run_main
 from gsd.distill import Distiller
-from gsd.models.networks import save_denoiser
+from gsd.models.checkpoint import save_denoiser
 from cli_checks import assert_one_line_error
 from factories import as_run_from_before_digests, tiny_mlp
 
@@ -58,13 +62,13 @@ def cli(argv, capsys):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail loudly if a check comes after the data set / teacher are loaded."""
-    import gsd.training
+    import gsd.distillation.run
 
     def boom(*a, **k):
         raise AssertionError("the data set or teacher was loaded before the settings were checked")
-    # the names gsd.training calls (imported at its top)
+    # the names gsd.distillation.run calls (imported at its top)
     for name in ("load_dataset", "load_teacher", "load_run_teacher", "get_teacher"):
-        monkeypatch.setattr(gsd.training, name, boom)
+        monkeypatch.setattr(gsd.distillation.run, name, boom)
 
 
 @pytest.fixture(autouse=True)
@@ -135,11 +139,11 @@ def test_fused_run_records_the_backends_that_ran(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     cfg.pop("backends")
     cfg["backend"] = "auto"
-    runs.write_json_atomic(out / "config.json", cfg)
+    write_json_atomic(out / "config.json", cfg)
     w, s = runs.load_checkpoint(out)
     s["distiller"]["config"]["backend"] = "auto"
     s.pop("run_config", None)
-    runs.atomic_torch_save(s, out / "checkpoints" / f"ckpt-{s['step']:08d}.pt")
+    atomic_torch_save(s, out / "checkpoints" / f"ckpt-{s['step']:08d}.pt")
     code, err, stdout = cli(["--resume", str(out), "--iters", "4", "--eval-samples", "0", *FAST], capsys)
     assert code == 0, err
     assert runs.latest_step(out) == 4
@@ -278,12 +282,12 @@ def test_exploding_loss_stops(tmp_path, capsys):
         mp.setattr(gsd.distill.Distiller, "__init__", init)
         cfg = dict(dataset="gmm", teacher=teacher_file(tmp_path), exact_teacher=True, batch=16, iters=40,
                    eval_samples=0, progress=False, device="cpu", out=str(out), log_every=1)
-        with pytest.raises(train.TrainingStopped, match="explod"):
-            train.run(cfg, nan_hook=hook)
+        with pytest.raises(TrainingStopped, match="explod"):
+            distill_run(cfg, nan_hook=hook)
     its = [r["iteration"] for r in runs.read_log(out)]
     # bad once the median of the recent losses has exploded: at most half a window later
-    k = train.DEFAULT_MAX_BAD_ITERS
-    assert 2 + k <= max(its) <= 2 + k + train.EXPLODE_WINDOW // 2
+    k = DEFAULT_MAX_BAD_ITERS
+    assert 2 + k <= max(its) <= 2 + k + EXPLODE_WINDOW // 2
 
 
 def test_one_bad_sample_does_not_stop(tmp_path):
@@ -291,7 +295,7 @@ def test_one_bad_sample_does_not_stop(tmp_path):
         x = x.clone()
         x[0] = float("nan")
         return x
-    out = train.run(dict(dataset="gmm", teacher=teacher_file(tmp_path), exact_teacher=True, batch=16, iters=12,
+    out = distill_run(dict(dataset="gmm", teacher=teacher_file(tmp_path), exact_teacher=True, batch=16, iters=12,
                          eval_samples=0, progress=False, device="cpu", out=str(tmp_path / "r")), nan_hook=hook)
     assert runs.latest_step(out) == 12
 
@@ -393,7 +397,7 @@ def test_damaged_config_on_resume_is_one_line(tmp_path, capsys):
     good = json.loads((out / "config.json").read_text())
     for key, bad in (("adam_betas", [0.5]), ("adam_betas", "x"), ("seed", "abc"), ("irl_bandwidth", "wide"),
                      ("batch", None), ("lr", [1])):
-        runs.write_json_atomic(out / "config.json", {**good, key: bad})
+        write_json_atomic(out / "config.json", {**good, key: bad})
         code, err, _ = cli(["--resume", str(out), "--iters", "4", *FAST], capsys)
         assert_one_line_error(code, err, "--" + key.replace("_", "-"))
     assert runs.latest_step(out) == 3
@@ -481,10 +485,10 @@ def test_hand_edited_config_is_detected_on_resume(tmp_path, capsys):
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     for key, value in (("batch", 8), ("lr", 0.5), ("dataset", "digits"), ("lambda_irl", 0.25)):
-        runs.write_json_atomic(out / "config.json", {**cfg, key: value})
+        write_json_atomic(out / "config.json", {**cfg, key: value})
         code, err, _ = cli(["--resume", str(out), "--iters", "4", *FAST], capsys)
         assert_one_line_error(code, err, key)
-    runs.write_json_atomic(out / "config.json", cfg)
+    write_json_atomic(out / "config.json", cfg)
     code, err, _ = cli(["--resume", str(out), "--iters", "4", *FAST], capsys)
     assert code == 0, err
 
@@ -496,7 +500,7 @@ def _strict_json(text):
 
 
 def test_json_files_are_standard(tmp_path):
-    runs.write_json_atomic(tmp_path / "m.json", {"fd": float("nan"), "x": [float("inf"), 1.0]})
+    write_json_atomic(tmp_path / "m.json", {"fd": float("nan"), "x": [float("inf"), 1.0]})
     assert _strict_json((tmp_path / "m.json").read_text()) == {"fd": None, "x": [None, 1.0]}
     with runs.JsonlLogger(tmp_path / "log.jsonl") as log:
         log.log({"iteration": 1, "loss": float("-inf")})
@@ -508,7 +512,7 @@ def test_json_files_are_standard(tmp_path):
         hook.calls += phase == "generator"
         return x
     hook.calls = 0
-    out = train.run(dict(dataset="gmm", teacher=teacher_file(tmp_path), exact_teacher=True, batch=16, iters=3,
+    out = distill_run(dict(dataset="gmm", teacher=teacher_file(tmp_path), exact_teacher=True, batch=16, iters=3,
                          lambda_irl=0.5, log_every=1, eval_samples=100, progress=False, device="cpu",
                          latency_repeats=1, out=str(tmp_path / "r")), nan_hook=hook)
     recs = [_strict_json(l) for l in (out / "log.jsonl").read_text().splitlines()]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from gsd.fileio import atomic_torch_save, write_json_atomic
 from gsd import runs
-from gsd.cli import UsageError
+from gsd.errors import UsageError
 
 
 def _weights(v):
@@ -64,7 +65,7 @@ def _resign(run_dir, step):
 def test_state_is_loaded_with_weights_only(tmp_path):
     bad = {"obj": object}  # not allowed by weights_only=True
     runs.save_checkpoint(tmp_path, 1, _weights(1), {"x": 1})
-    runs.atomic_torch_save({"step": 1, **bad}, tmp_path / "checkpoints" / "ckpt-00000001.pt")
+    atomic_torch_save({"step": 1, **bad}, tmp_path / "checkpoints" / "ckpt-00000001.pt")
     _resign(tmp_path, 1)  # past the digest check: weights_only itself must refuse it
     with pytest.raises(UsageError, match="cannot read checkpoint"):
         runs.load_checkpoint(tmp_path)
@@ -101,7 +102,7 @@ def test_log_truncation_and_torn_line(tmp_path):
 def test_resume_and_out_checks(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    runs.write_json_atomic(run / "config.json", {"dataset": "gmm", "lr": 0.0002, "iters": 10, "irl_scale": "optimal"})
+    write_json_atomic(run / "config.json", {"dataset": "gmm", "lr": 0.0002, "iters": 10, "irl_scale": "optimal"})
     with pytest.raises(UsageError, match="no complete checkpoint"):
         runs.check_resume_dir(run, {"lr": 2e-4, "iters": 99})
     runs.save_checkpoint(run, 10, _weights(1), {})
@@ -124,7 +125,7 @@ def test_resume_and_out_checks(tmp_path):
 
 def _tiny_teacher_file(tmp_path):
     from factories import tiny_mlp
-    from gsd.models.networks import save_denoiser
+    from gsd.models.checkpoint import save_denoiser
 
     path = tmp_path / "tiny_gmm_teacher.safetensors"
     save_denoiser(path, tiny_mlp(seed=5))
@@ -133,7 +134,7 @@ def _tiny_teacher_file(tmp_path):
 
 def test_resume_is_bit_exact(tmp_path):
     """N iterations straight == N/2, then --resume to N (same weights, bit for bit)."""
-    from gsd.train import run
+    from gsd.distillation.run import run
 
     teacher = _tiny_teacher_file(tmp_path)
     base = dict(dataset="gmm", teacher=teacher, exact_teacher=True, batch=16, lambda_irl=0.5, device="cpu",
@@ -175,7 +176,7 @@ def test_find_checkpoint_falls_back_to_newest_complete(tmp_path):
 def test_restartable_run_dirs(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    runs.write_json_atomic(run / "config.json", {"dataset": "gmm", "run_format": runs.RUN_FORMAT})
+    write_json_atomic(run / "config.json", {"dataset": "gmm", "run_format": runs.RUN_FORMAT})
     (run / "log.jsonl").write_text("")
     (run / "teacher.safetensors").write_bytes(b"x")
     # what a kill during the first checkpoint leaves: one half, temp files
@@ -192,7 +193,7 @@ def test_restartable_run_dirs(tmp_path):
     (run / "notes.txt").unlink()
     runs.clear_dead_run(run)
     assert run.is_dir() and not any(run.iterdir())
-    runs.write_json_atomic(run / "config.json", {"dataset": "gmm"})
+    write_json_atomic(run / "config.json", {"dataset": "gmm"})
     runs.save_checkpoint(run, 1, _weights(1), {})
     assert not runs.restartable(run)  # a checkpoint is training worth keeping
 

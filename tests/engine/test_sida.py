@@ -14,7 +14,8 @@ import torch
 import oracles
 from gsd.adversarial import discriminator_loss, generator_adversarial_loss
 from gsd.data import Dataset, GaussianMixture, RealSamples
-from gsd.distill import DistillConfig, Distiller, sigma_schedule
+from gsd.distill import DistillConfig, Distiller
+from gsd.objective.generator import sigma_schedule
 from gsd.errors import UsageError
 from gsd.models.networks import DhariwalUNet, EDMPrecond, MLPDenoiserNet, NCSNppUNet, build_denoiser
 from factories import tiny_mlp, tiny_unet

@@ -7,12 +7,15 @@ import sys
 import pytest
 import torch
 
-from gsd.cli import UsageError, run_main
+from gsd.cli import run_main
+from gsd.errors import UsageError
 from gsd.data import GMMDenoiser, load_dataset
-from gsd.models.networks import build_denoiser, load_denoiser, save_denoiser
+from gsd.models.networks import build_denoiser
+from gsd.models.checkpoint import load_denoiser, save_denoiser
 import gsd.teacher as teacher_mod
-import gsd.teachers.training as teacher_lib
-from gsd.teacher import edm_loss, get_teacher, main, teacher_cache_path, train_teacher
+import gsd.teachers.recipes as teacher_lib
+from gsd.teacher import main
+from gsd.teachers.recipes import edm_loss, get_teacher, teacher_cache_path, train_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL_MLP = {"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from gsd.cli import UsageError, run_main
+from gsd.cli import run_main
+from gsd.errors import UsageError
 from gsd.data import DataError, load_dataset
 from cli_checks import assert_one_line_error
 
@@ -221,7 +222,7 @@ def _fast_one_line(fn, *needles, limit_s=10.0):
 
 
 # ----------------------------------------------------------------------------------------
-# gsd safetensors teachers (networks.load_denoiser): D3 bombs, D5 dtypes, D6 values
+# gsd safetensors teachers (gsd.models.checkpoint.load_denoiser): D3 bombs, D5 dtypes, D6 values
 
 SMALL_MLP = {"arch": "MLPDenoiserNet", "sigma_data": 0.5, "label_dim": 0,
              "model": dict(dim=2, label_dim=0, hidden=16, num_blocks=2, noise_channels=8, emb_channels=16)}
@@ -263,7 +264,7 @@ def _mlp_file(tmp_path, name="t.safetensors", config_edit=None, tensor_edit=None
      "tensors"),
 ])
 def test_safetensors_config_bombs_fail_fast_before_building(tmp_path, no_bomb_builds, edit, needle):
-    from gsd.models.networks import load_denoiser
+    from gsd.models.checkpoint import load_denoiser
 
     path, _ = _mlp_file(tmp_path, config_edit=edit)
     msg = _fast_one_line(lambda: load_denoiser(path), str(path), limit_s=5.0)
@@ -274,7 +275,7 @@ def test_safetensors_config_bombs_fail_fast_before_building(tmp_path, no_bomb_bu
 def test_block_count_bound_knows_the_edm_architectures_in_a_fresh_process():
     # NCSNppUNet / DhariwalUNet register themselves when gsd.teachers.edm_pickle is imported; the bound
     # must not silently be 0 (no check) before that
-    code = ("from gsd.models.networks import min_tensor_count as m; "
+    code = ("from gsd.models.checkpoint import min_tensor_count as m; "
             "print(m('DhariwalUNet', {'num_blocks': 10}), m('NCSNppUNet', {'num_blocks': 10}))")
     p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
                        capture_output=True, text=True, timeout=120)
@@ -284,7 +285,7 @@ def test_block_count_bound_knows_the_edm_architectures_in_a_fresh_process():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_safetensors_teacher_dtypes_load_as_float32(tmp_path, capsys, dtype):
-    from gsd.models.networks import load_denoiser
+    from gsd.models.checkpoint import load_denoiser
 
     path, net = _mlp_file(tmp_path, dtype=dtype)
     loaded = load_denoiser(path)
@@ -298,7 +299,7 @@ def test_safetensors_teacher_dtypes_load_as_float32(tmp_path, capsys, dtype):
 
 
 def test_safetensors_mixed_dtypes_load_as_float32(tmp_path):
-    from gsd.models.networks import load_denoiser
+    from gsd.models.checkpoint import load_denoiser
 
     def mix(t):
         for i, k in enumerate(sorted(t)):
@@ -308,7 +309,7 @@ def test_safetensors_mixed_dtypes_load_as_float32(tmp_path):
 
 
 def test_safetensors_float64_overflowing_float32_is_refused(tmp_path):
-    from gsd.models.networks import load_denoiser
+    from gsd.models.checkpoint import load_denoiser
 
     def huge(t):
         t["model.fc_in.weight"][0, 0] = 1e300
@@ -318,7 +319,7 @@ def test_safetensors_float64_overflowing_float32_is_refused(tmp_path):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, 0.0, "abc", None])
 def test_safetensors_sigma_data_must_be_finite_and_positive(tmp_path, value):
-    from gsd.models.networks import load_denoiser
+    from gsd.models.checkpoint import load_denoiser
 
     path, _ = _mlp_file(tmp_path, config_edit=lambda c: c.update(sigma_data=value))
     _fast_one_line(lambda: load_denoiser(path), "sigma_data")
@@ -332,7 +333,7 @@ def test_safetensors_sigma_data_must_be_finite_and_positive(tmp_path, value):
     (lambda c: c.update(model=[1, 2]), "unusable"),
 ])
 def test_safetensors_bad_config_values_are_one_line(tmp_path, edit, needle):
-    from gsd.models.networks import load_denoiser
+    from gsd.models.checkpoint import load_denoiser
 
     path, _ = _mlp_file(tmp_path, config_edit=edit)
     _fast_one_line(lambda: load_denoiser(path), needle)
@@ -677,13 +678,13 @@ def test_import_teacher_bad_out_is_one_line_before_loading(tmp_path, capsys, mon
 
 def test_import_teacher_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
     from gsd import import_teacher
-    from gsd.models import networks
+    from gsd.models import checkpoint
 
     path, _, _ = _edm_pickle(tmp_path)
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(networks, "save_denoiser", full_disk)
+    monkeypatch.setattr(checkpoint, "save_denoiser", full_disk)
     import gsd.teachers.edm_pickle as edm_import
     monkeypatch.setattr(edm_import, "save_denoiser", full_disk)
     code = run_main(import_teacher.main, [str(path), "--trust-pickle", "--out", str(tmp_path / "t.safetensors")])

@@ -16,10 +16,12 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 
 from gsd.data import Dataset
 from gsd.errors import UsageError
-from gsd.models.networks import EDMPrecond, build_denoiser, default_config, load_denoiser, save_denoiser
+from gsd.models.networks import EDMPrecond, build_denoiser, default_config
+from gsd.models.checkpoint import load_denoiser, save_denoiser
 from gsd.progress import progress_bar
 from gsd.teachers.loading import check_teacher_fits, load_teacher
 from gsd.util import cache_dir as default_cache_dir, resolve_device
@@ -35,6 +37,8 @@ CACHE_VERSION = 1  # bump when training changes in a way the cache key does not 
 RECIPES = {
     "digits": dict(iters=2500, batch=64, lr=2e-3, ema_halflife_images=None, xflip=False),
     "gmm": dict(iters=3000, batch=256, lr=1e-3, ema_halflife_images=None, xflip=False),
+    # shapes: a few minutes on a 2-core CPU at 16x16 (issue 25's budget for a whole default run)
+    "shapes": dict(iters=2000, batch=32, lr=2e-3, ema_halflife_images=None, xflip=False),
     "cifar10": dict(iters=20000, batch=128, lr=5e-4, ema_halflife_images=None, xflip=True),
     "folder": dict(iters=20000, batch=64, lr=5e-4, ema_halflife_images=None, xflip=True),
 }
@@ -79,6 +83,60 @@ def _lr_factor(it: int, iters: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _initial_network(dataset: Dataset, config: dict, seed: int, lr: float, iters: int, batch: int) -> EDMPrecond:
+    """The freshly initialised network of a teacher recipe, checked against the data set."""
+    if iters < 1 or batch < 1 or not lr > 0:
+        raise UsageError(f"bad teacher recipe: iters={iters}, batch={batch}, lr={lr}")
+    # Adam's first step is lr / (1 - beta1) = 10 lr, a float32 scalar: larger cannot even be applied
+    if not 10 * lr <= torch.finfo(torch.float32).max:
+        raise UsageError(f"teacher learning rate {lr:g} overflows float32 arithmetic in Adam; lower --lr")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_denoiser(config)
+    if tuple(net.sample_shape) != tuple(dataset.sample_shape):
+        raise UsageError(f"network config is for samples of shape {tuple(net.sample_shape)}, "
+                         f"dataset {dataset.name} has {tuple(dataset.sample_shape)}")
+    if net.label_dim > 0 and dataset.labels is None:
+        raise UsageError(f"a class-conditional teacher needs labels, dataset {dataset.name} has none")
+    if net.label_dim > 0 and net.label_dim != dataset.num_classes:
+        raise UsageError(f"network has {net.label_dim} classes, dataset {dataset.name} has {dataset.num_classes}")
+    return net
+
+
+class _Batches:
+    """Training batches: fresh mixture samples for gmm, else rows drawn with replacement (with
+    an optional horizontal flip), from one CPU generator."""
+
+    def __init__(self, dataset: Dataset, device, conditional: bool, seed: int, xflip: bool):
+        self.dataset, self.device, self.conditional, self.xflip = dataset, device, conditional, xflip
+        self.fresh = dataset.mixture is not None
+        self.data = None if self.fresh else dataset.data.to(device)
+        self.labels = None if (self.fresh or not conditional) else dataset.labels.to(device)
+        if not self.fresh and (self.data is None or self.data.shape[0] == 0):
+            raise UsageError(f"dataset {dataset.name} is empty")
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self, batch: int):
+        if self.fresh:
+            y, ids = self.dataset.mixture.sample(batch, generator=self.gen)
+            return y.to(self.device), (ids.to(self.device) if self.conditional else None)
+        idx = torch.randint(0, self.data.shape[0], (batch,), generator=self.gen).to(self.device)
+        y = self.data[idx]
+        lab = self.labels[idx] if self.labels is not None else None
+        if self.xflip and y.ndim == 4:
+            flip = (torch.rand(batch, generator=self.gen) < 0.5).to(self.device)
+            y = torch.where(flip[:, None, None, None], y.flip(3), y)
+        return y, lab
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
 def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, batch: int, lr: float,
                   device="cpu", seed: int = 0, ema_halflife_images: float | None = None, progress: bool = True,
                   xflip: bool = False, warmup_iters: int | None = None, log_every: int = 50) -> EDMPrecond:
@@ -93,51 +151,18 @@ def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, b
     device = resolve_device(device)
     if config is None:
         config = default_config(dataset.name, dataset.sample_shape, 0)
-    if iters < 1 or batch < 1 or not lr > 0:
-        raise UsageError(f"bad teacher recipe: iters={iters}, batch={batch}, lr={lr}")
-    # Adam's first step is lr / (1 - beta1) = 10 lr, a float32 scalar: larger cannot even be applied
-    if not 10 * lr <= torch.finfo(torch.float32).max:
-        raise UsageError(f"teacher learning rate {lr:g} overflows float32 arithmetic in Adam; lower --lr")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build_denoiser(config)
-    if tuple(net.sample_shape) != tuple(dataset.sample_shape):
-        raise UsageError(f"network config is for samples of shape {tuple(net.sample_shape)}, "
-                         f"dataset {dataset.name} has {tuple(dataset.sample_shape)}")
-    conditional = net.label_dim > 0
-    if conditional and dataset.labels is None:
-        raise UsageError(f"a class-conditional teacher needs labels, dataset {dataset.name} has none")
-    if conditional and net.label_dim != dataset.num_classes:
-        raise UsageError(f"network has {net.label_dim} classes, dataset {dataset.name} has {dataset.num_classes}")
-    net = net.to(device).train()
+    net = _initial_network(dataset, config, seed, lr, iters, batch).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-
-    fresh = dataset.mixture is not None
-    data = None if fresh else dataset.data.to(device)
-    labels = None if (fresh or not conditional) else dataset.labels.to(device)
-    if not fresh and (data is None or data.shape[0] == 0):
-        raise UsageError(f"dataset {dataset.name} is empty")
-    cpu_gen = torch.Generator().manual_seed(seed)
+    batches = _Batches(dataset, device, net.label_dim > 0, seed, xflip)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
 
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     warmup = warmup_iters if warmup_iters is not None else min(200, max(iters // 10, 1))
-    total_images = iters * batch
-    halflife = ema_halflife_images if ema_halflife_images is not None else 0.05 * total_images
+    halflife = ema_halflife_images if ema_halflife_images is not None else 0.05 * (iters * batch)
     history, window = [], []
     bar = progress_bar(total=iters, desc=f"teacher {dataset.name}", enabled=progress, leave=False, file=sys.stderr)
     for it in range(iters):
-        if fresh:
-            y, ids = dataset.mixture.sample(batch, generator=cpu_gen)
-            y = y.to(device)
-            lab = ids.to(device) if conditional else None
-        else:
-            idx = torch.randint(0, data.shape[0], (batch,), generator=cpu_gen).to(device)
-            y = data[idx]
-            lab = labels[idx] if labels is not None else None
-            if xflip and y.ndim == 4:
-                flip = (torch.rand(batch, generator=cpu_gen) < 0.5).to(device)
-                y = torch.where(flip[:, None, None, None], y.flip(3), y)
+        y, lab = batches.next(batch)
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(it, iters, warmup)
         loss = edm_loss(net, y, lab, generator=dev_gen)
@@ -147,15 +172,9 @@ def train_teacher(dataset: Dataset, config: dict | None = None, *, iters: int, b
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0, out=p.grad)
         opt.step()
-        # EMA with a half-life in images, ramped up early in training.
-        nimg = (it + 1) * batch
-        hl = min(halflife, 0.1 * nimg) if halflife > 0 else 0.0
-        beta = 0.5 ** (batch / hl) if hl > 0 else 0.0
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p.detach(), 1.0 - beta)
-            for b_ema, b in zip(ema.buffers(), net.buffers()):
-                b_ema.copy_(b)
+        # EMA with a half-life in images, ramped up early in training
+        hl = min(halflife, 0.1 * ((it + 1) * batch)) if halflife > 0 else 0.0
+        _ema_update(ema, net, 0.5 ** (batch / hl) if hl > 0 else 0.0)
         window.append(float(loss.detach()))
         if (it + 1) % log_every == 0 or it + 1 == iters:
             history.append((it + 1, sum(window) / len(window)))
@@ -222,20 +241,23 @@ def train_and_save(dataset, config, recipe, seed, device, progress, path) -> EDM
 
 def get_teacher(dataset: Dataset, *, teacher_path=None, cache_dir=None, device="cpu", seed: int = 0,
                 progress: bool = True, config: dict | None = None, recipe: dict | None = None,
-                trust_pickle: bool = False) -> EDMPrecond:
+                trust_pickle: bool = False, conditional: bool = False) -> EDMPrecond:
     """The teacher for `dataset` (eval mode, on `device`).
 
     teacher_path: `gsd.teachers.loading.load_teacher` (gsd .safetensors, diffusers folder, EDM .pkl with
     trust_pickle; the fit check on the data set; UsageError otherwise). Else the
     cache file for (config, recipe, seed, data) under cache_dir / $GSD_CACHE / ~/.cache/gsd,
     trained and saved (atomically) when missing. `recipe` overrides the data set's default
-    recipe key by key; `config` the default (unconditional) network.
+    recipe key by key; `config` the default network (unconditional unless `conditional`: then
+    it takes the data set's class labels).
     """
     dev = resolve_device(device)
     if teacher_path is not None:
         return load_teacher(teacher_path, dataset=dataset, device=dev, trust_pickle=trust_pickle)
+    if conditional and (dataset.labels is None or not dataset.num_classes):
+        raise UsageError(f"--conditional: --dataset {dataset.name} has no class labels")
     if config is None:
-        config = default_config(dataset.name, dataset.sample_shape, 0)
+        config = default_config(dataset.name, dataset.sample_shape, dataset.num_classes if conditional else 0)
     recipe = full_recipe(dataset.name, recipe)
     path = teacher_cache_path(dataset, config, recipe, seed, cache_dir)
     if os.path.exists(path):
