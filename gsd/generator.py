@@ -31,8 +31,8 @@ from torch import nn
 from gsd import runs
 from gsd.errors import UsageError
 from gsd.image_files import to_uint8
-from gsd.models.networks import (ARCHITECTURES, EDMPrecond, check_state_dict, load_denoiser, read_denoiser_metadata,
-                                 save_denoiser, to_float32_state)
+from gsd.models.networks import ARCHITECTURES, EDMPrecond
+from gsd.models.checkpoint import check_state_dict, load_denoiser, read_denoiser_metadata, save_denoiser, to_float32_state
 from gsd.sampling.seeds import BLOCK, LABEL_RULES, block_latents, block_seeds, blocked_forward, blocks_of, \
     labels_for_seeds
 from gsd.teachers.edm_pickle import load_edm_pickle
@@ -201,25 +201,29 @@ def source_kind(source) -> str:
 
 
 def _from_run(run_dir: Path, *, step, raw: bool) -> tuple[nn.Module, float, dict]:
-    cfg = runs.read_config(run_dir)
-    if "sigma_init" not in cfg or "dataset" not in cfg:
-        raise UsageError(f"{run_dir} is not a gsd.train run directory (config.json has no dataset/sigma_init)")
-    if step is None:
-        step, note = runs.find_checkpoint(run_dir)
-        if step is None:
+    """A run's generator, read under a shared lock (never while gsd.train writes the run): the
+    newest intact checkpoint (a damaged or incomplete latest one falls back, with a note) or
+    checkpoint `step`, checked against config.json and the run's teacher copy."""
+    with runs.RunLock(run_dir, shared=True):
+        cfg = runs.read_config(run_dir)
+        if "sigma_init" not in cfg or "dataset" not in cfg:
+            raise UsageError(f"{run_dir} is not a gsd.train run directory (config.json has no dataset/sigma_init)")
+        if step is not None and int(step) not in runs.complete_steps(run_dir):
+            done = runs.complete_steps(run_dir)
+            raise UsageError(f"--step {step}: {run_dir} has no complete checkpoint {step} (complete: "
+                             f"{', '.join(map(str, done)) or 'none'})")
+        if step is None and not runs.complete_steps(run_dir):
             raise UsageError(f"{run_dir} has no complete checkpoint (nothing to load yet)")
+        step, weights, state, note = runs.load_intact_checkpoint(run_dir, None if step is None else int(step))
         if note:
             print(f"note: {note}", file=sys.stderr, flush=True)
-    elif int(step) not in runs.complete_steps(run_dir):
-        done = runs.complete_steps(run_dir)
-        raise UsageError(f"--step {step}: {run_dir} has no complete checkpoint {step} (complete: "
-                         f"{', '.join(map(str, done)) or 'none'})")
-    net = load_run_teacher(run_dir, device="cpu", config=cfg)  # G has the teacher's architecture
+        runs.check_run_matches_checkpoint(run_dir, cfg, state, step, str(run_dir))
+        net = load_run_teacher(run_dir, device="cpu", config=cfg)  # G has the teacher's architecture
     what = f"checkpoint {step} of {run_dir}"
-    state = checkpoint_state(runs.load_checkpoint_weights(run_dir, int(step)), raw=raw, what=what)
-    check_state_dict(net.state_dict(), state, f"{what} does not fit its teacher's network")
-    state, _ = to_float32_state(state, what)
-    net.load_state_dict(state, strict=True)
+    state_dict = checkpoint_state(weights, raw=raw, what=what)
+    check_state_dict(net.state_dict(), state_dict, f"{what} does not fit its teacher's network")
+    state_dict, _ = to_float32_state(state_dict, what)
+    net.load_state_dict(state_dict, strict=True)
     info = {"kind": "run", "source": str(run_dir), "step": int(step), "weights": "raw" if raw else "ema",
             "config": cfg, "config_sha256": config_digest(cfg), "dataset": cfg["dataset"]}
     return net, float(cfg["sigma_init"]), info

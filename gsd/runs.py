@@ -38,7 +38,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import math
 import os
 import random
 import re
@@ -51,9 +50,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from gsd.config import RESUME_FREE, RUN_KEYS
+from gsd.config import CHECKPOINT_OWNED, RESUME_FREE, RUN_KEYS, upgrade_config
 from gsd.errors import DamagedCheckpoint, RunLocked, StorageError, UsageError
-from gsd.fileio import (  # noqa: F401  (atomic writers: re-exported, runs' API since the start)
+from gsd.fileio import (
     atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, jsonable as _jsonable, read_json_file,
     read_regular_file, sha256_hex, write_json_atomic,
 )
@@ -77,7 +76,7 @@ MAX_CHECKPOINT_BYTES = 2 ** 40   # a read bound, far above any network this engi
 
 __all__ = [
     "default_run_dir", "prepare_run_dir", "check_resume_dir", "diff_configs", "write_json_atomic",
-    "read_config", "upgrade_config", "JsonlLogger", "read_log", "save_checkpoint", "load_checkpoint", "latest_step",
+    "read_config", "JsonlLogger", "read_log", "save_checkpoint", "load_checkpoint", "latest_step",
     "capture_rng_state", "restore_rng_state", "atomic_write_bytes", "atomic_torch_save",
     "atomic_save_safetensors", "find_checkpoint", "complete_steps", "check_out_path", "remove_stale_temp_files",
     "restartable", "clear_dead_run", "load_checkpoint_weights", "load_checkpoint_state", "load_intact_checkpoint",
@@ -95,33 +94,6 @@ def default_run_dir(dataset: str, root="runs") -> Path:
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
-
-
-# What a run written before a setting existed was trained with: config.json files (and
-# checkpoints) from before the scale-free --lambda-irl had `lambda_irl` = the RAW weight and none
-# of these keys. Filled in here, not from today's defaults, which may change.
-LEGACY_SETTINGS = {"irl_estimator": "pairs", "irl_neighbours": 0, "dropout": None}
-# Settings added after the scale-free --lambda-irl, with the value every run before them had:
-# without them, resuming an older gmm run would switch its new per-dataset default on. (A run
-# from before the ramp-up ratio became 0.05 had 0.1: its checkpoint's value wins on --resume,
-# gsd.training.CKPT_OWNED.)
-ADDED_SETTINGS = {"lambda_regress": 0.0, "regress_pairs": 16384, "regress_ratio": 1, "ema_rampup": 0.05}
-
-
-def upgrade_config(cfg: dict) -> dict:
-    """A copy of a saved run configuration in today's terms: without `lambda_irl_raw`, its
-    `lambda_irl` was the raw weight, so it becomes lambda_irl_raw (and lambda_irl 0); keys
-    added since take the values the run was trained with (LEGACY_SETTINGS, ADDED_SETTINGS)."""
-    if not isinstance(cfg, dict) or "lambda_irl" not in cfg:
-        return cfg
-    out = dict(cfg)
-    if "lambda_irl_raw" not in cfg:
-        out["lambda_irl_raw"], out["lambda_irl"] = cfg["lambda_irl"], 0.0
-        for key, value in LEGACY_SETTINGS.items():
-            out.setdefault(key, value)
-    for key, value in ADDED_SETTINGS.items():
-        out.setdefault(key, value)
-    return out
 
 
 def is_run_config(cfg) -> bool:
@@ -298,15 +270,21 @@ def prepare_run_dir(out, config: dict, *, allow_restart: bool = False) -> Path:
 
 
 class RunLock:
-    """An exclusive lock on a run directory for the life of one process's use of it.
+    """A lock on a run directory for the life of one process's use of it.
 
     flock on `.gsd-lock`: the kernel drops it when the process exits or is killed, so a lock
-    left by a dead process is never stale. `acquire` raises RunLocked (one line, naming the
-    holder's pid) while another live process holds it."""
+    left by a dead process is never stale. A writer (gsd.train: a new run, a restart, a resume)
+    takes it exclusive; a reader (gsd.evaluate, gsd.edit, gsd.generate, gsd.export) takes it
+    `shared`, so that readers run together but never while a run is being written, and a
+    writer never starts while a reader holds it. `acquire` raises RunLocked (one line, naming
+    the holder's pid where it wrote one) while another live process holds it in a conflicting
+    mode. A reader that cannot create the lock file (a read-only run directory) reads without
+    one: no gsd process can be writing there."""
 
-    def __init__(self, run_dir, what: str = "run directory"):
+    def __init__(self, run_dir, what: str = "run directory", *, shared: bool = False):
         self.path = Path(run_dir) / LOCK_NAME
         self.what = what
+        self.shared = shared
         self._fd = None
 
     def acquire(self) -> "RunLock":
@@ -314,23 +292,49 @@ class RunLock:
 
         if self._fd is not None:
             return self
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | nofollow, 0o644)
         except OSError as exc:
-            raise StorageError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from None
+            fd = None
+            if self.shared and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                try:  # a read-only run directory: lock its lock file if it has one, else read unlocked
+                    fd = os.open(self.path, os.O_RDONLY | nofollow)
+                except OSError:
+                    return self
+            if fd is None:
+                raise StorageError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = self._holder(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise StorageError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from None
+            readers = not self.shared and self._only_readers(fd)
+            holder = "" if readers else self._holder(fd)  # only a writer leaves its pid in the file
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunLocked(f"{self.what} {self.path.parent} is in use by another gsd process"
-                                + (f" (pid {holder})" if holder else "") + "; wait for it to finish") from None
-            raise StorageError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+            doing = ("being read by another gsd process (evaluate, edit, generate or export)" if readers
+                     else "being written by another gsd process" if self.shared
+                     else "in use by another gsd process")
+            raise RunLocked(f"{self.what} {self.path.parent} is {doing}" + (f" (pid {holder})" if holder else "")
+                            + "; wait for it to finish") from None
+        if not self.shared:  # the writer's pid, for the message another process gets
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
+
+    @staticmethod
+    def _only_readers(fd) -> bool:
+        """Whether the processes that hold the lock hold it shared (a shared probe succeeds)."""
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
 
     @staticmethod
     def _holder(fd) -> str:
@@ -714,11 +718,6 @@ def teacher_copy_digest(run_dir, name: str) -> str:
     return sha256_hex(read_regular_file(path, max_bytes=MAX_CHECKPOINT_BYTES, what=f"teacher copy {path}"))
 
 
-# settings a checkpoint keeps its own value of (runs.ADDED_SETTINGS: a run started before the
-# EMA ramp-up ratio became 0.05 goes on with 0.1, while its config.json reads 0.05 today)
-CKPT_OWNED = ("ema_rampup",)
-
-
 def check_run_matches_checkpoint(run_dir, cfg: dict, state: dict, step: int, what: str) -> None:
     """UsageError (one line, starting with `what`) unless config.json (`cfg`, as read_config
     gives it) holds the settings checkpoint `step` was trained with, and the run's teacher copy
@@ -731,7 +730,7 @@ def check_run_matches_checkpoint(run_dir, cfg: dict, state: dict, step: int, wha
     if not isinstance(saved, dict):
         raise DamagedCheckpoint(f"{what}: checkpoint {step} holds no settings; it is damaged")
     saved = upgrade_config(saved)
-    skip = set(RESUME_FREE) | set(CKPT_OWNED)
+    skip = set(RESUME_FREE) | set(CHECKPOINT_OWNED)
     diff = [k for k in RUN_KEYS if k in saved and k in cfg and k not in skip and _norm(saved[k]) != _norm(cfg[k])]
     if diff:
         shown = "; ".join(f"{k}: {CONFIG_NAME} has {cfg[k]!r}, the checkpoint {saved[k]!r}" for k in diff[:4])

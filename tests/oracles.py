@@ -89,3 +89,19 @@ def sida_generator(logits, x, y_real, loss_scale=0.01):
     bce = torch.nn.functional.softplus(-logits.double().clamp(-10, 10)).mean()
     w = (x64 - y_real.double().reshape(n, -1)).abs().mean(1).clamp_min(1e-5).detach()
     return loss_scale * (x64.shape[1] * bce / w).sum() / n
+
+
+# The Frechet distance as pytorch-fid states it: ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b)),
+# with scipy's matrix square root (the engine takes the trace through an SVD of the centred samples).
+
+def frechet_scipy(a, b) -> float:
+    import numpy as np
+    from scipy import linalg
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s_a @ s_b)
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))

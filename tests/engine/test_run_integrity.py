@@ -16,8 +16,10 @@ import time
 import pytest
 import torch
 
-from gsd import runs, train
-from gsd.models.networks import save_denoiser
+from gsd import runs
+from gsd.distillation.run import run as distill_run
+from gsd.errors import TrainingStopped
+from gsd.models.checkpoint import save_denoiser
 from cli_checks import assert_one_line_error
 from factories import tiny_mlp
 from test_run_reliability import FAST, REPO, assert_same_checkpoints, base_args, cli, teacher_file
@@ -117,7 +119,7 @@ DAMAGE = {  # name: (half, damage, re-sign the digests as the run itself would h
 def straight_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
     out = tmp / "straight"
-    code = train.run(dict(dataset="gmm", teacher=teacher_file(tmp), exact_teacher=True, batch=16, iters=6,
+    code = distill_run(dict(dataset="gmm", teacher=teacher_file(tmp), exact_teacher=True, batch=16, iters=6,
                           eval_samples=0, progress=False, device="cpu", out=str(out), ckpt_every=2, keep_every=2))
     assert code == out
     return tmp, out
@@ -314,14 +316,14 @@ def test_the_stop_rule_judges_a_resumed_run_as_the_uninterrupted_one(tmp_path, m
         return dict(dataset="gmm", teacher=teacher_file(tmp_path), exact_teacher=True, batch=16, iters=iters,
                     eval_samples=0, progress=False, device="cpu", out=str(out), log_every=1, ckpt_every=3, **extra)
 
-    with pytest.raises(train.TrainingStopped, match="explod"):
-        train.run(cfg(tmp_path / "straight", 300), nan_hook=hook)
+    with pytest.raises(TrainingStopped, match="explod"):
+        distill_run(cfg(tmp_path / "straight", 300), nan_hook=hook)
     stopped_at = runs.read_log(tmp_path / "straight")[-1]["iteration"]
     assert stopped_at < 300
     resumed = tmp_path / "resumed"
-    train.run(cfg(resumed, 3), nan_hook=hook)
-    with pytest.raises(train.TrainingStopped, match="explod"):
-        train.run({"resume": str(resumed), "iters": 300, "progress": False, "device": "cpu"},
+    distill_run(cfg(resumed, 3), nan_hook=hook)
+    with pytest.raises(TrainingStopped, match="explod"):
+        distill_run({"resume": str(resumed), "iters": 300, "progress": False, "device": "cpu"},
                   explicit={"resume": str(resumed), "iters": 300}, nan_hook=hook)
     assert runs.read_log(resumed)[-1]["iteration"] == stopped_at
 
@@ -357,3 +359,128 @@ def test_sigterm_finishes_the_iteration_saves_and_exits_143(tmp_path, capsys):
     code, err, _ = cli(["--resume", str(out), *FAST], capsys)
     assert code == 0, err
     assert_same_checkpoints(straight, out)
+
+
+# ------------------------------------------------------------------------------ the readers: evaluate, generate, export
+
+def _evaluate(run_dir, capsys, *extra):
+    from gsd.cli import run_main
+    from gsd.evaluate import main as evaluate_main
+    code = run_main(evaluate_main, [str(run_dir), "--num-samples", "40", "--ppl-samples", "0", "--isometry-latents",
+                                    "8", "--latency-repeats", "1", "--device", "cpu", "--no-progress", *extra])
+    captured = capsys.readouterr()
+    return code, captured.err, captured.out
+
+
+@pytest.mark.parametrize("case", ["xor-tensor-bytes", "nan-in-ema", "pt-bit-flips"])
+def test_evaluate_never_scores_a_damaged_checkpoint(case, straight_run, tmp_path, capsys):
+    """A damaged latest checkpoint: gsd.evaluate says so and scores checkpoint 4, the newest
+    intact one (eval.json's step says which); asked for the damaged one, it refuses in one line."""
+    import shutil
+    _, straight = straight_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    half, damage, resign = DAMAGE[case]
+    damage(_ckpt(out, 6, half))
+    if resign:
+        _resign(out, 6)
+    code, err, _ = _evaluate(out, capsys)
+    assert code == 0, err
+    assert "note:" in err and "using checkpoint 4, the newest intact one" in err
+    result = json.loads((out / "eval.json").read_text())
+    assert result["step"] == 4
+    assert all(isinstance(result["one_step"][k], float) and result["one_step"][k] == result["one_step"][k]
+               for k in ("fd", "isometry_defect"))  # finite numbers of the intact weights, not NaN
+    (out / "eval.json").unlink()
+    code, err, _ = _evaluate(out, capsys, "--step", "6")
+    assert_one_line_error(code, err, "checkpoint 6")
+    assert not (out / "eval.json").exists()
+
+
+def test_evaluate_refuses_config_edits_the_checkpoint_contradicts(straight_run, tmp_path, capsys):
+    """config.json's sigma_init or exact_teacher edited by hand: gsd.evaluate would sample G at
+    the wrong noise level or switch the teacher side; it refuses in one line instead, as do
+    gsd.generate and gsd.export, which load the run the same way."""
+    import shutil
+    from gsd.cli import run_main
+    from gsd.export import main as export_main
+    _, straight = straight_run
+    for key, value in (("sigma_init", 5.0), ("exact_teacher", False)):
+        out = tmp_path / f"run-{key}"
+        shutil.copytree(straight, out)
+        cfg = json.loads((out / "config.json").read_text())
+        cfg[key] = value
+        (out / "config.json").write_text(json.dumps(cfg))
+        code, err, _ = _evaluate(out, capsys)
+        assert_one_line_error(code, err, key, "it was edited")
+        assert not (out / "eval.json").exists()
+        code = run_main(export_main, [str(out), "--out", str(tmp_path / f"{key}.safetensors")])
+        assert_one_line_error(code, capsys.readouterr().err, key, "it was edited")
+
+
+def test_evaluate_refuses_a_replaced_teacher_copy(straight_run, tmp_path, capsys):
+    import shutil
+    _, straight = straight_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    save_denoiser(out / runs.TEACHER_NAME, tiny_mlp(seed=6))  # same architecture, other weights
+    code, err, _ = _evaluate(out, capsys)
+    assert_one_line_error(code, err, "teacher copy", "not the teacher checkpoint 6 was trained with")
+
+
+def _hold_shared_lock(run_dir):
+    code = ("import sys, time; from gsd import runs; runs.RunLock(sys.argv[1], shared=True).acquire(); "
+            "print('locked', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_readers_and_the_writer_exclude_each_other(straight_run, tmp_path, capsys):
+    """gsd.evaluate refuses a run that a gsd.train process holds (it would score a directory in
+    the middle of being rewritten); gsd.train refuses to resume a run that an evaluation is
+    reading; two readers run together."""
+    import shutil
+    _, straight = straight_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    writer = _hold_lock(out)
+    try:
+        code, err, _ = _evaluate(out, capsys)
+        assert_one_line_error(code, err, "being written by another gsd process", f"pid {writer.pid}")
+        assert not (out / "eval.json").exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    reader = _hold_shared_lock(out)
+    try:
+        code, err, _ = _evaluate(out, capsys)  # a second reader
+        assert code == 0, err
+        code, err, _ = cli(["--resume", str(out), "--iters", "8", *FAST], capsys)
+        assert_one_line_error(code, err, "being read by another gsd process")
+        assert runs.latest_step(out) == 6
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_evaluate_checks_it_can_write_eval_json_before_computing(straight_run, tmp_path, capsys, monkeypatch):
+    """A run directory eval.json cannot be written to (read-only) fails in one line before any
+    sample is drawn (root ignores permission bits: the check is driven through os.access)."""
+    import shutil
+    import gsd.evaluation.core as core
+    _, straight = straight_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.abspath(p) == str(out)
+                        else real_access(p, mode, **kw))
+    monkeypatch.setattr(core, "evaluate_loaded", lambda *a, **k: (_ for _ in ()).throw(AssertionError("computed")))
+    code, err, _ = _evaluate(out, capsys)
+    assert_one_line_error(code, err, str(out))
+
+
+def test_ppl_samples_beyond_memory_are_refused_before_computing(straight_run, capsys):
+    _, straight = straight_run
+    code, err, _ = _evaluate(straight, capsys, "--ppl-samples", str(10 ** 12))
+    assert_one_line_error(code, err, "--ppl-samples")
