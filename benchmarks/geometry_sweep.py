@@ -1,8 +1,18 @@
-"""The isometric regulariser's sweep on digits: what each setting buys in geometry and costs in quality.
+"""Distillation settings compared over seeds: what each buys in geometry and costs in quality.
 
-    python benchmarks/geometry_sweep.py                          # every setting, seeds 0 1 2
+    python benchmarks/geometry_sweep.py                          # the isometric term's sweep on digits
     python benchmarks/geometry_sweep.py --only plain-sid gsd --seeds 0
     python benchmarks/geometry_sweep.py --report-only            # rebuild the table from finished runs
+    python benchmarks/geometry_sweep.py --study sida             # SiDA / SiD2A vs GSD vs plain SiD (digits)
+    python benchmarks/geometry_sweep.py --study shapes1          # GSD on one-kind shapes (factor metrics)
+
+A study (STUDIES) is a data set, its settings and where its results go; `geometry` (the default,
+the isometric term's sweep on digits) writes OUT/geometry_sweep.*, every other study OUT/<study>.*.
+A setting's flags may name another setting's run of the same seed ({run:NAME}), which is then
+trained first (SiD2A starts from a GSD run). Besides the figures below, every study records
+the one-step samples' FD / KID / precision / recall against the teacher's samples, with the
+teacher-vs-teacher noise floor (two disjoint latent sets), and shapes studies the factor
+metrics of gsd.evaluation.factors.
 
 For every setting below and every seed it trains `python -m gsd.train --fused --dataset digits`
 with the setting's flags (default iterations and batch), then evaluates each run in one process
@@ -31,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +77,36 @@ SETTINGS = {
               "JVP relaxed distortion, raw weight 1"),
 }
 
+# SiDA / SiD2A (issue 23): the official recipe's alpha 1.0 and mixing weight 0.5. SiD2A continues
+# a GSD run of half the default length for the other half, so every setting sees the same images.
+SIDA_SETTINGS = {
+    "plain-sid": (["--lambda-irl", "0", "--irl-neighbours", "0"], "plain SiD"),
+    "gsd": ([], "GSD, the engine's default"),
+    "sida": (["--lambda-irl", "0", "--irl-neighbours", "0", "--lambda-adv", "0.5", "--alpha", "1.0"],
+             "SiDA: plain SiD + the adversarial term (official recipe: alpha 1, mix 0.5)"),
+    "gsd-sida": (["--lambda-adv", "0.5", "--alpha", "1.0"], "GSD + the adversarial term"),
+    "gsd-half": (["--iters", "1000"], "GSD, half the iterations (SiD2A's start)"),
+    "sid2a": (["--init-generator", "{run:gsd-half}", "--lambda-adv", "0.5", "--alpha", "1.0", "--iters", "1000"],
+              "SiD2A: GSD + adversarial term from gsd-half, the other half of the images"),
+}
+# gmm: its default is SiD + the regression term (no isometric term)
+SIDA_GMM_SETTINGS = {
+    "default": ([], "gmm's default: SiD + regression"),
+    "sida": (["--lambda-adv", "0.5", "--alpha", "1.0"], "gmm's default + the adversarial term"),
+    "plain-sid": (["--lambda-regress", "0"], "plain SiD"),
+    "plain-sida": (["--lambda-regress", "0", "--lambda-adv", "0.5", "--alpha", "1.0"], "SiDA: plain SiD + adversarial"),
+}
+# shapes and class-conditional digits (issue 25): the default against its lambda-0 control and plain SiD
+GEOMETRY_CONTROLS = {
+    "gsd": ([], "GSD, the default"),
+    "same-batch": (["--lambda-irl", "0"], "no regulariser, the default's anchor+neighbour batch"),
+    "plain-sid": (["--lambda-irl", "0", "--irl-neighbours", "0"], "plain SiD"),
+    "nbr3-0.1": (["--lambda-irl", "0.1"], "K=3, lambda_irl 0.1"),
+    "nbr3-0.5": (["--lambda-irl", "0.5"], "K=3, lambda_irl 0.5"),
+    "nbr3-1": (["--lambda-irl", "1"], "K=3, lambda_irl 1"),
+    "nbr3-3": (["--lambda-irl", "3"], "K=3, lambda_irl 3"),
+}
+
 # (key in the per-run record, label, lower is better)
 METRICS = [
     ("fd", "FD", True), ("kid", "KID", True), ("precision", "precision", False), ("recall", "recall", False),
@@ -73,58 +114,107 @@ METRICS = [
     ("local_isometry_defect", "local defect", True), ("edit_success", "edit success @0.25", False),
     ("path_smoothness", "path smoothness", True),
 ]
-# seconds per iteration go to the JSON only: runs shared the CPU with other jobs, so the cost of
-# each form of the term is measured by benchmarks/test_bench_pipeline.py::test_irl_iteration_cost
+VS_TEACHER = [("fd_vs_teacher", "FD vs teacher", True), ("kid_vs_teacher", "KID vs teacher", True),
+              ("precision_vs_teacher", "precision vs teacher", False),
+              ("recall_vs_teacher", "recall vs teacher", False)]
+FACTOR_METRICS = [("factor_ppl", "factor PPL", True), ("local_factor_isometry", "local factor defect", True),
+                  ("traversal_purity", "traversal purity", False), ("factor_w1", "factor W1", True),
+                  ("kind_tv", "kind TV", True)]
+GMM_METRICS = [("nll_gap", "NLL gap", True), ("sliced_wasserstein", "sliced W2", True),
+               ("high_quality_fraction", "high-quality frac.", False), ("mode_weight_error", "mode-weight TV", True)]
+# seconds per iteration: in the JSON, and in the table of the studies that run one job at a time
 TIMING = ("s_per_iter", "s / iter (shared CPU)", True)
+
+
+@dataclass
+class Study:
+    dataset: str
+    settings: dict
+    metrics: list
+    flags: list = field(default_factory=list)  # given to every run of the study
+    prefix: str | None = None  # output file names (default: the study's name)
+    edit: bool = False  # gsd.edit's figures (labelled data sets)
+
+
+STUDIES = {
+    "geometry": Study("digits", SETTINGS, METRICS, prefix="geometry_sweep", edit=True),
+    "sida": Study("digits", SIDA_SETTINGS, METRICS[:7] + VS_TEACHER, edit=True),
+    "sida-gmm": Study("gmm", SIDA_GMM_SETTINGS, GMM_METRICS + [METRICS[0], METRICS[1]] + VS_TEACHER[:2]),
+    "shapes1": Study("shapes", GEOMETRY_CONTROLS, METRICS[:7] + FACTOR_METRICS[:4], flags=["--shapes-kinds", "1"]),
+    "shapes3": Study("shapes", GEOMETRY_CONTROLS, METRICS[:7] + FACTOR_METRICS, flags=["--shapes-kinds", "3"]),
+    "digits-cond": Study("digits", GEOMETRY_CONTROLS, METRICS, flags=["--conditional"], edit=False),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python benchmarks/geometry_sweep.py", description=__doc__.split("\n")[0])
-    p.add_argument("--root", default="sweep-runs", help="run directories (default: %(default)s)")
-    p.add_argument("--out", default=str(REPO / "results" / "digits"), help="where the table and plot go")
+    p.add_argument("--study", choices=sorted(STUDIES), default="geometry", help="which comparison (default: %(default)s)")
+    p.add_argument("--root", default=None, help="run directories (default: sweep-runs, or sweep-runs-STUDY)")
+    p.add_argument("--out", default=None, help="where the table and plot go (default: results/DATASET)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--only", nargs="+", choices=sorted(SETTINGS), default=None, help="settings to run")
+    p.add_argument("--only", nargs="+", default=None, help="settings to run")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time (one thread each)")
     p.add_argument("--iters", type=int, default=None, help="override the default iterations")
     p.add_argument("--ppl-samples", type=int, default=512)
     p.add_argument("--report-only", action="store_true", help="no training or evaluation; table from records")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every gsd.train call")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    study = STUDIES[args.study]
+    unknown = sorted(set(args.only or []) - set(study.settings))
+    if unknown:
+        p.error(f"--only: {', '.join(unknown)} not in study {args.study} ({', '.join(study.settings)})")
+    args.root = args.root or ("sweep-runs" if args.study == "geometry" else f"sweep-runs-{args.study}")
+    args.out = args.out or str(REPO / "results" / study.dataset)
+    return args
 
 
 def run_name(setting: str, seed: int) -> str:
     return f"{setting}-s{seed}"
 
 
-def train_missing(todo: list, root: Path, args) -> None:
-    """Train every (setting, seed) whose run directory has no final checkpoint, `jobs` at a time."""
+def needs(study: Study, setting: str) -> list[str]:
+    """The settings whose runs (same seed) this setting's flags name."""
+    return [f[5:-1] for f in study.settings[setting][0] if f.startswith("{run:")]
+
+
+def train_flags(study: Study, setting: str, seed: int, root: Path, args) -> list[str]:
+    flags = [root / run_name(f[5:-1], seed) if f.startswith("{run:") else f for f in study.settings[setting][0]]
+    flags = [str(f) for f in flags] + ["--dataset", study.dataset, *study.flags, "--fused", "--seed", str(seed),
+                                      "--eval-samples", "0", "--no-progress"] + list(args.extra)
+    if args.iters and "--iters" not in study.settings[setting][0]:
+        flags += ["--iters", str(args.iters)]
+    return flags
+
+
+def train_missing(study: Study, todo: list, root: Path, args) -> None:
+    """Train every (setting, seed) whose run directory has no final checkpoint, `jobs` at a time,
+    a setting after the runs it starts from."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    queue = list(todo)
-    running = []
-    failed = []
+    queue = sorted(todo, key=lambda t: len(needs(study, t[0])))
+    running, failed = [], []
     while queue or running:
-        while queue and len(running) < args.jobs:
-            setting, seed = queue.pop(0)
+        ready = [t for t in queue if all(finished(root / run_name(n, t[1])) for n in needs(study, t[0]))]
+        while ready and len(running) < args.jobs:
+            setting, seed = ready.pop(0)
+            queue.remove((setting, seed))
             d = root / run_name(setting, seed)
-            flags = SETTINGS[setting][0] + ["--dataset", "digits", "--fused", "--seed", str(seed),
-                                            "--eval-samples", "0", "--no-progress"] + list(args.extra)
-            if args.iters:
-                flags += ["--iters", str(args.iters)]
             if (d / "config.json").exists():
                 flags = ["--resume", str(d), "--eval-samples", "0", "--no-progress"]
-                if args.iters:
+                if args.iters and "--iters" not in study.settings[setting][0]:
                     flags += ["--iters", str(args.iters)]
             else:
-                flags += ["--out", str(d)]
+                flags = train_flags(study, setting, seed, root, args) + ["--out", str(d)]
             log = open(root / f"{d.name}.train.txt", "w")
             print(f"[sweep] train {d.name}: gsd.train {' '.join(flags)}", flush=True)
             proc = subprocess.Popen([sys.executable, "-m", "gsd.train", *flags], stdout=log,
                                     stderr=subprocess.STDOUT, env=env, cwd=REPO)
-            running.append((d.name, proc, log, time.time()))
+            running.append((setting, seed, d.name, proc, log, time.time()))
+        if not running and queue and not ready:
+            raise SystemExit(f"cannot train {queue}: the runs they start from failed ({', '.join(failed)})")
         time.sleep(1.0)
         for item in list(running):
-            name, proc, log, t0 = item
+            setting, seed, name, proc, log, t0 = item
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
@@ -153,38 +243,82 @@ def seconds_per_iter(d: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def evaluate_runs(dirs: list, args) -> None:
-    """eval.json-style and edit figures for every run without a sweep record, in this process."""
+def versus_teacher(run, res: dict, samples: dict, feats, teacher_cache: dict) -> dict:
+    """FD / KID / precision / recall of the one-step samples against the teacher's, and the noise
+    floor: the teacher's samples against the teacher's on another latent set (seed 1)."""
+    from gsd.evaluation.feature_metrics import as_numpy64
+    from gsd.evaluation.metrics import batched, evaluation_latents, sample_quality
+    from gsd.sampling.samplers import heun_sample
+
+    space = feats.fd
+    if space is None:
+        return {}
+    n = res["num_samples"]
+    key = ("teacher-seed-1", run.teacher_id, n)
+    if key not in teacher_cache:
+        eps, labels = evaluation_latents(1, n, run.sample_shape, run.device, run.num_classes)
+        teacher_cache[key] = batched(lambda e, l: heun_sample(run.teacher, e, l, num_steps=18), eps, labels)
+    f_teacher = as_numpy64(space(samples["teacher"]))
+    one = sample_quality(as_numpy64(space(samples["one_step"])), f_teacher, bootstraps=0)
+    floor = sample_quality(as_numpy64(space(teacher_cache[key])), f_teacher, bootstraps=0)
+    return {**{f"{k}_vs_teacher": one.get(k) for k in ("fd", "kid", "precision", "recall")},
+            **{f"{k}_vs_teacher_floor": floor.get(k) for k in ("fd", "kid", "precision", "recall")}}
+
+
+def record_values(res: dict, ed: dict | None) -> dict:
+    one = res["one_step"]
+    values = {k: one.get(k) for k in ("fd", "kid", "precision", "recall", "ppl", "nll_gap", "sliced_wasserstein",
+                                      "high_quality_fraction", "mode_weight_error")}
+    values["isometry_defect"] = one.get("isometry_defect", res.get("isometry_defect"))
+    values["local_isometry_defect"] = one.get("local_isometry_defect", res.get("local_isometry_defect"))
+    if ed is not None:
+        values["edit_success"] = ed["success_rate"].get(repr(0.25))
+        values["path_smoothness"] = ed.get("path_smoothness")
+    f = res.get("factors")
+    if f:
+        values.update(factor_ppl=f["factor_ppl"]["factor_ppl"],
+                      local_factor_isometry=f["local_factor_isometry"]["local_factor_isometry"],
+                      traversal_purity=f["traversal_purity"]["traversal_purity"],
+                      factor_w1=f["factor_fidelity"]["w1_mean_normalised"], kind_tv=f["factor_fidelity"].get("kind_tv"))
+    return values
+
+
+def evaluate_runs(study: Study, dirs: list, args) -> None:
+    """eval.json-style (and for digits edit) figures for every run without a sweep record, in this process."""
     sys.path.insert(0, str(REPO))
     import torch
+    from gsd.evaluation.assemble import FeatureSpace
     from gsd.evaluation.core import evaluate_loaded, load_run
     from gsd.evaluation.editing import edit_metrics
 
     torch.set_num_threads(2)
     teacher_cache: dict = {}
+    feats = None
     for d in dirs:
         rec_path = d / "sweep_record.json"
         if rec_path.exists():
             continue
         t0 = time.time()
         run = load_run(d, device="cpu")
-        res, _ = evaluate_loaded(run, ppl_samples=args.ppl_samples, seed=0, teacher_cache=teacher_cache,
-                                 latency_repeats=3)
-        ed = edit_metrics(d, device="cpu")
-        one = res["one_step"]
-        rec = {"run": d.name, "eval": res, "edit": {k: v for k, v in ed.items() if not k.startswith("_")}}
-        rec["values"] = {
-            "fd": one.get("fd"), "kid": one.get("kid"), "precision": one.get("precision"),
-            "recall": one.get("recall"), "ppl": one.get("ppl"),
-            "isometry_defect": one.get("isometry_defect", res.get("isometry_defect")),
-            "local_isometry_defect": one.get("local_isometry_defect", res.get("local_isometry_defect")),
-            "edit_success": ed["success_rate"].get(repr(0.25)),
-            "path_smoothness": ed.get("path_smoothness"),
-            "s_per_iter": seconds_per_iter(d),
-        }
+        feats = feats or FeatureSpace(run.dataset, run.device)
+        res, samples = evaluate_loaded(run, ppl_samples=args.ppl_samples, seed=0, teacher_cache=teacher_cache,
+                                       latency_repeats=3, features=feats)
+        ed = edit_metrics(d, device="cpu") if study.edit else None
+        rec = {"run": d.name, "eval": res, "edit": {k: v for k, v in ed.items() if not k.startswith("_")} if ed else None}
+        rec["values"] = record_values(res, ed)
+        rec["values"]["s_per_iter"] = seconds_per_iter(d)
+        vs = versus_teacher(run, res, samples, feats, teacher_cache)
+        rec["values"].update({k: v for k, v in vs.items() if not k.endswith("_floor")})
+        rec["teacher_floor"] = {k[:-len("_floor")]: v for k, v in vs.items() if k.endswith("_floor")}
         rec["teacher"] = {k: res["teacher"].get(k) for k in ("fd", "kid", "precision", "recall", "ppl",
-                                                              "isometry_defect", "local_isometry_defect")}
+                                                              "isometry_defect", "local_isometry_defect", "nll_gap",
+                                                              "sliced_wasserstein", "high_quality_fraction",
+                                                              "mode_weight_error")}
+        if res.get("factors"):
+            rec["teacher"]["factor_w1"] = res["factors"]["teacher_factor_fidelity"]["w1_mean_normalised"]
+            rec["teacher"]["kind_tv"] = res["factors"]["teacher_factor_fidelity"].get("kind_tv")
         rec["real_split_fd"] = res.get("real_split_fd")
+        rec["noise_floor"] = {k: (res.get("noise_floor") or {}).get(k) for k in ("fd", "kid", "precision", "recall")}
         rec_path.write_text(json.dumps(rec, indent=1, default=str))
         print(f"[sweep] evaluated {d.name} in {time.time() - t0:.0f} s: "
               + ", ".join(f"{k} {v:.4g}" for k, v in rec["values"].items() if isinstance(v, (int, float))),
@@ -207,10 +341,10 @@ def fmt(m, se=None):
     return s + (f" ± {se:.2g}" if se is not None else "")
 
 
-def report(root: Path, settings: list, seeds: list, out: Path) -> dict:
+def report(study: Study, name: str, root: Path, settings: list, seeds: list, out: Path) -> dict:
     summary = {}
-    teacher = None
-    floor = None
+    teacher = floor = noise = teacher_floor = None
+    metrics = study.metrics
     for s in settings:
         recs = []
         for seed in seeds:
@@ -221,24 +355,39 @@ def report(root: Path, settings: list, seeds: list, out: Path) -> dict:
             continue
         teacher = teacher or recs[0]["teacher"]
         floor = floor or recs[0].get("real_split_fd")
+        noise = noise or recs[0].get("noise_floor")
+        teacher_floor = teacher_floor or recs[0].get("teacher_floor")
         summary[s] = {"seeds": [int(r["run"].rsplit("-s", 1)[1]) for r in recs],
-                      "flags": " ".join(SETTINGS[s][0]), "what": SETTINGS[s][1]}
-        for key, _, _ in METRICS + [TIMING]:
+                      "flags": " ".join(study.settings[s][0] + study.flags), "what": study.settings[s][1]}
+        for key, _, _ in metrics + [TIMING]:
             m, se, n = mean_se([r["values"].get(key) for r in recs])
             summary[s][key] = {"mean": m, "stderr": se, "n": n, "per_seed": [r["values"].get(key) for r in recs]}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "geometry_sweep.json").write_text(json.dumps({"settings": summary, "teacher": teacher,
-                                                        "real_split_fd": floor}, indent=1))
-    lines = ["| setting | flags | seeds | " + " | ".join(lab for _, lab, _ in METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+    prefix = study.prefix or name
+    (out / f"{prefix}.json").write_text(json.dumps({"study": name, "dataset": study.dataset, "settings": summary,
+                                                   "teacher": teacher, "real_split_fd": floor, "noise_floor": noise,
+                                                   "teacher_vs_teacher": teacher_floor}, indent=1))
+    lines = ["| setting | flags | seeds | " + " | ".join(lab for _, lab, _ in metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
     for s, row in summary.items():
         lines.append(f"| {s} | `{row['flags']}` | {len(row['seeds'])} | "
-                     + " | ".join(fmt(row[k]["mean"], row[k]["stderr"]) for k, _, _ in METRICS) + " |")
+                     + " | ".join(fmt(row[k]["mean"], row[k]["stderr"]) for k, _, _ in metrics) + " |")
     if teacher:
         lines.append("| teacher (Heun, 35 NFE) | - | - | " + " | ".join(
-            fmt(teacher.get(k)) if k in teacher else "-" for k, _, _ in METRICS) + " |")
-    (out / "geometry_sweep_table.md").write_text("\n".join(lines) + "\n")
-    plot(summary, out / "geometry_sweep.png", floor)
+            fmt(teacher.get(k)) if k in teacher else "-" for k, _, _ in metrics) + " |")
+    if noise and any(v is not None for v in noise.values()):
+        lines.append("| noise floor (real vs real) | - | - | " + " | ".join(
+            fmt(noise.get(k)) if k in noise else "-" for k, _, _ in metrics) + " |")
+    if teacher_floor:
+        lines.append("| noise floor (teacher vs teacher) | - | - | " + " | ".join(
+            fmt(teacher_floor.get(k.replace("_vs_teacher", ""))) if k.endswith("_vs_teacher") else "-"
+            for k, _, _ in metrics) + " |")
+    table = out / ("geometry_sweep_table.md" if study.prefix else f"{prefix}_table.md")
+    table.write_text("\n".join(lines) + "\n")
+    if study is STUDIES["geometry"]:
+        plot(summary, out / "geometry_sweep.png", floor)
+    else:
+        plot_study(study, summary, out / f"{prefix}.png", floor)
     return summary
 
 
@@ -293,17 +442,54 @@ def plot(summary: dict, path: Path, floor) -> None:
     plt.close(fig)
 
 
+def plot_study(study: Study, summary: dict, path: Path, floor) -> None:
+    """Quality against geometry per setting (mean ± s.e. over seeds): FD against PPL and against
+    the local defect (pixel and, for shapes, factor space)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("ppl", "local_isometry_defect", "factor_ppl", "local_factor_isometry")
+            if any(r.get(k, {}).get("mean") is not None for r in summary.values())]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for s, r in summary.items():
+            if r["fd"]["mean"] is None or r[key]["mean"] is None:
+                continue
+            ax.errorbar(r["fd"]["mean"], r[key]["mean"], xerr=r["fd"]["stderr"] or 0, yerr=r[key]["stderr"] or 0,
+                        marker="o", capsize=2, ms=5, label=s)
+            ax.annotate(s, (r["fd"]["mean"], r[key]["mean"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if floor:
+            ax.axvline(floor, color="grey", ls=":", lw=1, label="FD real vs real")
+        ax.set_xlabel("FD (lower = better)")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{study.dataset} {' '.join(study.flags)}: quality vs geometry (mean ± s.e. over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    study = STUDIES[args.study]
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    settings = args.only or list(SETTINGS)
-    pairs = [(s, seed) for seed in args.seeds for s in settings]
+    settings = args.only or list(study.settings)
+    wanted = set(settings)
+    for s in list(settings):  # a setting's start runs are trained too (not reported unless asked)
+        wanted.update(needs(study, s))
+    pairs = [(s, seed) for seed in args.seeds for s in study.settings if s in wanted]
     if not args.report_only:
-        train_missing([(s, seed) for s, seed in pairs if not finished(root / run_name(s, seed))], root, args)
-        evaluate_runs([root / run_name(s, seed) for s, seed in pairs], args)
-    report(root, settings, args.seeds, Path(args.out))
-    print((Path(args.out) / "geometry_sweep_table.md").read_text())
+        train_missing(study, [(s, seed) for s, seed in pairs if not finished(root / run_name(s, seed))], root, args)
+        evaluate_runs(study, [root / run_name(s, seed) for s, seed in pairs], args)
+    report(study, args.study, root, settings, args.seeds, Path(args.out))
+    prefix = study.prefix or args.study
+    table = "geometry_sweep_table.md" if study.prefix else f"{prefix}_table.md"
+    print((Path(args.out) / table).read_text())
     return 0
 
 

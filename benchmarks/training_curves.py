@@ -38,6 +38,7 @@ PANELS = {  # dataset -> (key, label, higher is better)
 def curve(run_dir: Path, num_samples: int, space_cache: dict, teacher_cache: dict) -> dict:
     from gsd import runs
     from gsd.evaluation import metrics
+    from gsd.evaluation.assemble import FeatureSpace
     from gsd.evaluation.core import load_run
     from gsd.sampling.samplers import heun_sample
 
@@ -46,7 +47,7 @@ def curve(run_dir: Path, num_samples: int, space_cache: dict, teacher_cache: dic
     if ds.name not in PANELS:
         raise SystemExit(f"{run_dir}: curves are drawn for gmm and digits runs, not {ds.name}")
     if ds.name not in space_cache:
-        space_cache[ds.name] = metrics.FeatureSpace(ds, run.device)
+        space_cache[ds.name] = FeatureSpace(ds, run.device)
     space = space_cache[ds.name]
     eps, labels = metrics.evaluation_latents(0, num_samples, ds.sample_shape, run.device, run.num_classes)
     gen = run.generator

@@ -115,14 +115,23 @@ VALUE_RANGES = {
 #   isometry of its 2-D latent plane cannot make 8 separated modes: the GSD default weight 0.25
 #   drops the high-quality fraction from 0.93 to 0.27, 0.03 to 0.90, and 0.01 leaves both quality
 #   and the local defect unchanged (results/gmm/irl_sweep.md).
+# - shapes: digits' recipe at 1000 iterations: at 16x16 an iteration costs ~2.5x a digits one
+#   (0.4 s on this project's 2-core CPU), and the whole default run (a teacher from an empty
+#   cache, distillation, evaluation with the factor metrics) must fit in 10 minutes.
 # - cifar10, folder: SiD's CIFAR-10 settings, sized for a GPU.
-_ITERS = {"digits": 2000, "gmm": 12000, "cifar10": 20000, "folder": 20000}
-_LR = {"digits": 3e-5, "gmm": 1e-4, "cifar10": 1e-5, "folder": 1e-5}
-_EMA_HALFLIFE = {"digits": 20000.0, "gmm": 50000.0, "cifar10": 500_000.0, "folder": 500_000.0}
-_EMA_RAMPUP = {"digits": 0.2, "gmm": 0.05, "cifar10": 0.05, "folder": 0.05}
-_BATCH = {"digits": 64, "gmm": 256, "cifar10": 64, "folder": 64}
-_CKPT_EVERY = {"digits": 200, "gmm": 1000, "cifar10": 1000, "folder": 1000}
-_EVAL_SAMPLES = {"digits": 1000, "gmm": 4000, "cifar10": 2000, "folder": 2000}
+_ITERS = {"digits": 2000, "gmm": 12000, "shapes": 1000, "cifar10": 20000, "folder": 20000}
+_LR = {"digits": 3e-5, "gmm": 1e-4, "shapes": 3e-5, "cifar10": 1e-5, "folder": 1e-5}
+_EMA_HALFLIFE = {"digits": 20000.0, "gmm": 50000.0, "shapes": 20000.0, "cifar10": 500_000.0, "folder": 500_000.0}
+_EMA_RAMPUP = {"digits": 0.2, "gmm": 0.05, "shapes": 0.2, "cifar10": 0.05, "folder": 0.05}
+_BATCH = {"digits": 64, "gmm": 256, "shapes": 64, "cifar10": 64, "folder": 64}
+_CKPT_EVERY = {"digits": 200, "gmm": 1000, "shapes": 200, "cifar10": 1000, "folder": 1000}
+_EVAL_SAMPLES = {"digits": 1000, "gmm": 4000, "shapes": 1000, "cifar10": 2000, "folder": 2000}
+# SiDA's warm-ups (G held for 100k images, the adversarial term mixed in after 200k) are 0.03% and
+# 0.07% of its 300M-image CIFAR-10 runs; the same fraction of a digits, gmm or shapes run is less
+# than one iteration, while 100k / 200k images would hold G for most of a 128k-image digits run
+# and keep the term out of it altogether. So the small data sets start both at once.
+_ADV_G_WARMUP = {"digits": 0, "gmm": 0, "shapes": 0, "cifar10": 100_000, "folder": 100_000}
+_ADV_MIX_WARMUP = {"digits": 0, "gmm": 0, "shapes": 0, "cifar10": 200_000, "folder": 200_000}
 # The data set whose defaults a data set without its own takes
 FALLBACK_DATASET = "digits"
 
@@ -224,10 +233,11 @@ SETTINGS: tuple[Setting, ...] = (
             "step", type=nonnegative_float, field="adv_loss_scale_d", legacy=1.0),
     Setting("adv_g_warmup", 100_000, "SiDA: G is first stepped once more than this many images have been seen (the "
             "fake score and its discriminator train from the start; 0 = no hold)", type=nonnegative_int,
-            field="adv_g_warmup", legacy=100_000, flag=dict(metavar="IMAGES")),
+            per_dataset=_ADV_G_WARMUP, library=100_000, field="adv_g_warmup", legacy=100_000,
+            flag=dict(metavar="IMAGES")),
     Setting("adv_mix_warmup", 200_000, "SiDA: the adversarial term enters G's gradient once more than this many "
-            "images have been seen (0 = from the start)", type=nonnegative_int, field="adv_mix_warmup",
-            legacy=200_000, flag=dict(metavar="IMAGES")),
+            "images have been seen (0 = from the start)", type=nonnegative_int, per_dataset=_ADV_MIX_WARMUP,
+            library=200_000, field="adv_mix_warmup", legacy=200_000, flag=dict(metavar="IMAGES")),
     Setting("adv_clip", 1.0, "SiDA: the fake score's gradients are clipped by value to this", type=positive_float,
             field="adv_clip", legacy=1.0),
     Setting("init_generator", None, "SiD2A: start G (and its EMA) from this generator instead of the teacher: a run "

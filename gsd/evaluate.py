@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isometry-latents", type=bounded_int(2, MAX_ISOMETRY_LATENTS, SEED_RANGE_WHY),
                    default=512,
                    help="held-out latents of the isometry defect")
+    p.add_argument("--factor-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="the factor metrics of a --dataset shapes run: factor-space PPL, local factor isometry, "
+                        "factor fidelity, traversal purity (default: %(default)s = on for shapes runs; a run of "
+                        "another data set is refused)")
     add_cache_arg(p)
     p.add_argument("--classifier-epochs", type=count_int, default=30, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True, help=argparse.SUPPRESS)
@@ -93,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           require_fid=args.require_fid, latency_batch=args.latency_batch,
                           latency_repeats=args.latency_repeats, isometry_latents=args.isometry_latents,
                           cache_dir=args.cache_dir, classifier_epochs=args.classifier_epochs, progress=args.progress,
-                          fid_ref=args.fid_ref)
+                          fid_ref=args.fid_ref, factor_metrics=args.factor_metrics)
     print(format_table(result))
     print(f"wrote {Path(args.run_dir) / EVAL_NAME}")
     return 0

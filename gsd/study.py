@@ -35,7 +35,8 @@ from gsd.evaluation.editing import edit_metrics
 from gsd.evaluation.feature_metrics import frechet_distance
 from gsd.evaluation.fid import locate_fid_weights
 from gsd.evaluation.guidance import format_guidance_table, measure_guidance
-from gsd.evaluation.metrics import FeatureSpace, batched, class_labels
+from gsd.evaluation.assemble import FeatureSpace
+from gsd.evaluation.metrics import batched, class_labels
 from gsd.evaluation.plots import plot_fd_curves, plot_latency, plot_losses, plot_samples
 from gsd.fileio import atomic_write_bytes, jsonable, write_json_atomic
 from gsd.sampling.samplers import heun_sample, latents_for_seeds

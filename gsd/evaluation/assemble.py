@@ -10,13 +10,59 @@ from typing import Callable
 
 import torch
 
+from gsd.evaluation.digits_classifier import classifier_features, digits_classifier
+from gsd.evaluation.factors import factor_regressor, regressor_features
+from gsd.evaluation.fid import FID_FEATURE_NAME
 from gsd.evaluation.metrics import (
-    batched, distribution_section, evaluation_latents, FeatureSpace, geometry_section, LATENCY_METHOD,
-    latency_section, local_isometry_settings, one_step_samples,
+    batched, distribution_section, evaluation_latents, geometry_section, LATENCY_METHOD, latency_section,
+    local_isometry_settings, one_step_samples,
 )
+from gsd.evaluation.ppl import float64_copy
 from gsd.sampling.samplers import heun_nfe, heun_sample
 
-__all__ = ["evaluation_sections", "evaluate_distillation"]
+__all__ = ["FeatureSpace", "evaluation_sections", "evaluate_distillation"]
+
+
+class FeatureSpace:
+    """The feature spaces of one data set: for the Frechet distance / KID / precision-recall
+    (`fd`, named `fd_name`) and for PPL (`ppl`, named `ppl_name`).
+
+    gmm and vector data: raw coordinates. digits: the digits CNN's penultimate layer for both.
+    shapes: the factor regressor's penultimate layer for FD (its factor metrics are
+    gsd.evaluation.factors'), raw pixels for PPL. Other images: no FD space of their own (FID is
+    their figure), PPL in Inception features where the weights are at hand, else raw pixels."""
+
+    def __init__(self, dataset, device, *, cache_dir=None, classifier_epochs: int = 30, progress: bool = False,
+                 fid_model=None):
+        self.dataset = dataset
+        self.info: dict = {}
+        self.fd = None      # x -> (N, F) float64 features, or None (no feature space)
+        self.ppl = None     # float64 x -> features (None: identity)
+        self.fd_name = None
+        self.ppl_name = "raw pixels (no feature network at hand for this data set), squared L2"
+        if dataset.mixture is not None or len(dataset.sample_shape) == 1:
+            self.fd_name = "raw coordinates"
+            self.fd = lambda x: x.reshape(len(x), -1).double()
+            self.ppl_name = "raw coordinates (identity features)"
+        elif dataset.name == "digits":
+            clf, info = digits_classifier(dataset, cache_dir=cache_dir, device=device, progress=progress,
+                                          epochs=classifier_epochs)
+            self.fd_name = f"{info['feature']} (penultimate layer of a small CNN trained on digits; not FID)"
+            self.info["classifier_test_accuracy"] = info["test_accuracy"]
+            self.fd = lambda x: classifier_features(clf, x)
+            clf64 = float64_copy(clf)
+            self.ppl = lambda x: clf64.features(x.to(next(clf64.parameters()).device, torch.float64))
+            self.ppl_name = f"{info['feature']} (digits CNN penultimate features, squared L2)"
+        elif dataset.name == "shapes":
+            model, info = factor_regressor(int(dataset.sample_shape[-1]), max(1, int(dataset.num_classes)),
+                                           cache_dir=cache_dir, device=device, progress=progress)
+            self.regressor = (model, info)
+            self.fd_name = f"{info['feature']} (penultimate layer of the shapes factor regressor; not FID)"
+            self.fd = lambda x: regressor_features(model, x)
+            self.ppl_name = "raw pixels, squared L2 (factor-space PPL: factors.factor_ppl)"
+        elif fid_model is not None:
+            self.ppl = lambda x: fid_model(x.float()).double()
+            self.ppl_name = f"{FID_FEATURE_NAME}, squared L2 (computed in float32)"
 
 
 def evaluation_sections(result: dict, generate: Callable, teacher_map: Callable, dataset, space: FeatureSpace, *,

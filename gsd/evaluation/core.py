@@ -30,11 +30,11 @@ from gsd.evaluation.fid import (
     file_sha256,
     load_fid_inception, locate_fid_weights, uint8_features,
 )
+from gsd.evaluation.factors import factor_fidelity, factor_metrics as compute_factor_metrics, factor_regressor
 from gsd.evaluation.fid_stats import Reference, extra_metrics, fid_against, load_reference, statistics
-from gsd.evaluation.assemble import evaluation_sections
+from gsd.evaluation.assemble import evaluation_sections, FeatureSpace as _Features
 from gsd.evaluation.metrics import (
-    batched, evaluation_latents, FeatureSpace as _Features, geometry_section, real_noise_floor, sample_quality,
-    summary_rows,
+    batched, evaluation_latents, geometry_section, real_noise_floor, sample_quality, summary_rows,
 )
 from gsd.seed_ranges import ISOMETRY_SEED_OFFSET, SEED_RANGE_WHY as _SEED_RANGE_WHY, SEED_STRIDE
 from gsd.generator import OneStepGenerator, load_generator
@@ -289,13 +289,39 @@ def _ppl_section(result: dict, run: LoadedRun, tside: dict, feats: _Features, *,
     result["ppl_settings"]["num_kept"] = {"one_step": ppl_one["num_kept"], "teacher": tp["num_kept"]}
 
 
+def _factor_section(result: dict, run: LoadedRun, feats: _Features, samples: dict, *, seed: int, ppl_seed: int,
+                    cache_dir, progress: bool) -> None:
+    """--dataset shapes: the factor metrics of the one-step generator (gsd.evaluation.factors),
+    and the factor fidelity of the teacher's samples beside it."""
+    ds = run.dataset
+    resolution, kinds = int(ds.sample_shape[-1]), max(1, int(ds.num_classes))
+    g64 = float64_copy(run.generator.net)
+    s = run.generator.sigma_init
+
+    def g_fn64(z, l=None):
+        return g64(s * z, torch.full((z.shape[0],), s, dtype=torch.float64, device=z.device), l)
+
+    regressor = getattr(feats, "regressor", None)
+    out = compute_factor_metrics(run.generator, resolution=resolution, kinds=kinds, generate64=g_fn64, seed=seed,
+                         ppl_seed=ppl_seed, device=run.device, cache_dir=cache_dir, num_classes=run.num_classes,
+                         samples=samples["one_step"], regressor=regressor, progress=progress)
+    model = regressor[0] if regressor is not None else factor_regressor(
+        resolution, kinds, cache_dir=cache_dir, device=run.device)[0]
+    out["teacher_factor_fidelity"] = factor_fidelity(None, model, resolution=resolution, kinds=kinds, seed=seed,
+                                                     device=run.device, samples=samples["teacher"])
+    result["factors"] = out
+
+
 def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_samples: int = 512, seed: int = 0,
                     fid_weights=None, require_fid: bool = False, fid_model=None, latency_batch: int = 64,
                     latency_repeats: int = 7, latency_warmup: int = 2, isometry_latents: int = 512, cache_dir=None,
                     classifier_epochs: int = 30, teacher_steps: int = 18, teacher_cache: dict | None = None,
                     progress: bool = False, features: _Features | None = None,
-                    fid_ref=None) -> tuple[dict, dict]:
+                    fid_ref=None, factor_metrics: bool | None = None) -> tuple[dict, dict]:
     """Every metric of a loaded run; returns (result for eval.json, {"one_step": x, "teacher": x} samples).
+
+    factor_metrics: the factor metrics of --dataset shapes (None: for shapes runs; True on a run
+    of another data set is a UsageError, raised before anything is computed).
 
     FID (with Inception weights from `fid_weights`, the torch hub cache, or, for the FID-protocol
     data sets cifar10 and folder, downloaded into it) is computed on the samples as uint8 images
@@ -307,6 +333,9 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
     if num_samples is None:
         num_samples = default_num_samples(ds.name, len(ds))
     _check_sizes(shape, num_samples, isometry_latents, latency_batch, ppl_samples)
+    if factor_metrics and ds.name != "shapes":
+        raise UsageError(f"--factor-metrics: the factor metrics need a --dataset shapes run; {run.run_dir} is a "
+                         f"{ds.name} run, whose images have no known factors")
     fid_path, fid_reason, ref = None, None, None
     if fid_model is None:
         fid_model, fid_path, fid_reason = _fid_network(run, fid_weights, require_fid, dev)
@@ -358,6 +387,9 @@ def evaluate_loaded(run: LoadedRun, *, num_samples: int | None = None, ppl_sampl
         result["fid"] = result["fid_teacher"] = None
         result["fid_unavailable"] = fid_reason
     _ppl_section(result, run, tside, feats, ppl_samples=ppl_samples, ppl_seed=ppl_seed)
+    if ds.name == "shapes" and factor_metrics is not False:
+        _factor_section(result, run, feats, samples, seed=seed, ppl_seed=ppl_seed, cache_dir=cache_dir,
+                        progress=progress)
     result["machine"] = machine_info(dev)
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     return result, {"one_step": samples["one_step"], "teacher": samples["teacher"]}
@@ -484,4 +516,24 @@ def format_table(result: dict) -> str:
 
     lines += ["", "sample quality (value ± stderr or [95% bootstrap interval]; noise: 2 stderr, overlapping "
                   "intervals, or the noise floor):", summary_rows(result)]
+    if result.get("factors"):
+        lines += ["", _factor_lines(result["factors"])]
     return "\n".join(lines)
+
+
+def _factor_lines(f: dict) -> str:
+    """The factor metrics of a shapes run as text (normalised factor units)."""
+    ppl, loc, fid, pur = f["factor_ppl"], f["local_factor_isometry"], f["factor_fidelity"], f["traversal_purity"]
+    rmse = f["regressor"]["rmse_normalised"]
+    return "\n".join([
+        "factor metrics (normalised factor units; gsd.evaluation.factors):",
+        f"  factor PPL {format_value(ppl['factor_ppl'])} ± {format_value(ppl['factor_ppl_stderr'])}, local factor "
+        f"isometry defect {format_value(loc['local_factor_isometry'])} ± "
+        f"{format_value(loc['local_factor_isometry_stderr'])}, traversal purity "
+        f"{format_value(pur['traversal_purity'])} ± {format_value(pur['traversal_purity_stderr'])} (isotropic "
+        f"{format_value(pur['isotropic_baseline'])})",
+        f"  factor fidelity: mean W1 {format_value(fid['w1_mean_normalised'])} (teacher "
+        f"{format_value(f['teacher_factor_fidelity']['w1_mean_normalised'])}), kind TV "
+        f"{format_value(fid.get('kind_tv'))}",
+        "  regressor held-out RMSE: " + ", ".join(f"{k} {format_value(v)}" for k, v in rmse.items()),
+    ])

@@ -6,7 +6,8 @@
 defects, gsd.evaluation.geometry), `latency_section` (`measure_latency`: a synchronised median
 wall time, warm-up excluded); and `summary_rows`, the text of the sample-quality table with
 "within noise" labels. The distances are in gsd.evaluation.distances and feature_metrics, the
-digits feature space in gsd.evaluation.digits_classifier, the seed ranges in gsd.seed_ranges.
+data sets' feature spaces in gsd.evaluation.assemble.FeatureSpace, the seed ranges in
+gsd.seed_ranges.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ import numpy as np
 import torch
 
 from gsd.evaluation import feature_metrics as fm
-from gsd.evaluation.digits_classifier import classifier_features, digits_classifier
 from gsd.evaluation.distances import mmd, mode_coverage, sliced_wasserstein
 from gsd.evaluation.feature_metrics import as_numpy64, frechet_distance, within_noise
-from gsd.evaluation.fid import FID_FEATURE_NAME
 from gsd.evaluation.geometry import LOCAL_ISOMETRY, isometry_defect, local_isometry_defect
-from gsd.evaluation.ppl import float64_copy
 from gsd.sampling.samplers import latents_for_seeds
 from gsd.sampling.seeds import BLOCK, blocked_forward
 from gsd.seed_ranges import (
@@ -36,7 +34,7 @@ from gsd.util import format_value
 __all__ = [
     "measure_latency", "batched", "class_labels", "evaluation_latents", "one_step_samples", "latency_section",
     "geometry_section", "local_isometry_settings", "sample_quality", "real_noise_floor", "mixture_section",
-    "distribution_section", "FeatureSpace", "noise_verdict", "summary_rows", "LATENCY_METHOD",
+    "distribution_section", "noise_verdict", "summary_rows", "LATENCY_METHOD",
 ]
 
 
@@ -270,40 +268,6 @@ def distribution_section(result: dict, dataset, space, entries, num_samples: int
     result["reference_samples"] = len(real)
     result.update(space.info)
     return None
-
-
-class FeatureSpace:
-    """The feature spaces of one data set: for the Frechet distance / KID / precision-recall
-    (`fd`, named `fd_name`) and for PPL (`ppl`, named `ppl_name`)."""
-
-    def __init__(self, dataset, device, *, cache_dir=None, classifier_epochs: int = 30, progress: bool = False,
-                 fid_model=None):
-
-        self.dataset = dataset
-        self.info: dict = {}
-        self.fd = None      # x -> (N, F) float64 features, or None (no feature space)
-        self.ppl = None     # float64 x -> features (None: identity)
-        if dataset.mixture is not None or len(dataset.sample_shape) == 1:
-            self.fd_name = "raw coordinates"
-            self.fd = lambda x: x.reshape(len(x), -1).double()
-            self.ppl_name = "raw coordinates (identity features)"
-        elif dataset.name == "digits":
-            clf, info = digits_classifier(dataset, cache_dir=cache_dir, device=device, progress=progress,
-                                          epochs=classifier_epochs)
-            self.fd_name = f"{info['feature']} (penultimate layer of a small CNN trained on digits; not FID)"
-            self.info["classifier_test_accuracy"] = info["test_accuracy"]
-            self.fd = lambda x: classifier_features(clf, x)
-            clf64 = float64_copy(clf)
-            self.ppl = lambda x: clf64.features(x.to(next(clf64.parameters()).device, torch.float64))
-            self.ppl_name = f"{info['feature']} (digits CNN penultimate features, squared L2)"
-        elif fid_model is not None:
-
-            self.fd_name = None
-            self.ppl = lambda x: fid_model(x.float()).double()
-            self.ppl_name = f"{FID_FEATURE_NAME}, squared L2 (computed in float32)"
-        else:
-            self.fd_name = None
-            self.ppl_name = "raw pixels (no feature network at hand for this data set), squared L2"
 
 
 # --------------------------------------------------------------------------- summary text

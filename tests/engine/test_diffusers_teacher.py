@@ -256,3 +256,20 @@ def test_evaluation_cache_key_sees_the_schedule(unet_folder):
     cosine = DiffusersTeacher(base.unet, betas=vp_betas(beta_schedule="squaredcos_cap_v2"))
     ids = {_network_id(n) for n in (base, v_pred, cosine)}
     assert _network_id(same) == _network_id(base) and len(ids) == 3
+
+
+def test_sida_with_a_diffusers_teacher_is_refused_before_anything_is_written(tmp_path, capsys):
+    """SiDA's discriminator is f_psi's encoder, defined for the engine's own architectures: a
+    diffusers UNet2DModel teacher with --lambda-adv is one line, nothing written."""
+    from gsd import train
+
+    folder = tmp_path / "digits-unet"
+    tiny_unet(in_channels=1, out_channels=1).save_pretrained(folder)
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").save_config(folder)
+    out = tmp_path / "run"
+    code = run_main(train.main, ["--teacher", str(folder), "--dataset", "digits", "--iters", "2", "--batch", "4",
+                                 "--lambda-adv", "0.5", "--eval-samples", "0", "--no-progress", "--device", "cpu",
+                                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--lambda-adv" in err and "encoder" in err, err
+    assert not out.exists()

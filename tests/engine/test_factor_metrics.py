@@ -373,3 +373,50 @@ def test_factor_metrics_returns_plain_json_numbers(trained):
     assert 0.2 - 1e-9 <= out["traversal_purity"]["traversal_purity"] <= 1.0
     assert out["factor_fidelity"]["num_samples"] == 32
     json.dumps(jsonable(out), allow_nan=False)
+
+
+# --------------------------------------------------------------------------- in gsd.evaluate
+
+def test_evaluate_reports_the_factor_metrics_of_a_shapes_run_and_refuses_them_elsewhere(tmp_path, capsys):
+    """gsd.evaluate on a --dataset shapes run adds eval.json's `factors` (each metric, the
+    regressor's held-out errors, the teacher's factor fidelity beside G's) and prints them; FD is
+    in the regressor's feature space. --factor-metrics on a gmm run is one line, nothing written."""
+    import json
+    from factories import tiny_mlp, tiny_unet
+    from gsd import evaluate, train
+    from gsd.cli import run_main
+    from gsd.models.checkpoint import save_denoiser
+
+    teacher = tmp_path / "t8.safetensors"
+    save_denoiser(teacher, tiny_unet())
+    out = tmp_path / "shapes-run"
+    common = ["--iters", "2", "--batch", "8", "--eval-samples", "0", "--no-progress", "--device", "cpu"]
+    assert run_main(train.main, ["--dataset", "shapes", "--resolution", "8", "--shapes-kinds", "1", "--teacher",
+                                 str(teacher), "--out", str(out), *common]) == 0, capsys.readouterr().err
+    ev = [str(out), "--num-samples", "64", "--ppl-samples", "0", "--isometry-latents", "8", "--latency-repeats", "1",
+          "--device", "cpu", "--no-progress"]
+    assert run_main(evaluate.main, ev) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    res = json.loads((out / "eval.json").read_text())
+    f = res["factors"]
+    assert f["regressor"]["feature"] == res["fd_feature"].split(" ")[0] and "factor regressor" in res["fd_feature"]
+    for value in (f["factor_ppl"]["factor_ppl"], f["local_factor_isometry"]["local_factor_isometry"],
+                  f["traversal_purity"]["traversal_purity"], f["factor_fidelity"]["w1_mean_normalised"],
+                  f["teacher_factor_fidelity"]["w1_mean_normalised"]):
+        assert isinstance(value, float) and math.isfinite(value)
+    assert 0.2 - 1e-9 <= f["traversal_purity"]["traversal_purity"] <= 1 + 1e-9
+    assert "factor PPL" in printed and "traversal purity" in printed
+    (out / "eval.json").unlink()
+    assert run_main(evaluate.main, [*ev, "--no-factor-metrics"]) == 0
+    assert "factors" not in json.loads((out / "eval.json").read_text())
+
+    gmm_teacher = tmp_path / "gmm.safetensors"
+    save_denoiser(gmm_teacher, tiny_mlp())
+    gmm = tmp_path / "gmm-run"
+    assert run_main(train.main, ["--dataset", "gmm", "--exact-teacher", "--teacher", str(gmm_teacher), "--out",
+                                 str(gmm), *common]) == 0
+    capsys.readouterr()
+    code = run_main(evaluate.main, [str(gmm), "--factor-metrics", "--num-samples", "64", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--factor-metrics" in err and "shapes" in err, err
+    assert not (gmm / "eval.json").exists()
