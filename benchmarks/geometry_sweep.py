@@ -378,7 +378,7 @@ def report(study: Study, name: str, root: Path, settings: list, seeds: list, out
     if noise and any(v is not None for v in noise.values()):
         lines.append("| noise floor (real vs real) | - | - | " + " | ".join(
             fmt(noise.get(k)) if k in noise else "-" for k, _, _ in metrics) + " |")
-    if teacher_floor:
+    if teacher_floor and any(k.endswith("_vs_teacher") for k, _, _ in metrics):
         lines.append("| noise floor (teacher vs teacher) | - | - | " + " | ".join(
             fmt(teacher_floor.get(k.replace("_vs_teacher", ""))) if k.endswith("_vs_teacher") else "-"
             for k, _, _ in metrics) + " |")
