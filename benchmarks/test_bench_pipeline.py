@@ -348,18 +348,36 @@ def test_distill_iteration_options(benchmark, record, request, case, option):
             row_info[f"speedup_vs_{BASELINE}"] = base / t
 
 
-# ------------------------------------------- (d) the isometric term's cost per iteration
+# ------------------------------------------- (d) the isometric and adversarial terms' cost per iteration
 
-# name -> DistillConfig settings of the isometric term; "sid" (no term) is the baseline. The
-# neighbour estimator's target: at most 1.3x the lambda-0 iteration (same batch of 64 samples).
+# name -> DistillConfig settings of the terms; "sid" (neither) is the baseline. The neighbour
+# estimator's target: at most 1.3x the lambda-0 iteration (same batch of 64 samples); SiDA's
+# (issue 23): at most 1.5x, its fake-score step scoring real images in the same pass.
+_SIDA = dict(lambda_adv=0.5, adv_g_warmup=0, adv_mix_warmup=0, alpha=1.0)
 IRL_VARIANTS = {
     "sid": dict(lambda_irl=0.0, irl_neighbours=0),
     "neighbours": dict(lambda_irl=0.1, irl_neighbours=1),
     "neighbours3": dict(lambda_irl=0.1, irl_neighbours=3),
     "pairs": dict(lambda_irl=0.1, irl_neighbours=0),
     "jvp": dict(lambda_irl_raw=0.1, irl_estimator="jvp"),
+    "sida": dict(lambda_irl=0.0, irl_neighbours=0, **_SIDA),
+    "neighbours3+sida": dict(lambda_irl=0.1, irl_neighbours=3, **_SIDA),
 }
 IRL_BASELINE = "sid"
+
+
+class _RealImages:
+    """Stand-in real data for SiDA's discriminator: uniform images in [-1, 1] (and labels), from
+    the run's generator, as gsd.data.RealSamples draws them (their values do not change the cost)."""
+
+    def __init__(self, shape, num_classes):
+        self.shape, self.num_classes = shape, num_classes
+
+    def sample(self, n, generator, device):
+        x = torch.rand((n, *self.shape), generator=generator, device=generator.device) * 2 - 1
+        labels = (torch.randint(0, self.num_classes, (n,), generator=generator, device=generator.device)
+                  if self.num_classes else None)
+        return x.to(device), None if labels is None else labels.to(device)
 
 
 def _irl_distiller(case, name):
@@ -369,7 +387,8 @@ def _irl_distiller(case, name):
     torch.manual_seed(1)
     cfg = DistillConfig(batch=BATCH, lr=1e-5, seed=0, ema_halflife=0.0, backend="auto", **IRL_VARIANTS[name])
     teacher = copy.deepcopy(net)
-    d = Distiller(teacher, cfg, init=teacher, sample_shape=shape, device=DEVICE)
+    real = _RealImages(shape, net.label_dim) if cfg.lambda_adv > 0 else None
+    d = Distiller(teacher, cfg, init=teacher, sample_shape=shape, device=DEVICE, real_data=real)
     d.step()  # warm-up outside the timing
     return d
 

@@ -160,20 +160,21 @@ def test_bad_run_directories_fail_in_one_line(tiny_runs, tmp_path, capsys, no_hu
     (old / "config.json").write_text(json.dumps(cfg))
     cases.append(([str(old)], ["lacks", "teacher_file", "exact_teacher", "version"]))
 
-    no_ckpt = tmp_path / "no_ckpt"
+    no_ckpt = tmp_path / "no_ckpt"  # a run killed before its first checkpoint was written
     shutil.copytree(src, no_ckpt)
-    (no_ckpt / "checkpoints" / "latest.json").unlink()
+    shutil.rmtree(no_ckpt / "checkpoints")
+    (no_ckpt / "checkpoints").mkdir()
     cases.append(([str(no_ckpt)], ["no complete checkpoint"]))
 
     no_teacher = tmp_path / "no_teacher"
     shutil.copytree(src, no_teacher)
     (no_teacher / "teacher.safetensors").unlink()
-    cases.append(([str(no_teacher)], ["missing its teacher copy teacher.safetensors"]))
+    cases.append(([str(no_teacher)], ["teacher copy teacher.safetensors is missing"]))
 
-    other_arch = tmp_path / "other_arch"  # weights that do not fit the networks this version builds
+    other_arch = tmp_path / "other_arch"  # a teacher copy replaced by another network
     shutil.copytree(src, other_arch)
     save_denoiser(other_arch / "teacher.safetensors", tiny_unet(channels=16))
-    cases.append(([str(other_arch)], ["does not fit"]))
+    cases.append(([str(other_arch)], ["teacher.safetensors", "sha256 differs"]))
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file")
