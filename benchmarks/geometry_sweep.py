@@ -199,7 +199,7 @@ def train_missing(study: Study, todo: list, root: Path, args) -> None:
             setting, seed = ready.pop(0)
             queue.remove((setting, seed))
             d = root / run_name(setting, seed)
-            if (d / "config.json").exists():
+            if (d / "config.json").exists() and any((d / "checkpoints").glob("*.json")):
                 flags = ["--resume", str(d), "--eval-samples", "0", "--no-progress"]
                 if args.iters and "--iters" not in study.settings[setting][0]:
                     flags += ["--iters", str(args.iters)]
