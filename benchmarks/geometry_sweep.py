@@ -388,7 +388,53 @@ def report(study: Study, name: str, root: Path, settings: list, seeds: list, out
         plot(summary, out / "geometry_sweep.png", floor)
     else:
         plot_study(study, summary, out / f"{prefix}.png", floor)
+        plot_curves(study, root, list(summary), seeds, out / f"{prefix}_curves.png")
     return summary
+
+
+CURVE_KEYS = [("loss_sid", "SiD generator loss"), ("loss_fake", "fake-score loss"),
+              ("loss_adv", "generator's adversarial loss"), ("loss_d", "discriminator loss"),
+              ("irl_weight", "scale-free isometric weight w")]
+
+
+def plot_curves(study: Study, root: Path, settings: list, seeds: list, path: Path, window: int = 10) -> None:
+    """Training curves from each run's log.jsonl against images seen: per setting the mean over
+    its seeds, smoothed over `window` log records; one panel per logged quantity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict = {}
+    for s in settings:
+        for seed in seeds:
+            log = root / run_name(s, seed) / "log.jsonl"
+            if not log.exists():
+                continue
+            for line in log.read_text().splitlines():
+                r = json.loads(line) if line.strip() else {}
+                for key, _ in CURVE_KEYS:
+                    if isinstance(r.get(key), (int, float)) and "images_seen" in r:
+                        curves.setdefault(key, {}).setdefault(s, {}).setdefault(r["images_seen"], []).append(r[key])
+    keys = [(k, lab) for k, lab in CURVE_KEYS if k in curves]
+    if not keys:
+        return
+    colour = {s: f"C{i}" for i, s in enumerate(settings)}  # one colour per setting in every panel
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for s, points in curves[key].items():
+            xs = sorted(points)
+            ys = [statistics.fmean(points[x]) for x in xs]
+            smooth = [statistics.fmean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, lw=1, label=s, color=colour[s])
+        ax.set_xlabel("images seen")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{study.dataset} {' '.join(study.flags)}: training curves (mean over seeds, "
+                 f"moving average of {window} log records)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def family(setting: str) -> str:
