@@ -24,7 +24,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python benchmarks/shapes_traversal.py", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="shapes run directories (one block of rows each)")
     p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--anchors", type=int, default=2)
+    p.add_argument("--anchors", type=int, default=1)
     p.add_argument("--directions", type=int, default=3)
     p.add_argument("--span", type=float, default=2.0, help="T: the latent moves from -T to T along each unit direction")
     p.add_argument("--steps", type=int, default=9, help="images per row")
