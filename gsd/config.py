@@ -221,7 +221,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ema_halflife", None, "EMA half-life of the generator, in images (default per dataset; 0 = no EMA)",
             type=nonnegative_float, per_dataset=_EMA_HALFLIFE, library=0.0, field="ema_halflife", required=True),
     Setting("ema_rampup", None, "cap the EMA half-life at RATIO x the images seen so far, so that early weights "
-            "leave the average quickly (EDM / SiD: 0.05); 0 = no cap (default: 0.2 for digits, 0.05 elsewhere)",
+            "leave the average quickly (EDM / SiD: 0.05); 0 = no cap (default: 0.2 for digits and shapes, 0.05 "
+            "elsewhere)",
             type=nonnegative_float, per_dataset=_EMA_RAMPUP, library=0.05, field="ema_rampup", legacy=0.05,
             resume="checkpoint", flag=dict(metavar="RATIO")),
     Setting("lambda_adv", 0.0, "SiDA: the fake score's encoder is also a discriminator of real against generated "
@@ -231,12 +232,14 @@ SETTINGS: tuple[Setting, ...] = (
             type=nonnegative_float, field="adv_loss_scale_g", legacy=0.01),
     Setting("adv_loss_scale_d", 1.0, "SiDA's loss_scaling_D: the scale of the discriminator's loss in the fake-score "
             "step", type=nonnegative_float, field="adv_loss_scale_d", legacy=1.0),
-    Setting("adv_g_warmup", 100_000, "SiDA: G is first stepped once more than this many images have been seen (the "
-            "fake score and its discriminator train from the start; 0 = no hold)", type=nonnegative_int,
+    Setting("adv_g_warmup", None, "SiDA: G is first stepped once more than this many images have been seen (the "
+            "fake score and its discriminator train from the start; 0 = no hold; default: SiDA's 100000 for cifar10 "
+            "and folder data, 0 for digits, shapes and gmm, whose runs are too short for it)", type=nonnegative_int,
             per_dataset=_ADV_G_WARMUP, library=100_000, field="adv_g_warmup", legacy=100_000,
             flag=dict(metavar="IMAGES")),
-    Setting("adv_mix_warmup", 200_000, "SiDA: the adversarial term enters G's gradient once more than this many "
-            "images have been seen (0 = from the start)", type=nonnegative_int, per_dataset=_ADV_MIX_WARMUP,
+    Setting("adv_mix_warmup", None, "SiDA: the adversarial term enters G's gradient once more than this many "
+            "images have been seen (0 = from the start; default: SiDA's 200000 for cifar10 and folder data, 0 for "
+            "digits, shapes and gmm)", type=nonnegative_int, per_dataset=_ADV_MIX_WARMUP,
             library=200_000, field="adv_mix_warmup", legacy=200_000, flag=dict(metavar="IMAGES")),
     Setting("adv_clip", 1.0, "SiDA: the fake score's gradients are clipped by value to this", type=positive_float,
             field="adv_clip", legacy=1.0),
