@@ -142,7 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
             "--data-root)", group="data", flag=dict(choices=["digits", "gmm", "shapes", "cifar10", "folder"]),
             required=True),
     Setting("data_root", None, "root folder of cifar10 / folder data", group="data", flag=dict(metavar="PATH")),
-    Setting("resolution", None, "image size for --dataset folder (square, centre-cropped)", group="data",
+    Setting("resolution", None, "image size: --dataset folder (square, centre-cropped) or shapes (8-32, default 16)", group="data",
             type=positive_int),
     Setting("download", False, "allow torchvision to download cifar10 into --data-root", group="data",
             switch="on", compared=""),
