@@ -13,53 +13,46 @@ __all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_flo
            "count_int", "MAX_COUNT", "bounded_float", "irl_scale", "unit_interval_float"]
 
 
-def positive_int(text: str) -> int:
+def _parse_int(text: str, what: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+
+
+def _parse_float(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    value = _parse_int(text, "a positive integer")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    value = _parse_int(text, "a non-negative integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    value = _parse_float(text, "a positive number")
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
     return value
 
 
 def nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    value = _parse_float(text, "a non-negative number")
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
     return value
-
-
-
-
-def _parse_int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
 
 
 def bounded_int(lo: int, hi: int, why: str = "") -> Callable[[str], int]:
@@ -97,10 +90,7 @@ def bounded_float(lo: float, hi: float, why: str = "", *, lo_open: bool = True) 
     what = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        value = _parse_float(text, what)
         if not ((value > lo if lo_open else value >= lo) and value <= hi):  # NaN fails both
             raise argparse.ArgumentTypeError(f"expected {what}{f' ({why})' if why else ''}, got {text}")
         return value
@@ -120,10 +110,7 @@ def irl_scale(text: str):
 
 
 def unit_interval_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    value = _parse_float(text, "a number in [0, 1]")
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
     return value
