@@ -326,3 +326,97 @@ def test_generator_terms_equal_the_official_functions(official_loss):
     (mine * c.gen_loss_scale).backward()
     assert float(mine) * c.gen_loss_scale == pytest.approx(float(ref), rel=1e-6)
     assert _grad_rel_err(d.generator, gen_ref) < 1e-6
+
+
+def _seeded_global(rng: torch.Generator, call):
+    """Run `call` with torch's global generator in `rng`'s state (the official functions draw
+    sigma, t and noise from the global generator), then hand the advanced state back to `rng`:
+    the official code then consumes exactly the draws the Distiller made in the same order."""
+    saved = torch.get_rng_state()
+    torch.set_rng_state(rng.get_state())
+    try:
+        return call()
+    finally:
+        rng.set_state(torch.get_rng_state())
+        torch.set_rng_state(saved)
+
+
+
+def _loop_update(opt, loss, clip=None) -> float:
+    """The official loop's update: backward, nan_to_num, (SiDA) clip by value, Adam. Returns the
+    largest gradient entry before clipping (so a test can show the clip was active)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    largest = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
+    if clip is not None:
+        torch.nn.utils.clip_grad_value_(params, clip)
+    opt.step()
+    return largest
+
+
+def test_two_sida_iterations_equal_the_official_functions_after_adam(official_loss):
+    """The official loop's iteration after both warm-ups, assembled from the official functions:
+    fake-score step (fakescore_discriminator_share_encoder_loss, the loop's reductions, clipping
+    by value at 1, Adam), then the generator step (generator_share_encoder_loss, its per-image
+    rescaling, 0.5 L_sid + 0.5 L_gan, Adam), on copies of the Distiller's networks with its draws.
+    Two iterations, because Adam's first step is lr * sign(g) whatever g's scale: only the second
+    sees the clipping and the relative size of the gradients. adv_loss_scale_d 50 makes the
+    discriminator's gradients exceed the clip value, so the clipping is exercised. Everything in
+    float64 (default dtype), draws included: in float32, Adam's g / (sqrt(v) + eps) turns the
+    rounding of gradients near eps into a visible share of a step."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        _two_sida_iterations(official_loss)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _two_sida_iterations(official_loss):
+    d = _float64(_sida(batch=6, adv_loss_scale_d=50.0))
+    c = d.config
+    assert c.adv_clip == 1.0 and c.fake_loss_scale == 1.0  # the loop's clip value and loss_scaling
+    n, data = c.batch, d.real_data.dataset.data
+    teacher, gen, fake = d.teacher, copy.deepcopy(d.generator), copy.deepcopy(d.fake)
+    adam = dict(lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps)
+    opt_f, opt_g = torch.optim.Adam(fake.parameters(), **adam), torch.optim.Adam(gen.parameters(), **adam)
+    rng = torch.Generator()
+    rng.set_state(d.rng.get_state())
+    largest = []
+    for _ in range(2):
+        out = d.step()
+
+        # fake score f_psi with the discriminator
+        real = data[torch.randint(0, data.shape[0], (n,), generator=rng)]
+        eps = torch.randn(n, 1, 8, 8, generator=rng)
+        with torch.no_grad():
+            x_g = gen.eval()(c.sigma_init * eps, torch.full((n,), c.sigma_init))
+        fake.train()
+        loss, loss_d = _seeded_global(rng, lambda: official_loss.fakescore_discriminator_share_encoder_loss(
+            fake_score=_as_official(fake), images=x_g, real_images=real))
+        loss, loss_d = loss.sum() * (1.0 / n), loss_d.sum() * (c.adv_loss_scale_d / n)
+        largest.append(_loop_update(opt_f, loss + loss_d, clip=1))
+        assert out["loss_d"] == pytest.approx(float(loss_d.detach()) / c.adv_loss_scale_d, rel=1e-5)
+
+        # generator G_theta, past both warm-ups (the engine's are 0 here)
+        eps = torch.randn(n, 1, 8, 8, generator=rng)
+        x = gen.train()(c.sigma_init * eps, torch.full((n,), c.sigma_init))
+        fake.eval()
+        loss, loss_gan = _seeded_global(rng, lambda: official_loss.generator_share_encoder_loss(
+            true_score=_as_official(teacher), fake_score=_as_official(fake), images=x, alpha=c.alpha,
+            tmax=c.tmax))
+        loss_gan = loss_gan.mean(dim=[1, 2, 3], keepdim=True) * x[0].numel()
+        total = 0.5 * loss.sum() * (c.gen_loss_scale / n) + 0.5 * loss_gan.sum() * (c.adv_loss_scale_g / n)
+        _loop_update(opt_g, total)
+        assert out["loss_gen"] * c.gen_loss_scale == pytest.approx(float(total.detach()), rel=1e-5)
+
+        for a, b in zip(list(d.fake.parameters()) + list(d.generator.parameters()),
+                        list(fake.parameters()) + list(gen.parameters())):
+            assert a.dtype == torch.float64
+            # atol 1e-4 of an Adam step: the official code casts SiD's weight factor to float32,
+            # and where a gradient entry is near Adam's eps that rounding shows in the step
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * c.lr)
+    assert max(largest) > 1.0, f"the clip was never active (largest fake-score gradient {max(largest):.3g})"
