@@ -143,7 +143,7 @@ STUDIES = {
     "sida-gmm": Study("gmm", SIDA_GMM_SETTINGS, GMM_METRICS + [METRICS[0], METRICS[1]] + VS_TEACHER[:2]),
     "shapes1": Study("shapes", GEOMETRY_CONTROLS, METRICS[:7] + FACTOR_METRICS[:4], flags=["--shapes-kinds", "1"]),
     "shapes3": Study("shapes", GEOMETRY_CONTROLS, METRICS[:7] + FACTOR_METRICS, flags=["--shapes-kinds", "3"]),
-    "digits-cond": Study("digits", GEOMETRY_CONTROLS, METRICS, flags=["--conditional"], edit=False),
+    "digits-cond": Study("digits", GEOMETRY_CONTROLS, METRICS[:7] + VS_TEACHER, flags=["--conditional"]),
 }
 
 
