@@ -132,19 +132,48 @@ def _sida(**kw):
                      real_data=RealSamples(_digits_like(), conditional=False))
 
 
-def test_two_sida_iterations_match_the_float64_restatement_after_adam():
+def _loop_update(opt, loss, clip=None) -> float:
+    """The official loop's update: backward, nan_to_num, (SiDA) clip by value, Adam. Returns the
+    largest gradient entry before clipping (so a test can show the clip was active)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    largest = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
+    if clip is not None:
+        torch.nn.utils.clip_grad_value_(params, clip)
+    opt.step()
+    return largest
+
+
+
+@pytest.fixture
+def float64_default():
+    """Everything in float64, the Distiller's draws included (torch's default dtype)."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _assert_same_parameters(d, fake, gen):
+    """f_psi and G of the Distiller equal the replayed copies after an iteration. atol 1e-4 of an
+    Adam step, not float64's 1e-12: the adversarial terms compute in float32, as the official loss
+    does (it casts SiD's weight factor and the BCE; gsd/adversarial.py follows), and where a
+    gradient entry sits near Adam's eps that rounding is a visible share of its step."""
+    lr = d.config.lr
+    for a, b in zip(list(d.fake.parameters()) + list(d.generator.parameters()),
+                    list(fake.parameters()) + list(gen.parameters())):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * lr)
+
+
+def test_two_sida_iterations_match_the_float64_restatement_after_adam(float64_default):
     """Fake-score steps with the discriminator and generator steps with the adversarial term,
     replayed with copies of the networks, the same draws, the float64 formulas of tests/oracles.py
     and the loop's update (clip by value, Adam). Two iterations and a discriminator scale that
     pushes gradients past the clip: Adam's first step is lr * sign(g) whatever g's size."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        _two_restated_iterations()
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
-def _two_restated_iterations():
     d = _float64(_sida(adv_loss_scale_d=50.0))
     c = d.config
     data = d.real_data.dataset.data
@@ -186,12 +215,7 @@ def _two_restated_iterations():
             + 0.5 * oracles.sida_generator(logits, x, y_real, loss_scale=c.adv_loss_scale_g)
         _loop_update(opt_g, total)
         assert out["loss_gen"] * c.gen_loss_scale == pytest.approx(float(total.detach()), rel=1e-6)
-        for a, b in zip(list(d.fake.parameters()) + list(d.generator.parameters()),
-                        list(fake.parameters()) + list(gen.parameters())):
-            assert a.dtype == torch.float64
-            # 1e-4 of an Adam step, not float64's 1e-12: the adversarial terms compute in float32,
-            # as the official loss does (gsd/adversarial.py), and near Adam's eps that shows in a step
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * c.lr)
+        _assert_same_parameters(d, fake, gen)
     assert max(largest) > c.adv_clip, f"the clip was never active (largest gradient {max(largest):.3g})"
 
 
@@ -345,23 +369,7 @@ def _seeded_global(rng: torch.Generator, call):
 
 
 
-def _loop_update(opt, loss, clip=None) -> float:
-    """The official loop's update: backward, nan_to_num, (SiDA) clip by value, Adam. Returns the
-    largest gradient entry before clipping (so a test can show the clip was active)."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for p in params:
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-    largest = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
-    if clip is not None:
-        torch.nn.utils.clip_grad_value_(params, clip)
-    opt.step()
-    return largest
-
-
-def test_two_sida_iterations_equal_the_official_functions_after_adam(official_loss):
+def test_two_sida_iterations_equal_the_official_functions_after_adam(official_loss, float64_default):
     """The official loop's iteration after both warm-ups, assembled from the official functions:
     fake-score step (fakescore_discriminator_share_encoder_loss, the loop's reductions, clipping
     by value at 1, Adam), then the generator step (generator_share_encoder_loss, its per-image
@@ -371,14 +379,6 @@ def test_two_sida_iterations_equal_the_official_functions_after_adam(official_lo
     discriminator's gradients exceed the clip value, so the clipping is exercised. Everything in
     float64 (default dtype), draws included: in float32, Adam's g / (sqrt(v) + eps) turns the
     rounding of gradients near eps into a visible share of a step."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        _two_sida_iterations(official_loss)
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
-def _two_sida_iterations(official_loss):
     d = _float64(_sida(batch=6, adv_loss_scale_d=50.0))
     c = d.config
     assert c.adv_clip == 1.0 and c.fake_loss_scale == 1.0  # the loop's clip value and loss_scaling
@@ -415,11 +415,5 @@ def _two_sida_iterations(official_loss):
         total = 0.5 * loss.sum() * (c.gen_loss_scale / n) + 0.5 * loss_gan.sum() * (c.adv_loss_scale_g / n)
         _loop_update(opt_g, total)
         assert out["loss_gen"] * c.gen_loss_scale == pytest.approx(float(total.detach()), rel=1e-5)
-
-        for a, b in zip(list(d.fake.parameters()) + list(d.generator.parameters()),
-                        list(fake.parameters()) + list(gen.parameters())):
-            assert a.dtype == torch.float64
-            # atol 1e-4 of an Adam step: the official code casts SiD's weight factor to float32,
-            # and where a gradient entry is near Adam's eps that rounding shows in the step
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * c.lr)
+        _assert_same_parameters(d, fake, gen)
     assert max(largest) > 1.0, f"the clip was never active (largest fake-score gradient {max(largest):.3g})"
