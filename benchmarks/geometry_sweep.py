@@ -393,6 +393,8 @@ def report(study: Study, name: str, root: Path, settings: list, seeds: list, out
     else:
         plot_study(study, summary, out / f"{prefix}.png", floor)
         plot_curves(study, root, list(summary), seeds, out / f"{prefix}_curves.png")
+        if study.settings is GEOMETRY_CONTROLS:
+            plot_weights(study, root, list(summary), seeds, out / f"{prefix}_weights.png")
     return summary
 
 
@@ -438,6 +440,80 @@ def plot_curves(study: Study, root: Path, settings: list, seeds: list, path: Pat
                  f"moving average of {window} log records)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+WEIGHT_PANELS = [("fd", "FD"), ("precision", "precision"), ("ppl", "PPL (pixels)"),
+                 ("local_isometry_defect", "local defect (pixels)"), ("factor_ppl", "factor PPL"),
+                 ("local_factor_isometry", "local factor defect")]
+
+
+def weight_sweep(root: Path, settings: list, seeds: list, key: str) -> tuple[dict, dict]:
+    """The isometric weight's trade-off for one figure: {lambda_irl: {seed: value}} over the runs of
+    the default estimator and neighbour count (lambda_irl and K read from each run's config.json,
+    so the default run is placed at its own weight and the lambda-0 control at 0), and
+    {seed: value} of the runs without neighbours and without the term (plain SiD)."""
+    curve: dict = {}
+    plain: dict = {}
+    for s in settings:
+        for seed in seeds:
+            d = root / run_name(s, seed)
+            rec, cfg = d / "sweep_record.json", d / "config.json"
+            if not (rec.exists() and cfg.exists()):
+                continue
+            value = json.loads(rec.read_text())["values"].get(key)
+            c = json.loads(cfg.read_text())
+            if value is None or c.get("lambda_irl_raw") or c.get("irl_estimator", "pairs") != "pairs":
+                continue
+            if c["irl_neighbours"] == 0 and c["lambda_irl"] == 0:
+                plain[seed] = value
+            elif c["irl_neighbours"] > 0:
+                curve.setdefault(c["lambda_irl"], {})[seed] = value
+    return curve, plain
+
+
+def plot_weights(study: Study, root: Path, settings: list, seeds: list, path: Path) -> None:
+    """Each figure against lambda_irl: the line is the first seed's sweep (every weight has it),
+    dots are the other seeds, squares with bars the mean ± s.e. where a weight has several seeds;
+    plain SiD's mean is the dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, lab) for k, lab in WEIGHT_PANELS if len(weight_sweep(root, settings, seeds, k)[0]) >= 3]
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    first = seeds[0]
+    for ax, (key, label) in zip(axes.flat, panels):
+        curve, plain = weight_sweep(root, settings, seeds, key)
+        lams = sorted(curve)
+        line = [(lam, curve[lam][first]) for lam in lams if first in curve[lam]]
+        ax.plot(*zip(*line), "o-", color="C0", ms=4, lw=1, label=f"seed {first}")
+        others = [(lam, v) for lam in lams for seed, v in curve[lam].items() if seed != first]
+        if others:
+            ax.plot(*zip(*others), ".", color="C0", alpha=0.45, label="other seeds")
+        means = [(lam, *mean_se(list(curve[lam].values()))[:2]) for lam in lams if len(curve[lam]) >= 2]
+        if means:
+            xs, ms, ses = zip(*means)
+            ax.errorbar(xs, ms, yerr=ses, fmt="s", color="C3", ms=5, capsize=3, label="mean ± s.e.")
+        if plain:
+            ax.axhline(statistics.fmean(plain.values()), color="grey", ls="--", lw=1,
+                       label=f"plain SiD ({len(plain)} seeds)")
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.margins(x=0.08)
+        ax.set_xlabel("lambda_irl")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{study.dataset} {' '.join(study.flags)}: every figure against the isometric weight "
+                 "(0 = the same-batch control)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
