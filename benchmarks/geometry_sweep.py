@@ -480,7 +480,8 @@ def plot_weights(study: Study, root: Path, settings: list, seeds: list, path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(k, lab) for k, lab in WEIGHT_PANELS if len(weight_sweep(root, settings, seeds, k)[0]) >= 3]
+    sweeps = {k: weight_sweep(root, settings, seeds, k) for k, _ in WEIGHT_PANELS}
+    panels = [(k, lab) for k, lab in WEIGHT_PANELS if len(sweeps[k][0]) >= 3]
     if not panels:
         return
     cols = min(3, len(panels))
@@ -490,7 +491,7 @@ def plot_weights(study: Study, root: Path, settings: list, seeds: list, path: Pa
         ax.set_visible(False)
     first = seeds[0]
     for ax, (key, label) in zip(axes.flat, panels):
-        curve, plain = weight_sweep(root, settings, seeds, key)
+        curve, plain = sweeps[key]
         lams = sorted(curve)
         line = [(lam, curve[lam][first]) for lam in lams if first in curve[lam]]
         ax.plot(*zip(*line), "o-", color="C0", ms=4, lw=1, label=f"seed {first}")
