@@ -182,8 +182,9 @@ SETTINGS: tuple[Setting, ...] = (
             "gradient at the generator output x_g is rescaled to F x the norm of the SiD term's gradient at x_g "
             "(lambda_sid * dL_sid/dx_g, whole micro-batch): L = lambda_sid L_sid + w L_irl with "
             "w = F ||lambda_sid dL_sid/dx_g|| / ||dL_irl/dx_g|| (detached; 0 when the latter is 0); needs "
-            "--lambda-sid > 0; 0 turns it off (default: 0.25, and 0 for gmm)", type=nonnegative_float,
-            per_dataset={"gmm": 0.0}, library=0.0, field="lambda_irl", required=True, flag=dict(metavar="F")),
+            "--lambda-sid > 0; 0 turns it off (default: 0.25; 1 for shapes, 0 for gmm)",
+            type=nonnegative_float, per_dataset={"gmm": 0.0, "shapes": 1.0}, library=0.0, field="lambda_irl",
+            required=True, flag=dict(metavar="F")),
     Setting("lambda_irl_raw", 0.0, "raw weight of the isometric loss, L = lambda_sid L_sid + W L_irl (the papers' "
             "form; exclusive with --lambda-irl; 0 turns it off)", type=nonnegative_float, field="lambda_irl_raw",
             flag=dict(metavar="W")),
@@ -310,8 +311,9 @@ DISTILL_DEFAULTS: dict[str, Any] = {
     if s.name in ("lambda_irl", "lambda_irl_raw", "irl_neighbours", "irl_radius", "irl_estimator", "lambda_regress",
                   "regress_pairs", "regress_ratio")}
 # The default RUN is GSD, not plain SiD: SiD plus the isometric term over anchor/neighbour groups
-# with the scale-free weight (except where a data set's defaults say otherwise: gmm), chosen by the
-# 3-seed digits sweep in results/digits/geometry.md (`python benchmarks/geometry_sweep.py`).
+# with the scale-free weight, chosen by the 3-seed digits sweep in results/digits/geometry.md
+# (`python benchmarks/geometry_sweep.py`). Data sets' own figures override it: gmm runs plain SiD
+# (results/gmm/irl_sweep.md), shapes a weight of 1 (results/shapes/README.md § Defaults).
 GSD_DEFAULTS: dict[str, Any] = {name: SETTING[name].default for name in ("lambda_irl", "irl_neighbours", "irl_radius")}
 
 

@@ -27,6 +27,14 @@ def test_the_default_run_is_gsd_and_the_library_default_is_plain_sid():
     assert gmm["lambda_irl"] == 0 and gmm["irl_neighbours"] == 0
     asked = config.resolve_config({"dataset": "gmm", "lambda_irl": 0.1, "irl_neighbours": 1})
     assert asked["lambda_irl"] == 0.1 and asked["irl_neighbours"] == 1
+    # shapes: weight 1 over the same groups (results/shapes/README.md § Defaults); conditional
+    # digits keeps digits' weight; an explicit weight or a raw weight still wins on shapes
+    shapes = config.resolve_config({"dataset": "shapes"})
+    assert shapes["lambda_irl"] == 1.0 and shapes["irl_neighbours"] == config.GSD_DEFAULTS["irl_neighbours"]
+    assert shapes["lambda_irl"] != config.GSD_DEFAULTS["lambda_irl"]
+    assert config.resolve_config({"dataset": "digits", "conditional": True})["lambda_irl"] == config.GSD_DEFAULTS["lambda_irl"]
+    assert config.resolve_config({"dataset": "shapes", "lambda_irl": 0.25})["lambda_irl"] == 0.25
+    assert config.resolve_config({"dataset": "shapes", "lambda_irl_raw": 1.0})["lambda_irl"] == 0
     # every dataset's default batch holds whole anchor/neighbour groups
     for name, dd in config.DATASET_DEFAULTS.items():
         assert dd["batch"] % (config.GSD_DEFAULTS["irl_neighbours"] + 1) == 0, name
