@@ -25,7 +25,7 @@ import torch
 import gsd_kernels
 
 from gsd import runs
-from gsd.config import DATASET_DEFAULTS, GSD_DEFAULTS, TRAINING_KEYS, resolve_config
+from gsd.config import DATASET_DEFAULTS, TRAINING_KEYS, resolve_config
 from gsd.data import load_dataset
 from gsd.distillation.run import run as train_run
 from gsd.errors import UsageError
@@ -61,8 +61,6 @@ VARIANTS = {
                "without the distillation loss (--lambda-sid 0 --lambda-irl-raw 1)"),
 }
 RESULTS_NAME = "results.md"
-# the full-loss run's weight: gsd.train's default where that is GSD, else SiD-relative 0.1
-_FULL_LAMBDA_IRL = GSD_DEFAULTS["lambda_irl"]
 
 
 # --------------------------------------------------------------------------- sizes
