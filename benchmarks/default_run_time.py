@@ -42,6 +42,16 @@ def phases(work: Path, run_dir: Path, start_epoch: float) -> dict:
             "distillation_seconds": json.loads(metrics.read_text()).get("train_seconds") if metrics.exists() else None}
 
 
+def run_settings(run_dir: Path) -> dict | None:
+    """What the default run was (its config.json): defaults change, so the timing says which it timed."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: cfg.get(k) for k in ("iters", "batch", "lambda_irl", "irl_neighbours", "irl_radius", "shapes_kinds",
+                                    "resolution", "seed") if k in cfg}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/default_run_time.py", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="shapes")
@@ -65,6 +75,7 @@ def main(argv=None) -> int:
     record = {
         "command": f"python benchmarks/default_run_time.py --dataset {args.dataset} --out {args.out}",
         "dataset": args.dataset,
+        "run_settings": run_settings(run_dir),
         "train_seconds": round(train_s, 1), "train_exit": train_rc,
         **phases(work, run_dir, start_epoch),
         "evaluate_seconds": None if eval_s is None else round(eval_s, 1), "evaluate_exit": eval_rc,
