@@ -1,20 +1,14 @@
 """benchmarks/geometry_sweep.py's weight figure places each run at the weight its own config.json
 records, and keeps plain SiD and other estimators off the lambda_irl curve."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from benchmark_scripts import load_benchmark
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("geometry_sweep", REPO / "benchmarks" / "geometry_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("geometry_sweep")
 
 
 def _run(root: Path, name: str, config: dict, ppl: float | None, record: bool = True) -> None:
@@ -28,7 +22,7 @@ def _run(root: Path, name: str, config: dict, ppl: float | None, record: bool = 
 
 def test_weight_sweep_reads_each_runs_weight_and_separates_plain_sid(tmp_path):
     sweep = _sweep_module()
-    _run(tmp_path, "gsd-s0", {}, 10.0)  # the default: no flag, placed at its configured 0.25
+    _run(tmp_path, "gsd-s0", {}, 10.0)  # placed at the weight its config.json records, 0.25
     _run(tmp_path, "gsd-s1", {}, 12.0)
     _run(tmp_path, "same-batch-s0", {"lambda_irl": 0.0}, 20.0)
     _run(tmp_path, "nbr3-1-s0", {"lambda_irl": 1.0}, 7.0)

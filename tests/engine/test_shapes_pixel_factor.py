@@ -2,24 +2,17 @@
 vectors, so the factor defect of an exact pixel isometry equals the factor-vs-pixel defect, and
 the triangle inequality of angles bounds it from below. Checked on float64 random groups."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def pf():
-    spec = importlib.util.spec_from_file_location("shapes_pixel_factor", REPO / "benchmarks" / "shapes_pixel_factor.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("shapes_pixel_factor")
 
 
 def _defect64(a, b, g):
