@@ -96,7 +96,7 @@ def run_figures(d: Path, latent_radii: list, anchors: int) -> dict:
         d_fz, d_xz, d_fx = defect(f, z, g), defect(x, z, g), defect(f, x, g)
         fs = f.reshape(-1, g, f.shape[1]).double()
         median = float(torch.cdist(fs, fs)[:, 0, 1:].median())  # anchor-to-neighbour factor distance
-        render = renderer_figures(regressor, kinds, median, anchors, resolution)
+        render = renderer_figures(regressor, kinds, median, anchors, resolution, neighbours=k)
         per_radius.append({"latent_radius": radius, "local_factor_defect": d_fz, "local_pixel_defect": d_xz,
                            "factor_vs_pixel_defect": d_fx, "bound_at_this_pixel_defect": lower_bound(d_fx, d_xz),
                            "median_neighbour_factor_distance": median,
@@ -106,9 +106,10 @@ def run_figures(d: Path, latent_radii: list, anchors: int) -> dict:
             "radii": per_radius}
 
 
-def renderer_figures(regressor, kinds: int, radius: float, anchors: int, resolution: int) -> dict:
-    """Groups of a factor anchor and K neighbours at `radius` in unit factor space (one kind per
-    group), rendered: the local defect of pixels against true factors, and of the regressor's
+def renderer_figures(regressor, kinds: int, radius: float, anchors: int, resolution: int, *,
+                     neighbours: int) -> dict:
+    """Groups of a factor anchor and K = `neighbours` neighbours at `radius` in unit factor space
+    (one kind per group; K as in G's groups), rendered: the local defect of pixels against true factors, and of the regressor's
     factors against true factors (its floor at this neighbourhood size)."""
     import torch
 
@@ -116,7 +117,7 @@ def renderer_figures(regressor, kinds: int, radius: float, anchors: int, resolut
     from gsd.evaluation.factors import regress
 
     gen = torch.Generator().manual_seed(0)
-    k = 3
+    k = neighbours
     unit = torch.rand(anchors, 1, len(shapes.FACTORS), generator=gen, dtype=torch.float64) * (1 - 2 * radius) + radius
     u = torch.randn(anchors, k, len(shapes.FACTORS), generator=gen, dtype=torch.float64)
     u = u / u.norm(dim=2, keepdim=True)
